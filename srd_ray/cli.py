@@ -1,0 +1,121 @@
+"""The ``srd`` command line: a thin layer over the spec loader and the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from srd_ray.errors import SrdError
+
+
+def _stage_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="srd", description="Selective Reflection Distillation on Ray")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_spec(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("spec", help="YAML job spec")
+        command.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a spec value, e.g. --set distill.num_workers=1 (repeatable)",
+        )  # fmt: skip
+        return command
+
+    with_spec("validate", "validate a spec and print it with every default filled in")
+    run = with_spec("run", "run the pipeline (or some stages) of a spec")
+    run.add_argument(
+        "--stages", type=_stage_list, help="comma-separated stages to run (default: all enabled)"
+    )
+    run.add_argument(
+        "--redo", type=_stage_list, default=[], help="delete and rerun these stages and all after them"
+    )
+
+    tiny = commands.add_parser(
+        "make-tiny-models", help="build a tiny teacher/student pair with a local tokenizer"
+    )
+    tiny.add_argument("out", type=Path)
+    tiny.add_argument("--data", help="JSONL/Parquet to train the tokenizer on (default: generated demo data)")
+    tiny.add_argument("--pretrain-steps", type=int, default=0, help="causal-LM steps for the student")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    demo = commands.add_parser("make-demo-data", help="write the graded-difficulty demo data set as JSONL")
+    demo.add_argument("out", type=Path)
+    demo.add_argument("--train-rows", type=int, default=1200)
+    demo.add_argument("--heldout-rows", type=int, default=200)
+    demo.add_argument("--pretrain-rows", type=int, default=1200)
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _dispatch(args)
+    except SrdError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "make-demo-data":
+        from srd_ray.demo_data import write_demo_data
+
+        paths = write_demo_data(
+            args.out, train_rows=args.train_rows, heldout_rows=args.heldout_rows,
+            pretrain_rows=args.pretrain_rows, seed=args.seed,
+        )  # fmt: skip
+        print("\n".join(f"{split}: {path}" for split, path in paths.items()))
+        return 0
+    if args.command == "make-tiny-models":
+        return _make_tiny_models(args)
+
+    from srd_ray.spec import dump_spec, load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    if args.command == "validate":
+        print(dump_spec(spec), end="")
+        return 0
+    from srd_ray.pipeline import run_pipeline, summary_lines
+
+    manifest = run_pipeline(spec, stages=args.stages, redo=args.redo)
+    print("\n".join(summary_lines(manifest)))
+    print(f"run directory: {spec.run_dir}")
+    return 0
+
+
+def _make_tiny_models(args: argparse.Namespace) -> int:
+    from srd_ray.data import load_source
+    from srd_ray.demo_data import generate_rows
+    from srd_ray.spec import DataSourceSpec, DataSpec, TinyModelsSpec
+    from srd_ray.tiny_models import make_tiny_models
+
+    if args.data:
+        data = DataSpec(train=DataSourceSpec(path=args.data))
+        table = load_source(data.train, data, label="--data").table
+        texts = [
+            p + r for p, r in zip(table["prompt"].to_pylist(), table["response"].to_pylist(), strict=True)
+        ]
+    else:
+        texts = [row["prompt"] + row["output"] for row in generate_rows(2000, args.seed)]
+    spec = TinyModelsSpec()
+    spec = spec.model_copy(
+        update={"student": spec.student.model_copy(update={"pretrain_steps": args.pretrain_steps})}
+    )
+    paths = make_tiny_models(args.out, spec, texts, texts, seed=args.seed)
+    print("\n".join(f"{role}: {path}" for role, path in paths.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

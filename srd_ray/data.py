@@ -1,0 +1,270 @@
+"""Instruction data: read JSONL / Parquet / hub datasets into one normalised Arrow table.
+
+Every row gets
+- ``example_id``: stable across runs (from a column if the spec names one, else a content hash), carried
+  through every stage; stages are joined by id, never by row position;
+- ``input_position``: the row's position in the source (files in sorted order, then line order), which
+  defines "input order" for the ranking independently of how Ray schedules blocks;
+- ``prompt``: the templated prompt; ``references``: list of reference responses; ``response``: the first
+  reference, used as the training target.
+Other scalar columns (``topic``, ``category``, the demo data's ``difficulty``) are passed through.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from srd_ray.errors import DataError
+from srd_ray.spec import DataSourceSpec, DataSpec
+
+CORE_COLUMNS = ("example_id", "input_position", "prompt", "references", "response")
+_USUAL_NAMES = {
+    "prompt": ("prompt",),
+    "instruction": ("instruction",),
+    "input": ("input", "context"),
+    "response": ("output", "response", "references"),
+}
+
+
+@dataclass
+class LoadedData:
+    table: pa.Table
+    files: list[str]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
+def example_id_for(prompt: str, references: list[str]) -> str:
+    """Content hash of prompt and references: the same row gets the same id in every run."""
+    digest = hashlib.sha256(json.dumps([prompt, references], ensure_ascii=False).encode("utf-8"))
+    return digest.hexdigest()[:20]
+
+
+def load_source(source: DataSourceSpec, data: DataSpec, *, label: str) -> LoadedData:
+    """Load and normalise one source (training data or an eval set). ``label`` names it in errors."""
+    files = _resolve_files(source, label)
+    records = _iter_records(source, files)
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    seen_ids: dict[str, str] = {}
+    mapping: dict[str, str | None] | None = None
+    for where, record in records:
+        if mapping is None:
+            mapping = _resolve_mapping(source, record, where)
+        try:
+            row = _normalise(record, mapping, data, where)
+            if row["example_id"] in seen_ids:
+                raise DataError(
+                    f"{where}: duplicate example_id {row['example_id']!r} (first seen at {seen_ids[row['example_id']]})"
+                )
+        except DataError as error:
+            if data.on_bad_row == "error":
+                raise
+            skipped.append({"where": where, "reason": str(error).removeprefix(f"{where}: ")})
+            continue
+        seen_ids[row["example_id"]] = where
+        row["input_position"] = len(rows) + len(skipped)
+        rows.append(row)
+        if source.max_rows is not None and len(rows) >= source.max_rows:
+            break
+    if not rows:
+        raise DataError(f"{label}: {source.path} has no usable rows ({len(skipped)} skipped)")
+    return LoadedData(table=_to_table(rows), files=files, skipped=skipped)
+
+
+def _resolve_files(source: DataSourceSpec, label: str) -> list[str]:
+    if source.format == "hub":
+        return []
+    path = Path(source.path)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
+    elif any(ch in source.path for ch in "*?["):
+        files = sorted(glob.glob(source.path))
+    elif path.exists():
+        files = [str(path)]
+    elif source.format == "auto" and _looks_like_hub_id(source.path):
+        return []
+    else:
+        raise DataError(f"{label}: data path {source.path} does not exist")
+    if not files:
+        raise DataError(f"{label}: no JSONL or Parquet files match {source.path}")
+    return files
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/")) and "." not in parts[0]
+
+
+def _iter_records(source: DataSourceSpec, files: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    if not files:
+        yield from _iter_hub(source)
+        return
+    for file in files:
+        kind = (
+            source.format
+            if source.format != "auto"
+            else ("parquet" if file.endswith(".parquet") else "jsonl")
+        )
+        yield from (_iter_parquet(file) if kind == "parquet" else _iter_jsonl(file))
+
+
+def _iter_jsonl(file: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(file, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{file}:{number}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not UTF-8 ({error.reason} at byte {error.start})") from None
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def _iter_parquet(file: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        parquet = pq.ParquetFile(file)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataError(f"{file}: not a readable Parquet file ({error})") from None
+    row_index = 0
+    for batch in parquet.iter_batches(batch_size=4096):
+        for record in batch.to_pylist():
+            yield f"{file}:row {row_index}", record
+            row_index += 1
+
+
+def _iter_hub(source: DataSourceSpec) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{source.path} is not a local path; reading hub datasets needs `pip install datasets`"
+        ) from None
+    try:
+        dataset = datasets.load_dataset(source.path, split=source.split)
+    except Exception as error:  # the hub client raises many types; the user needs the reason, not the type
+        raise DataError(f"cannot load hub dataset {source.path} (split {source.split}): {error}") from None
+    for index, record in enumerate(dataset):
+        yield f"{source.path}[{source.split}]:row {index}", record
+
+
+def _resolve_mapping(source: DataSourceSpec, record: dict[str, Any], where: str) -> dict[str, str | None]:
+    """Pick the source column for each role, from the spec or the usual names."""
+    mapping: dict[str, str | None] = {"id": source.fields.id}
+    for role, usual in _USUAL_NAMES.items():
+        chosen = getattr(source.fields, role)
+        if chosen is not None and chosen not in record:
+            raise DataError(
+                f"{where}: column {chosen!r} (data.fields.{role}) is missing; columns: {sorted(record)}"
+            )
+        mapping[role] = chosen or next((name for name in usual if name in record), None)
+    if mapping["id"] is not None and mapping["id"] not in record:
+        raise DataError(f"{where}: id column {mapping['id']!r} is missing; columns: {sorted(record)}")
+    if mapping["response"] is None:
+        raise DataError(
+            f"{where}: no response column (looked for {_USUAL_NAMES['response']}); set data.fields.response"
+        )
+    if mapping["prompt"] is None and mapping["instruction"] is None:
+        raise DataError(
+            f"{where}: no prompt or instruction column; set data.fields.prompt or data.fields.instruction"
+        )
+    return mapping
+
+
+def _normalise(
+    record: dict[str, Any], mapping: dict[str, str | None], data: DataSpec, where: str
+) -> dict[str, Any]:
+    references = _references(record.get(mapping["response"]), mapping["response"], where)
+    if mapping["prompt"] is not None:
+        prompt = _text(record.get(mapping["prompt"]), mapping["prompt"], where)
+    else:
+        instruction = _text(record.get(mapping["instruction"]), mapping["instruction"], where)
+        extra = record.get(mapping["input"]) if mapping["input"] else None
+        if extra is not None and not isinstance(extra, str):
+            raise DataError(
+                f"{where}: column {mapping['input']!r} must be a string, got {type(extra).__name__}"
+            )
+        template = data.prompt_template if extra and extra.strip() else data.prompt_template_no_input
+        prompt = template.format(instruction=instruction, input=extra or "")
+    if mapping["id"] is not None:
+        example_id = record.get(mapping["id"])
+        if example_id is None or str(example_id) == "":
+            raise DataError(f"{where}: id column {mapping['id']!r} is empty")
+        example_id = str(example_id)
+    else:
+        example_id = example_id_for(prompt, references)
+    used = {name for name in mapping.values() if name}
+    passthrough = {
+        key: value
+        for key, value in record.items()
+        if key not in used and key not in CORE_COLUMNS and isinstance(value, str | int | float | bool)
+    }
+    return {
+        "example_id": example_id,
+        "prompt": prompt,
+        "references": references,
+        "response": references[0],
+        **passthrough,
+    }
+
+
+def _text(value: Any, column: str | None, where: str) -> str:
+    if not isinstance(value, str):
+        kind = "missing" if value is None else f"a {type(value).__name__}, not a string"
+        raise DataError(f"{where}: column {column!r} is {kind}")
+    if not value.strip():
+        raise DataError(f"{where}: column {column!r} is empty")
+    return value
+
+
+def _references(value: Any, column: str | None, where: str) -> list[str]:
+    if isinstance(value, list):
+        if not value:
+            raise DataError(f"{where}: column {column!r} is an empty list of references")
+        return [_text(item, column, where) for item in value]
+    return [_text(value, column, where)]
+
+
+def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    core = {
+        "example_id": pa.array([r["example_id"] for r in rows], pa.string()),
+        "input_position": pa.array([r["input_position"] for r in rows], pa.int64()),
+        "prompt": pa.array([r["prompt"] for r in rows], pa.string()),
+        "references": pa.array([r["references"] for r in rows], pa.list_(pa.string())),
+        "response": pa.array([r["response"] for r in rows], pa.string()),
+    }
+    # Passthrough columns keep a type only if every row agrees; mixed columns are dropped, not coerced.
+    extra_names = sorted({key for row in rows for key in row if key not in core})
+    for name in extra_names:
+        values = [row.get(name) for row in rows]
+        try:
+            core[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            continue
+    return pa.table(core)
+
+
+def load_training_data(data: DataSpec) -> LoadedData:
+    return load_source(data.train, data, label="data.train")
+
+
+def load_eval_sets(data: DataSpec) -> dict[str, LoadedData]:
+    return {
+        name: load_source(source, data, label=f"data.eval_sets.{name}")
+        for name, source in data.eval_sets.items()
+    }

@@ -1,0 +1,148 @@
+"""A seeded generator of instruction data with a known, graded difficulty.
+
+The quickstart needs data that ships with the project and lets a user see SRD's ranking recover
+difficulty. The generator invents a small world (made-up countries with a capital, a currency, a colour
+and an animal) and asks questions about it. Each fact has a true ``difficulty`` 1..5: how *rarely* it
+appears in the pretraining split (difficulty 1 facts are seen often, difficulty 5 facts never), which is
+exactly what makes a pair hard for a pretrained but untuned student. The training split asks about every
+fact equally often, so a teacher fine-tuned on it knows them all. ``difficulty`` is a column for
+evaluation only; reflect and rank never read it.
+
+Rows are written in the MiniLLM JSONL format (``prompt``, ``instruction``, ``input``, ``output``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from srd_ray import atomic
+from srd_ray.spec import MINILLM_TEMPLATE_NO_INPUT, MINILLM_TEMPLATE_WITH_INPUT
+
+MAX_DIFFICULTY = 5
+# Times a fact of difficulty d is drawn per pretraining pass, relative to difficulty 1.
+PRETRAIN_WEIGHTS = {1: 16, 2: 8, 3: 4, 4: 1, 5: 0}
+
+_COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "silver", "golden"]
+_ANIMALS = ["fox", "owl", "bear", "eagle", "wolf", "heron", "lynx", "otter", "bison", "falcon", "crane"]
+_QUESTIONS = {
+    "capital": [
+        ("What is the capital of {country}?", ""),
+        ("Name the capital city of the given country.", "{country}"),
+        ("Which city is the capital of {country}?", ""),
+    ],
+    "currency": [
+        ("What currency is used in {country}?", ""),
+        ("Name the currency of the given country.", "{country}"),
+        ("Which money do people pay with in {country}?", ""),
+    ],
+    "colour": [
+        ("What colour is the flag of {country}?", ""),
+        ("Give the flag colour of the given country.", "{country}"),
+        ("Which colour does the flag of {country} have?", ""),
+    ],
+    "animal": [
+        ("What is the national animal of {country}?", ""),
+        ("Name the national animal of the given country.", "{country}"),
+        ("Which animal is the symbol of {country}?", ""),
+    ],
+}
+PHRASINGS = 3
+_ANSWERS = {
+    "capital": "The capital of {country} is {value}.",
+    "currency": "{country} uses the {value}.",
+    "colour": "The flag of {country} is {value}.",
+    "animal": "The national animal of {country} is the {value}.",
+}
+
+
+@dataclass(frozen=True)
+class Fact:
+    country: str
+    relation: str
+    value: str
+    difficulty: int
+
+
+def _made_up_word(rng: random.Random, syllables: int) -> str:
+    word = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(syllables))
+    return word.capitalize()
+
+
+def make_world(seed: int, countries: int) -> list[Fact]:
+    """The facts of one invented world; each fact gets a difficulty 1..5 uniformly at random."""
+    rng = random.Random(seed)
+    names: set[str] = set()
+    while len(names) < countries:
+        names.add(_made_up_word(rng, 3))
+    facts = []
+    for country in sorted(names):
+        values = {
+            "capital": _made_up_word(rng, 2),
+            "currency": _made_up_word(rng, 2).lower(),
+            "colour": rng.choice(_COLOURS),
+            "animal": rng.choice(_ANIMALS),
+        }
+        facts += [
+            Fact(country, relation, value, rng.randint(1, MAX_DIFFICULTY))
+            for relation, value in values.items()
+        ]
+    return facts
+
+
+def _row(fact: Fact, phrasing: int) -> dict:
+    instruction, given = _QUESTIONS[fact.relation][phrasing]
+    instruction, given = instruction.format(country=fact.country), given.format(country=fact.country)
+    template = MINILLM_TEMPLATE_WITH_INPUT if given else MINILLM_TEMPLATE_NO_INPUT
+    return {
+        "instruction": instruction,
+        "input": given,
+        "output": _ANSWERS[fact.relation].format(country=fact.country, value=fact.value),
+        "prompt": template.format(instruction=instruction, input=given),
+        "task": fact.relation,
+        "difficulty": fact.difficulty,
+    }
+
+
+def generate_rows(facts: list[Fact], count: int, seed: int, weights: dict[int, int]) -> list[dict]:
+    """``count`` question rows, each fact drawn with weight ``weights[difficulty]`` (repeats allowed)."""
+    rng = random.Random(seed)
+    fact_weights = [weights[f.difficulty] for f in facts]
+    return [
+        _row(fact, rng.randrange(PHRASINGS)) for fact in rng.choices(facts, weights=fact_weights, k=count)
+    ]
+
+
+def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
+    atomic.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_demo_data(
+    out_dir: str | os.PathLike, *, train_rows: int, heldout_rows: int, pretrain_rows: int, seed: int
+) -> dict[str, str]:
+    """Write the train, held-out and pretraining splits of one world as JSONL; returns their paths.
+
+    Every fact is asked in two phrasings in train and in the third in held-out (so the two never share a
+    prompt); pretraining repeats easy facts often and hard ones rarely or never."""
+    countries = -(-train_rows // (len(_QUESTIONS) * (PHRASINGS - 1)))
+    facts = make_world(seed, countries)
+    rng = random.Random(seed)
+    train, heldout = [], []
+    for fact in facts:
+        phrasings = rng.sample(range(PHRASINGS), PHRASINGS)
+        train += [_row(fact, p) for p in phrasings[:-1]]
+        heldout.append(_row(fact, phrasings[-1]))
+    splits = {
+        "train": rng.sample(train, min(train_rows, len(train))),
+        "heldout": rng.sample(heldout, min(heldout_rows, len(heldout))),
+        "pretrain": generate_rows(facts, pretrain_rows, seed + 1, PRETRAIN_WEIGHTS),
+    }
+    paths = {}
+    for split, rows in splits.items():
+        path = Path(out_dir) / f"demo_{split}.jsonl"
+        write_jsonl(rows, path)
+        paths[split] = str(path)
+    return paths

@@ -1,0 +1,77 @@
+"""Distill: curriculum knowledge distillation (and the optional teacher SFT) on Ray Train.
+
+``losses`` holds the KD loss registry; ``train`` the training loop and its Ray Train driver. This module
+wires stage outputs to the trainer: SRD feeds the rank stage's buckets (one Ray dataset each), the matched
+baseline (``curriculum: none``) and teacher SFT feed all training rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from srd_ray.distill.train import LossSettings, StagePlan, bucket_name, plan_curriculum, run_training
+from srd_ray.rank import bucket_dir
+from srd_ray.spec import JobSpec, ModelSpec, StageSpec
+
+TRAINING_COLUMNS = ["example_id", "prompt", "response"]
+
+
+def run_teacher_sft(spec: JobSpec, train_rows: pa.Table, stage_dir: Path) -> dict[str, Any]:
+    """Fine-tune the teacher on the training references (cross-entropy only), as the SRD paper does."""
+    import ray
+
+    sft = spec.teacher_sft
+    plan = [StagePlan(0, ("all",), StageSpec(epochs=sft.epochs, kd_weight=0.0, lr=sft.lr))]
+    return run_training(
+        name="teacher_sft",
+        training=sft,
+        data=spec.data,
+        student=spec.models.teacher,
+        teacher=None,
+        plan=plan,
+        datasets={"all": ray.data.from_arrow(train_rows.select(TRAINING_COLUMNS))},
+        loss=LossSettings("sft"),
+        seed=spec.run.seed,
+        stage_dir=stage_dir,
+    )
+
+
+def run_distill(
+    spec: JobSpec, teacher: ModelSpec, stage_dir: Path, *, rank_dir: Path | None, train_rows: pa.Table | None
+) -> dict[str, Any]:
+    """Curriculum KD from the rank stage's buckets (SRD) or from all rows (``curriculum: none``)."""
+    import ray
+
+    plan = plan_curriculum(spec.distill)
+    if spec.distill.curriculum == "none":
+        assert train_rows is not None
+        datasets = {"all": ray.data.from_arrow(train_rows.select(TRAINING_COLUMNS))}
+    else:
+        assert rank_dir is not None
+        used = range(len(spec.distill.stages))
+        # Materialised into the object store before training: the workers then pull blocks without
+        # needing free CPUs for read tasks (on a small machine the workers hold them all).
+        datasets = {
+            bucket_name(b): ray.data.read_parquet(
+                str(bucket_dir(rank_dir, b)), columns=TRAINING_COLUMNS
+            ).materialize()
+            for b in used
+        }
+    summary = run_training(
+        name="distill",
+        training=spec.distill,
+        data=spec.data,
+        student=spec.models.student,
+        teacher=teacher,
+        plan=plan,
+        datasets=datasets,
+        loss=LossSettings.from_spec(spec.distill),
+        seed=spec.run.seed,
+        stage_dir=stage_dir,
+    )
+    summary["curriculum"] = spec.distill.curriculum
+    summary["loss"] = spec.distill.loss
+    return summary

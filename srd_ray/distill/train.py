@@ -1,0 +1,443 @@
+"""Curriculum training on Ray Train: the student (and, for teacher SFT, the teacher) is trained stage by
+stage on Ray Data datasets pulled from the object store.
+
+Per step: ``loss = (1 − kd_weight)·CE(student, reference) + kd_weight·KD_T(teacher ‖ student)``, summed
+over response tokens and divided by the response-token count of the whole optimizer step across
+gradient-accumulation micro-batches and workers, in fp32.
+
+A stage trains on the union of its datasets (for SRD, buckets 0..s), reshuffled each epoch with a seed
+derived from (run seed, stage, epoch, worker). Every worker follows the same schedule and takes the same
+number of steps, because Ray Train's ``report`` and DDP's all-reduce are barriers. A checkpoint (student in
+save_pretrained format + optimizer, scheduler, position) is reported at every epoch end; a restarted or
+rerun job continues from the last one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from srd_ray import atomic
+from srd_ray.distill.losses import token_kd
+from srd_ray.models import (
+    IGNORE_INDEX,
+    TrainingExample,
+    check_same_tokenizer,
+    collate,
+    encode_example,
+    load_model,
+    load_tokenizer,
+    shift_for_next_token,
+)
+from srd_ray.spec import DataSpec, DistillSpec, ModelSpec, StageSpec, TrainingSpec
+
+log = logging.getLogger(__name__)
+
+TRAINING_STATE = "training_state.pt"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What one curriculum stage trains on, and how."""
+
+    index: int
+    datasets: tuple[str, ...]
+    settings: StageSpec
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    name: str
+    temperature_scaling: str = "t_squared"
+    jsd_beta: float = 0.9
+    skew_alpha: float = 0.1
+
+    @classmethod
+    def from_spec(cls, spec: DistillSpec) -> LossSettings:
+        return cls(spec.loss, spec.temperature_scaling, spec.jsd_beta, spec.skew_alpha)
+
+
+def bucket_name(bucket: int) -> str:
+    return f"bucket_{bucket}"
+
+
+def plan_curriculum(spec: DistillSpec) -> list[StagePlan]:
+    """SRD: stage s trains on buckets 0..s. none: every stage trains on all rows (the matched baseline)."""
+    if spec.curriculum == "none":
+        return [StagePlan(i, ("all",), stage) for i, stage in enumerate(spec.stages)]
+    return [
+        StagePlan(i, tuple(bucket_name(b) for b in range(i + 1)), stage)
+        for i, stage in enumerate(spec.stages)
+    ]
+
+
+@dataclass
+class StepSums:
+    """Loss sums over the response tokens of one micro-batch (divide by a token count to get means)."""
+
+    ce: torch.Tensor
+    kd: torch.Tensor
+    tokens: int
+
+
+def micro_batch_sums(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    vocab_size: int,
+    temperature: float,
+    loss: LossSettings,
+) -> StepSums:
+    """CE and KD summed over response tokens. Logits are cut to the tokenizer's vocabulary first: padded
+    heads (e.g. 152064 vs 151936 rows) carry no real tokens."""
+    student_logits, labels = shift_for_next_token(student_logits[..., :vocab_size].float(), labels)
+    mask = labels != IGNORE_INDEX
+    ce = F.cross_entropy(
+        student_logits.reshape(-1, vocab_size), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    if teacher_logits is None:
+        kd = student_logits.new_zeros(())
+    else:
+        teacher_logits = teacher_logits[:, :-1, :vocab_size]
+        per_token = token_kd(
+            loss.name,
+            student_logits,
+            teacher_logits,
+            temperature=temperature,
+            temperature_scaling=loss.temperature_scaling,
+            jsd_beta=loss.jsd_beta,
+            skew_alpha=loss.skew_alpha,
+        )
+        kd = torch.where(mask, per_token, torch.zeros_like(per_token)).sum()
+    return StepSums(ce=ce, kd=kd, tokens=int(mask.sum()))
+
+
+def _all_reduce(value: float, op: Any = None) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return float(tensor.item())
+
+
+def _epoch_order(n: int, seed: int, stage: int, epoch: int, rank: int) -> list[int]:
+    generator = torch.Generator().manual_seed(((seed * 1009 + stage) * 1009 + epoch) * 1009 + rank)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    training = TrainingSpec.model_validate(config["training"])
+    data = DataSpec.model_validate(config["data"])
+    student_spec = ModelSpec.model_validate(config["student"])
+    teacher_spec = ModelSpec.model_validate(config["teacher"]) if config["teacher"] else None
+    plan = [
+        StagePlan(p["index"], tuple(p["datasets"]), StageSpec.model_validate(p["settings"]))
+        for p in config["plan"]
+    ]
+    loss = LossSettings(**config["loss"])
+    seed = config["seed"]
+    metrics_path = Path(config["metrics_path"])
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if training.use_gpu else torch.device("cpu")
+    torch.manual_seed(seed + rank)
+
+    tokenizer = load_tokenizer(student_spec)
+    vocab_size = len(tokenizer)
+    resume = _load_resume_state(ray.train.get_checkpoint())
+    start_from = student_spec
+    if resume is not None:
+        start_from = student_spec.model_copy(update={"path": resume["model_dir"]})
+    student = load_model(start_from, device)
+    if vocab_size > student.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {vocab_size} tokens but the model head only {student.config.vocab_size}"
+        )
+    teacher = None
+    if teacher_spec is not None:
+        check_same_tokenizer(load_tokenizer(teacher_spec), tokenizer)
+        teacher = load_model(teacher_spec, device).eval().requires_grad_(False)
+    model = ray.train.torch.prepare_model(student) if world > 1 else student
+
+    examples: dict[str, list[TrainingExample]] = {}
+
+    def examples_of(name: str) -> list[TrainingExample]:
+        # Each bucket is pulled from the object store once, when its first stage starts, then reused.
+        if name not in examples:
+            shard = ray.train.get_dataset_shard(name)
+            examples[name] = [
+                encode_example(
+                    tokenizer,
+                    row["prompt"],
+                    row["response"],
+                    data.max_prompt_tokens,
+                    data.max_response_tokens,
+                )
+                for row in shard.iter_rows()
+            ]
+        return examples[name]
+
+    global_step = resume["global_step"] if resume else 0
+    tokens_seen = resume["tokens_seen"] if resume else 0
+
+    def checkpoint(stage: int, epoch: int, next_step: int) -> None:
+        """Report a checkpoint that resumes at (stage, epoch, optimizer step within the epoch)."""
+        position = {"stage": stage, "epoch": epoch, "next_step": next_step}
+        _report_checkpoint(
+            rank=rank, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+            state={**position, "global_step": global_step, "tokens_seen": tokens_seen},
+        )  # fmt: skip
+
+    for stage in plan:
+        if resume and stage.index < resume["stage"]:
+            continue
+        settings = stage.settings
+        pool = [example for name in stage.datasets for example in examples_of(name)]
+        # Equal step counts on every worker: DDP all-reduce and ray.train.report are barriers.
+        usable = int(_all_reduce(len(pool), dist.ReduceOp.MIN if dist.is_initialized() else None))
+        if usable == 0:
+            raise ValueError(f"stage {stage.index} has no training rows on some worker ({stage.datasets})")
+        micro_batches = math.ceil(usable / training.batch_size)
+        steps_per_epoch = math.ceil(micro_batches / training.gradient_accumulation_steps)
+        total_steps = steps_per_epoch * settings.epochs
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=training.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=total_steps, eta_min=training.min_lr
+        )
+        first_epoch, first_step = 0, 0
+        if resume and stage.index == resume["stage"] and (resume["epoch"], resume["next_step"]) != (0, 0):
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            first_epoch, first_step = resume["epoch"], resume["next_step"]
+        resume = None
+        if rank == 0:
+            log.info(
+                "stage %d: %d rows per worker x %d workers from %s, %d epochs, %d steps, kd_weight %.2f, T %.2f",
+                stage.index, usable, world, ",".join(stage.datasets), settings.epochs, total_steps,
+                settings.kd_weight, settings.temperature,
+            )  # fmt: skip
+        for epoch in range(first_epoch, settings.epochs):
+            order = _epoch_order(len(pool), seed, stage.index, epoch, rank)[:usable]
+            batches = [order[i : i + training.batch_size] for i in range(0, usable, training.batch_size)]
+            accumulation = training.gradient_accumulation_steps
+            step_groups = [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
+            window_started, window_tokens = time.perf_counter(), 0.0
+            for step_in_epoch in range(first_step if epoch == first_epoch else 0, len(step_groups)):
+                step_batches = [
+                    collate([pool[i] for i in batch], tokenizer.pad_token_id)
+                    for batch in step_groups[step_in_epoch]
+                ]
+                step_tokens = _all_reduce(
+                    sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in step_batches)
+                )
+                ce_sum = kd_sum = 0.0
+                model.train()
+                for position, batch in enumerate(step_batches):
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    student_logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+                    teacher_logits = None
+                    if teacher is not None and settings.kd_weight > 0:
+                        with torch.no_grad():
+                            teacher_logits = teacher(
+                                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                            ).logits.float()
+                    sums = micro_batch_sums(
+                        student_logits, teacher_logits, batch["labels"],
+                        vocab_size=vocab_size, temperature=settings.temperature, loss=loss,
+                    )  # fmt: skip
+                    # DDP averages gradients over workers; multiplying by `world` turns that into a sum,
+                    # so the step's gradient is the global token mean.
+                    total = (
+                        ((1 - settings.kd_weight) * sums.ce + settings.kd_weight * sums.kd)
+                        * world
+                        / step_tokens
+                    )
+                    is_last = position == len(step_batches) - 1
+                    with model.no_sync() if world > 1 and not is_last else contextlib.nullcontext():
+                        total.backward()
+                    ce_sum += sums.ce.item()
+                    kd_sum += sums.kd.item()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                tokens_seen += int(step_tokens)
+                window_tokens += step_tokens
+                if global_step % training.log_every_steps == 0:
+                    ce_mean = _all_reduce(ce_sum) / step_tokens
+                    kd_mean = _all_reduce(kd_sum) / step_tokens
+                    elapsed = time.perf_counter() - window_started
+                    metrics = {
+                        "stage": stage.index, "epoch": epoch, "global_step": global_step,
+                        "ce": ce_mean, "kd": kd_mean,
+                        "loss": (1 - settings.kd_weight) * ce_mean + settings.kd_weight * kd_mean,
+                        "lr": scheduler.get_last_lr()[0], "tokens_seen": tokens_seen,
+                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    }  # fmt: skip
+                    window_started, window_tokens = time.perf_counter(), 0.0
+                    if rank == 0:
+                        # Metrics go to a JSON-lines file and the log, not ray.train.report: in Ray
+                        # Train 2.60 each report is a ~2 s barrier, which would dominate small steps.
+                        _append_metrics(metrics_path, metrics)
+                if training.checkpoint_every_steps and global_step % training.checkpoint_every_steps == 0:
+                    checkpoint(stage.index, epoch, step_in_epoch + 1)
+        checkpoint(stage.index + 1, 0, 0)
+
+
+def _append_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(metrics) + "\n")
+    log.info(
+        "stage %d epoch %d step %d: loss %.4f (ce %.4f, kd %.4f), lr %.2e, %.0f tokens/s",
+        metrics["stage"], metrics["epoch"], metrics["global_step"], metrics["loss"], metrics["ce"],
+        metrics["kd"], metrics["lr"], metrics["tokens_per_s"],
+    )  # fmt: skip
+
+
+def _unwrap(model: torch.nn.Module) -> Any:
+    return model.module if hasattr(model, "module") else model
+
+
+def _report_checkpoint(
+    *, rank: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, state: dict
+) -> None:
+    import ray.train
+
+    metrics = {**state, "checkpoint": True}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        _unwrap(model).save_pretrained(scratch, safe_serialization=True)
+        tokenizer.save_pretrained(scratch)
+        torch.save(
+            {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+            Path(scratch) / TRAINING_STATE,
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(scratch))
+
+
+def _load_resume_state(checkpoint: Any) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    # Copy out of Ray's checkpoint folder: the model is loaded from it after this function returns.
+    local = Path(tempfile.mkdtemp(prefix="srd-resume-"))
+    with checkpoint.as_directory() as folder:
+        shutil.copytree(folder, local, dirs_exist_ok=True)
+    state = torch.load(local / TRAINING_STATE, weights_only=False)
+    state["model_dir"] = str(local)
+    log.info(
+        "resuming at stage %d, epoch %d, step %d in epoch", state["stage"], state["epoch"], state["next_step"]
+    )
+    return state
+
+
+# --------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def run_training(
+    *,
+    name: str,
+    training: TrainingSpec,
+    data: DataSpec,
+    student: ModelSpec,
+    teacher: ModelSpec | None,
+    plan: list[StagePlan],
+    datasets: dict[str, Any],
+    loss: LossSettings,
+    seed: int,
+    stage_dir: Path,
+) -> dict[str, Any]:
+    """Train with Ray Train and save the final model to ``stage_dir/model`` (atomically).
+
+    Rerunning with the same ``stage_dir`` resumes from the last reported checkpoint."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    resources = {"CPU": training.num_cpus_per_worker}
+    if training.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "training": training.model_dump(mode="json", include=set(TrainingSpec.model_fields)),
+            "data": data.model_dump(mode="json"),
+            "student": student.model_dump(mode="json"),
+            "teacher": teacher.model_dump(mode="json") if teacher else None,
+            "plan": [
+                {"index": p.index, "datasets": list(p.datasets), "settings": p.settings.model_dump()}
+                for p in plan
+            ],
+            "loss": loss.__dict__,
+            "seed": seed,
+            "metrics_path": str((stage_dir / "metrics.jsonl").resolve()),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=training.num_workers, use_gpu=training.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str((stage_dir / "ray_train").resolve()),
+            failure_config=FailureConfig(max_failures=2),
+        ),
+        datasets=datasets,
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - started
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name}: training finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder, atomic.directory(stage_dir / "model") as scratch:
+        for item in Path(folder).iterdir():
+            if item.name != TRAINING_STATE:
+                shutil.copy2(item, scratch / item.name)
+    final = result.metrics or {}
+    return {
+        "train_wall_s": round(wall, 2),
+        "optimizer_steps": final.get("global_step"),
+        "tokens_seen": final.get("tokens_seen"),
+        "model": str(stage_dir / "model"),
+        "stages": _stage_losses(stage_dir),
+    }
+
+
+def _stage_losses(stage_dir: Path) -> list[dict[str, Any]]:
+    """Per stage: first and last logged losses (from metrics.jsonl)."""
+    path = stage_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["global_step"]] = record  # a restarted worker group may log a step twice
+    stages: dict[int, list[dict]] = {}
+    for record in sorted(by_step.values(), key=lambda r: r["global_step"]):
+        stages.setdefault(record["stage"], []).append(record)
+    return [
+        {"stage": stage, "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
+         "last_ce": records[-1]["ce"], "last_kd": records[-1]["kd"]}
+        for stage, records in sorted(stages.items())
+    ]  # fmt: skip

@@ -1,0 +1,155 @@
+"""Evaluate: the MiniLLM / DistiLLM / SRD protocol.
+
+For each held-out set and each seed, sample one answer per prompt (temperature 1, top-k off, top-p 1,
+no-repeat-ngram 6 by default), score ROUGE-L F x100 (stemmed, best over references) and exact match, and
+report per set the mean and standard deviation over seeds of the per-seed mean.
+
+Core: :func:`score_predictions` and :func:`summarize` (pure, on Arrow). Driver: :func:`run_evaluate`
+generates on a Ray Data actor pool with the same engines as reflect.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from srd_ray import atomic
+from srd_ray.engines import batch_seed, build_engine
+from srd_ray.scoring import exact_match, rouge_l
+from srd_ray.spec import DataSpec, EvaluateSpec, ModelSpec
+
+log = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = ["eval_set", "seed", "example_id", "prompt", "references"]
+
+
+def score_predictions(predictions: pa.Table) -> pa.Table:
+    """Add ``rouge_l`` (x100) and ``exact_match`` (0/1) to a table with ``prediction`` and ``references``."""
+    pairs = zip(predictions["prediction"].to_pylist(), predictions["references"].to_pylist(), strict=True)
+    scored = [(100.0 * rouge_l(p, refs), exact_match(p, refs)) for p, refs in pairs]
+    predictions = predictions.append_column("rouge_l", pa.array([s[0] for s in scored], pa.float64()))
+    return predictions.append_column("exact_match", pa.array([s[1] for s in scored], pa.float64()))
+
+
+def summarize(predictions: pa.Table) -> dict[str, dict[str, Any]]:
+    """Per eval set: mean and (population) standard deviation over seeds of the per-seed means."""
+    summary: dict[str, dict[str, Any]] = {}
+    grouped = predictions.group_by(["eval_set", "seed"]).aggregate(
+        [("rouge_l", "mean"), ("exact_match", "mean"), ("example_id", "count")]
+    )
+    for name in sorted(set(grouped["eval_set"].to_pylist())):
+        rows = grouped.filter(pc.equal(grouped["eval_set"], name)).sort_by("seed")
+        rouge = rows["rouge_l_mean"].to_pylist()
+        exact = rows["exact_match_mean"].to_pylist()
+        summary[name] = {
+            "rouge_l": statistics.fmean(rouge),
+            "rouge_l_std": statistics.pstdev(rouge),
+            "exact_match": 100.0 * statistics.fmean(exact),
+            "seeds": rows["seed"].to_pylist(),
+            "examples": rows["example_id_count"][0].as_py(),
+        }
+    return summary
+
+
+def expand_seeds(eval_sets: dict[str, pa.Table], seeds: list[int], max_examples: int | None) -> pa.Table:
+    """One row per (eval set, seed, example): the work list for generation."""
+    parts = []
+    for name, table in eval_sets.items():
+        table = table.sort_by("input_position").select(["example_id", "prompt", "references"])
+        if max_examples is not None:
+            table = table.slice(0, max_examples)
+        for seed in seeds:
+            parts.append(
+                table.append_column("eval_set", pa.array([name] * table.num_rows, pa.string()))
+                .append_column("seed", pa.array([seed] * table.num_rows, pa.int64()))
+                .select(PREDICTION_COLUMNS)
+            )
+    return pa.concat_tables(parts)
+
+
+class EvalActor:
+    def __init__(
+        self, model: dict[str, Any], data: dict[str, Any], evaluate: dict[str, Any], engine: str
+    ) -> None:
+        self.data = DataSpec.model_validate(data)
+        self.evaluate = EvaluateSpec.model_validate(evaluate)
+        self.engine = build_engine(
+            engine,
+            ModelSpec.model_validate(model),
+            max_prompt_tokens=self.data.max_prompt_tokens,
+            max_response_tokens=self.data.max_response_tokens,
+            num_gpus=self.evaluate.num_gpus_per_actor,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        generation = self.evaluate.generation
+        parts = []
+        # Rows of one batch may span seeds; each seed's rows are sampled with that seed.
+        for seed in sorted(set(batch["seed"].to_pylist())):
+            rows = batch.filter(pc.equal(batch["seed"], seed))
+            predictions: list[str] = []
+            for start in range(0, rows.num_rows, self.evaluate.batch_size):
+                chunk = rows.slice(start, self.evaluate.batch_size)
+                answers, _ = self.engine.generate(
+                    chunk["prompt"].to_pylist(), generation, batch_seed(seed, chunk["example_id"][0].as_py())
+                )
+                predictions += answers
+            parts.append(rows.append_column("prediction", pa.array(predictions, pa.string())))
+        return score_predictions(pa.concat_tables(parts))
+
+
+def run_evaluate(
+    spec_evaluate: EvaluateSpec,
+    data: DataSpec,
+    engine: str,
+    model: ModelSpec,
+    eval_sets: dict[str, pa.Table],
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Evaluate one model on every eval set; writes ``predictions.parquet`` and returns the summary."""
+    import ray
+
+    work = expand_seeds(eval_sets, spec_evaluate.seeds, spec_evaluate.max_examples)
+    dataset = ray.data.from_arrow(work).map_batches(
+        EvalActor,
+        fn_constructor_kwargs={
+            "model": model.model_dump(mode="json"),
+            "data": data.model_dump(mode="json"),
+            "evaluate": spec_evaluate.model_dump(mode="json"),
+            "engine": engine,
+        },
+        batch_size=spec_evaluate.batch_size * 4,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=spec_evaluate.concurrency),
+        num_cpus=spec_evaluate.num_cpus_per_actor,
+        num_gpus=spec_evaluate.num_gpus_per_actor,
+    )
+    predictions = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
+    _check_complete(work, predictions)
+    predictions = predictions.sort_by(
+        [("eval_set", "ascending"), ("seed", "ascending"), ("example_id", "ascending")]
+    )
+    atomic.write_parquet(out_dir / "predictions.parquet", predictions)
+    summary = summarize(predictions)
+    atomic.write_json(out_dir / "summary.json", {"model": model.path, "sets": summary})
+    return summary
+
+
+def _check_complete(work: pa.Table, predictions: pa.Table) -> None:
+    """Every (set, seed, example) must come back exactly once: never silently score a subset."""
+
+    def keys(table: pa.Table) -> list[tuple]:
+        return list(zip(*(table[c].to_pylist() for c in ("eval_set", "seed", "example_id")), strict=True))
+
+    expected, got = keys(work), keys(predictions)
+    if len(got) != len(expected) or set(got) != set(expected):
+        missing = set(expected) - set(got)
+        raise RuntimeError(
+            f"evaluate: {len(got)} predictions for {len(expected)} prompts "
+            f"({len(missing)} missing, e.g. {sorted(missing)[:3]})"
+        )

@@ -1,0 +1,336 @@
+"""The SRD pipeline: prepare → teacher_sft → reflect → rank → distill → evaluate, over one run directory.
+
+Each stage reads the outputs of earlier stages from the run directory, so any stage can be run alone
+(``srd run SPEC --stages rank``) once its inputs exist. A stage's fingerprint covers its own settings and
+its upstream stages' fingerprints: change the student and reflect, rank, distill and evaluate are stale.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from srd_ray import atomic
+from srd_ray.data import LoadedData, load_eval_sets, load_training_data
+from srd_ray.demo_data import write_demo_data
+from srd_ray.errors import SpecError
+from srd_ray.models import check_model_path, check_same_tokenizer, load_tokenizer
+from srd_ray.run_dir import RunDirectory
+from srd_ray.spec import JobSpec, ModelSpec, RaySpec
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prepare", "teacher_sft", "reflect", "rank", "distill", "evaluate")
+
+# Spec sections each stage depends on (besides its upstream stages' fingerprints).
+_SECTIONS = {
+    "prepare": ("prepare", "run.seed"),
+    "teacher_sft": ("teacher_sft", "models.teacher", "data.train", "data.max_prompt_tokens", "run.seed"),
+    "reflect": ("reflect", "models.student", "data"),
+    "rank": ("rank",),
+    "distill": ("distill", "models", "data.max_prompt_tokens", "data.max_response_tokens", "run.seed"),
+    "evaluate": ("evaluate", "data.eval_sets", "models"),
+}
+_UPSTREAM = {
+    "prepare": (),
+    "teacher_sft": ("prepare",),
+    "reflect": ("prepare",),
+    "rank": ("reflect",),
+    "distill": ("prepare", "teacher_sft", "rank"),
+    "evaluate": ("prepare", "teacher_sft", "distill"),
+}
+
+
+def ensure_ray(spec: RaySpec) -> None:
+    """Attach to the cluster a job runs in (RAY_ADDRESS, set by `ray job submit`), to a named address,
+    or start a private local Ray bound to 127.0.0.1 with no dashboard."""
+    import ray
+
+    # Our own progress lines are enough; Ray Data's bars flood logs (and CPU) on long jobs.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or spec.address
+    if address != "local":
+        log.info("attaching to Ray at %s", address)
+        ray.init(address=address)
+        return
+    ray.init(
+        address="local",
+        num_cpus=spec.num_cpus,
+        num_gpus=spec.num_gpus,
+        include_dashboard=False,
+        object_store_memory=spec.object_store_memory_mb * 1024 * 1024,
+        _node_ip_address="127.0.0.1",
+    )
+
+
+@dataclass
+class Run:
+    """What the stages share: the spec, the run directory, and lazily loaded inputs."""
+
+    spec: JobSpec
+    run_dir: RunDirectory
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def train(self) -> LoadedData:
+        return load_training_data(self.spec.data)
+
+    @cached_property
+    def eval_sets(self) -> dict[str, LoadedData]:
+        return load_eval_sets(self.spec.data)
+
+    @property
+    def teacher(self) -> ModelSpec:
+        """The teacher distillation uses: the fine-tuned one when teacher_sft is on."""
+        if self.spec.teacher_sft.enabled:
+            return self.spec.models.teacher.model_copy(
+                update={"path": str(self.run_dir.stage_dir("teacher_sft") / "model")}
+            )
+        return self.spec.models.teacher
+
+    @property
+    def distilled_student(self) -> ModelSpec:
+        return self.spec.models.student.model_copy(
+            update={"path": str(self.run_dir.stage_dir("distill") / "model")}
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def _prepare(run: Run) -> dict[str, Any]:
+    from srd_ray.tiny_models import make_tiny_models
+
+    prepare = run.spec.prepare
+    out = run.run_dir.stage_dir("prepare")
+    summary: dict[str, Any] = {}
+    if prepare.demo_data:
+        demo = prepare.demo_data
+        summary["demo_data"] = write_demo_data(
+            out,
+            train_rows=demo.train_rows,
+            heldout_rows=demo.heldout_rows,
+            pretrain_rows=demo.pretrain_rows,
+            seed=demo.seed,
+        )
+    if prepare.tiny_models:
+        rows = run.train.table
+        texts = [p + r for p, r in zip(rows["prompt"].to_pylist(), rows["response"].to_pylist(), strict=True)]
+        pretrain_texts = texts
+        if prepare.demo_data:
+            pretrain = Path(summary["demo_data"]["pretrain"]).read_text().splitlines()
+            pretrain_texts = [_prompt_and_output(line) for line in pretrain]
+        summary["tiny_models"] = make_tiny_models(
+            out, prepare.tiny_models, texts, pretrain_texts, seed=run.spec.run.seed
+        )
+    return summary
+
+
+def _prompt_and_output(jsonl_line: str) -> str:
+    record = json.loads(jsonl_line)
+    return record["prompt"] + record["output"]
+
+
+def _teacher_sft(run: Run) -> dict[str, Any]:
+    from srd_ray.distill import run_teacher_sft
+
+    return run_teacher_sft(run.spec, run.train.table, run.run_dir.stage_dir("teacher_sft"))
+
+
+def _reflect(run: Run) -> dict[str, Any]:
+    from srd_ray.reflect import run_reflect
+
+    summary = run_reflect(run.spec, run.train.table, run.run_dir.stage_dir("reflect"))
+    summary["skipped_rows"] = run.train.skipped
+    return summary
+
+
+def _rank(run: Run) -> dict[str, Any]:
+    from srd_ray.rank import run_rank
+    from srd_ray.reflect import read_scored
+
+    scored = read_scored(run.run_dir.stage_dir("reflect"))
+    with atomic.directory(run.run_dir.stage_dir("rank")) as scratch:
+        summary = run_rank(run.spec.rank, scored, scratch)
+        atomic.write_json(scratch / "manifest.json", summary)
+    return summary
+
+
+def _distill(run: Run) -> dict[str, Any]:
+    from srd_ray.distill import run_distill
+
+    srd = run.spec.distill.curriculum == "srd"
+    return run_distill(
+        run.spec,
+        run.teacher,
+        run.run_dir.stage_dir("distill"),
+        rank_dir=run.run_dir.stage_dir("rank") if srd else None,
+        train_rows=None if srd else run.train.table,
+    )
+
+
+def _evaluate(run: Run) -> dict[str, Any]:
+    from srd_ray.evaluate import run_evaluate
+
+    if not run.spec.data.eval_sets:
+        return {"skipped": "no data.eval_sets"}
+    models = {
+        "teacher": run.teacher,
+        "student_before": run.spec.models.student,
+        "student_after": run.distilled_student,
+    }
+    eval_tables: dict[str, pa.Table] = {name: loaded.table for name, loaded in run.eval_sets.items()}
+    results = {}
+    for label in run.spec.evaluate.models:
+        out = run.run_dir.stage_dir("evaluate") / label
+        if (out / "summary.json").exists():  # finished before an interruption
+            results[label] = json.loads((out / "summary.json").read_text())["sets"]
+            continue
+        log.info("evaluate: %s (%s)", label, models[label].path)
+        results[label] = run_evaluate(
+            run.spec.evaluate, run.spec.data, run.spec.reflect.engine, models[label], eval_tables, out
+        )
+    return results
+
+
+RUNNERS: dict[str, Callable[[Run], dict[str, Any]]] = {
+    "prepare": _prepare,
+    "teacher_sft": _teacher_sft,
+    "reflect": _reflect,
+    "rank": _rank,
+    "distill": _distill,
+    "evaluate": _evaluate,
+}
+
+
+def enabled_stages(spec: JobSpec) -> list[str]:
+    stages = []
+    for stage in STAGES:
+        if stage == "prepare" and not (spec.prepare.demo_data or spec.prepare.tiny_models):
+            continue
+        if stage == "teacher_sft" and not spec.teacher_sft.enabled:
+            continue
+        if stage in ("reflect", "rank") and spec.distill.curriculum == "none":
+            continue
+        stages.append(stage)
+    return stages
+
+
+def fingerprints(spec: JobSpec) -> dict[str, str]:
+    result: dict[str, str] = {}
+    active = set(enabled_stages(spec))
+    for stage in STAGES:
+        upstream = [result[u] for u in _UPSTREAM[stage] if u in active]
+        result[stage] = spec.section_fingerprint(*_SECTIONS[stage]) + ":" + ",".join(upstream)
+    return result
+
+
+def preflight(run: Run) -> None:
+    """Check inputs before any stage output is written: data rows, model folders, shared tokenizer."""
+    produced = set()
+    if run.spec.prepare.tiny_models:
+        produced = {str(run.run_dir.stage_dir("prepare") / role) for role in ("teacher", "student")}
+    for role in ("teacher", "student"):
+        model = getattr(run.spec.models, role)
+        if model.path not in produced:
+            check_model_path(model, role)
+    if not produced:
+        check_same_tokenizer(load_tokenizer(run.spec.models.teacher), load_tokenizer(run.spec.models.student))
+    _ = run.train, run.eval_sets  # load now: a bad row fails here, naming file and line
+
+
+def run_pipeline(
+    spec: JobSpec, stages: list[str] | None = None, redo: list[str] | None = None
+) -> dict[str, Any]:
+    """Run the selected stages (default: all enabled) and return the manifest."""
+    enabled = enabled_stages(spec)
+    for stage in [*(stages or []), *(redo or [])]:
+        if stage not in STAGES:
+            raise SpecError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    selected = [s for s in enabled if stages is None or s in stages]
+    run = Run(spec=spec, run_dir=RunDirectory(spec), fingerprints=fingerprints(spec))
+    prepare_pending = "prepare" in enabled and not run.run_dir.is_complete(
+        "prepare", run.fingerprints["prepare"]
+    )
+    if prepare_pending and "prepare" not in selected:
+        raise SpecError("the prepare stage has not run yet: run without --stages, or add prepare to --stages")
+    if not prepare_pending:
+        preflight(run)
+    ensure_ray(spec.ray)
+    for stage in redo or []:
+        for downstream in STAGES[STAGES.index(stage) :]:
+            run.run_dir.redo(downstream)
+    for stage in selected:
+        fingerprint = run.fingerprints[stage]
+        if run.run_dir.is_complete(stage, fingerprint):
+            log.info("%s: already complete, skipping", stage)
+            continue
+        run.run_dir.check_fingerprint(stage, fingerprint)
+        log.info("%s: starting", stage)
+        run.run_dir.start(stage, fingerprint)
+        try:
+            summary = RUNNERS[stage](run)
+        except BaseException as error:
+            run.run_dir.fail(stage, error)
+            raise
+        run.run_dir.complete(stage, summary)
+        log.info("%s: complete in %.1fs", stage, run.run_dir.stage_record(stage)["wall_s"])
+        if stage == "prepare":
+            preflight(run)
+    return run.run_dir.manifest
+
+
+def summary_lines(manifest: dict[str, Any]) -> list[str]:
+    """A short human summary of a run: rows, buckets, losses, eval scores."""
+    stages = manifest["stages"]
+    lines = [f"run {manifest['run']}"]
+    reflect = stages.get("reflect", {}).get("summary")
+    if reflect:
+        lines.append(
+            f"  reflect: {reflect['rows']} rows, mean ROUGE-L {reflect['mean_rouge_l']:.3f}, "
+            f"mean student CE {reflect['mean_student_ce']:.3f}, {len(reflect.get('skipped_rows', []))} skipped"
+        )
+    rank = stages.get("rank", {}).get("summary")
+    if rank:
+        for bucket in rank["buckets"]:
+            truth = bucket.get("mean_true_difficulty")
+            lines.append(
+                f"  bucket {bucket['bucket']}{'' if bucket['kept'] else ' (dropped)'}: {bucket['rows']} rows, "
+                f"ROUGE-L {bucket['rouge_l']['mean']:.3f}, CE {bucket['student_ce']['mean']:.3f}"
+                + (f", true difficulty {truth:.2f}" if truth is not None else "")
+            )
+    for name in ("teacher_sft", "distill"):
+        summary = stages.get(name, {}).get("summary")
+        if summary:
+            losses = ", ".join(
+                f"stage {s['stage']} {s['first_loss']:.3f}->{s['last_loss']:.3f}" for s in summary["stages"]
+            )
+            lines.append(
+                f"  {name}: {summary['optimizer_steps']} steps, {summary['tokens_seen']} tokens, "
+                f"{summary['train_wall_s']:.1f}s; loss {losses}"
+            )
+    evaluation = stages.get("evaluate", {}).get("summary")
+    if evaluation and "skipped" not in evaluation:
+        sets = sorted({name for result in evaluation.values() for name in result})
+        lines.append("  ROUGE-L (x100, mean ± std over seeds):")
+        lines.append("    " + f"{'model':<16}" + "".join(f"{name:>18}" for name in sets))
+        for label, result in evaluation.items():
+            cells = "".join(
+                f"{result[name]['rouge_l']:>11.2f} ± {result[name]['rouge_l_std']:<4.2f}"
+                if name in result
+                else f"{'-':>18}"
+                for name in sets
+            )
+            lines.append(f"    {label:<16}{cells}")
+    return lines

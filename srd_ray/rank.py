@@ -1,0 +1,140 @@
+"""Rank: reciprocal rank fusion of the reflection signals, then equal curriculum buckets.
+
+The algorithm of the SRD release, reproduced exactly (N rows, in input order):
+1. ``rank_rouge``: stable sort by ``rouge_l`` descending; position 1..N (ties keep input order).
+2. ``rank_ce``: stable sort of *that ROUGE-sorted list* by ``student_ce`` ascending; position 1..N.
+3. ``rrf_score = 1/(k + rank_rouge) + 1/(k + rank_ce)`` with k = 60.
+4. Stable sort of *that CE-sorted list* by ``rrf_score`` descending; position = ``difficulty_rank``
+   (1 = easiest).
+5. ``size = N // num_buckets``; bucket b holds difficulty ranks b*size+1 .. (b+1)*size, the last bucket
+   also takes the remainder. Only the first ``keep_buckets`` buckets train.
+
+Core: :func:`rank_rows` (pure, numpy on Arrow). Driver: :func:`run_rank` writes ``bucket=<b>/`` Parquet
+folders and a manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from srd_ray import atomic
+from srd_ray.errors import DataError
+from srd_ray.spec import RankSpec
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("example_id", "input_position", "rouge_l", "student_ce")
+RANK_COLUMNS = ("rank_rouge", "rank_ce", "rrf_score", "difficulty_rank", "bucket")
+
+
+def _validate(table: pa.Table, num_buckets: int) -> None:
+    missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
+    if missing:
+        raise DataError(f"rank: scored rows lack column(s) {missing}; columns: {table.column_names}")
+    if table.num_rows < num_buckets:
+        raise DataError(f"rank: {table.num_rows} rows cannot fill rank.num_buckets={num_buckets} buckets")
+    for name in ("rouge_l", "student_ce"):
+        values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"rank: column {name} has {int(bad.sum())} NaN/infinite value(s), first at example_id "
+                f"{table['example_id'][first].as_py()!r}"
+            )
+    ids = table["example_id"]
+    if pc.count_distinct(ids).as_py() != table.num_rows:
+        counts = pc.value_counts(ids)
+        duplicate = next(item["values"].as_py() for item in counts if item["counts"].as_py() > 1)
+        raise DataError(f"rank: duplicate example_id {duplicate!r} in the scored rows")
+
+
+def rank_rows(table: pa.Table, spec: RankSpec) -> pa.Table:
+    """Return the rows sorted easy → hard with the rank columns added (see module docstring)."""
+    _validate(table, spec.num_buckets)
+    table = table.take(np.argsort(table["input_position"].to_numpy(), kind="stable"))
+    n = table.num_rows
+    rouge = table["rouge_l"].to_numpy(zero_copy_only=False).astype(np.float64)
+    ce = table["student_ce"].to_numpy(zero_copy_only=False).astype(np.float64)
+    positions = np.arange(1, n + 1, dtype=np.int64)
+
+    by_rouge = np.argsort(-rouge, kind="stable")
+    rank_rouge = np.empty(n, np.int64)
+    rank_rouge[by_rouge] = positions
+
+    by_ce = by_rouge[np.argsort(ce[by_rouge], kind="stable")]
+    rank_ce = np.empty(n, np.int64)
+    rank_ce[by_ce] = positions
+
+    rrf = 1.0 / (spec.k + rank_rouge) + 1.0 / (spec.k + rank_ce)
+    easy_to_hard = by_ce[np.argsort(-rrf[by_ce], kind="stable")]
+    difficulty_rank = np.empty(n, np.int64)
+    difficulty_rank[easy_to_hard] = positions
+
+    size = n // spec.num_buckets
+    bucket = np.minimum((difficulty_rank - 1) // size, spec.num_buckets - 1)
+    columns = {
+        "rank_rouge": rank_rouge,
+        "rank_ce": rank_ce,
+        "rrf_score": rrf,
+        "difficulty_rank": difficulty_rank,
+    }
+    for name, values in columns.items():
+        table = table.append_column(name, pa.array(values))
+    table = table.append_column("bucket", pa.array(bucket.astype(np.int32)))
+    return table.take(easy_to_hard)
+
+
+def bucket_summary(ranked: pa.Table, spec: RankSpec) -> list[dict[str, Any]]:
+    """Rows and signal ranges per bucket; includes the mean of a true ``difficulty`` label if present."""
+    summary = []
+    for b in range(spec.num_buckets):
+        rows = ranked.filter(pc.equal(ranked["bucket"], b))
+        entry: dict[str, Any] = {"bucket": b, "rows": rows.num_rows, "kept": b < spec.keep_buckets}
+        for name in ("rouge_l", "student_ce", "rrf_score"):
+            low, high = pc.min_max(rows[name]).values()
+            entry[name] = {"min": low.as_py(), "mean": pc.mean(rows[name]).as_py(), "max": high.as_py()}
+        if "difficulty" in rows.column_names and pa.types.is_integer(rows["difficulty"].type):
+            entry["mean_true_difficulty"] = pc.mean(rows["difficulty"]).as_py()
+        summary.append(entry)
+    return summary
+
+
+def bucket_dir(stage_dir: Path, bucket: int) -> Path:
+    return stage_dir / f"bucket={bucket}"
+
+
+def run_rank(spec: RankSpec, scored: pa.Table, stage_dir: Path) -> dict[str, Any]:
+    """Rank ``scored`` and write one Parquet folder per bucket into ``stage_dir`` (created by the caller
+    as an atomic scratch folder)."""
+    ranked = rank_rows(scored, spec)
+    for b in range(spec.num_buckets):
+        rows = ranked.filter(pc.equal(ranked["bucket"], b))
+        atomic.write_parquet(bucket_dir(stage_dir, b) / "part-00000.parquet", rows)
+    buckets = bucket_summary(ranked, spec)
+    for entry in buckets:
+        log.info(
+            "rank: bucket %d%s %d rows, rouge_l mean %.3f, student_ce mean %.3f%s",
+            entry["bucket"],
+            "" if entry["kept"] else " (dropped)",
+            entry["rows"],
+            entry["rouge_l"]["mean"],
+            entry["student_ce"]["mean"],
+            f", true difficulty mean {entry['mean_true_difficulty']:.2f}"
+            if "mean_true_difficulty" in entry
+            else "",
+        )
+    return {
+        "rows": ranked.num_rows,
+        "k": spec.k,
+        "num_buckets": spec.num_buckets,
+        "keep_buckets": spec.keep_buckets,
+        "dropped_rows": sum(e["rows"] for e in buckets if not e["kept"]),
+        "buckets": buckets,
+    }

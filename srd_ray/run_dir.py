@@ -1,0 +1,104 @@
+"""The run directory: ``<output_dir>/<run name>/``, one folder per stage and a ``run.json`` manifest.
+
+The manifest records the resolved spec, package versions and, per stage, its status, the fingerprint of
+the settings it was produced with, wall time and a summary (row counts, losses, scores). A rerun skips
+stages that are complete with the same fingerprint, resumes unfinished ones, and refuses to mix outputs
+made with different settings unless told to redo those stages.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from srd_ray import atomic
+from srd_ray.errors import RunDirError
+from srd_ray.spec import JobSpec
+
+MANIFEST = "run.json"
+_PACKAGES = ("srd-ray", "torch", "transformers", "ray", "pyarrow", "pydantic", "rouge-score", "vllm")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class RunDirectory:
+    def __init__(self, spec: JobSpec) -> None:
+        self.path = spec.run_dir
+        self.manifest_path = self.path / MANIFEST
+        if self.manifest_path.exists():
+            self.manifest = json.loads(self.manifest_path.read_text())
+        else:
+            self.manifest = {"run": spec.run.name, "created": _now(), "stages": {}}
+        self.manifest["spec"] = spec.model_dump(mode="json")
+        self.manifest["versions"] = package_versions()
+        self._started: dict[str, float] = {}
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / stage
+
+    def stage_record(self, stage: str) -> dict[str, Any]:
+        return self.manifest["stages"].get(stage, {})
+
+    def is_complete(self, stage: str, fingerprint: str) -> bool:
+        record = self.stage_record(stage)
+        return record.get("status") == "complete" and record.get("fingerprint") == fingerprint
+
+    def check_fingerprint(self, stage: str, fingerprint: str) -> None:
+        """Refuse to continue a stage whose existing outputs were made with other settings."""
+        record = self.stage_record(stage)
+        if record and record.get("fingerprint") != fingerprint and self.stage_dir(stage).exists():
+            raise RunDirError(
+                f"{self.stage_dir(stage)} was produced with different settings (or different upstream "
+                f"outputs) than this spec; rerun with --redo {stage} to replace it, or use another run.name"
+            )
+
+    def redo(self, stage: str) -> None:
+        """Forget a stage and delete its outputs."""
+        shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
+        self.manifest["stages"].pop(stage, None)
+        self.save()
+
+    def start(self, stage: str, fingerprint: str) -> None:
+        self._started[stage] = time.perf_counter()
+        record = self.manifest["stages"].setdefault(stage, {})
+        record.update({"status": "running", "fingerprint": fingerprint, "started": _now()})
+        record.pop("error", None)
+        self.save()
+
+    def complete(self, stage: str, summary: dict[str, Any]) -> None:
+        record = self.manifest["stages"][stage]
+        record.update(
+            {
+                "status": "complete",
+                "finished": _now(),
+                "wall_s": round(time.perf_counter() - self._started.pop(stage), 2),
+                "summary": summary,
+            }
+        )
+        self.save()
+
+    def fail(self, stage: str, error: BaseException) -> None:
+        record = self.manifest["stages"].setdefault(stage, {})
+        record.update({"status": "failed", "finished": _now(), "error": f"{type(error).__name__}: {error}"})
+        self.save()
+
+    def save(self) -> None:
+        atomic.write_json(self.manifest_path, self.manifest)

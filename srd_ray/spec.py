@@ -1,0 +1,423 @@
+"""The YAML job spec: every setting of an srd-ray run, validated by pydantic.
+
+A spec is read with ``yaml.safe_load``, patched by ``--set a.b=value`` overrides, has ``${run_dir}``
+substituted in its strings, and is then validated. Validation errors name the YAML path, the bad value
+and (when the value came from the file) the line, e.g.
+``distill.stages[1].temperature (line 42): must be > 0, got -1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from srd_ray.errors import SpecError
+
+KD_LOSS_NAMES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "sft")
+
+MINILLM_TEMPLATE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+MINILLM_TEMPLATE_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+UnitFloat = Annotated[float, Field(ge=0, le=1)]
+
+
+def resolve_local_path(text: str) -> str:
+    """Make a local path absolute (Ray workers run in other directories); leave hub ids ("org/name")."""
+    if text.startswith((".", "/", "~")) or text.count("/") >= 2 or Path(text).expanduser().exists():
+        return str(Path(text).expanduser().resolve())
+    return text
+
+
+PathOrHubId = Annotated[str, AfterValidator(resolve_local_path)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class RunSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    output_dir: str = "runs"
+    seed: int = 0
+
+    @field_validator("output_dir")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return str(Path(value).expanduser().resolve())
+
+
+class RaySpec(_Strict):
+    # "local" starts a private single-machine Ray (bound to 127.0.0.1, no dashboard); any other value is
+    # handed to ray.init. Under `ray job submit` RAY_ADDRESS is set and always wins, so a job attaches to
+    # the cluster it runs in.
+    address: str = "local"
+    num_cpus: PositiveInt | None = None
+    num_gpus: Annotated[int, Field(ge=0)] | None = None
+    object_store_memory_mb: PositiveInt = 1024
+
+
+class ModelSpec(_Strict):
+    path: PathOrHubId = Field(min_length=1, description="Hugging Face hub id or local save_pretrained folder")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class ModelsSpec(_Strict):
+    teacher: ModelSpec
+    student: ModelSpec
+
+
+class FieldMapping(_Strict):
+    """Column names in the source. ``None`` means: use the first of the usual names that is present."""
+
+    id: str | None = None
+    prompt: str | None = None
+    instruction: str | None = None
+    input: str | None = None
+    response: str | None = None
+
+
+class DataSourceSpec(_Strict):
+    path: PathOrHubId = Field(
+        min_length=1, description="JSONL or Parquet file, folder or glob; or a hub dataset id"
+    )
+    format: Literal["auto", "jsonl", "parquet", "hub"] = "auto"
+    split: str = "train"
+    fields: FieldMapping = FieldMapping()
+    max_rows: PositiveInt | None = None
+
+
+class DataSpec(_Strict):
+    train: DataSourceSpec
+    eval_sets: dict[str, DataSourceSpec] = {}
+    prompt_template: str = MINILLM_TEMPLATE_WITH_INPUT
+    prompt_template_no_input: str = MINILLM_TEMPLATE_NO_INPUT
+    max_prompt_tokens: PositiveInt = 256
+    max_response_tokens: PositiveInt = 256
+    # Bad rows (empty or non-string fields, duplicate ids): stop with an error naming the row, or skip
+    # them; skipped rows are counted and listed in the run manifest.
+    on_bad_row: Literal["error", "skip"] = "error"
+
+    @field_validator("eval_sets", mode="before")
+    @classmethod
+    def _path_shorthand(cls, value: Any) -> Any:
+        # `eval_sets: {dolly: path.jsonl}` is the common case; allow it as shorthand for {path: ...}.
+        if isinstance(value, dict):
+            return {k: {"path": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+
+class DemoDataSpec(_Strict):
+    train_rows: PositiveInt = 1200
+    heldout_rows: PositiveInt = 200
+    pretrain_rows: PositiveInt = 1200
+    seed: int = 0
+
+
+class TinyModelSpec(_Strict):
+    architecture: Literal["llama", "gpt2"] = "llama"
+    hidden_size: PositiveInt = 64
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    max_positions: PositiveInt = 512
+    # Causal-LM steps on the pretraining corpus: stands in for pretraining, so the student starts from a
+    # partly competent model as SRD assumes (a random student gives the ranking nothing to work with).
+    pretrain_steps: Annotated[int, Field(ge=0)] = 0
+
+
+class TinyModelsSpec(_Strict):
+    vocab_size: PositiveInt = 800
+    teacher: TinyModelSpec = TinyModelSpec(hidden_size=128, num_layers=4)
+    student: TinyModelSpec = TinyModelSpec()
+    pretrain_lr: PositiveFloat = 3e-3
+    pretrain_batch_size: PositiveInt = 32
+
+
+class PrepareSpec(_Strict):
+    """Inputs made on the spot: the graded demo data set and a tiny teacher/student pair."""
+
+    demo_data: DemoDataSpec | None = None
+    tiny_models: TinyModelsSpec | None = None
+
+
+class GenerationSpec(_Strict):
+    temperature: Annotated[float, Field(ge=0)] = 0.01
+    top_k: Annotated[int, Field(ge=0)] = 0  # 0 = off
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    no_repeat_ngram_size: Annotated[int, Field(ge=0)] = 6  # 0 = off
+    max_new_tokens: PositiveInt = 256
+    seed: int = 10
+
+
+class ReflectSpec(_Strict):
+    engine: Literal["transformers"] = "transformers"
+    concurrency: PositiveInt = 1
+    batch_size: PositiveInt = 16
+    shard_rows: PositiveInt = 256
+    num_cpus_per_actor: PositiveFloat = 1.0
+    num_gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
+    generation: GenerationSpec = GenerationSpec()
+
+
+class RankSpec(_Strict):
+    k: Annotated[int, Field(ge=0)] = 60
+    num_buckets: PositiveInt = 4
+    keep_buckets: PositiveInt = 3
+
+    @model_validator(mode="after")
+    def _keep_fits(self) -> RankSpec:
+        if self.keep_buckets > self.num_buckets:
+            raise ValueError(
+                f"keep_buckets ({self.keep_buckets}) must be <= num_buckets ({self.num_buckets})"
+            )
+        return self
+
+
+class StageSpec(_Strict):
+    epochs: PositiveInt = 8
+    kd_weight: UnitFloat = 1.0
+    temperature: PositiveFloat = 1.0
+    lr: PositiveFloat = 1e-4
+
+
+def _srd_release_stages() -> list[StageSpec]:
+    return [
+        StageSpec(kd_weight=0.8, temperature=1.0),
+        StageSpec(kd_weight=0.9, temperature=1.5),
+        StageSpec(kd_weight=1.0, temperature=2.0),
+    ]
+
+
+class TrainingSpec(_Strict):
+    """Optimisation settings shared by teacher SFT and distillation."""
+
+    num_workers: PositiveInt = 2
+    use_gpu: bool = False
+    num_cpus_per_worker: PositiveFloat = 1.0
+    batch_size: PositiveInt = 8  # per worker, per micro-batch
+    gradient_accumulation_steps: PositiveInt = 1
+    max_grad_norm: PositiveFloat = 1.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    min_lr: Annotated[float, Field(ge=0)] = 1e-7
+    log_every_steps: PositiveInt = 10
+    # Checkpoints are always written at the end of each stage; also every N optimizer steps if set.
+    checkpoint_every_steps: PositiveInt | None = None
+
+
+class TeacherSftSpec(TrainingSpec):
+    enabled: bool = False
+    epochs: PositiveInt = 3
+    lr: PositiveFloat = 1e-4
+
+
+class DistillSpec(TrainingSpec):
+    loss: Literal[KD_LOSS_NAMES] = "fkl"  # type: ignore[valid-type]
+    # srd: stage s trains on buckets 0..s. none: every stage trains on all rows (the matched KD baseline).
+    curriculum: Literal["srd", "none"] = "srd"
+    stages: list[StageSpec] = Field(default_factory=_srd_release_stages, min_length=1)
+    temperature_scaling: Literal["t_squared", "none", "srd_release"] = "t_squared"
+    jsd_beta: UnitFloat = 0.9
+    skew_alpha: UnitFloat = 0.1
+
+
+class EvaluateSpec(_Strict):
+    # Which models to score: the (fine-tuned) teacher, the student before and after distillation.
+    models: list[Literal["teacher", "student_before", "student_after"]] = [
+        "teacher",
+        "student_before",
+        "student_after",
+    ]
+    seeds: list[int] = Field(default=[10, 20, 30, 40, 50], min_length=1)
+    max_examples: PositiveInt | None = None
+    concurrency: PositiveInt = 1
+    batch_size: PositiveInt = 32
+    num_cpus_per_actor: PositiveFloat = 1.0
+    num_gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
+    generation: GenerationSpec = GenerationSpec(temperature=1.0)
+
+
+class JobSpec(_Strict):
+    run: RunSpec
+    ray: RaySpec = RaySpec()
+    models: ModelsSpec
+    data: DataSpec
+    prepare: PrepareSpec = PrepareSpec()
+    teacher_sft: TeacherSftSpec = TeacherSftSpec()
+    reflect: ReflectSpec = ReflectSpec()
+    rank: RankSpec = RankSpec()
+    distill: DistillSpec = DistillSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+
+    @model_validator(mode="after")
+    def _stages_have_buckets(self) -> JobSpec:
+        if self.distill.curriculum == "srd" and len(self.distill.stages) > self.rank.keep_buckets:
+            raise ValueError(
+                f"distill.stages has {len(self.distill.stages)} stages but rank.keep_buckets is "
+                f"{self.rank.keep_buckets}: stage s trains on buckets 0..s, so stage "
+                f"{self.rank.keep_buckets} would need a bucket that is not kept"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def section_fingerprint(self, *sections: str) -> str:
+        """A short hash of the named sections, used to tell whether a finished stage is still valid."""
+        payload = {name: self._section(name) for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _section(self, dotted: str) -> Any:
+        value: Any = self.model_dump(mode="json")
+        for part in dotted.split("."):
+            value = value[part]
+        return value
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override, interpolate and validate a YAML job spec. Raises SpecError with readable lines."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    try:
+        raw = yaml.safe_load(text)
+        root_node = yaml.compose(text)
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: malformed YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a job spec is a YAML mapping with sections run, models, data, ...")
+    for override in overrides or []:
+        apply_override(raw, override)
+    raw = _interpolate(raw, run_dir=_raw_run_dir(raw))
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(format_validation_error(error, path, root_node)) from None
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML, so numbers, booleans and lists work)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise SpecError(f"--set {override!r}: expected KEY=VALUE, e.g. distill.num_workers=1")
+    parts = key.split(".")
+    target = raw
+    for part in parts[:-1]:
+        if isinstance(target, list) and part.isdigit():
+            target = target[int(part)]
+            continue
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict | list):
+            raise SpecError(f"--set {override!r}: {part} is not a section")
+    leaf = parts[-1]
+    parsed = yaml.safe_load(value) if value else ""
+    if isinstance(target, list) and leaf.isdigit():
+        target[int(leaf)] = parsed
+    else:
+        target[leaf] = parsed
+
+
+def _raw_run_dir(raw: dict) -> str:
+    run = raw.get("run") if isinstance(raw.get("run"), dict) else {}
+    return str(Path(str(run.get("output_dir", "runs"))).expanduser().resolve() / str(run.get("name", "")))
+
+
+def _interpolate(value: Any, run_dir: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("${run_dir}", run_dir)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, run_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, run_dir) for v in value]
+    return value
+
+
+_MESSAGES = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "literal_error": "must be one of {expected}",
+    "too_short": "needs at least {min_length} item(s)",
+    "string_too_short": "must not be empty",
+    "string_pattern_mismatch": "must match {pattern}",
+}
+
+
+def format_validation_error(error: ValidationError, path: Path, root_node: yaml.Node | None) -> str:
+    lines = [f"{path}: invalid job spec ({error.error_count()} problem(s))"]
+    for item in error.errors():
+        loc = [part for part in item["loc"] if part not in ("function-after", "function-before")]
+        dotted = _dotted(loc) or "(top level)"
+        line = _yaml_line(root_node, loc)
+        where = f"{dotted} (line {line})" if line else dotted
+        template = _MESSAGES.get(item["type"])
+        message = template.format(**item.get("ctx", {})) if template else item["msg"]
+        if item["type"] == "value_error":
+            message = item["msg"].removeprefix("Value error, ")
+        shown = "" if item["type"] in ("missing", "value_error") else f", got {item['input']!r}"
+        if item["type"] == "extra_forbidden":
+            shown = ""
+        lines.append(f"  {where}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def _dotted(loc: list) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _yaml_line(node: yaml.Node | None, loc: list) -> int | None:
+    """The 1-based line of the YAML node at ``loc``, or of its deepest existing ancestor."""
+    found = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            found, node = match[0], match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            found = node
+        else:
+            break
+    return found.start_mark.line + 1 if found is not None else None
+
+
+def dump_spec(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -30,16 +30,10 @@ def _parser() -> argparse.ArgumentParser:
 
     with_spec("validate", "validate a spec and print it with every default filled in")
     run = with_spec("run", "run the pipeline (or some stages) of a spec")
-    run.add_argument(
-        "--stages", type=_stage_list, help="comma-separated stages to run (default: all enabled)"
-    )
-    run.add_argument(
-        "--redo", type=_stage_list, default=[], help="delete and rerun these stages and all after them"
-    )
+    run.add_argument("--stages", type=_stage_list, help="comma-separated stages to run (default: all enabled)")
+    run.add_argument("--redo", type=_stage_list, default=[], help="delete and rerun these stages and all after them")
 
-    tiny = commands.add_parser(
-        "make-tiny-models", help="build a tiny teacher/student pair with a local tokenizer"
-    )
+    tiny = commands.add_parser("make-tiny-models", help="build a tiny teacher/student pair with a local tokenizer")
     tiny.add_argument("out", type=Path)
     tiny.add_argument("--data", help="JSONL/Parquet to train the tokenizer on (default: generated demo data)")
     tiny.add_argument("--pretrain-steps", type=int, default=0, help="causal-LM steps for the student")
@@ -103,15 +97,11 @@ def _make_tiny_models(args: argparse.Namespace) -> int:
     if args.data:
         data = DataSpec(train=DataSourceSpec(path=args.data))
         table = load_source(data.train, data, label="--data").table
-        texts = [
-            p + r for p, r in zip(table["prompt"].to_pylist(), table["response"].to_pylist(), strict=True)
-        ]
+        texts = [p + r for p, r in zip(table["prompt"].to_pylist(), table["response"].to_pylist(), strict=True)]
     else:
         texts = [row["prompt"] + row["output"] for row in generate_rows(2000, args.seed)]
     spec = TinyModelsSpec()
-    spec = spec.model_copy(
-        update={"student": spec.student.model_copy(update={"pretrain_steps": args.pretrain_steps})}
-    )
+    spec = spec.model_copy(update={"student": spec.student.model_copy(update={"pretrain_steps": args.pretrain_steps})})
     paths = make_tiny_models(args.out, spec, texts, texts, seed=args.seed)
     print("\n".join(f"{role}: {path}" for role, path in paths.items()))
     return 0

@@ -109,11 +109,7 @@ def _iter_records(source: DataSourceSpec, files: list[str]) -> Iterator[tuple[st
         yield from _iter_hub(source)
         return
     for file in files:
-        kind = (
-            source.format
-            if source.format != "auto"
-            else ("parquet" if file.endswith(".parquet") else "jsonl")
-        )
+        kind = source.format if source.format != "auto" else ("parquet" if file.endswith(".parquet") else "jsonl")
         yield from (_iter_parquet(file) if kind == "parquet" else _iter_jsonl(file))
 
 
@@ -169,9 +165,7 @@ def _resolve_mapping(source: DataSourceSpec, record: dict[str, Any], where: str)
     for role, usual in _USUAL_NAMES.items():
         chosen = getattr(source.fields, role)
         if chosen is not None and chosen not in record:
-            raise DataError(
-                f"{where}: column {chosen!r} (data.fields.{role}) is missing; columns: {sorted(record)}"
-            )
+            raise DataError(f"{where}: column {chosen!r} (data.fields.{role}) is missing; columns: {sorted(record)}")
         mapping[role] = chosen or next((name for name in usual if name in record), None)
     if mapping["id"] is not None and mapping["id"] not in record:
         raise DataError(f"{where}: id column {mapping['id']!r} is missing; columns: {sorted(record)}")
@@ -180,15 +174,11 @@ def _resolve_mapping(source: DataSourceSpec, record: dict[str, Any], where: str)
             f"{where}: no response column (looked for {_USUAL_NAMES['response']}); set data.fields.response"
         )
     if mapping["prompt"] is None and mapping["instruction"] is None:
-        raise DataError(
-            f"{where}: no prompt or instruction column; set data.fields.prompt or data.fields.instruction"
-        )
+        raise DataError(f"{where}: no prompt or instruction column; set data.fields.prompt or data.fields.instruction")
     return mapping
 
 
-def _normalise(
-    record: dict[str, Any], mapping: dict[str, str | None], data: DataSpec, where: str
-) -> dict[str, Any]:
+def _normalise(record: dict[str, Any], mapping: dict[str, str | None], data: DataSpec, where: str) -> dict[str, Any]:
     references = _references(record.get(mapping["response"]), mapping["response"], where)
     if mapping["prompt"] is not None:
         prompt = _text(record.get(mapping["prompt"]), mapping["prompt"], where)
@@ -196,9 +186,7 @@ def _normalise(
         instruction = _text(record.get(mapping["instruction"]), mapping["instruction"], where)
         extra = record.get(mapping["input"]) if mapping["input"] else None
         if extra is not None and not isinstance(extra, str):
-            raise DataError(
-                f"{where}: column {mapping['input']!r} must be a string, got {type(extra).__name__}"
-            )
+            raise DataError(f"{where}: column {mapping['input']!r} must be a string, got {type(extra).__name__}")
         template = data.prompt_template if extra and extra.strip() else data.prompt_template_no_input
         prompt = template.format(instruction=instruction, input=extra or "")
     if mapping["id"] is not None:
@@ -264,7 +252,4 @@ def load_training_data(data: DataSpec) -> LoadedData:
 
 
 def load_eval_sets(data: DataSpec) -> dict[str, LoadedData]:
-    return {
-        name: load_source(source, data, label=f"data.eval_sets.{name}")
-        for name, source in data.eval_sets.items()
-    }
+    return {name: load_source(source, data, label=f"data.eval_sets.{name}") for name, source in data.eval_sets.items()}

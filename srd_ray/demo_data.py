@@ -86,10 +86,7 @@ def make_world(seed: int, countries: int) -> list[Fact]:
             "colour": rng.choice(_COLOURS),
             "animal": rng.choice(_ANIMALS),
         }
-        facts += [
-            Fact(country, relation, value, rng.randint(1, MAX_DIFFICULTY))
-            for relation, value in values.items()
-        ]
+        facts += [Fact(country, relation, value, rng.randint(1, MAX_DIFFICULTY)) for relation, value in values.items()]
     return facts
 
 
@@ -111,9 +108,7 @@ def generate_rows(facts: list[Fact], count: int, seed: int, weights: dict[int, i
     """``count`` question rows, each fact drawn with weight ``weights[difficulty]`` (repeats allowed)."""
     rng = random.Random(seed)
     fact_weights = [weights[f.difficulty] for f in facts]
-    return [
-        _row(fact, rng.randrange(PHRASINGS)) for fact in rng.choices(facts, weights=fact_weights, k=count)
-    ]
+    return [_row(fact, rng.randrange(PHRASINGS)) for fact in rng.choices(facts, weights=fact_weights, k=count)]
 
 
 def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:

@@ -27,14 +27,10 @@ from srd_ray.spec import GenerationSpec, ModelSpec
 
 
 class Engine(Protocol):
-    def generate(
-        self, prompts: list[str], settings: GenerationSpec, seed: int
-    ) -> tuple[list[str], list[bool]]:
+    def generate(self, prompts: list[str], settings: GenerationSpec, seed: int) -> tuple[list[str], list[bool]]:
         """Answers and, per prompt, whether it was left-truncated."""
 
-    def response_cross_entropy(
-        self, prompts: list[str], responses: list[str]
-    ) -> tuple[list[float], list[int]]:
+    def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> tuple[list[float], list[int]]:
         """Mean token cross-entropy of each response given its prompt, and its token count."""
 
 
@@ -57,9 +53,7 @@ class TransformersEngine:
         self.max_response_tokens = max_response_tokens
 
     @torch.inference_mode()
-    def generate(
-        self, prompts: list[str], settings: GenerationSpec, seed: int
-    ) -> tuple[list[str], list[bool]]:
+    def generate(self, prompts: list[str], settings: GenerationSpec, seed: int) -> tuple[list[str], list[bool]]:
         encoded = [encode_prompt(self.tokenizer, p, self.max_prompt_tokens) for p in prompts]
         width = max(len(e.ids) for e in encoded)
         pad = self.tokenizer.pad_token_id
@@ -85,9 +79,7 @@ class TransformersEngine:
         return [a.strip() for a in answers], [e.truncated for e in encoded]
 
     @torch.inference_mode()
-    def response_cross_entropy(
-        self, prompts: list[str], responses: list[str]
-    ) -> tuple[list[float], list[int]]:
+    def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> tuple[list[float], list[int]]:
         examples = [
             encode_example(self.tokenizer, p, r, self.max_prompt_tokens, self.max_response_tokens)
             for p, r in zip(prompts, responses, strict=True)

@@ -73,9 +73,7 @@ def expand_seeds(eval_sets: dict[str, pa.Table], seeds: list[int], max_examples:
 
 
 class EvalActor:
-    def __init__(
-        self, model: dict[str, Any], data: dict[str, Any], evaluate: dict[str, Any], engine: str
-    ) -> None:
+    def __init__(self, model: dict[str, Any], data: dict[str, Any], evaluate: dict[str, Any], engine: str) -> None:
         self.data = DataSpec.model_validate(data)
         self.evaluate = EvaluateSpec.model_validate(evaluate)
         self.engine = build_engine(
@@ -131,9 +129,7 @@ def run_evaluate(
     )
     predictions = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
     _check_complete(work, predictions)
-    predictions = predictions.sort_by(
-        [("eval_set", "ascending"), ("seed", "ascending"), ("example_id", "ascending")]
-    )
+    predictions = predictions.sort_by([("eval_set", "ascending"), ("seed", "ascending"), ("example_id", "ascending")])
     atomic.write_parquet(out_dir / "predictions.parquet", predictions)
     summary = summarize(predictions)
     atomic.write_json(out_dir / "summary.json", {"model": model.path, "sets": summary})

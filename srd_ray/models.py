@@ -26,13 +26,9 @@ def check_model_path(spec: ModelSpec, role: str) -> None:
     if not path.is_absolute():
         return  # a hub id (local paths are made absolute by the spec): from_pretrained reports problems
     if not path.is_dir():
-        raise ModelError(
-            f"models.{role}.path: {spec.path} does not exist (expected a save_pretrained folder)"
-        )
+        raise ModelError(f"models.{role}.path: {spec.path} does not exist (expected a save_pretrained folder)")
     if not (path / "config.json").exists():
-        raise ModelError(
-            f"models.{role}.path: {spec.path} has no config.json; is it a save_pretrained folder?"
-        )
+        raise ModelError(f"models.{role}.path: {spec.path} has no config.json; is it a save_pretrained folder?")
     if not any(path.glob("*.safetensors")):
         raise ModelError(
             f"models.{role}.path: {spec.path} has no *.safetensors weights (srd-ray loads safetensors only)"

@@ -100,9 +100,7 @@ class Run:
 
     @property
     def distilled_student(self) -> ModelSpec:
-        return self.spec.models.student.model_copy(
-            update={"path": str(self.run_dir.stage_dir("distill") / "model")}
-        )
+        return self.spec.models.student.model_copy(update={"path": str(self.run_dir.stage_dir("distill") / "model")})
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -250,9 +248,7 @@ def preflight(run: Run) -> None:
     _ = run.train, run.eval_sets  # load now: a bad row fails here, naming file and line
 
 
-def run_pipeline(
-    spec: JobSpec, stages: list[str] | None = None, redo: list[str] | None = None
-) -> dict[str, Any]:
+def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str] | None = None) -> dict[str, Any]:
     """Run the selected stages (default: all enabled) and return the manifest."""
     enabled = enabled_stages(spec)
     for stage in [*(stages or []), *(redo or [])]:
@@ -260,9 +256,7 @@ def run_pipeline(
             raise SpecError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     selected = [s for s in enabled if stages is None or s in stages]
     run = Run(spec=spec, run_dir=RunDirectory(spec), fingerprints=fingerprints(spec))
-    prepare_pending = "prepare" in enabled and not run.run_dir.is_complete(
-        "prepare", run.fingerprints["prepare"]
-    )
+    prepare_pending = "prepare" in enabled and not run.run_dir.is_complete("prepare", run.fingerprints["prepare"])
     if prepare_pending and "prepare" not in selected:
         raise SpecError("the prepare stage has not run yet: run without --stages, or add prepare to --stages")
     if not prepare_pending:

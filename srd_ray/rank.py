@@ -126,9 +126,7 @@ def run_rank(spec: RankSpec, scored: pa.Table, stage_dir: Path) -> dict[str, Any
             entry["rows"],
             entry["rouge_l"]["mean"],
             entry["student_ce"]["mean"],
-            f", true difficulty mean {entry['mean_true_difficulty']:.2f}"
-            if "mean_true_difficulty" in entry
-            else "",
+            f", true difficulty mean {entry['mean_true_difficulty']:.2f}" if "mean_true_difficulty" in entry else "",
         )
     return {
         "rows": ranked.num_rows,

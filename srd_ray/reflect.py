@@ -86,13 +86,9 @@ class ReflectActor:
         for index in sorted(set(batch["shard_index"].to_pylist())):
             started = time.perf_counter()
             rows = batch.filter(pc.equal(batch["shard_index"], index)).drop_columns(["shard_index"])
-            scored = score_table(
-                rows, self.engine, self.spec.reflect.generation, self.spec.reflect.batch_size
-            )
+            scored = score_table(rows, self.engine, self.spec.reflect.generation, self.spec.reflect.batch_size)
             atomic.write_parquet(shard_path(self.shards_dir, index), scored)
-            summaries.append(
-                {"shard_index": index, "rows": scored.num_rows, "seconds": time.perf_counter() - started}
-            )
+            summaries.append({"shard_index": index, "rows": scored.num_rows, "seconds": time.perf_counter() - started})
         return pa.Table.from_pylist(summaries)
 
 
@@ -117,9 +113,7 @@ def run_reflect(spec: JobSpec, table: pa.Table, stage_dir: Path) -> dict[str, An
     atomic.remove_partials(shards_dir)
     shards = split_into_shards(table, spec.reflect.shard_rows)
     todo = [s for s in shards if not shard_path(shards_dir, s["shard_index"][0].as_py()).exists()]
-    log.info(
-        "reflect: %d rows in %d shards, %d already done", table.num_rows, len(shards), len(shards) - len(todo)
-    )
+    log.info("reflect: %d rows in %d shards, %d already done", table.num_rows, len(shards), len(shards) - len(todo))
     if todo:
         dataset = ray.data.from_arrow(todo).map_batches(
             ReflectActor,

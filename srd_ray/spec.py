@@ -101,9 +101,7 @@ class FieldMapping(_Strict):
 
 
 class DataSourceSpec(_Strict):
-    path: PathOrHubId = Field(
-        min_length=1, description="JSONL or Parquet file, folder or glob; or a hub dataset id"
-    )
+    path: PathOrHubId = Field(min_length=1, description="JSONL or Parquet file, folder or glob; or a hub dataset id")
     format: Literal["auto", "jsonl", "parquet", "hub"] = "auto"
     split: str = "train"
     fields: FieldMapping = FieldMapping()
@@ -190,9 +188,7 @@ class RankSpec(_Strict):
     @model_validator(mode="after")
     def _keep_fits(self) -> RankSpec:
         if self.keep_buckets > self.num_buckets:
-            raise ValueError(
-                f"keep_buckets ({self.keep_buckets}) must be <= num_buckets ({self.num_buckets})"
-            )
+            raise ValueError(f"keep_buckets ({self.keep_buckets}) must be <= num_buckets ({self.num_buckets})")
         return self
 
 
@@ -334,9 +330,13 @@ def apply_override(raw: dict, override: str) -> None:
     parts = key.split(".")
     target = raw
     for part in parts[:-1]:
-        if isinstance(target, list) and part.isdigit():
+        if isinstance(target, list):
+            if not part.isdigit() or int(part) >= len(target):
+                raise SpecError(f"--set {override!r}: {part} is not an index of a {len(target)}-item list")
             target = target[int(part)]
             continue
+        if part.isdigit():
+            raise SpecError(f"--set {override!r}: the list is not in the spec file; set the whole list instead")
         target = target.setdefault(part, {})
         if not isinstance(target, dict | list):
             raise SpecError(f"--set {override!r}: {part} is not a section")
@@ -385,7 +385,8 @@ def format_validation_error(error: ValidationError, path: Path, root_node: yaml.
         line = _yaml_line(root_node, loc)
         where = f"{dotted} (line {line})" if line else dotted
         template = _MESSAGES.get(item["type"])
-        message = template.format(**item.get("ctx", {})) if template else item["msg"]
+        context = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in item.get("ctx", {}).items()}
+        message = template.format(**context) if template else item["msg"]
         if item["type"] == "value_error":
             message = item["msg"].removeprefix("Value error, ")
         shown = "" if item["type"] in ("missing", "value_error") else f", got {item['input']!r}"

@@ -137,9 +137,7 @@ def make_tiny_models(
                 batch_size=spec.pretrain_batch_size,
                 seed=seed + offset,
             )
-            log.info(
-                "pretrained tiny %s for %d steps, final loss %.3f", role, model_spec.pretrain_steps, loss
-            )
+            log.info("pretrained tiny %s for %d steps, final loss %.3f", role, model_spec.pretrain_steps, loss)
         target = Path(out_dir) / role
         with atomic.directory(target) as scratch:
             model.save_pretrained(scratch, safe_serialization=True)

@@ -55,9 +55,7 @@ def run_distill(
         # Materialised into the object store before training: the workers then pull blocks without
         # needing free CPUs for read tasks (on a small machine the workers hold them all).
         datasets = {
-            bucket_name(b): ray.data.read_parquet(
-                str(bucket_dir(rank_dir, b)), columns=TRAINING_COLUMNS
-            ).materialize()
+            bucket_name(b): ray.data.read_parquet(str(bucket_dir(rank_dir, b)), columns=TRAINING_COLUMNS).materialize()
             for b in used
         }
     summary = run_training(

@@ -62,9 +62,7 @@ def skew_kl(log_p: torch.Tensor, log_q: torch.Tensor, *, skew_alpha: float, **_:
     return _kl(log_p, _log_mixture(log_p, log_q, skew_alpha))
 
 
-def skew_reverse_kl(
-    log_p: torch.Tensor, log_q: torch.Tensor, *, skew_alpha: float, **_: float
-) -> torch.Tensor:
+def skew_reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, *, skew_alpha: float, **_: float) -> torch.Tensor:
     """srkl: m = (1−α)·p + α·q; KL(q‖m)  (DistiLLM's skew reverse KL)."""
     return _kl(log_q, _log_mixture(log_p, log_q, 1 - skew_alpha))
 

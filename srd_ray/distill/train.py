@@ -77,10 +77,7 @@ def plan_curriculum(spec: DistillSpec) -> list[StagePlan]:
     """SRD: stage s trains on buckets 0..s. none: every stage trains on all rows (the matched baseline)."""
     if spec.curriculum == "none":
         return [StagePlan(i, ("all",), stage) for i, stage in enumerate(spec.stages)]
-    return [
-        StagePlan(i, tuple(bucket_name(b) for b in range(i + 1)), stage)
-        for i, stage in enumerate(spec.stages)
-    ]
+    return [StagePlan(i, tuple(bucket_name(b) for b in range(i + 1)), stage) for i, stage in enumerate(spec.stages)]
 
 
 @dataclass
@@ -148,8 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     student_spec = ModelSpec.model_validate(config["student"])
     teacher_spec = ModelSpec.model_validate(config["teacher"]) if config["teacher"] else None
     plan = [
-        StagePlan(p["index"], tuple(p["datasets"]), StageSpec.model_validate(p["settings"]))
-        for p in config["plan"]
+        StagePlan(p["index"], tuple(p["datasets"]), StageSpec.model_validate(p["settings"])) for p in config["plan"]
     ]
     loss = LossSettings(**config["loss"])
     seed = config["seed"]
@@ -168,9 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_from = student_spec.model_copy(update={"path": resume["model_dir"]})
     student = load_model(start_from, device)
     if vocab_size > student.config.vocab_size:
-        raise ValueError(
-            f"tokenizer has {vocab_size} tokens but the model head only {student.config.vocab_size}"
-        )
+        raise ValueError(f"tokenizer has {vocab_size} tokens but the model head only {student.config.vocab_size}")
     teacher = None
     if teacher_spec is not None:
         check_same_tokenizer(load_tokenizer(teacher_spec), tokenizer)
@@ -219,9 +213,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         steps_per_epoch = math.ceil(micro_batches / training.gradient_accumulation_steps)
         total_steps = steps_per_epoch * settings.epochs
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=training.weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=total_steps, eta_min=training.min_lr
-        )
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=training.min_lr)
         first_epoch, first_step = 0, 0
         if resume and stage.index == resume["stage"] and (resume["epoch"], resume["next_step"]) != (0, 0):
             optimizer.load_state_dict(resume["optimizer"])
@@ -242,19 +234,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window_started, window_tokens = time.perf_counter(), 0.0
             for step_in_epoch in range(first_step if epoch == first_epoch else 0, len(step_groups)):
                 step_batches = [
-                    collate([pool[i] for i in batch], tokenizer.pad_token_id)
-                    for batch in step_groups[step_in_epoch]
+                    collate([pool[i] for i in batch], tokenizer.pad_token_id) for batch in step_groups[step_in_epoch]
                 ]
-                step_tokens = _all_reduce(
-                    sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in step_batches)
-                )
+                step_tokens = _all_reduce(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in step_batches))
                 ce_sum = kd_sum = 0.0
                 model.train()
                 for position, batch in enumerate(step_batches):
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    student_logits = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
+                    student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     teacher_logits = None
                     if teacher is not None and settings.kd_weight > 0:
                         with torch.no_grad():
@@ -267,11 +254,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     )  # fmt: skip
                     # DDP averages gradients over workers; multiplying by `world` turns that into a sum,
                     # so the step's gradient is the global token mean.
-                    total = (
-                        ((1 - settings.kd_weight) * sums.ce + settings.kd_weight * sums.kd)
-                        * world
-                        / step_tokens
-                    )
+                    total = ((1 - settings.kd_weight) * sums.ce + settings.kd_weight * sums.kd) * world / step_tokens
                     is_last = position == len(step_batches) - 1
                     with model.no_sync() if world > 1 and not is_last else contextlib.nullcontext():
                         total.backward()
@@ -319,9 +302,7 @@ def _unwrap(model: torch.nn.Module) -> Any:
     return model.module if hasattr(model, "module") else model
 
 
-def _report_checkpoint(
-    *, rank: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, state: dict
-) -> None:
+def _report_checkpoint(*, rank: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
     import ray.train
 
     metrics = {**state, "checkpoint": True}
@@ -347,9 +328,7 @@ def _load_resume_state(checkpoint: Any) -> dict[str, Any] | None:
         shutil.copytree(folder, local, dirs_exist_ok=True)
     state = torch.load(local / TRAINING_STATE, weights_only=False)
     state["model_dir"] = str(local)
-    log.info(
-        "resuming at stage %d, epoch %d, step %d in epoch", state["stage"], state["epoch"], state["next_step"]
-    )
+    log.info("resuming at stage %d, epoch %d, step %d in epoch", state["stage"], state["epoch"], state["next_step"])
     return state
 
 
@@ -388,8 +367,7 @@ def run_training(
             "student": student.model_dump(mode="json"),
             "teacher": teacher.model_dump(mode="json") if teacher else None,
             "plan": [
-                {"index": p.index, "datasets": list(p.datasets), "settings": p.settings.model_dump()}
-                for p in plan
+                {"index": p.index, "datasets": list(p.datasets), "settings": p.settings.model_dump()} for p in plan
             ],
             "loss": loss.__dict__,
             "seed": seed,

@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make quickstart` and `make test` (each installs first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+# Ray 2.60 turns token auth on for local clusters; our private local Ray binds to 127.0.0.1 only.
+export RAY_AUTH_MODE ?= disabled
+# No model or dataset hub is needed: models are built locally or given as paths.
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install quickstart test lint
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch==2.13.0 first: its CPU wheel installs offline here; GPU users install their CUDA torch instead.
+	$(PY) -m pip install -q torch==2.13.0 -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(VENV)/bin/srd run jobs/quickstart.yaml
+
+# pytest exits 5 when it collects nothing: treat that as a failure, never as a pass.
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$status
+
+lint: install
+	$(VENV)/bin/ruff check srd_ray tests && $(VENV)/bin/ruff format --check srd_ray tests

@@ -1,0 +1,119 @@
+"""Data loading: formats, stable example ids, and errors that name file and line."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from srd_ray.data import example_id_for, load_source
+from srd_ray.errors import DataError
+from srd_ray.spec import MINILLM_TEMPLATE_NO_INPUT, DataSourceSpec, DataSpec, FieldMapping
+
+from .conftest import shared_eval_file
+
+
+def load(path, **kwargs):
+    source_fields = kwargs.pop("fields", {})
+    data = DataSpec(train=DataSourceSpec(path=str(path), fields=FieldMapping(**source_fields)), **kwargs)
+    return load_source(data.train, data, label="data.train")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_minillm_dolly_format_from_shared_data():
+    loaded = load(shared_eval_file("dolly.jsonl"))
+    table = loaded.table
+    assert table.num_rows == 500
+    assert table["prompt"][0].as_py().endswith("### Response:\n")
+    assert table["references"][0].as_py() == [table["response"][0].as_py()]
+    assert "topic" in table.column_names  # passthrough columns survive
+    assert table["input_position"].to_pylist() == list(range(500))
+
+
+def test_list_references_in_sinst():
+    table = load(shared_eval_file("sinst.jsonl"), max_response_tokens=256).table
+    assert table.num_rows == 1694
+    assert all(isinstance(refs, list) and refs for refs in table["references"].to_pylist()[:50])
+
+
+def test_example_ids_are_stable_across_loads_and_formats(tmp_path):
+    rows = [{"prompt": f"question {i}\n### Response:\n", "output": f"answer {i}"} for i in range(5)]
+    first = load(write_jsonl(tmp_path / "a.jsonl", rows)).table
+    second = load(write_jsonl(tmp_path / "b.jsonl", rows)).table
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    third = load(tmp_path / "c.parquet").table
+    assert first["example_id"].to_pylist() == second["example_id"].to_pylist() == third["example_id"].to_pylist()
+    assert first["example_id"][0].as_py() == example_id_for(rows[0]["prompt"], [rows[0]["output"]])
+    assert len(set(first["example_id"].to_pylist())) == 5
+
+
+def test_id_column_and_plain_instruction_context_response(tmp_path):
+    rows = [
+        {"uid": 7, "instruction": "Name a colour.", "context": "", "response": "Blue."},
+        {"uid": 8, "instruction": "Summarise.", "context": "A long text.", "response": "Short."},
+    ]
+    table = load(write_jsonl(tmp_path / "dolly15k.jsonl", rows), fields={"id": "uid"}).table
+    assert table["example_id"].to_pylist() == ["7", "8"]
+    assert table["prompt"][0].as_py() == MINILLM_TEMPLATE_NO_INPUT.format(instruction="Name a colour.")
+    assert "### Input:\nA long text." in table["prompt"][1].as_py()
+
+
+def test_glob_reads_files_in_sorted_order(tmp_path):
+    write_jsonl(tmp_path / "part-1.jsonl", [{"prompt": "b", "output": "2"}])
+    write_jsonl(tmp_path / "part-0.jsonl", [{"prompt": "a", "output": "1"}])
+    table = load(tmp_path / "part-*.jsonl").table
+    assert table["prompt"].to_pylist() == ["a", "b"]
+    assert table["input_position"].to_pylist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b'{"prompt": "p", "output": "o"}\n{"prompt": "q", "output": ""}\n', "bad.jsonl:2: column 'output' is empty"),
+        (b'{"prompt": "p", "output": "o"}\n{"prompt": 3, "output": "x"}\n', "bad.jsonl:2: column 'prompt' is a int"),
+        (b'{"prompt": "p", "output": "o"}\n{"prompt": "\xff\xfe", "output": "x"}\n', "bad.jsonl:2: not UTF-8"),
+        (b'{"prompt": "p", "output": "o"}\n{"prompt": "p", "output": "o"}\n', "bad.jsonl:2: duplicate example_id"),
+        (b'{"prompt": "p", "output": "o"}\n{not json}\n', "bad.jsonl:2: invalid JSON"),
+        (b'{"prompt": "p", "answer": "o"}\n', "bad.jsonl:1: no response column"),
+        (b'{"prompt": "p", "output": []}\n', "bad.jsonl:1: column 'output' is an empty list"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tmp_path, content, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as caught:
+        load(path)
+    assert expected in str(caught.value)
+
+
+def test_missing_named_column_and_missing_file(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "p", "output": "o"}])
+    with pytest.raises(DataError, match=r"column 'answer' \(data.fields.response\) is missing"):
+        load(path, fields={"response": "answer"})
+    with pytest.raises(DataError, match="does not exist"):
+        load(tmp_path / "nope.jsonl")
+
+
+def test_truncated_parquet_is_a_clear_error(tmp_path):
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "output": "o"}] * 50), tmp_path / "t.parquet")
+    data = (tmp_path / "t.parquet").read_bytes()
+    (tmp_path / "t.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"t\.parquet: not a readable Parquet file"):
+        load(tmp_path / "t.parquet")
+
+
+def test_skip_mode_counts_and_lists_bad_rows(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(
+        b'{"prompt": "p", "output": "o"}\n{"prompt": "q", "output": " "}\n{"prompt": "r", "output": "x"}\n'
+    )
+    loaded = load(path, on_bad_row="skip")
+    assert loaded.table["prompt"].to_pylist() == ["p", "r"]
+    assert loaded.table["input_position"].to_pylist() == [0, 2]  # source positions, not renumbered
+    assert loaded.skipped == [{"where": f"{path}:2", "reason": "column 'output' is empty"}]

@@ -1,0 +1,139 @@
+"""End to end on the session's local Ray: a reduced quickstart, reruns, and bad input."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoModelForCausalLM
+
+from srd_ray.cli import main
+from srd_ray.errors import DataError
+from srd_ray.pipeline import run_pipeline
+from srd_ray.spec import load_spec
+
+REDUCED_QUICKSTART = """\
+run: {name: reduced, output_dir: OUT, seed: 0}
+ray: {num_cpus: 2}
+prepare:
+  demo_data: {train_rows: 160, heldout_rows: 24, pretrain_rows: 400, seed: 0}
+  tiny_models:
+    vocab_size: 400
+    teacher: {hidden_size: 48, num_layers: 2, num_heads: 4, pretrain_steps: 30}
+    student: {hidden_size: 32, num_layers: 1, num_heads: 4, pretrain_steps: 30}
+    pretrain_batch_size: 16
+models:
+  teacher: {path: "${run_dir}/prepare/teacher"}
+  student: {path: "${run_dir}/prepare/student"}
+data:
+  train: {path: "${run_dir}/prepare/demo_train.jsonl"}
+  eval_sets: {demo_heldout: "${run_dir}/prepare/demo_heldout.jsonl"}
+  max_response_tokens: 32
+teacher_sft: {enabled: true, epochs: 1, lr: 1.0e-3, num_workers: 1, batch_size: 16}
+reflect: {concurrency: 2, batch_size: 16, shard_rows: 50, generation: {max_new_tokens: 8}}
+distill:
+  num_workers: 2
+  batch_size: 8
+  log_every_steps: 2
+  stages:
+    - {epochs: 1, kd_weight: 0.8, temperature: 1.0, lr: 1.0e-3}
+    - {epochs: 1, kd_weight: 0.9, temperature: 1.5, lr: 1.0e-3}
+    - {epochs: 1, kd_weight: 1.0, temperature: 2.0, lr: 1.0e-3}
+evaluate: {seeds: [10, 20], batch_size: 16, generation: {max_new_tokens: 8}}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(textwrap.dedent(text).replace("OUT", str(tmp_path / "runs")))
+    return path
+
+
+@pytest.mark.slow
+def test_reduced_quickstart_end_to_end(tmp_path, ray_session):
+    spec = load_spec(write(tmp_path, REDUCED_QUICKSTART))
+    manifest = run_pipeline(spec)
+    run_dir = spec.run_dir
+    stages = manifest["stages"]
+    assert [s for s in stages if stages[s]["status"] == "complete"] == [
+        "prepare", "teacher_sft", "reflect", "rank", "distill", "evaluate",
+    ]  # fmt: skip
+    assert json.loads((run_dir / "run.json").read_text())["versions"]["ray"] == "2.60.0"
+
+    # Reflect: every input row scored exactly once, joined by example_id.
+    train_ids = {json.loads(line)["prompt"] for line in (run_dir / "prepare/demo_train.jsonl").read_text().splitlines()}
+    scored = pq.read_table(run_dir / "reflect/shards")
+    assert scored.num_rows == len(train_ids) == 160
+    assert len(set(scored["example_id"].to_pylist())) == 160
+    assert stages["reflect"]["summary"]["shards"] == 4
+
+    # Rank: 4 equal buckets with ranks 1..N; the last one is dropped from training.
+    rank = stages["rank"]["summary"]
+    assert [b["rows"] for b in rank["buckets"]] == [40, 40, 40, 40] and rank["dropped_rows"] == 40
+    ranked = pa.concat_tables([pq.read_table(path) for path in sorted((run_dir / "rank").glob("bucket=*/*.parquet"))])
+    assert sorted(ranked["difficulty_rank"].to_pylist()) == list(range(1, 161))
+
+    # Distill: 3 stages on 2 gloo workers; the student is saved in save_pretrained format and loads.
+    distill = stages["distill"]["summary"]
+    assert [s["stage"] for s in distill["stages"]] == [0, 1, 2]
+    # stage s trains on 40*(s+1) rows split over 2 workers at batch 8: 3 + 5 + 8 optimizer steps
+    assert distill["optimizer_steps"] == 16 and distill["tokens_seen"] > 0
+    assert any((run_dir / "distill/model").glob("*.safetensors"))
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "distill/model")
+    assert student.config.num_hidden_layers == 1
+
+    # Evaluate: teacher, student before and after, 2 seeds each, every prediction present.
+    evaluation = stages["evaluate"]["summary"]
+    assert set(evaluation) == {"teacher", "student_before", "student_after"}
+    assert evaluation["student_after"]["demo_heldout"]["seeds"] == [10, 20]
+    predictions = pq.read_table(run_dir / "evaluate/student_after/predictions.parquet")
+    assert predictions.num_rows == 2 * 24
+
+    # A rerun finds every stage complete and redoes nothing.
+    finished = {name: record["finished"] for name, record in stages.items()}
+    again = run_pipeline(load_spec(write(tmp_path, REDUCED_QUICKSTART)))
+    assert {name: record["finished"] for name, record in again["stages"].items()} == finished
+
+    # Changed rank settings: rank is stale and refuses to mix unless redone; redo reruns rank and after.
+    changed = load_spec(write(tmp_path, REDUCED_QUICKSTART), ["rank.k=10"])
+    with pytest.raises(Exception, match="--redo rank"):
+        run_pipeline(changed, stages=["rank"])
+    redone = run_pipeline(changed, stages=["rank"], redo=["rank"])
+    assert redone["stages"]["rank"]["summary"]["k"] == 10
+    assert "distill" not in redone["stages"]  # downstream outputs were removed with it
+
+
+def test_bad_data_fails_before_writing_anything(tmp_path, tiny_models, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "output": "b"}\n{"prompt": "c", "output": ""}\n')
+    spec_text = f"""\
+    run: {{name: bad, output_dir: {tmp_path / "runs"}}}
+    models:
+      teacher: {{path: {tiny_models["teacher"]}}}
+      student: {{path: {tiny_models["student"]}}}
+    data:
+      train: {{path: {data}}}
+    """
+    spec_path = tmp_path / "bad.yaml"
+    spec_path.write_text(textwrap.dedent(spec_text))
+    assert main(["run", str(spec_path)]) == 2
+    assert f"{data}:2: column 'output' is empty" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(DataError):
+        run_pipeline(load_spec(spec_path))
+
+
+def test_missing_model_fails_before_writing_anything(tmp_path, demo_data, capsys):
+    spec_path = tmp_path / "missing.yaml"
+    spec_path.write_text(
+        f"run: {{name: m, output_dir: {tmp_path / 'runs'}}}\n"
+        f"models: {{teacher: {{path: {tmp_path / 'no-teacher'}}}, student: {{path: {tmp_path / 'no-student'}}}}}\n"
+        f"data: {{train: {{path: {demo_data['train']}}}}}\n"
+    )
+    assert main(["run", str(spec_path)]) == 2
+    assert f"models.teacher.path: {tmp_path / 'no-teacher'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

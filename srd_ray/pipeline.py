@@ -31,13 +31,21 @@ log = logging.getLogger(__name__)
 STAGES = ("prepare", "teacher_sft", "reflect", "rank", "distill", "evaluate")
 
 # Spec sections each stage depends on (besides its upstream stages' fingerprints).
+_TRAINING_DATA = (
+    "data.train",
+    "data.prompt_template",
+    "data.prompt_template_no_input",
+    "data.max_prompt_tokens",
+    "data.max_response_tokens",
+    "data.on_bad_row",
+)
 _SECTIONS = {
     "prepare": ("prepare", "run.seed"),
-    "teacher_sft": ("teacher_sft", "models.teacher", "data.train", "data.max_prompt_tokens", "run.seed"),
-    "reflect": ("reflect", "models.student", "data"),
+    "teacher_sft": ("teacher_sft", "models.teacher", "run.seed", *_TRAINING_DATA),
+    "reflect": ("reflect", "models.student", *_TRAINING_DATA),
     "rank": ("rank",),
-    "distill": ("distill", "models", "data.max_prompt_tokens", "data.max_response_tokens", "run.seed"),
-    "evaluate": ("evaluate", "data.eval_sets", "models"),
+    "distill": ("distill", "models", "run.seed", *_TRAINING_DATA),
+    "evaluate": ("evaluate", "models", "data.eval_sets", "data.max_prompt_tokens", "reflect.engine"),
 }
 _UPSTREAM = {
     "prepare": (),

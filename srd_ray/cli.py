@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", type=_stage_list, help="comma-separated stages to run (default: all enabled)")
     run.add_argument("--redo", type=_stage_list, default=[], help="delete and rerun these stages and all after them")
 
+    rank = with_spec("rank", "run the rank stage alone on existing reflect output")
+    rank.add_argument("--redo", action="store_true", help="replace an existing rank stage (and what follows it)")
+
     tiny = commands.add_parser("make-tiny-models", help="build a tiny teacher/student pair with a local tokenizer")
     tiny.add_argument("out", type=Path)
     tiny.add_argument("--data", help="JSONL/Parquet to train the tokenizer on (default: generated demo data)")
@@ -82,7 +85,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     from srd_ray.pipeline import run_pipeline, summary_lines
 
-    manifest = run_pipeline(spec, stages=args.stages, redo=args.redo)
+    if args.command == "rank":
+        manifest = run_pipeline(spec, stages=["rank"], redo=["rank"] if args.redo else None)
+    else:
+        manifest = run_pipeline(spec, stages=args.stages, redo=args.redo)
     print("\n".join(summary_lines(manifest)))
     print(f"run directory: {spec.run_dir}")
     return 0

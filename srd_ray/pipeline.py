@@ -43,7 +43,7 @@ _SECTIONS = {
     "prepare": ("prepare", "run.seed"),
     "teacher_sft": ("teacher_sft", "models.teacher", "run.seed", *_TRAINING_DATA),
     "reflect": ("reflect", "models.student", *_TRAINING_DATA),
-    "rank": ("rank",),
+    "rank": ("rank", "run.seed"),
     "distill": ("distill", "models", "run.seed", *_TRAINING_DATA),
     "evaluate": ("evaluate", "models", "data.eval_sets", "data.max_prompt_tokens", "reflect.engine"),
 }
@@ -168,7 +168,7 @@ def _rank(run: Run) -> dict[str, Any]:
 
     scored = read_scored(run.run_dir.stage_dir("reflect"))
     with atomic.directory(run.run_dir.stage_dir("rank")) as scratch:
-        summary = run_rank(run.spec.rank, scored, scratch)
+        summary = run_rank(run.spec.rank, scored, scratch, seed=run.spec.run.seed)
         atomic.write_json(scratch / "manifest.json", summary)
     return summary
 

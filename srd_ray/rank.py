@@ -9,6 +9,10 @@ The algorithm of the SRD release, reproduced exactly (N rows, in input order):
 5. ``size = N // num_buckets``; bucket b holds difficulty ranks b*size+1 .. (b+1)*size, the last bucket
    also takes the remainder. Only the first ``keep_buckets`` buckets train.
 
+Variants for ablations: other ``signals`` (any of ``rouge_l``, ``student_ce``, ``teacher_ce``, each with
+its direction, fused in the listed order by the same chained stable sorts) and ``order``
+(``hard_to_easy`` or ``random`` curricula). The defaults reproduce the release.
+
 Core: :func:`rank_rows` (pure, numpy on Arrow). Driver: :func:`run_rank` writes ``bucket=<b>/`` Parquet
 folders and a manifest.
 """
@@ -29,23 +33,23 @@ from srd_ray.spec import RankSpec
 
 log = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("example_id", "input_position", "rouge_l", "student_ce")
-RANK_COLUMNS = ("rank_rouge", "rank_ce", "rrf_score", "difficulty_rank", "bucket")
+RANK_COLUMN = {"rouge_l": "rank_rouge", "student_ce": "rank_ce", "teacher_ce": "rank_teacher_ce"}
 
 
-def _validate(table: pa.Table, num_buckets: int) -> None:
-    missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
+def _validate(table: pa.Table, spec: RankSpec) -> None:
+    required = ["example_id", "input_position", *(signal.name for signal in spec.signals)]
+    missing = [name for name in required if name not in table.column_names]
     if missing:
         raise DataError(f"rank: scored rows lack column(s) {missing}; columns: {table.column_names}")
-    if table.num_rows < num_buckets:
-        raise DataError(f"rank: {table.num_rows} rows cannot fill rank.num_buckets={num_buckets} buckets")
-    for name in ("rouge_l", "student_ce"):
-        values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)
+    if table.num_rows < spec.num_buckets:
+        raise DataError(f"rank: {table.num_rows} rows cannot fill rank.num_buckets={spec.num_buckets} buckets")
+    for signal in spec.signals:
+        values = table[signal.name].to_numpy(zero_copy_only=False).astype(np.float64)
         bad = ~np.isfinite(values)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
             raise DataError(
-                f"rank: column {name} has {int(bad.sum())} NaN/infinite value(s), first at example_id "
+                f"rank: column {signal.name} has {int(bad.sum())} NaN/infinite value(s), first at example_id "
                 f"{table['example_id'][first].as_py()!r}"
             )
     ids = table["example_id"]
@@ -55,40 +59,47 @@ def _validate(table: pa.Table, num_buckets: int) -> None:
         raise DataError(f"rank: duplicate example_id {duplicate!r} in the scored rows")
 
 
-def rank_rows(table: pa.Table, spec: RankSpec) -> pa.Table:
-    """Return the rows sorted easy → hard with the rank columns added (see module docstring)."""
-    _validate(table, spec.num_buckets)
+def rank_rows(table: pa.Table, spec: RankSpec, seed: int = 0) -> pa.Table:
+    """Return the rows in curriculum order (easy → hard by default) with the rank columns added.
+
+    ``difficulty_rank`` is always the easy → hard position; ``bucket`` follows ``spec.order``
+    (``hard_to_easy`` and ``random``, seeded by ``seed``, are ablations)."""
+    _validate(table, spec)
     table = table.take(np.argsort(table["input_position"].to_numpy(), kind="stable"))
     n = table.num_rows
-    rouge = table["rouge_l"].to_numpy(zero_copy_only=False).astype(np.float64)
-    ce = table["student_ce"].to_numpy(zero_copy_only=False).astype(np.float64)
     positions = np.arange(1, n + 1, dtype=np.int64)
 
-    by_rouge = np.argsort(-rouge, kind="stable")
-    rank_rouge = np.empty(n, np.int64)
-    rank_rouge[by_rouge] = positions
+    # Each signal stable-sorts the previous signal's sorted list, so its ties keep that order.
+    current = np.arange(n)
+    rrf = np.zeros(n, np.float64)
+    rank_columns = {}
+    for signal in spec.signals:
+        values = table[signal.name].to_numpy(zero_copy_only=False).astype(np.float64)
+        key = -values if signal.easier_when == "higher" else values
+        current = current[np.argsort(key[current], kind="stable")]
+        rank = np.empty(n, np.int64)
+        rank[current] = positions
+        rank_columns[RANK_COLUMN[signal.name]] = rank
+        rrf += 1.0 / (spec.k + rank)
 
-    by_ce = by_rouge[np.argsort(ce[by_rouge], kind="stable")]
-    rank_ce = np.empty(n, np.int64)
-    rank_ce[by_ce] = positions
-
-    rrf = 1.0 / (spec.k + rank_rouge) + 1.0 / (spec.k + rank_ce)
-    easy_to_hard = by_ce[np.argsort(-rrf[by_ce], kind="stable")]
+    easy_to_hard = current[np.argsort(-rrf[current], kind="stable")]
     difficulty_rank = np.empty(n, np.int64)
     difficulty_rank[easy_to_hard] = positions
 
+    if spec.order == "hard_to_easy":
+        curriculum = easy_to_hard[::-1]
+    elif spec.order == "random":
+        curriculum = np.random.default_rng(seed).permutation(n)
+    else:
+        curriculum = easy_to_hard
     size = n // spec.num_buckets
-    bucket = np.minimum((difficulty_rank - 1) // size, spec.num_buckets - 1)
-    columns = {
-        "rank_rouge": rank_rouge,
-        "rank_ce": rank_ce,
-        "rrf_score": rrf,
-        "difficulty_rank": difficulty_rank,
-    }
+    bucket = np.empty(n, np.int32)
+    bucket[curriculum] = np.minimum(np.arange(n) // size, spec.num_buckets - 1)
+
+    columns = {**rank_columns, "rrf_score": rrf, "difficulty_rank": difficulty_rank, "bucket": bucket}
     for name, values in columns.items():
         table = table.append_column(name, pa.array(values))
-    table = table.append_column("bucket", pa.array(bucket.astype(np.int32)))
-    return table.take(easy_to_hard)
+    return table.take(curriculum)
 
 
 def bucket_summary(ranked: pa.Table, spec: RankSpec) -> list[dict[str, Any]]:
@@ -97,7 +108,9 @@ def bucket_summary(ranked: pa.Table, spec: RankSpec) -> list[dict[str, Any]]:
     for b in range(spec.num_buckets):
         rows = ranked.filter(pc.equal(ranked["bucket"], b))
         entry: dict[str, Any] = {"bucket": b, "rows": rows.num_rows, "kept": b < spec.keep_buckets}
-        for name in ("rouge_l", "student_ce", "rrf_score"):
+        for name in ("rouge_l", "student_ce", "teacher_ce", "rrf_score"):
+            if name not in rows.column_names:
+                continue
             low, high = pc.min_max(rows[name]).values()
             entry[name] = {"min": low.as_py(), "mean": pc.mean(rows[name]).as_py(), "max": high.as_py()}
         if "difficulty" in rows.column_names and pa.types.is_integer(rows["difficulty"].type):
@@ -110,10 +123,10 @@ def bucket_dir(stage_dir: Path, bucket: int) -> Path:
     return stage_dir / f"bucket={bucket}"
 
 
-def run_rank(spec: RankSpec, scored: pa.Table, stage_dir: Path) -> dict[str, Any]:
+def run_rank(spec: RankSpec, scored: pa.Table, stage_dir: Path, seed: int = 0) -> dict[str, Any]:
     """Rank ``scored`` and write one Parquet folder per bucket into ``stage_dir`` (created by the caller
     as an atomic scratch folder)."""
-    ranked = rank_rows(scored, spec)
+    ranked = rank_rows(scored, spec, seed)
     for b in range(spec.num_buckets):
         rows = ranked.filter(pc.equal(ranked["bucket"], b))
         atomic.write_parquet(bucket_dir(stage_dir, b) / "part-00000.parquet", rows)
@@ -131,6 +144,8 @@ def run_rank(spec: RankSpec, scored: pa.Table, stage_dir: Path) -> dict[str, Any
     return {
         "rows": ranked.num_rows,
         "k": spec.k,
+        "signals": [signal.model_dump() for signal in spec.signals],
+        "order": spec.order,
         "num_buckets": spec.num_buckets,
         "keep_buckets": spec.keep_buckets,
         "dropped_rows": sum(e["rows"] for e in buckets if not e["kept"]),

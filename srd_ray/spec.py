@@ -180,8 +180,23 @@ class ReflectSpec(_Strict):
     generation: GenerationSpec = GenerationSpec()
 
 
+class RankSignal(_Strict):
+    name: Literal["rouge_l", "student_ce", "teacher_ce"]
+    easier_when: Literal["higher", "lower"]
+
+
 class RankSpec(_Strict):
     k: Annotated[int, Field(ge=0)] = 60
+    # Fused in this order: each signal's stable sort starts from the previous signal's sorted list.
+    signals: list[RankSignal] = Field(
+        default_factory=lambda: [
+            RankSignal(name="rouge_l", easier_when="higher"),
+            RankSignal(name="student_ce", easier_when="lower"),
+        ],
+        min_length=1,
+    )
+    # Ablations: hard_to_easy reverses the curriculum; random ignores difficulty (seeded by run.seed).
+    order: Literal["easy_to_hard", "hard_to_easy", "random"] = "easy_to_hard"
     num_buckets: PositiveInt = 4
     keep_buckets: PositiveInt = 3
 

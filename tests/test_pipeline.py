@@ -102,9 +102,11 @@ def test_reduced_quickstart_end_to_end(tmp_path, ray_session):
     changed = load_spec(write(tmp_path, REDUCED_QUICKSTART), ["rank.k=10"])
     with pytest.raises(Exception, match="--redo rank"):
         run_pipeline(changed, stages=["rank"])
-    redone = run_pipeline(changed, stages=["rank"], redo=["rank"])
+    assert main(["rank", str(write(tmp_path, REDUCED_QUICKSTART)), "--set", "rank.k=10", "--redo"]) == 0
+    redone = json.loads((run_dir / "run.json").read_text())
     assert redone["stages"]["rank"]["summary"]["k"] == 10
     assert "distill" not in redone["stages"]  # downstream outputs were removed with it
+    assert not (run_dir / "distill").exists()
 
 
 def test_bad_data_fails_before_writing_anything(tmp_path, tiny_models, capsys):

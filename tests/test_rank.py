@@ -94,3 +94,42 @@ def test_bad_scores_are_clear_errors(table, spec, expected):
     with pytest.raises(DataError) as caught:
         rank_rows(table, spec)
     assert expected in str(caught.value)
+
+
+def test_hard_to_easy_and_random_orders_are_ablations_of_the_same_ranking():
+    table = scored([i / 10 for i in range(8)], [1.0 - i / 10 for i in range(8)])
+    easy = rank_rows(table, RankSpec(num_buckets=2, keep_buckets=1))
+    hard = rank_rows(table, RankSpec(num_buckets=2, keep_buckets=1, order="hard_to_easy"))
+    assert hard["example_id"].to_pylist() == easy["example_id"].to_pylist()[::-1]
+    assert hard["bucket"].to_pylist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert hard["difficulty_rank"].to_pylist() == [8, 7, 6, 5, 4, 3, 2, 1]  # still easy → hard ranks
+    random_a = rank_rows(table, RankSpec(num_buckets=2, keep_buckets=1, order="random"), seed=3)
+    random_b = rank_rows(table, RankSpec(num_buckets=2, keep_buckets=1, order="random"), seed=3)
+    assert random_a.to_pylist() == random_b.to_pylist()
+    assert sorted(random_a["example_id"].to_pylist()) == sorted(easy["example_id"].to_pylist())
+
+
+def test_custom_signals_and_direction():
+    table = scored([0.0] * 4, [0.4, 0.3, 0.2, 0.1]).append_column("teacher_ce", pa.array([0.1, 0.2, 0.3, 0.4]))
+    spec = RankSpec(signals=[{"name": "teacher_ce", "easier_when": "lower"}], num_buckets=1, keep_buckets=1)
+    ranked = rank_rows(table, spec)
+    assert ranked["example_id"].to_pylist() == ["e0", "e1", "e2", "e3"]
+    assert ranked["rank_teacher_ce"].to_pylist() == [1, 2, 3, 4] and "rank_ce" not in ranked.column_names
+    with pytest.raises(DataError, match=r"lack column\(s\) \['teacher_ce'\]"):
+        rank_rows(table.drop_columns(["teacher_ce"]), spec)
+
+
+def test_ranking_is_independent_of_shards_and_their_arrival_order():
+    """Reflect writes shards in whatever order actors finish; rank must not care."""
+    from srd_ray.reflect import split_into_shards
+
+    n = 103
+    rouge = [round((i * 37 % 11) / 10, 1) for i in range(n)]  # many ties, zeros included
+    ce = [round((i * 53 % 17) / 4, 2) for i in range(n)]
+    table = scored(rouge, ce)
+    spec = RankSpec()
+    reference = rank_rows(table, spec).to_pylist()
+    for shard_rows, arrival in ((10, [3, 0, 10, 7, 1, 2, 4, 5, 6, 8, 9]), (50, [2, 1, 0]), (103, [0])):
+        shards = [s.drop_columns(["shard_index"]) for s in split_into_shards(table, shard_rows)]
+        arrived = pa.concat_tables([shards[i] for i in arrival])
+        assert rank_rows(arrived, spec).to_pylist() == reference

@@ -38,7 +38,6 @@ _USUAL_NAMES = {
 @dataclass
 class LoadedData:
     table: pa.Table
-    files: list[str]
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -77,7 +76,7 @@ def load_source(source: DataSourceSpec, data: DataSpec, *, label: str) -> Loaded
             break
     if not rows:
         raise DataError(f"{label}: {source.path} has no usable rows ({len(skipped)} skipped)")
-    return LoadedData(table=_to_table(rows), files=files, skipped=skipped)
+    return LoadedData(table=_to_table(rows), skipped=skipped)
 
 
 def _resolve_files(source: DataSourceSpec, label: str) -> list[str]:

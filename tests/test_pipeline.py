@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from srd_ray.cli import main
-from srd_ray.errors import DataError
+from srd_ray.errors import DataError, RunDirError
 from srd_ray.pipeline import run_pipeline
 from srd_ray.spec import load_spec
 
@@ -100,7 +100,7 @@ def test_reduced_quickstart_end_to_end(tmp_path, ray_session):
 
     # Changed rank settings: rank is stale and refuses to mix unless redone; redo reruns rank and after.
     changed = load_spec(write(tmp_path, REDUCED_QUICKSTART), ["rank.k=10"])
-    with pytest.raises(Exception, match="--redo rank"):
+    with pytest.raises(RunDirError, match="--redo rank"):
         run_pipeline(changed, stages=["rank"])
     assert main(["rank", str(write(tmp_path, REDUCED_QUICKSTART)), "--set", "rank.k=10", "--redo"]) == 0
     redone = json.loads((run_dir / "run.json").read_text())

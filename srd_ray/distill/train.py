@@ -122,11 +122,12 @@ def micro_batch_sums(
     return StepSums(ce=ce, kd=kd, tokens=int(mask.sum()))
 
 
-def _all_reduce(value: float, op: Any = None) -> float:
+def _all_reduce(value: float, *, minimum: bool = False) -> float:
+    """Sum (or minimum) of ``value`` over all workers; the value itself when not distributed."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
     tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN if minimum else dist.ReduceOp.SUM)
     return float(tensor.item())
 
 
@@ -206,7 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         settings = stage.settings
         pool = [example for name in stage.datasets for example in examples_of(name)]
         # Equal step counts on every worker: DDP all-reduce and ray.train.report are barriers.
-        usable = int(_all_reduce(len(pool), dist.ReduceOp.MIN if dist.is_initialized() else None))
+        usable = int(_all_reduce(len(pool), minimum=True))
         if usable == 0:
             raise ValueError(f"stage {stage.index} has no training rows on some worker ({stage.datasets})")
         micro_batches = math.ceil(usable / training.batch_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -96,7 +97,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _make_tiny_models(args: argparse.Namespace) -> int:
     from srd_ray.data import load_source
-    from srd_ray.demo_data import generate_rows
+    from srd_ray.demo_data import write_demo_data
     from srd_ray.spec import DataSourceSpec, DataSpec, TinyModelsSpec
     from srd_ray.tiny_models import make_tiny_models
 
@@ -105,7 +106,9 @@ def _make_tiny_models(args: argparse.Namespace) -> int:
         table = load_source(data.train, data, label="--data").table
         texts = [p + r for p, r in zip(table["prompt"].to_pylist(), table["response"].to_pylist(), strict=True)]
     else:
-        texts = [row["prompt"] + row["output"] for row in generate_rows(2000, args.seed)]
+        demo = write_demo_data(args.out / "demo_data", train_rows=2000, heldout_rows=1, pretrain_rows=1, seed=args.seed)
+        rows = [json.loads(line) for line in Path(demo["train"]).read_text().splitlines()]
+        texts = [row["prompt"] + row["output"] for row in rows]
     spec = TinyModelsSpec()
     spec = spec.model_copy(update={"student": spec.student.model_copy(update={"pretrain_steps": args.pretrain_steps})})
     paths = make_tiny_models(args.out, spec, texts, texts, seed=args.seed)

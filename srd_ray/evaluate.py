@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from srd_ray import atomic
-from srd_ray.engines import batch_seed, build_engine
+from srd_ray.engines import build_engine, row_seed
+from srd_ray.ray_errors import reraise_srd_error
 from srd_ray.scoring import exact_match, rouge_l
-from srd_ray.spec import DataSpec, EvaluateSpec, ModelSpec
+from srd_ray.spec import DataSpec, EvaluateSpec, ModelSpec, VllmSpec
 
 log = logging.getLogger(__name__)
 
@@ -73,38 +74,33 @@ def expand_seeds(eval_sets: dict[str, pa.Table], seeds: list[int], max_examples:
 
 
 class EvalActor:
-    def __init__(self, model: dict[str, Any], data: dict[str, Any], evaluate: dict[str, Any], engine: str) -> None:
-        self.data = DataSpec.model_validate(data)
+    def __init__(self, model: dict[str, Any], data: dict[str, Any], evaluate: dict[str, Any], engine: dict) -> None:
         self.evaluate = EvaluateSpec.model_validate(evaluate)
         self.engine = build_engine(
-            engine,
+            engine["name"],
             ModelSpec.model_validate(model),
-            max_prompt_tokens=self.data.max_prompt_tokens,
-            max_response_tokens=self.data.max_response_tokens,
+            DataSpec.model_validate(data),
+            max_new_tokens=self.evaluate.generation.max_new_tokens,
+            batch_size=self.evaluate.batch_size,
             num_gpus=self.evaluate.num_gpus_per_actor,
+            vllm=VllmSpec.model_validate(engine["vllm"]),
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        generation = self.evaluate.generation
-        parts = []
-        # Rows of one batch may span seeds; each seed's rows are sampled with that seed.
-        for seed in sorted(set(batch["seed"].to_pylist())):
-            rows = batch.filter(pc.equal(batch["seed"], seed))
-            predictions: list[str] = []
-            for start in range(0, rows.num_rows, self.evaluate.batch_size):
-                chunk = rows.slice(start, self.evaluate.batch_size)
-                answers, _ = self.engine.generate(
-                    chunk["prompt"].to_pylist(), generation, batch_seed(seed, chunk["example_id"][0].as_py())
-                )
-                predictions += answers
-            parts.append(rows.append_column("prediction", pa.array(predictions, pa.string())))
-        return score_predictions(pa.concat_tables(parts))
+        # A sample's seed comes from (run seed, example): the same example gets the same sample wherever
+        # and with whatever neighbours it runs.
+        seeds = [
+            row_seed(s, e) for s, e in zip(batch["seed"].to_pylist(), batch["example_id"].to_pylist(), strict=True)
+        ]
+        answers = self.engine.generate(batch["prompt"].to_pylist(), self.evaluate.generation, seeds)
+        return score_predictions(batch.append_column("prediction", pa.array(answers.texts, pa.string())))
 
 
 def run_evaluate(
     spec_evaluate: EvaluateSpec,
     data: DataSpec,
     engine: str,
+    vllm: VllmSpec,
     model: ModelSpec,
     eval_sets: dict[str, pa.Table],
     out_dir: Path,
@@ -119,7 +115,7 @@ def run_evaluate(
             "model": model.model_dump(mode="json"),
             "data": data.model_dump(mode="json"),
             "evaluate": spec_evaluate.model_dump(mode="json"),
-            "engine": engine,
+            "engine": {"name": engine, "vllm": vllm.model_dump(mode="json")},
         },
         batch_size=spec_evaluate.batch_size * 4,
         batch_format="pyarrow",
@@ -127,7 +123,8 @@ def run_evaluate(
         num_cpus=spec_evaluate.num_cpus_per_actor,
         num_gpus=spec_evaluate.num_gpus_per_actor,
     )
-    predictions = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
+    with reraise_srd_error():
+        predictions = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
     _check_complete(work, predictions)
     predictions = predictions.sort_by([("eval_set", "ascending"), ("seed", "ascending"), ("example_id", "ascending")])
     atomic.write_parquet(out_dir / "predictions.parquet", predictions)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from srd_ray.errors import ModelError
 from srd_ray.spec import ModelSpec
@@ -58,6 +58,15 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> PreTraine
     except Exception as error:  # see load_tokenizer
         raise ModelError(f"cannot load model from {spec.path}: {error}") from None
     return model.to(device)
+
+
+def model_context_length(spec: ModelSpec) -> int | None:
+    """Positions the model was built for (``max_position_embeddings``), or None if its config has none."""
+    try:
+        config = AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+    except Exception as error:  # see load_tokenizer
+        raise ModelError(f"cannot load model config from {spec.path}: {error}") from None
+    return getattr(config, "max_position_embeddings", None)
 
 
 def pick_device(num_gpus: float) -> torch.device:

@@ -19,8 +19,9 @@ from typing import Any
 import pyarrow as pa
 
 from srd_ray import atomic
-from srd_ray.data import LoadedData, load_eval_sets, load_training_data
+from srd_ray.data import LoadedData, drop_long_prompts, load_eval_sets, load_training_data
 from srd_ray.demo_data import write_demo_data
+from srd_ray.engines import check_context, resolve_engine
 from srd_ray.errors import SpecError
 from srd_ray.models import check_model_path, check_same_tokenizer, load_tokenizer
 from srd_ray.run_dir import RunDirectory
@@ -38,6 +39,7 @@ _TRAINING_DATA = (
     "data.max_prompt_tokens",
     "data.max_response_tokens",
     "data.on_bad_row",
+    "data.truncate_long_prompts",
 )
 _SECTIONS = {
     "prepare": ("prepare", "run.seed"),
@@ -45,7 +47,7 @@ _SECTIONS = {
     "reflect": ("reflect", "models.student", *_TRAINING_DATA),
     "rank": ("rank", "run.seed"),
     "distill": ("distill", "models", "run.seed", *_TRAINING_DATA),
-    "evaluate": ("evaluate", "models", "data.eval_sets", "data.max_prompt_tokens", "reflect.engine"),
+    "evaluate": ("evaluate", "models", "data.eval_sets", "data.max_prompt_tokens", "reflect.engine", "reflect.vllm"),
 }
 _UPSTREAM = {
     "prepare": (),
@@ -91,11 +93,19 @@ class Run:
 
     @cached_property
     def train(self) -> LoadedData:
-        return load_training_data(self.spec.data)
+        return self._checked(load_training_data(self.spec.data))
 
     @cached_property
     def eval_sets(self) -> dict[str, LoadedData]:
-        return load_eval_sets(self.spec.data)
+        return {name: self._checked(loaded) for name, loaded in load_eval_sets(self.spec.data).items()}
+
+    def _checked(self, loaded: LoadedData) -> LoadedData:
+        if self.spec.data.truncate_long_prompts:
+            return loaded
+        tokenizer = load_tokenizer(self.spec.models.student)
+        return drop_long_prompts(
+            loaded, self.spec.data, lambda prompts: [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+        )
 
     @property
     def teacher(self) -> ModelSpec:
@@ -157,7 +167,13 @@ def _teacher_sft(run: Run) -> dict[str, Any]:
 def _reflect(run: Run) -> dict[str, Any]:
     from srd_ray.reflect import run_reflect
 
-    summary = run_reflect(run.spec, run.train.table, run.run_dir.stage_dir("reflect"))
+    summary = run_reflect(
+        run.spec,
+        run.train.table,
+        run.run_dir.stage_dir("reflect"),
+        engine=resolve_engine(run.spec.reflect.engine),
+        teacher=run.teacher if run.spec.reflect.teacher_ce else None,
+    )
     summary["skipped_rows"] = run.train.skipped
     return summary
 
@@ -204,8 +220,9 @@ def _evaluate(run: Run) -> dict[str, Any]:
             results[label] = json.loads((out / "summary.json").read_text())["sets"]
             continue
         log.info("evaluate: %s (%s)", label, models[label].path)
+        engine = resolve_engine(run.spec.reflect.engine)
         results[label] = run_evaluate(
-            run.spec.evaluate, run.spec.data, run.spec.reflect.engine, models[label], eval_tables, out
+            run.spec.evaluate, run.spec.data, engine, run.spec.reflect.vllm, models[label], eval_tables, out
         )
     return results
 
@@ -237,8 +254,11 @@ def fingerprints(spec: JobSpec) -> dict[str, str]:
     result: dict[str, str] = {}
     active = set(enabled_stages(spec))
     for stage in STAGES:
-        upstream = [result[u] for u in _UPSTREAM[stage] if u in active]
-        result[stage] = spec.section_fingerprint(*_SECTIONS[stage]) + ":" + ",".join(upstream)
+        sections, upstream_stages = _SECTIONS[stage], _UPSTREAM[stage]
+        if stage == "reflect" and spec.reflect.teacher_ce:  # scores the (fine-tuned) teacher too
+            sections, upstream_stages = (*sections, "models.teacher"), (*upstream_stages, "teacher_sft")
+        upstream = [result[u] for u in upstream_stages if u in active]
+        result[stage] = spec.section_fingerprint(*sections) + ":" + ",".join(upstream)
     return result
 
 
@@ -253,6 +273,9 @@ def preflight(run: Run) -> None:
             check_model_path(model, role)
     if not produced:
         check_same_tokenizer(load_tokenizer(run.spec.models.teacher), load_tokenizer(run.spec.models.student))
+    resolve_engine(run.spec.reflect.engine)
+    check_context(run.spec.models.student, run.spec.data, run.spec.reflect.generation.max_new_tokens)
+    check_context(run.spec.models.teacher, run.spec.data, run.spec.evaluate.generation.max_new_tokens)
     _ = run.train, run.eval_sets  # load now: a bad row fails here, naming file and line
 
 

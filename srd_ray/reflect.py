@@ -1,18 +1,21 @@
 """Reflect: the untrained student answers every training prompt and each pair is scored.
 
-Two difficulty signals per (prompt, reference) pair:
+Signals per (prompt, reference) pair:
 - ``rouge_l``: ROUGE-L F (stemmed) of the student's near-greedy answer against the reference(s); higher
   means easier;
 - ``student_ce``: the student's mean token cross-entropy on the reference response, teacher-forced,
-  response tokens only; lower means easier.
+  response tokens only; lower means easier;
+- ``teacher_ce`` (with ``reflect.teacher_ce``): the same for the teacher, for ranking variants.
 
 Core: :func:`score_table` (Arrow in, Arrow out, any engine). Driver: :func:`run_reflect` splits the input
-into fixed shards by input position, scores them on a Ray Data actor pool, and each actor writes its
-shard atomically, so an interrupted job resumes with the shards it has not finished.
+into fixed shards by input position and scores them on a Ray Data actor pool; each actor writes its shard
+atomically with the settings that made it in the Parquet schema metadata, so an interrupted job resumes
+with the shards it has not finished and never mixes shards made with other settings.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -23,43 +26,78 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from srd_ray import atomic
-from srd_ray.engines import Engine, batch_seed, build_engine
+from srd_ray.engines import Engine, build_engine, row_seed
+from srd_ray.errors import DataError, RunDirError
+from srd_ray.ray_errors import reraise_srd_error
 from srd_ray.scoring import rouge_l
-from srd_ray.spec import GenerationSpec, JobSpec
+from srd_ray.spec import GenerationSpec, JobSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
+INPUT_FIELDS = [
+    pa.field("example_id", pa.string()),
+    pa.field("input_position", pa.int64()),
+    pa.field("prompt", pa.string()),
+    pa.field("references", pa.list_(pa.string())),
+    pa.field("response", pa.string()),
+]
 SIGNAL_FIELDS = [
     pa.field("student_answer", pa.string()),
     pa.field("rouge_l", pa.float64()),
     pa.field("student_ce", pa.float64()),
+    pa.field("teacher_ce", pa.float64()),  # null unless reflect.teacher_ce
     pa.field("response_tokens", pa.int32()),
+    pa.field("generated_tokens", pa.int32()),
     pa.field("prompt_truncated", pa.bool_()),
 ]
+SETTINGS_KEY = b"srd_ray.reflect"
 
 
-def score_table(rows: pa.Table, engine: Engine, generation: GenerationSpec, batch_size: int) -> pa.Table:
-    """Add the student's answer and both difficulty signals to every row (order kept)."""
-    answers: list[str] = []
-    truncated: list[bool] = []
-    ces: list[float] = []
-    counts: list[int] = []
-    for start in range(0, rows.num_rows, batch_size):
-        batch = rows.slice(start, batch_size)
-        prompts = batch["prompt"].to_pylist()
-        seed = batch_seed(generation.seed, batch["example_id"][0].as_py())
-        batch_answers, batch_truncated = engine.generate(prompts, generation, seed)
-        batch_ces, batch_counts = engine.response_cross_entropy(prompts, batch["response"].to_pylist())
-        answers += batch_answers
-        truncated += batch_truncated
-        ces += batch_ces
-        counts += batch_counts
+def score_table(rows: pa.Table, engine: Engine, generation: GenerationSpec, teacher: Engine | None = None) -> pa.Table:
+    """Add the student's answer and the difficulty signals to every row (order kept)."""
+    prompts = rows["prompt"].to_pylist()
+    responses = rows["response"].to_pylist()
+    seeds = [row_seed(generation.seed, example_id) for example_id in rows["example_id"].to_pylist()]
+    answers = engine.generate(prompts, generation, seeds)
+    student = engine.response_cross_entropy(prompts, responses)
+    teacher_ce = teacher.response_cross_entropy(prompts, responses).mean if teacher else [None] * rows.num_rows
     references = rows["references"].to_pylist()
-    scores = [rouge_l(answer, refs) for answer, refs in zip(answers, references, strict=True)]
-    signals = [answers, scores, ces, counts, truncated]
+    scores = [rouge_l(answer, refs) for answer, refs in zip(answers.texts, references, strict=True)]
+    signals = [
+        answers.texts,
+        scores,
+        student.mean,
+        teacher_ce,
+        student.tokens,
+        answers.generated_tokens,
+        answers.prompt_truncated,
+    ]
     for field, values in zip(SIGNAL_FIELDS, signals, strict=True):
         rows = rows.append_column(field, pa.array(values, field.type))
     return rows
+
+
+def shard_schema(rows: pa.Table, settings: dict[str, Any]) -> pa.Schema:
+    """The fixed input and signal columns first, then the data's passthrough columns, plus the settings."""
+    fixed = {field.name for field in INPUT_FIELDS + SIGNAL_FIELDS}
+    passthrough = [field for field in rows.schema if field.name not in fixed]
+    return pa.schema(
+        INPUT_FIELDS + SIGNAL_FIELDS + passthrough, metadata={SETTINGS_KEY: json.dumps(settings, sort_keys=True)}
+    )
+
+
+def reflect_settings(spec: JobSpec, engine: str, teacher: ModelSpec | None) -> dict[str, Any]:
+    """Everything that determines a shard's scores: shards made with other settings must not be mixed."""
+    return {
+        "engine": engine,
+        "student": spec.models.student.model_dump(mode="json"),
+        "teacher": teacher.model_dump(mode="json") if teacher else None,
+        "generation": spec.reflect.generation.model_dump(mode="json"),
+        "max_prompt_tokens": spec.data.max_prompt_tokens,
+        "max_response_tokens": spec.data.max_response_tokens,
+        # vLLM has no such option; both engines apply it with the same rule (see srd_ray.engines).
+        "no_repeat_ngram": "ban on prompt + answer n-grams, applied as a logits processor",
+    }
 
 
 def shard_path(shards_dir: Path, index: int) -> Path:
@@ -67,18 +105,25 @@ def shard_path(shards_dir: Path, index: int) -> Path:
 
 
 class ReflectActor:
-    """One engine per actor; each call scores whole shards and writes them (idempotent on retry)."""
+    """Engines are loaded once per actor; each call scores whole shards and writes them (idempotent)."""
 
-    def __init__(self, spec_payload: dict[str, Any], shards_dir: str) -> None:
+    def __init__(self, spec_payload: dict[str, Any], settings: dict[str, Any], shards_dir: str) -> None:
         self.spec = JobSpec.model_validate(spec_payload)
+        self.settings = settings
         self.shards_dir = Path(shards_dir)
-        self.engine = build_engine(
-            self.spec.reflect.engine,
-            self.spec.models.student,
-            max_prompt_tokens=self.spec.data.max_prompt_tokens,
-            max_response_tokens=self.spec.data.max_response_tokens,
-            num_gpus=self.spec.reflect.num_gpus_per_actor,
-        )
+        reflect = self.spec.reflect
+        engine_options = {
+            "max_new_tokens": reflect.generation.max_new_tokens,
+            "batch_size": reflect.batch_size,
+            "num_gpus": reflect.num_gpus_per_actor,
+            "vllm": reflect.vllm,
+        }
+        self.engine = build_engine(settings["engine"], self.spec.models.student, self.spec.data, **engine_options)
+        self.teacher = None
+        if settings["teacher"]:
+            # Teacher CE needs a forward pass only: transformers does that well on any device.
+            teacher = ModelSpec.model_validate(settings["teacher"])
+            self.teacher = build_engine("transformers", teacher, self.spec.data, **engine_options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         summaries = []
@@ -86,9 +131,18 @@ class ReflectActor:
         for index in sorted(set(batch["shard_index"].to_pylist())):
             started = time.perf_counter()
             rows = batch.filter(pc.equal(batch["shard_index"], index)).drop_columns(["shard_index"])
-            scored = score_table(rows, self.engine, self.spec.reflect.generation, self.spec.reflect.batch_size)
+            scored = score_table(rows, self.engine, self.spec.reflect.generation, self.teacher)
+            schema = shard_schema(scored, self.settings)
+            scored = scored.select(schema.names).cast(schema)
             atomic.write_parquet(shard_path(self.shards_dir, index), scored)
-            summaries.append({"shard_index": index, "rows": scored.num_rows, "seconds": time.perf_counter() - started})
+            summaries.append(
+                {
+                    "shard_index": index,
+                    "rows": scored.num_rows,
+                    "generated_tokens": pc.sum(scored["generated_tokens"]).as_py() or 0,
+                    "seconds": time.perf_counter() - started,
+                }
+            )
         return pa.Table.from_pylist(summaries)
 
 
@@ -104,21 +158,51 @@ def split_into_shards(table: pa.Table, shard_rows: int) -> list[pa.Table]:
     ]
 
 
-def run_reflect(spec: JobSpec, table: pa.Table, stage_dir: Path) -> dict[str, Any]:
-    """Score every row of ``table`` into ``stage_dir/shards``; skips shards already written."""
+def check_existing_shard(path: Path, settings: dict[str, Any]) -> None:
+    """A finished shard is reused only if it is readable and was made with exactly these settings."""
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataError(f"{path}: unreadable reflect shard ({error}); delete it and rerun to recompute it") from None
+    made_with = json.loads((schema.metadata or {}).get(SETTINGS_KEY, b"{}"))
+    if made_with != settings:
+        changed = sorted(key for key in settings.keys() | made_with.keys() if settings.get(key) != made_with.get(key))
+        raise RunDirError(
+            f"{path} was made with other reflect settings ({', '.join(changed)} differ); rerun with "
+            "--redo reflect to replace every shard, or use another run.name"
+        )
+
+
+def run_reflect(
+    spec: JobSpec, table: pa.Table, stage_dir: Path, *, engine: str, teacher: ModelSpec | None
+) -> dict[str, Any]:
+    """Score every row of ``table`` into ``stage_dir/shards``; reuses shards already written."""
     import ray
 
+    started = time.perf_counter()
+    settings = reflect_settings(spec, engine, teacher)
     shards_dir = stage_dir / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     atomic.remove_partials(shards_dir)
     shards = split_into_shards(table, spec.reflect.shard_rows)
-    todo = [s for s in shards if not shard_path(shards_dir, s["shard_index"][0].as_py()).exists()]
-    log.info("reflect: %d rows in %d shards, %d already done", table.num_rows, len(shards), len(shards) - len(todo))
+    todo = []
+    for shard in shards:
+        path = shard_path(shards_dir, shard["shard_index"][0].as_py())
+        if path.exists():
+            check_existing_shard(path, settings)
+        else:
+            todo.append(shard)
+    log.info(
+        "reflect: %d rows in %d shards, %d already done; engine %s", table.num_rows, len(shards),
+        len(shards) - len(todo), engine,
+    )  # fmt: skip
+    progress = {"rows": 0, "generated_tokens": 0}
     if todo:
         dataset = ray.data.from_arrow(todo).map_batches(
             ReflectActor,
             fn_constructor_kwargs={
                 "spec_payload": spec.model_dump(mode="json"),
+                "settings": settings,
                 "shards_dir": str(shards_dir),
             },
             batch_size=None,
@@ -127,32 +211,67 @@ def run_reflect(spec: JobSpec, table: pa.Table, stage_dir: Path) -> dict[str, An
             num_cpus=spec.reflect.num_cpus_per_actor,
             num_gpus=spec.reflect.num_gpus_per_actor,
         )
-        _follow_progress(dataset, total_rows=sum(s.num_rows for s in todo))
+        with reraise_srd_error():
+            progress = _follow_progress(dataset, total_rows=sum(s.num_rows for s in todo))
     scored = read_scored(stage_dir)
-    missing = set(table["example_id"].to_pylist()) - set(scored["example_id"].to_pylist())
-    if missing or scored.num_rows != table.num_rows:
-        raise RuntimeError(f"reflect: {len(missing)} rows missing after scoring; rerun to finish them")
+    check_complete(table, scored)
+    wall = time.perf_counter() - started
     return {
         "rows": scored.num_rows,
         "shards": len(shards),
-        "engine": spec.reflect.engine,
-        "student": spec.models.student.path,
-        "generation": spec.reflect.generation.model_dump(),
+        "shards_reused": len(shards) - len(todo),
+        "rows_scored": progress["rows"],
+        "generated_tokens": progress["generated_tokens"],
+        "rows_per_s": round(progress["rows"] / wall, 2),
+        "generated_tokens_per_s": round(progress["generated_tokens"] / wall, 1),
+        **settings,
+        "engine_version": _engine_version(engine),
         "mean_rouge_l": pc.mean(scored["rouge_l"]).as_py(),
         "mean_student_ce": pc.mean(scored["student_ce"]).as_py(),
+        "mean_teacher_ce": pc.mean(scored["teacher_ce"]).as_py(),
         "prompts_truncated": pc.sum(scored["prompt_truncated"]).as_py(),
     }
 
 
-def _follow_progress(dataset: Any, total_rows: int) -> None:
+def _engine_version(engine: str) -> str:
+    from importlib import metadata
+
+    for package in (engine, f"{engine}-cpu"):
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _follow_progress(dataset: Any, total_rows: int) -> dict[str, int]:
+    """One log line per finished shard: rows done, rows/s, generated tokens/s and ETA."""
     started = time.perf_counter()
-    done = 0
+    done = {"rows": 0, "generated_tokens": 0}
     for summary in dataset.iter_rows():
-        done += summary["rows"]
+        done["rows"] += summary["rows"]
+        done["generated_tokens"] += summary["generated_tokens"]
         elapsed = time.perf_counter() - started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (total_rows - done) / rate if rate > 0 else float("inf")
-        log.info("reflect: %d/%d rows, %.1f rows/s, ETA %.0fs", done, total_rows, rate, eta)
+        rate = done["rows"] / elapsed if elapsed > 0 else 0.0
+        eta = (total_rows - done["rows"]) / rate if rate > 0 else float("inf")
+        log.info(
+            "reflect: %d/%d rows, %.1f rows/s, %.0f generated tokens/s, ETA %.0fs",
+            done["rows"], total_rows, rate, done["generated_tokens"] / elapsed, eta,
+        )  # fmt: skip
+    return done
+
+
+def check_complete(table: pa.Table, scored: pa.Table) -> None:
+    """Every input example_id scored exactly once: nothing lost, nothing duplicated, nothing foreign."""
+    expected = set(table["example_id"].to_pylist())
+    got = scored["example_id"].to_pylist()
+    duplicates = scored.num_rows - len(set(got))
+    missing, extra = expected - set(got), set(got) - expected
+    if missing or extra or duplicates:
+        raise DataError(
+            f"reflect shards hold {scored.num_rows} rows for {len(expected)} inputs: {len(missing)} missing, "
+            f"{len(extra)} not in the input, {duplicates} duplicated; rerun with --redo reflect"
+        )
 
 
 def read_scored(stage_dir: Path) -> pa.Table:
@@ -160,4 +279,10 @@ def read_scored(stage_dir: Path) -> pa.Table:
     shards = sorted((stage_dir / "shards").glob("shard-*.parquet"))
     if not shards:
         raise FileNotFoundError(f"no reflect shards in {stage_dir / 'shards'}")
-    return pa.concat_tables([pq.read_table(path) for path in shards]).sort_by("input_position")
+    tables = []
+    for path in shards:
+        try:
+            tables.append(pq.read_table(path))
+        except (pa.ArrowInvalid, OSError) as error:
+            raise DataError(f"{path}: unreadable reflect shard ({error}); delete it and rerun reflect") from None
+    return pa.concat_tables(tables, promote_options="permissive").sort_by("input_position")

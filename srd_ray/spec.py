@@ -115,9 +115,12 @@ class DataSpec(_Strict):
     prompt_template_no_input: str = MINILLM_TEMPLATE_NO_INPUT
     max_prompt_tokens: PositiveInt = 256
     max_response_tokens: PositiveInt = 256
-    # Bad rows (empty or non-string fields, duplicate ids): stop with an error naming the row, or skip
-    # them; skipped rows are counted and listed in the run manifest.
+    # Bad rows (empty or non-string fields, duplicate ids, over-long prompts when not truncated): stop
+    # with an error naming the row, or skip them; skipped rows are counted and listed in the run manifest.
     on_bad_row: Literal["error", "skip"] = "error"
+    # The SRD/MiniLLM protocol keeps the last max_prompt_tokens of a longer prompt. false: a longer prompt
+    # is a bad row instead (see on_bad_row).
+    truncate_long_prompts: bool = True
 
     @field_validator("eval_sets", mode="before")
     @classmethod
@@ -139,16 +142,23 @@ class TinyModelSpec(_Strict):
     architecture: Literal["llama", "gpt2"] = "llama"
     hidden_size: PositiveInt = 64
     num_layers: PositiveInt = 2
-    num_heads: PositiveInt = 4
+    # hidden_size / num_heads is the head size; vLLM's CPU attention runs only head sizes 32, 64, 80, ...
+    num_heads: PositiveInt = 2
     max_positions: PositiveInt = 512
     # Causal-LM steps on the pretraining corpus: stands in for pretraining, so the student starts from a
     # partly competent model as SRD assumes (a random student gives the ranking nothing to work with).
     pretrain_steps: Annotated[int, Field(ge=0)] = 0
 
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> TinyModelSpec:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
 
 class TinyModelsSpec(_Strict):
     vocab_size: PositiveInt = 800
-    teacher: TinyModelSpec = TinyModelSpec(hidden_size=128, num_layers=4)
+    teacher: TinyModelSpec = TinyModelSpec(hidden_size=128, num_layers=4, num_heads=4)
     student: TinyModelSpec = TinyModelSpec()
     pretrain_lr: PositiveFloat = 3e-3
     pretrain_batch_size: PositiveInt = 32
@@ -170,14 +180,39 @@ class GenerationSpec(_Strict):
     seed: int = 10
 
 
+class VllmSpec(_Strict):
+    """vLLM engine settings (ignored by the transformers engine)."""
+
+    tensor_parallel_size: PositiveInt = 1
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    # CPU builds of vLLM size their KV cache from this instead of from GPU memory.
+    cpu_kv_cache_gib: PositiveFloat = 1.0
+    enforce_eager: bool = False
+
+
 class ReflectSpec(_Strict):
-    engine: Literal["transformers"] = "transformers"
+    # auto: vLLM when the vllm package is importable, else transformers. The engine actually used is
+    # recorded in every shard and in run.json.
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
     concurrency: PositiveInt = 1
     batch_size: PositiveInt = 16
     shard_rows: PositiveInt = 256
     num_cpus_per_actor: PositiveFloat = 1.0
     num_gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
     generation: GenerationSpec = GenerationSpec()
+    # Also score the teacher's cross-entropy on each reference (a forward pass; for rank.signals variants).
+    teacher_ce: bool = False
+    vllm: VllmSpec = VllmSpec()
+
+    @model_validator(mode="after")
+    def _gpus_cover_tensor_parallel(self) -> ReflectSpec:
+        tensor_parallel = self.vllm.tensor_parallel_size
+        if tensor_parallel > 1 and self.num_gpus_per_actor < tensor_parallel:
+            raise ValueError(
+                f"vllm.tensor_parallel_size is {tensor_parallel}: each actor needs num_gpus_per_actor >= "
+                f"{tensor_parallel}, got {self.num_gpus_per_actor}"
+            )
+        return self
 
 
 class RankSignal(_Strict):
@@ -281,6 +316,12 @@ class JobSpec(_Strict):
     rank: RankSpec = RankSpec()
     distill: DistillSpec = DistillSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+
+    @model_validator(mode="after")
+    def _teacher_ce_is_reflected(self) -> JobSpec:
+        if any(signal.name == "teacher_ce" for signal in self.rank.signals) and not self.reflect.teacher_ce:
+            raise ValueError("rank.signals uses teacher_ce, which reflect computes only with reflect.teacher_ce: true")
+        return self
 
     @model_validator(mode="after")
     def _stages_have_buckets(self) -> JobSpec:

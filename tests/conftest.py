@@ -46,8 +46,8 @@ def tiny_models(tmp_path_factory, demo_data) -> dict[str, str]:
     texts = [row["prompt"] + row["output"] for row in rows]
     spec = TinyModelsSpec(
         vocab_size=400,
-        teacher=TinyModelSpec(hidden_size=48, num_layers=2, num_heads=4, pretrain_steps=20),
-        student=TinyModelSpec(hidden_size=32, num_layers=1, num_heads=4, pretrain_steps=20),
+        teacher=TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, pretrain_steps=20),
+        student=TinyModelSpec(hidden_size=32, num_layers=1, num_heads=1, pretrain_steps=20),
         pretrain_batch_size=16,
     )
     return make_tiny_models(tmp_path_factory.mktemp("models"), spec, texts, texts, seed=0)

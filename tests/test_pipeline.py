@@ -23,8 +23,8 @@ prepare:
   demo_data: {train_rows: 160, heldout_rows: 24, pretrain_rows: 400, seed: 0}
   tiny_models:
     vocab_size: 400
-    teacher: {hidden_size: 48, num_layers: 2, num_heads: 4, pretrain_steps: 30}
-    student: {hidden_size: 32, num_layers: 1, num_heads: 4, pretrain_steps: 30}
+    teacher: {hidden_size: 64, num_layers: 2, num_heads: 2, pretrain_steps: 30}
+    student: {hidden_size: 32, num_layers: 1, num_heads: 1, pretrain_steps: 30}
     pretrain_batch_size: 16
 models:
   teacher: {path: "${run_dir}/prepare/teacher"}
@@ -34,7 +34,7 @@ data:
   eval_sets: {demo_heldout: "${run_dir}/prepare/demo_heldout.jsonl"}
   max_response_tokens: 32
 teacher_sft: {enabled: true, epochs: 1, lr: 1.0e-3, num_workers: 1, batch_size: 16}
-reflect: {concurrency: 2, batch_size: 16, shard_rows: 50, generation: {max_new_tokens: 8}}
+reflect: {engine: transformers, concurrency: 2, batch_size: 16, shard_rows: 50, generation: {max_new_tokens: 8}}
 distill:
   num_workers: 2
   batch_size: 8

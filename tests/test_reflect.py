@@ -2,29 +2,51 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from srd_ray.data import load_source
-from srd_ray.engines import TransformersEngine
-from srd_ray.errors import ModelError
+from srd_ray.data import LoadedData, drop_long_prompts, load_source
+from srd_ray.engines import NoRepeatNGram, TransformersEngine, check_context
+from srd_ray.errors import DataError, ModelError, RunDirError
 from srd_ray.models import check_model_path
-from srd_ray.reflect import score_table, split_into_shards
+from srd_ray.reflect import (
+    INPUT_FIELDS,
+    SETTINGS_KEY,
+    SIGNAL_FIELDS,
+    check_complete,
+    check_existing_shard,
+    score_table,
+    shard_schema,
+    split_into_shards,
+)
 from srd_ray.scoring import rouge_l
 from srd_ray.spec import DataSourceSpec, DataSpec, GenerationSpec, ModelSpec
 
 
+def data_spec(path: str = "unused.jsonl", **limits) -> DataSpec:
+    return DataSpec(train=DataSourceSpec(path=path, max_rows=10), **limits)
+
+
 @pytest.fixture(scope="module")
 def rows(demo_data) -> pa.Table:
-    data = DataSpec(train=DataSourceSpec(path=demo_data["train"], max_rows=10))
+    data = data_spec(demo_data["train"])
     return load_source(data.train, data, label="train").table
 
 
-def test_score_table_adds_both_signals(tiny_models, rows):
-    engine = TransformersEngine(ModelSpec(path=tiny_models["student"]), max_prompt_tokens=256, max_response_tokens=64)
-    scored = score_table(rows, engine, GenerationSpec(max_new_tokens=12), batch_size=4)
+@pytest.fixture(scope="module")
+def engine(tiny_models) -> TransformersEngine:
+    data = data_spec(max_prompt_tokens=256, max_response_tokens=64)
+    return TransformersEngine(ModelSpec(path=tiny_models["student"]), data, max_new_tokens=12, batch_size=4)
+
+
+def test_score_table_adds_every_signal(engine, rows):
+    scored = score_table(rows, engine, GenerationSpec(max_new_tokens=12))
     assert scored.num_rows == rows.num_rows
     assert scored["example_id"].to_pylist() == rows["example_id"].to_pylist()
     for answer, refs, score in zip(
@@ -35,15 +57,25 @@ def test_score_table_adds_both_signals(tiny_models, rows):
     ):
         assert score == pytest.approx(rouge_l(answer, refs))
     assert all(ce > 0 for ce in scored["student_ce"].to_pylist())
+    assert all(1 <= n <= 12 for n in scored["generated_tokens"].to_pylist())
+    assert scored["teacher_ce"].null_count == rows.num_rows  # not asked for
     assert not any(scored["prompt_truncated"].to_pylist())
 
 
-def test_student_ce_is_mean_response_token_cross_entropy(tiny_models, rows):
+def test_teacher_ce_is_scored_when_a_teacher_engine_is_given(engine, rows, tiny_models):
+    data = data_spec(max_prompt_tokens=256, max_response_tokens=64)
+    teacher = TransformersEngine(ModelSpec(path=tiny_models["teacher"]), data, max_new_tokens=12)
+    scored = score_table(rows.slice(0, 3), engine, GenerationSpec(max_new_tokens=4), teacher)
+    expected = teacher.response_cross_entropy(rows["prompt"].to_pylist()[:3], rows["response"].to_pylist()[:3])
+    assert scored["teacher_ce"].to_pylist() == pytest.approx(expected.mean)
+    assert scored["teacher_ce"].to_pylist() != pytest.approx(scored["student_ce"].to_pylist())
+
+
+def test_student_ce_is_mean_response_token_cross_entropy(engine, tiny_models, rows):
     """Recompute the teacher-forced CE by hand for one row: prompt and response tokenized separately."""
     path = tiny_models["student"]
-    engine = TransformersEngine(ModelSpec(path=path), max_prompt_tokens=256, max_response_tokens=64)
     prompt, response = rows["prompt"][0].as_py(), rows["response"][0].as_py()
-    (ce,), (count,) = engine.response_cross_entropy([prompt], [response])
+    result = engine.response_cross_entropy([prompt], [response])
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     prompt_ids = tokenizer(prompt)["input_ids"]
@@ -52,17 +84,78 @@ def test_student_ce_is_mean_response_token_cross_entropy(tiny_models, rows):
         logits = model(torch.tensor([prompt_ids + response_ids])).logits[0]
     log_probs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
     expected = -log_probs[torch.arange(len(response_ids)), torch.tensor(response_ids)].mean().item()
-    assert count == len(response_ids)
-    assert ce == pytest.approx(expected, rel=1e-4)
-    # Batching with other rows (padding) must not change a row's CE.
-    batched, _ = engine.response_cross_entropy([prompt, rows["prompt"][1].as_py()], [response, "x"])
-    assert batched[0] == pytest.approx(ce, rel=1e-4)
+    assert result.tokens == [len(response_ids)]
+    assert result.mean[0] == pytest.approx(expected, rel=1e-4)
+    # Batching with other rows (padding, length sorting) must not change a row's CE.
+    batched = engine.response_cross_entropy([rows["prompt"][1].as_py(), prompt, "x"], ["y z", response, "x"])
+    assert batched.mean[1] == pytest.approx(result.mean[0], rel=1e-4)
+
+
+def test_answers_do_not_depend_on_batch_neighbours_under_greedy(engine, rows):
+    prompts = rows["prompt"].to_pylist()
+    greedy = GenerationSpec(temperature=0, max_new_tokens=10)
+    alone = [engine.generate([p], greedy, [0]).texts[0] for p in prompts[:4]]
+    assert engine.generate(prompts[:4], greedy, [0] * 4).texts == alone
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 6])
+def test_vectorised_no_repeat_ngram_matches_transformers(size):
+    """Our vectorised ban equals transformers' own processor, padding tokens included."""
+    generator = torch.Generator().manual_seed(size)
+    input_ids = torch.randint(0, 5, (6, 40), generator=generator)  # small vocab: many repeats
+    input_ids[0, :7] = 0  # a left-padded row
+    input_ids[1] = torch.tensor([0, 1, 2, 3, 4, 0, 1] * 6)[:40]  # a periodic row: long n-grams repeat
+    scores = torch.randn(6, 5, generator=generator)
+    ours = NoRepeatNGram(size)(input_ids, scores.clone())
+    reference = NoRepeatNGramLogitsProcessor(size)(input_ids, scores.clone())
+    assert torch.equal(ours, reference)
+    assert torch.isinf(ours).any()
+
+
+def test_vllm_ngram_ban_matches_transformers_step_by_step():
+    pytest.importorskip("vllm")
+    from srd_ray.vllm_processors import NGramBan
+
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 6, (30,), generator=generator).tolist()
+    output: list[int] = []
+    ban = NGramBan(3)
+    for _ in range(40):  # the output list grows in place between calls, as in vLLM
+        scores = torch.randn(6, generator=generator)
+        reference = NoRepeatNGramLogitsProcessor(3)(torch.tensor([prompt + output]), scores.clone()[None])[0]
+        ours = ban(prompt, output, scores.clone())
+        assert torch.equal(ours, reference)
+        allowed = torch.nonzero(~torch.isinf(ours)).flatten()
+        output.append(int(allowed[0]) if len(allowed) else 0)
 
 
 def test_long_prompts_are_left_truncated_and_flagged(tiny_models):
-    engine = TransformersEngine(ModelSpec(path=tiny_models["student"]), max_prompt_tokens=8, max_response_tokens=8)
-    answers, truncated = engine.generate(["word " * 50, "hi"], GenerationSpec(max_new_tokens=3), seed=1)
-    assert truncated == [True, False] and len(answers) == 2
+    data = data_spec(max_prompt_tokens=8, max_response_tokens=8)
+    engine = TransformersEngine(ModelSpec(path=tiny_models["student"]), data, max_new_tokens=3)
+    answers = engine.generate(["word " * 50, "hi"], GenerationSpec(max_new_tokens=3), seeds=[1, 2])
+    assert answers.prompt_truncated == [True, False] and len(answers.texts) == 2
+
+
+def test_long_prompts_are_bad_rows_when_truncation_is_off(rows):
+    def count_words(prompts: list[str]) -> list[int]:
+        return [len(p.split()) for p in prompts]
+
+    limit = sorted(count_words(rows["prompt"].to_pylist()))[5]
+    loaded = LoadedData(rows)
+    strict = data_spec(max_prompt_tokens=limit, truncate_long_prompts=False)
+    with pytest.raises(DataError, match=r"example_id .* prompt has \d+ tokens, over data.max_prompt_tokens"):
+        drop_long_prompts(loaded, strict, count_words)
+    skipping = data_spec(max_prompt_tokens=limit, truncate_long_prompts=False, on_bad_row="skip")
+    kept = drop_long_prompts(loaded, skipping, count_words)
+    assert kept.table.num_rows + len(kept.skipped) == rows.num_rows
+    assert all(n <= limit for n in count_words(kept.table["prompt"].to_pylist()))
+    assert all("input position" in s["where"] for s in kept.skipped)
+
+
+def test_context_longer_than_the_model_is_an_error_before_loading(tiny_models):
+    too_long = data_spec(max_prompt_tokens=400, max_response_tokens=200)  # tiny models have 512 positions
+    with pytest.raises(ModelError, match=r"context of 512 positions.*max_prompt_tokens \(400\)"):
+        check_context(ModelSpec(path=tiny_models["student"]), too_long, max_new_tokens=256)
 
 
 def test_shards_follow_input_position(rows):
@@ -71,6 +164,31 @@ def test_shards_follow_input_position(rows):
     assert [s.num_rows for s in shards] == [4, 4, 2]
     assert shards[0]["input_position"].to_pylist() == [0, 1, 2, 3]
     assert shards[2]["shard_index"].to_pylist() == [2, 2]
+
+
+def test_shard_schema_is_explicit_and_carries_settings(engine, rows, tmp_path):
+    scored = score_table(rows.slice(0, 2), engine, GenerationSpec(max_new_tokens=3))
+    settings = {"engine": "transformers", "generation": {"temperature": 0.01}}
+    schema = shard_schema(scored, settings)
+    assert schema.names[: len(INPUT_FIELDS) + len(SIGNAL_FIELDS)] == [f.name for f in INPUT_FIELDS + SIGNAL_FIELDS]
+    assert "difficulty" in schema.names  # the demo data's label is passed through
+    path = tmp_path / "shard-00000.parquet"
+    pq.write_table(scored.select(schema.names).cast(schema), path)
+    assert json.loads(pq.read_schema(path).metadata[SETTINGS_KEY]) == settings
+    check_existing_shard(path, settings)
+    with pytest.raises(RunDirError, match=r"other reflect settings \(engine differ\).*--redo reflect"):
+        check_existing_shard(path, {**settings, "engine": "vllm"})
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(DataError, match="unreadable reflect shard"):
+        check_existing_shard(path, settings)
+
+
+def test_completeness_check_catches_lost_and_duplicated_rows(rows):
+    check_complete(rows, rows)
+    with pytest.raises(DataError, match="1 missing"):
+        check_complete(rows, rows.slice(1))
+    with pytest.raises(DataError, match="1 duplicated"):
+        check_complete(rows, pa.concat_tables([rows, rows.slice(0, 1)]))
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):

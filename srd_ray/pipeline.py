@@ -193,12 +193,14 @@ def _distill(run: Run) -> dict[str, Any]:
     from srd_ray.distill import run_distill
 
     srd = run.spec.distill.curriculum == "srd"
+    heldout_name = run.spec.distill.heldout_eval_set or next(iter(run.spec.data.eval_sets), None)
     return run_distill(
         run.spec,
         run.teacher,
         run.run_dir.stage_dir("distill"),
         rank_dir=run.run_dir.stage_dir("rank") if srd else None,
         train_rows=None if srd else run.train.table,
+        heldout_rows=run.eval_sets[heldout_name].table if heldout_name else None,
     )
 
 

@@ -244,6 +244,8 @@ class RankSpec(_Strict):
 
 class StageSpec(_Strict):
     epochs: PositiveInt = 8
+    # Optimizer steps for this stage instead of whole epochs (the pool is reshuffled each pass).
+    steps: PositiveInt | None = None
     kd_weight: UnitFloat = 1.0
     temperature: PositiveFloat = 1.0
     lr: PositiveFloat = 1e-4
@@ -287,6 +289,15 @@ class DistillSpec(TrainingSpec):
     temperature_scaling: Literal["t_squared", "none", "srd_release"] = "t_squared"
     jsd_beta: UnitFloat = 0.9
     skew_alpha: UnitFloat = 0.1
+    # true (the SRD release): each stage gets a fresh AdamW and its own cosine schedule from its lr.
+    # false: one optimizer and one cosine schedule over all stages, from stages[0].lr.
+    reset_optimizer_each_stage: bool = True
+    # The frozen teacher's weights: auto = bfloat16 on GPU (half the memory), float32 on CPU.
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # KD loss (T = 1) on held-out rows before training and after each stage: the eval set to take them
+    # from (default: the first of data.eval_sets; none when there are no eval sets), and how many.
+    heldout_eval_set: str | None = None
+    heldout_rows: PositiveInt = 64
 
 
 class EvaluateSpec(_Strict):
@@ -316,6 +327,14 @@ class JobSpec(_Strict):
     rank: RankSpec = RankSpec()
     distill: DistillSpec = DistillSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+
+    @model_validator(mode="after")
+    def _heldout_set_exists(self) -> JobSpec:
+        name = self.distill.heldout_eval_set
+        if name is not None and name not in self.data.eval_sets:
+            known = ", ".join(self.data.eval_sets) or "none"
+            raise ValueError(f"distill.heldout_eval_set {name!r} is not in data.eval_sets (have: {known})")
+        return self
 
     @model_validator(mode="after")
     def _teacher_ce_is_reflected(self) -> JobSpec:

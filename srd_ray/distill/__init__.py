@@ -7,12 +7,14 @@ baseline (``curriculum: none``) and teacher SFT feed all training rows.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from srd_ray.distill.train import LossSettings, StagePlan, bucket_name, plan_curriculum, run_training
+from srd_ray.errors import DataError
 from srd_ray.rank import bucket_dir
 from srd_ray.spec import JobSpec, ModelSpec, StageSpec
 
@@ -39,8 +41,33 @@ def run_teacher_sft(spec: JobSpec, train_rows: pa.Table, stage_dir: Path) -> dic
     )
 
 
+def check_buckets(rank_dir: Path, used: range) -> None:
+    """Every bucket a stage needs must exist and hold rows: fail before the first step, not in a worker."""
+    manifest = json.loads((rank_dir / "manifest.json").read_text())
+    rows = {bucket["bucket"]: bucket["rows"] for bucket in manifest["buckets"]}
+    for bucket in used:
+        if rows.get(bucket, 0) == 0:
+            raise DataError(
+                f"rank bucket {bucket} is {'empty' if bucket in rows else 'missing'} ({rank_dir}); distill stage "
+                f"{bucket} trains on buckets 0..{bucket}: use fewer rank.num_buckets or more data"
+            )
+
+
+def _pairs(rows: pa.Table | None, limit: int) -> list[tuple[str, str]]:
+    if rows is None:
+        return []
+    rows = rows.sort_by("input_position").slice(0, limit)
+    return list(zip(rows["prompt"].to_pylist(), rows["response"].to_pylist(), strict=True))
+
+
 def run_distill(
-    spec: JobSpec, teacher: ModelSpec, stage_dir: Path, *, rank_dir: Path | None, train_rows: pa.Table | None
+    spec: JobSpec,
+    teacher: ModelSpec,
+    stage_dir: Path,
+    *,
+    rank_dir: Path | None,
+    train_rows: pa.Table | None,
+    heldout_rows: pa.Table | None = None,
 ) -> dict[str, Any]:
     """Curriculum KD from the rank stage's buckets (SRD) or from all rows (``curriculum: none``)."""
     import ray
@@ -52,6 +79,7 @@ def run_distill(
     else:
         assert rank_dir is not None
         used = range(len(spec.distill.stages))
+        check_buckets(rank_dir, used)
         # Materialised into the object store before training: the workers then pull blocks without
         # needing free CPUs for read tasks (on a small machine the workers hold them all).
         datasets = {
@@ -69,6 +97,9 @@ def run_distill(
         loss=LossSettings.from_spec(spec.distill),
         seed=spec.run.seed,
         stage_dir=stage_dir,
+        reset_optimizer_each_stage=spec.distill.reset_optimizer_each_stage,
+        teacher_dtype=spec.distill.teacher_dtype,
+        heldout=_pairs(heldout_rows, spec.distill.heldout_rows),
     )
     summary["curriculum"] = spec.distill.curriculum
     summary["loss"] = spec.distill.loss

@@ -136,6 +136,60 @@ def _epoch_order(n: int, seed: int, stage: int, epoch: int, rank: int) -> list[i
     return torch.randperm(n, generator=generator).tolist()
 
 
+@dataclass(frozen=True)
+class StageLayout:
+    """One stage's rows on this worker and its step counts (identical on every worker)."""
+
+    pool: list[TrainingExample]
+    usable: int  # rows per worker per epoch: the minimum over workers, so step counts match
+    steps_per_epoch: int
+    total_steps: int
+
+
+def layout_stage(pool: list[TrainingExample], settings: StageSpec, training: TrainingSpec, index: int) -> StageLayout:
+    usable = int(_all_reduce(len(pool), minimum=True))
+    if usable == 0:
+        raise ValueError(f"stage {index} has no training rows on some worker")
+    steps_per_epoch = math.ceil(math.ceil(usable / training.batch_size) / training.gradient_accumulation_steps)
+    return StageLayout(pool, usable, steps_per_epoch, settings.steps or steps_per_epoch * settings.epochs)
+
+
+def resolve_teacher_dtype(choice: str, spec: ModelSpec, device: torch.device) -> ModelSpec:
+    if choice == "auto":
+        choice = "bfloat16" if device.type == "cuda" else spec.dtype
+    return spec.model_copy(update={"dtype": choice})
+
+
+@torch.no_grad()
+def heldout_kd_loss(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module,
+    examples: list[TrainingExample],
+    *,
+    pad_token_id: int,
+    vocab_size: int,
+    loss: LossSettings,
+    device: torch.device,
+    batch_size: int,
+) -> float:
+    """Token-mean KD loss (T = 1, no T² factor) of the student on held-out rows: did distillation work?"""
+    measure = LossSettings("fkl" if loss.name == "sft" else loss.name, "none", loss.jsd_beta, loss.skew_alpha)
+    was_training = model.training
+    model.eval()
+    kd, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        sums = micro_batch_sums(
+            model(**inputs).logits, teacher(**inputs).logits.float(), batch["labels"],
+            vocab_size=vocab_size, temperature=1.0, loss=measure,
+        )  # fmt: skip
+        kd, tokens = kd + sums.kd.item(), tokens + sums.tokens
+    model.train(was_training)
+    return kd / max(tokens, 1)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -150,6 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ]
     loss = LossSettings(**config["loss"])
     seed = config["seed"]
+    continuous = not config["reset_optimizer_each_stage"]
     metrics_path = Path(config["metrics_path"])
 
     context = ray.train.get_context()
@@ -164,134 +219,162 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resume is not None:
         start_from = student_spec.model_copy(update={"path": resume["model_dir"]})
     student = load_model(start_from, device)
-    if vocab_size > student.config.vocab_size:
-        raise ValueError(f"tokenizer has {vocab_size} tokens but the model head only {student.config.vocab_size}")
     teacher = None
     if teacher_spec is not None:
         check_same_tokenizer(load_tokenizer(teacher_spec), tokenizer)
+        teacher_spec = resolve_teacher_dtype(config["teacher_dtype"], teacher_spec, device)
         teacher = load_model(teacher_spec, device).eval().requires_grad_(False)
+    heads = {"student": student.config.vocab_size, "teacher": teacher.config.vocab_size if teacher else vocab_size}
+    if min(heads.values()) < vocab_size:
+        raise ValueError(f"tokenizer has {vocab_size} tokens but a model head has fewer: {heads}")
+    if rank == 0 and max(heads.values()) > vocab_size:
+        log.info("logits cut to the tokenizer's %d tokens (padded heads: %s)", vocab_size, heads)
     model = ray.train.torch.prepare_model(student) if world > 1 else student
 
     examples: dict[str, list[TrainingExample]] = {}
 
-    def examples_of(name: str) -> list[TrainingExample]:
+    def pool_of(stage: StagePlan) -> list[TrainingExample]:
         # Each bucket is pulled from the object store once, when its first stage starts, then reused.
-        if name not in examples:
-            shard = ray.train.get_dataset_shard(name)
-            examples[name] = [
-                encode_example(
-                    tokenizer,
-                    row["prompt"],
-                    row["response"],
-                    data.max_prompt_tokens,
-                    data.max_response_tokens,
-                )
-                for row in shard.iter_rows()
-            ]
-        return examples[name]
+        for name in stage.datasets:
+            if name not in examples:
+                shard = ray.train.get_dataset_shard(name)
+                examples[name] = [
+                    encode_example(tokenizer, row["prompt"], row["response"], data.max_prompt_tokens,
+                                   data.max_response_tokens)
+                    for row in shard.iter_rows()
+                ]  # fmt: skip
+        return [example for name in stage.datasets for example in examples[name]]
+
+    heldout = [
+        encode_example(tokenizer, prompt, response, data.max_prompt_tokens, data.max_response_tokens)
+        for prompt, response in config["heldout"]
+    ]
+
+    def record_heldout(after_stage: int) -> None:
+        if teacher is None or not heldout:
+            return
+        value = heldout_kd_loss(
+            model, teacher, heldout, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size, loss=loss,
+            device=device, batch_size=training.batch_size,
+        )  # fmt: skip
+        if rank == 0:
+            _append_metrics(metrics_path, {"event": "heldout", "after_stage": after_stage, "heldout_kd": value})
+
+    def new_optimizer(lr: float, total_steps: int) -> tuple[Any, Any]:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=training.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=training.min_lr)
+        return optimizer, scheduler
+
+    layouts: dict[int, StageLayout] = {}
+    if continuous:  # one schedule over every stage needs every stage's step count up front
+        layouts = {stage.index: layout_stage(pool_of(stage), stage.settings, training, stage.index) for stage in plan}
+        optimizer, scheduler = new_optimizer(plan[0].settings.lr, sum(x.total_steps for x in layouts.values()))
 
     global_step = resume["global_step"] if resume else 0
     tokens_seen = resume["tokens_seen"] if resume else 0
+    if resume is None:
+        record_heldout(after_stage=-1)
 
-    def checkpoint(stage: int, epoch: int, next_step: int) -> None:
-        """Report a checkpoint that resumes at (stage, epoch, optimizer step within the epoch)."""
-        position = {"stage": stage, "epoch": epoch, "next_step": next_step}
+    def checkpoint(stage: int, stage_step: int) -> None:
+        """Report a checkpoint that resumes at optimizer step ``stage_step`` of ``stage``."""
         _report_checkpoint(
             rank=rank, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-            state={**position, "global_step": global_step, "tokens_seen": tokens_seen},
+            state={"stage": stage, "stage_step": stage_step, "global_step": global_step, "tokens_seen": tokens_seen,
+                   "rng": torch.get_rng_state()},
         )  # fmt: skip
 
     for stage in plan:
         if resume and stage.index < resume["stage"]:
             continue
         settings = stage.settings
-        pool = [example for name in stage.datasets for example in examples_of(name)]
-        # Equal step counts on every worker: DDP all-reduce and ray.train.report are barriers.
-        usable = int(_all_reduce(len(pool), minimum=True))
-        if usable == 0:
-            raise ValueError(f"stage {stage.index} has no training rows on some worker ({stage.datasets})")
-        micro_batches = math.ceil(usable / training.batch_size)
-        steps_per_epoch = math.ceil(micro_batches / training.gradient_accumulation_steps)
-        total_steps = steps_per_epoch * settings.epochs
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=training.weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=training.min_lr)
-        first_epoch, first_step = 0, 0
-        if resume and stage.index == resume["stage"] and (resume["epoch"], resume["next_step"]) != (0, 0):
-            optimizer.load_state_dict(resume["optimizer"])
-            scheduler.load_state_dict(resume["scheduler"])
-            first_epoch, first_step = resume["epoch"], resume["next_step"]
+        layout = layouts.get(stage.index) or layout_stage(pool_of(stage), settings, training, stage.index)
+        if not continuous:
+            optimizer, scheduler = new_optimizer(settings.lr, layout.total_steps)
+        first_step = 0
+        if resume and stage.index == resume["stage"]:
+            if continuous or resume["stage_step"] > 0:  # else: a fresh stage with a fresh optimizer
+                optimizer.load_state_dict(resume["optimizer"])
+                scheduler.load_state_dict(resume["scheduler"])
+            torch.set_rng_state(resume["rng"])
+            first_step = resume["stage_step"]
         resume = None
         if rank == 0:
             log.info(
-                "stage %d: %d rows per worker x %d workers from %s, %d epochs, %d steps, kd_weight %.2f, T %.2f",
-                stage.index, usable, world, ",".join(stage.datasets), settings.epochs, total_steps,
-                settings.kd_weight, settings.temperature,
+                "stage %d: %d rows per worker x %d workers from %s, %d steps (%d per epoch), kd_weight %.2f, T %.2f",
+                stage.index, layout.usable, world, ",".join(stage.datasets), layout.total_steps,
+                layout.steps_per_epoch, settings.kd_weight, settings.temperature,
             )  # fmt: skip
-        for epoch in range(first_epoch, settings.epochs):
-            order = _epoch_order(len(pool), seed, stage.index, epoch, rank)[:usable]
-            batches = [order[i : i + training.batch_size] for i in range(0, usable, training.batch_size)]
-            accumulation = training.gradient_accumulation_steps
-            step_groups = [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
-            window_started, window_tokens = time.perf_counter(), 0.0
-            for step_in_epoch in range(first_step if epoch == first_epoch else 0, len(step_groups)):
-                step_batches = [
-                    collate([pool[i] for i in batch], tokenizer.pad_token_id) for batch in step_groups[step_in_epoch]
-                ]
-                step_tokens = _all_reduce(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in step_batches))
-                ce_sum = kd_sum = 0.0
-                model.train()
-                for position, batch in enumerate(step_batches):
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    teacher_logits = None
-                    if teacher is not None and settings.kd_weight > 0:
-                        with torch.no_grad():
-                            teacher_logits = teacher(
-                                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                            ).logits.float()
-                    sums = micro_batch_sums(
-                        student_logits, teacher_logits, batch["labels"],
-                        vocab_size=vocab_size, temperature=settings.temperature, loss=loss,
-                    )  # fmt: skip
-                    # DDP averages gradients over workers; multiplying by `world` turns that into a sum,
-                    # so the step's gradient is the global token mean.
-                    total = ((1 - settings.kd_weight) * sums.ce + settings.kd_weight * sums.kd) * world / step_tokens
-                    is_last = position == len(step_batches) - 1
-                    with model.no_sync() if world > 1 and not is_last else contextlib.nullcontext():
-                        total.backward()
-                    ce_sum += sums.ce.item()
-                    kd_sum += sums.kd.item()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                tokens_seen += int(step_tokens)
-                window_tokens += step_tokens
-                if global_step % training.log_every_steps == 0:
-                    ce_mean = _all_reduce(ce_sum) / step_tokens
-                    kd_mean = _all_reduce(kd_sum) / step_tokens
-                    elapsed = time.perf_counter() - window_started
-                    metrics = {
-                        "stage": stage.index, "epoch": epoch, "global_step": global_step,
-                        "ce": ce_mean, "kd": kd_mean,
-                        "loss": (1 - settings.kd_weight) * ce_mean + settings.kd_weight * kd_mean,
-                        "lr": scheduler.get_last_lr()[0], "tokens_seen": tokens_seen,
-                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                    }  # fmt: skip
-                    window_started, window_tokens = time.perf_counter(), 0.0
-                    if rank == 0:
-                        # Metrics go to a JSON-lines file and the log, not ray.train.report: in Ray
-                        # Train 2.60 each report is a ~2 s barrier, which would dominate small steps.
-                        _append_metrics(metrics_path, metrics)
-                if training.checkpoint_every_steps and global_step % training.checkpoint_every_steps == 0:
-                    checkpoint(stage.index, epoch, step_in_epoch + 1)
-        checkpoint(stage.index + 1, 0, 0)
+        accumulation = training.gradient_accumulation_steps
+        window_started, window_tokens = time.perf_counter(), 0.0
+        step_groups: list[list[list[int]]] = []
+        for stage_step in range(first_step, layout.total_steps):
+            epoch, step_in_epoch = divmod(stage_step, layout.steps_per_epoch)
+            if step_in_epoch == 0 or not step_groups:
+                order = _epoch_order(len(layout.pool), seed, stage.index, epoch, rank)[: layout.usable]
+                batches = [order[i : i + training.batch_size] for i in range(0, layout.usable, training.batch_size)]
+                step_groups = [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
+            step_batches = [
+                collate([layout.pool[i] for i in batch], tokenizer.pad_token_id) for batch in step_groups[step_in_epoch]
+            ]
+            step_tokens = _all_reduce(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in step_batches))
+            ce_sum = kd_sum = 0.0
+            model.train()
+            for position, batch in enumerate(step_batches):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                teacher_logits = None
+                if teacher is not None and settings.kd_weight > 0:
+                    with torch.no_grad():
+                        teacher_logits = teacher(
+                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                        ).logits.float()
+                sums = micro_batch_sums(
+                    student_logits, teacher_logits, batch["labels"],
+                    vocab_size=vocab_size, temperature=settings.temperature, loss=loss,
+                )  # fmt: skip
+                # DDP averages gradients over workers; multiplying by `world` turns that into a sum,
+                # so the step's gradient is the global token mean.
+                total = ((1 - settings.kd_weight) * sums.ce + settings.kd_weight * sums.kd) * world / step_tokens
+                is_last = position == len(step_batches) - 1
+                with model.no_sync() if world > 1 and not is_last else contextlib.nullcontext():
+                    total.backward()
+                ce_sum += sums.ce.item()
+                kd_sum += sums.kd.item()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            tokens_seen += int(step_tokens)
+            window_tokens += step_tokens
+            if global_step % training.log_every_steps == 0:
+                ce_mean = _all_reduce(ce_sum) / step_tokens
+                kd_mean = _all_reduce(kd_sum) / step_tokens
+                elapsed = time.perf_counter() - window_started
+                metrics = {
+                    "stage": stage.index, "epoch": epoch, "global_step": global_step,
+                    "ce": ce_mean, "kd": kd_mean,
+                    "loss": (1 - settings.kd_weight) * ce_mean + settings.kd_weight * kd_mean,
+                    "lr": scheduler.get_last_lr()[0], "tokens_seen": tokens_seen,
+                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                }  # fmt: skip
+                window_started, window_tokens = time.perf_counter(), 0.0
+                if rank == 0:
+                    # Metrics go to a JSON-lines file and the log, not ray.train.report: in Ray
+                    # Train 2.60 each report is a ~2 s barrier, which would dominate small steps.
+                    _append_metrics(metrics_path, metrics)
+            if training.checkpoint_every_steps and global_step % training.checkpoint_every_steps == 0:
+                checkpoint(stage.index, stage_step + 1)
+        record_heldout(after_stage=stage.index)
+        checkpoint(stage.index + 1, 0)
 
 
 def _append_metrics(path: Path, metrics: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(metrics) + "\n")
+    if metrics.get("event") == "heldout":
+        log.info("held-out KD loss after stage %d: %.4f", metrics["after_stage"], metrics["heldout_kd"])
+        return
     log.info(
         "stage %d epoch %d step %d: loss %.4f (ce %.4f, kd %.4f), lr %.2e, %.0f tokens/s",
         metrics["stage"], metrics["epoch"], metrics["global_step"], metrics["loss"], metrics["ce"],
@@ -306,7 +389,7 @@ def _unwrap(model: torch.nn.Module) -> Any:
 def _report_checkpoint(*, rank: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
     import ray.train
 
-    metrics = {**state, "checkpoint": True}
+    metrics = {**{k: v for k, v in state.items() if k != "rng"}, "checkpoint": True}
     if rank != 0:
         ray.train.report(metrics)
         return
@@ -329,7 +412,7 @@ def _load_resume_state(checkpoint: Any) -> dict[str, Any] | None:
         shutil.copytree(folder, local, dirs_exist_ok=True)
     state = torch.load(local / TRAINING_STATE, weights_only=False)
     state["model_dir"] = str(local)
-    log.info("resuming at stage %d, epoch %d, step %d in epoch", state["stage"], state["epoch"], state["next_step"])
+    log.info("resuming at stage %d, step %d of the stage", state["stage"], state["stage_step"])
     return state
 
 
@@ -349,6 +432,9 @@ def run_training(
     loss: LossSettings,
     seed: int,
     stage_dir: Path,
+    reset_optimizer_each_stage: bool = True,
+    teacher_dtype: str = "auto",
+    heldout: list[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Train with Ray Train and save the final model to ``stage_dir/model`` (atomically).
 
@@ -372,6 +458,9 @@ def run_training(
             ],
             "loss": loss.__dict__,
             "seed": seed,
+            "reset_optimizer_each_stage": reset_optimizer_each_stage,
+            "teacher_dtype": teacher_dtype,
+            "heldout": heldout or [],
             "metrics_path": str((stage_dir / "metrics.jsonl").resolve()),
         },
         scaling_config=ScalingConfig(
@@ -400,18 +489,27 @@ def run_training(
         "tokens_seen": final.get("tokens_seen"),
         "model": str(stage_dir / "model"),
         "stages": _stage_losses(stage_dir),
+        "heldout_kd": _heldout_losses(stage_dir),
     }
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _heldout_losses(stage_dir: Path) -> list[dict[str, Any]]:
+    """Held-out KD loss before training (after_stage -1) and after each stage (the last record wins)."""
+    latest = {r["after_stage"]: r["heldout_kd"] for r in _read_metrics(stage_dir / "metrics.jsonl") if "event" in r}
+    return [{"after_stage": stage, "heldout_kd": value} for stage, value in sorted(latest.items())]
 
 
 def _stage_losses(stage_dir: Path) -> list[dict[str, Any]]:
     """Per stage: first and last logged losses (from metrics.jsonl)."""
     path = stage_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
     by_step: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        by_step[record["global_step"]] = record  # a restarted worker group may log a step twice
+    for record in _read_metrics(path):
+        if "event" not in record:
+            by_step[record["global_step"]] = record  # a restarted worker group may log a step twice
     stages: dict[int, list[dict]] = {}
     for record in sorted(by_step.values(), key=lambda r: r["global_step"]):
         stages.setdefault(record["stage"], []).append(record)

@@ -264,6 +264,9 @@ class TrainingSpec(_Strict):
 
     num_workers: PositiveInt = 2
     use_gpu: bool = False
+    # ddp: a full student and teacher per worker. fsdp: both sharded layer by layer across workers, for
+    # pairs that do not fit one GPU (see srd_ray/distill/parallel.py).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     num_cpus_per_worker: PositiveFloat = 1.0
     batch_size: PositiveInt = 8  # per worker, per micro-batch
     gradient_accumulation_steps: PositiveInt = 1

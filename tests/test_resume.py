@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,7 +21,7 @@ from srd_ray.spec import load_spec
 
 
 def start_job(spec: Path, *args: str) -> subprocess.Popen:
-    """`srd run` in its own process group, so one signal reaches the driver and the Ray it started."""
+    """`srd run` as a separate process (with its own local Ray), as a user would start it."""
     return subprocess.Popen(
         [sys.executable, "-m", "srd_ray.cli", "run", str(spec), *args],
         stdout=subprocess.PIPE,
@@ -28,13 +32,23 @@ def start_job(spec: Path, *args: str) -> subprocess.Popen:
     )
 
 
+def kill_job(job: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process under it at once: the local Ray it started (GCS, raylet) and
+    Ray's workers, which run in sessions of their own and would otherwise outlive a process-group kill."""
+    tree = [job.pid, *(child.pid for child in psutil.Process(job.pid).children(recursive=True))]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    job.wait()
+
+
 def wait_for_files(folder: Path, pattern: str, count: int, job: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while len(list(folder.glob(pattern))) < count:
         if job.poll() is not None:
             pytest.fail(f"job ended before {count} {pattern} existed:\n{job.stdout.read()}")
         if time.monotonic() > deadline:
-            os.killpg(job.pid, signal.SIGKILL)
+            kill_job(job)
             pytest.fail(f"no {count} {pattern} after {timeout}s")
         time.sleep(0.05)
 
@@ -58,8 +72,7 @@ reflect:
     shards_dir = spec.run_dir / "reflect" / "shards"
     job = start_job(spec_path, "--stages", "reflect")
     wait_for_files(shards_dir, "shard-*.parquet", 3, job)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    kill_job(job)
     survivors = {path.name: path.stat().st_mtime_ns for path in shards_dir.glob("shard-*.parquet")}
     total_shards = -(-160 // 5)
     assert 3 <= len(survivors) < total_shards, "the kill should land mid-stage"
@@ -87,3 +100,66 @@ reflect:
     print(
         f"killed after {len(survivors)}/{total_shards} shards; rerun scored the other {total_shards - len(survivors)}"
     )
+
+
+@pytest.mark.slow
+def test_distill_killed_in_stage_2_resumes_there(tmp_path, tiny_models, demo_data):
+    """2 gloo workers, 3 stages x 2 epochs; SIGKILL the job in stage 2 (index 1), rerun, check the steps."""
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(
+        f"""
+run: {{name: killed, output_dir: {tmp_path / "runs"}}}
+ray: {{num_cpus: 2, object_store_memory_mb: 256}}
+models: {{teacher: {{path: {tiny_models["teacher"]}}}, student: {{path: {tiny_models["student"]}}}}}
+data:
+  train: {{path: {demo_data["train"]}}}
+  eval_sets: {{heldout: {demo_data["heldout"]}}}
+  max_response_tokens: 32
+reflect: {{engine: transformers, generation: {{max_new_tokens: 8}}}}
+distill:
+  num_workers: 2
+  batch_size: 4
+  log_every_steps: 1
+  checkpoint_every_steps: 5
+  stages:
+    - {{epochs: 2, kd_weight: 0.8, temperature: 1.0, lr: 1.0e-3}}
+    - {{epochs: 2, kd_weight: 0.9, temperature: 1.5, lr: 1.0e-3}}
+    - {{epochs: 2, kd_weight: 1.0, temperature: 2.0, lr: 1.0e-3}}
+"""
+    )
+    spec = load_spec(spec_path)
+    metrics_path = spec.run_dir / "distill" / "metrics.jsonl"
+
+    def records() -> list[dict]:
+        text = metrics_path.read_text() if metrics_path.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+    job = start_job(spec_path, "--stages", "reflect,rank,distill")
+    deadline = time.monotonic() + 300
+    # 160 rows -> 4 buckets of 40; per worker and epoch: 5, 10, 15 steps of 4 rows -> 10 + 20 + 30 = 60.
+    while not any(r.get("stage") == 1 and r["global_step"] >= 24 for r in records() if "event" not in r):
+        assert job.poll() is None, job.stdout.read()
+        assert time.monotonic() < deadline, "distill did not reach stage 2"
+        time.sleep(0.05)
+    kill_job(job)
+    killed_at = max(r["global_step"] for r in records() if "event" not in r)
+    assert killed_at < 30, "the kill should land inside stage 2 (steps 11..30)"
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "srd_ray.cli", "run", str(spec_path), "--stages", "reflect,rank,distill"],
+        capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""}, timeout=600,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    steps = [r for r in records() if "event" not in r]
+    # Stage 1 (index 0) ran once: the rerun started from a stage-2 checkpoint, not from scratch.
+    assert sorted(r["global_step"] for r in steps if r["stage"] == 0) == list(range(1, 11))
+    logged = Counter(r["global_step"] for r in steps)
+    repeated = sorted(step for step, count in logged.items() if count > 1)
+    assert repeated and min(repeated) > 10 and max(repeated) <= killed_at
+    assert sorted({r["global_step"] for r in steps}) == list(range(1, 61))
+    summary = json.loads((spec.run_dir / "run.json").read_text())["stages"]["distill"]["summary"]
+    assert summary["optimizer_steps"] == 60
+    heldout = {r["after_stage"]: r["heldout_kd"] for r in summary["heldout_kd"]}
+    assert sorted(heldout) == [-1, 0, 1, 2]
+    assert heldout[2] < heldout[-1], f"held-out KD loss should fall: {heldout}"
+    print(f"killed at step {killed_at}; rerun resumed at step {min(repeated)} (stage 2); held-out KD {heldout}")

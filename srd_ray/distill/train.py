@@ -14,7 +14,6 @@ rerun job continues from the last one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -31,6 +30,14 @@ import torch.nn.functional as F
 
 from srd_ray import atomic
 from srd_ray.distill.losses import token_kd
+from srd_ray.distill.parallel import (
+    full_model_state,
+    full_optimizer_state,
+    gradient_sync,
+    load_optimizer_state,
+    shard_model,
+    unwrap,
+)
 from srd_ray.models import (
     IGNORE_INDEX,
     TrainingExample,
@@ -229,7 +236,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise ValueError(f"tokenizer has {vocab_size} tokens but a model head has fewer: {heads}")
     if rank == 0 and max(heads.values()) > vocab_size:
         log.info("logits cut to the tokenizer's %d tokens (padded heads: %s)", vocab_size, heads)
-    model = ray.train.torch.prepare_model(student) if world > 1 else student
+    model = shard_model(student, training.strategy, world)
+    if rank == 0:
+        log.info("%s over %d worker(s) on %s", training.strategy, world, device)
+    if teacher is not None and training.strategy == "fsdp":
+        teacher = shard_model(teacher, "fsdp", world)
 
     examples: dict[str, list[TrainingExample]] = {}
 
@@ -279,6 +290,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         """Report a checkpoint that resumes at optimizer step ``stage_step`` of ``stage``."""
         _report_checkpoint(
             rank=rank, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+            strategy=training.strategy,
             state={"stage": stage, "stage_step": stage_step, "global_step": global_step, "tokens_seen": tokens_seen,
                    "rng": torch.get_rng_state()},
         )  # fmt: skip
@@ -293,7 +305,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         first_step = 0
         if resume and stage.index == resume["stage"]:
             if continuous or resume["stage_step"] > 0:  # else: a fresh stage with a fresh optimizer
-                optimizer.load_state_dict(resume["optimizer"])
+                load_optimizer_state(model, optimizer, resume["optimizer"], training.strategy)
                 scheduler.load_state_dict(resume["scheduler"])
             torch.set_rng_state(resume["rng"])
             first_step = resume["stage_step"]
@@ -336,7 +348,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # so the step's gradient is the global token mean.
                 total = ((1 - settings.kd_weight) * sums.ce + settings.kd_weight * sums.kd) * world / step_tokens
                 is_last = position == len(step_batches) - 1
-                with model.no_sync() if world > 1 and not is_last else contextlib.nullcontext():
+                with gradient_sync(model, enabled=is_last):
                     total.backward()
                 ce_sum += sums.ce.item()
                 kd_sum += sums.kd.item()
@@ -363,7 +375,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     # Metrics go to a JSON-lines file and the log, not ray.train.report: in Ray
                     # Train 2.60 each report is a ~2 s barrier, which would dominate small steps.
                     _append_metrics(metrics_path, metrics)
-            if training.checkpoint_every_steps and global_step % training.checkpoint_every_steps == 0:
+            last_of_stage = stage_step + 1 == layout.total_steps  # the stage-end checkpoint follows
+            if (
+                training.checkpoint_every_steps
+                and global_step % training.checkpoint_every_steps == 0
+                and not last_of_stage
+            ):
                 checkpoint(stage.index, stage_step + 1)
         record_heldout(after_stage=stage.index)
         checkpoint(stage.index + 1, 0)
@@ -382,22 +399,23 @@ def _append_metrics(path: Path, metrics: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
-def _unwrap(model: torch.nn.Module) -> Any:
-    return model.module if hasattr(model, "module") else model
-
-
-def _report_checkpoint(*, rank: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
+def _report_checkpoint(
+    *, rank: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, state: dict, strategy: str
+) -> None:
     import ray.train
 
+    # Under FSDP gathering the full weights and optimizer state is collective: every rank joins.
+    weights = full_model_state(model, strategy)
+    optimizer_state = full_optimizer_state(model, optimizer, strategy)
     metrics = {**{k: v for k, v in state.items() if k != "rng"}, "checkpoint": True}
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as scratch:
-        _unwrap(model).save_pretrained(scratch, safe_serialization=True)
+        unwrap(model).save_pretrained(scratch, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(scratch)
         torch.save(
-            {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+            {**state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
             Path(scratch) / TRAINING_STATE,
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(scratch))

@@ -274,6 +274,9 @@ class TrainingSpec(_Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     min_lr: Annotated[float, Field(ge=0)] = 1e-7
     log_every_steps: PositiveInt = 10
+    # Logged metrics always go to metrics.jsonl and the log. true: also ray.train.report them at every log
+    # step (for Ray's own metric consumers); each report is a barrier costing ~2 s in Ray 2.60.
+    report_every_log_step: bool = False
     # Checkpoints are always written at the end of each stage; also every N optimizer steps if set.
     checkpoint_every_steps: PositiveInt | None = None
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+
 import pyarrow as pa
 import pytest
 import torch
@@ -21,8 +25,9 @@ def rows(demo_data) -> pa.Table:
 def train(strategy: str, rows: pa.Table, tiny_models, out, ray) -> dict:
     return run_training(
         name=strategy,
+        # DDP also reports metrics at every log step: a barrier, so every rank must reach it equally often.
         training=TrainingSpec(num_workers=2, strategy=strategy, batch_size=4, gradient_accumulation_steps=2,
-                              log_every_steps=1),
+                              log_every_steps=1, report_every_log_step=strategy == "ddp"),
         data=DataSpec(train=DataSourceSpec(path="unused"), max_response_tokens=32),
         student=ModelSpec(path=tiny_models["student"]),
         teacher=ModelSpec(path=tiny_models["teacher"]),
@@ -47,3 +52,12 @@ def test_fsdp_trains_the_same_student_as_ddp(ray_session, rows, tiny_models, tmp
     for name, weight in by_ddp.items():
         torch.testing.assert_close(by_fsdp[name], weight, rtol=1e-4, atol=1e-5, msg=name)
     assert any(not torch.equal(start[name], weight) for name, weight in by_ddp.items()), "training changed nothing"
+    if importlib.util.find_spec("vllm") is not None:  # the distilled student is a checkpoint vLLM serves
+        script = (
+            "import os; os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING='0', VLLM_CPU_KVCACHE_SPACE='1')\n"
+            "from vllm import LLM, SamplingParams\n"
+            f"llm = LLM(model={fsdp['model']!r}, dtype='float32', max_model_len=256, enforce_eager=True)\n"
+            "print('VLLM_OK', len(llm.generate(['Hello'], SamplingParams(max_tokens=4))[0].outputs[0].token_ids))"
+        )
+        loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert "VLLM_OK" in loaded.stdout, loaded.stderr[-2000:]

@@ -281,6 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         layouts = {stage.index: layout_stage(pool_of(stage), stage.settings, training, stage.index) for stage in plan}
         optimizer, scheduler = new_optimizer(plan[0].settings.lr, sum(x.total_steps for x in layouts.values()))
 
+    latest_metrics: dict[str, Any] = {}  # the last logged losses ride along with each checkpoint report
     global_step = resume["global_step"] if resume else 0
     tokens_seen = resume["tokens_seen"] if resume else 0
     if resume is None:
@@ -290,7 +291,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         """Report a checkpoint that resumes at optimizer step ``stage_step`` of ``stage``."""
         _report_checkpoint(
             rank=rank, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-            strategy=training.strategy,
+            strategy=training.strategy, latest_metrics=latest_metrics,
             state={"stage": stage, "stage_step": stage_step, "global_step": global_step, "tokens_seen": tokens_seen,
                    "rng": torch.get_rng_state()},
         )  # fmt: skip
@@ -371,10 +372,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                 }  # fmt: skip
                 window_started, window_tokens = time.perf_counter(), 0.0
+                latest_metrics = {k: metrics[k] for k in ("loss", "ce", "kd", "lr", "tokens_per_s")}
                 if rank == 0:
-                    # Metrics go to a JSON-lines file and the log, not ray.train.report: in Ray
-                    # Train 2.60 each report is a ~2 s barrier, which would dominate small steps.
+                    # Metrics go to a JSON-lines file and the log; ray.train.report only on request: in
+                    # Ray Train 2.60 each report is a ~2 s barrier, which would dominate small steps.
                     _append_metrics(metrics_path, metrics)
+                if training.report_every_log_step:
+                    ray.train.report(metrics)  # every rank, every log step: report is a barrier
             last_of_stage = stage_step + 1 == layout.total_steps  # the stage-end checkpoint follows
             if (
                 training.checkpoint_every_steps
@@ -400,14 +404,22 @@ def _append_metrics(path: Path, metrics: dict[str, Any]) -> None:
 
 
 def _report_checkpoint(
-    *, rank: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, state: dict, strategy: str
+    *,
+    rank: int,
+    model: Any,
+    tokenizer: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict,
+    strategy: str,
+    latest_metrics: dict[str, float],
 ) -> None:
     import ray.train
 
     # Under FSDP gathering the full weights and optimizer state is collective: every rank joins.
     weights = full_model_state(model, strategy)
     optimizer_state = full_optimizer_state(model, optimizer, strategy)
-    metrics = {**{k: v for k, v in state.items() if k != "rng"}, "checkpoint": True}
+    metrics = {**{k: v for k, v in state.items() if k != "rng"}, **latest_metrics, "checkpoint": True}
     if rank != 0:
         ray.train.report(metrics)
         return

@@ -37,6 +37,17 @@ def _parser() -> argparse.ArgumentParser:
     rank = with_spec("rank", "run the rank stage alone on existing reflect output")
     rank.add_argument("--redo", action="store_true", help="replace an existing rank stage (and what follows it)")
 
+    evaluate = with_spec("evaluate", "evaluate any model folder on the spec's eval sets (the paper's protocol)")
+    evaluate.add_argument("--model", required=True, help="save_pretrained folder or hub id to evaluate")
+    evaluate.add_argument("--name", help="label for the results (default: the folder's name)")
+
+    report = commands.add_parser("report", help="write RUN_DIR/report/report.html with plots")
+    report.add_argument("run_dir", type=Path)
+
+    compare = commands.add_parser("compare", help="compare runs (e.g. SRD vs its curriculum: none baseline)")
+    compare.add_argument("run_dirs", type=Path, nargs="+")
+    compare.add_argument("--out", type=Path, help="also write the table to this markdown file")
+
     tiny = commands.add_parser("make-tiny-models", help="build a tiny teacher/student pair with a local tokenizer")
     tiny.add_argument("out", type=Path)
     tiny.add_argument("--data", help="JSONL/Parquet to train the tokenizer on (default: generated demo data)")
@@ -77,6 +88,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "make-tiny-models":
         return _make_tiny_models(args)
+    if args.command == "report":
+        from srd_ray.report import write_report
+
+        print(f"report: {write_report(args.run_dir)}")
+        return 0
+    if args.command == "compare":
+        from srd_ray import atomic
+        from srd_ray.report import compare_runs
+
+        table = compare_runs(args.run_dirs)
+        print(table, end="")
+        if args.out:
+            atomic.write_text(args.out, table)
+        return 0
 
     from srd_ray.spec import dump_spec, load_spec
 
@@ -86,6 +111,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     from srd_ray.pipeline import run_pipeline, summary_lines
 
+    if args.command == "evaluate":
+        from srd_ray.pipeline import evaluate_model
+
+        label = args.name or Path(args.model.rstrip("/")).name
+        results = evaluate_model(spec, args.model, label)
+        for name, result in results.items():
+            print(
+                f"{label} {name}: ROUGE-L {result['rouge_l']:.2f} ± {result['rouge_l_std']:.2f}, exact match "
+                f"{result['exact_match']:.1f} ({result['examples']} examples x {len(result['seeds'])} seeds)"
+            )
+        print(f"predictions: {spec.run_dir / 'evaluate' / label}")
+        return 0
     if args.command == "rank":
         manifest = run_pipeline(spec, stages=["rank"], redo=["rank"] if args.redo else None)
     else:

@@ -229,6 +229,23 @@ def _evaluate(run: Run) -> dict[str, Any]:
     return results
 
 
+def evaluate_model(spec: JobSpec, model_path: str, label: str) -> dict[str, Any]:
+    """``srd evaluate --model``: any model folder on the spec's eval sets, into ``evaluate/<label>/``."""
+    from srd_ray.evaluate import run_evaluate
+    from srd_ray.spec import resolve_local_path
+
+    if not spec.data.eval_sets:
+        raise SpecError("data.eval_sets is empty: nothing to evaluate on")
+    model = spec.models.student.model_copy(update={"path": resolve_local_path(model_path)})
+    check_model_path(model, "--model")
+    check_context(model, spec.data, spec.evaluate.generation.max_new_tokens)
+    eval_sets = {name: loaded.table for name, loaded in load_eval_sets(spec.data).items()}
+    ensure_ray(spec.ray)
+    out = spec.run_dir / "evaluate" / label
+    engine = resolve_engine(spec.reflect.engine)
+    return run_evaluate(spec.evaluate, spec.data, engine, spec.reflect.vllm, model, eval_sets, out)
+
+
 RUNNERS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "prepare": _prepare,
     "teacher_sft": _teacher_sft,

@@ -98,6 +98,19 @@ def test_reduced_quickstart_end_to_end(tmp_path, ray_session):
     again = run_pipeline(load_spec(write(tmp_path, REDUCED_QUICKSTART)))
     assert {name: record["finished"] for name, record in again["stages"].items()} == finished
 
+    # The report has every plot; compare and evaluate --model work on the finished run.
+    assert main(["report", str(run_dir)]) == 0
+    for name in ("report.html", "signals.png", "buckets.png", "stage_rows.png", "loss.png"):
+        assert (run_dir / "report" / name).stat().st_size > 0
+    page = (run_dir / "report/report.html").read_text()
+    assert "true difficulty" in page and "demo_heldout" in page
+    assert main(["compare", str(run_dir), str(run_dir), "--out", str(tmp_path / "compare.md")]) == 0
+    assert "1.00x" in (tmp_path / "compare.md").read_text()
+    spec_path = write(tmp_path, REDUCED_QUICKSTART)
+    assert main(["evaluate", str(spec_path), "--model", str(run_dir / "distill/model"), "--name", "again"]) == 0
+    rescored = json.loads((run_dir / "evaluate/again/summary.json").read_text())["sets"]["demo_heldout"]
+    assert rescored["rouge_l"] == pytest.approx(evaluation["student_after"]["demo_heldout"]["rouge_l"])
+
     # Changed rank settings: rank is stale and refuses to mix unless redone; redo reruns rank and after.
     changed = load_spec(write(tmp_path, REDUCED_QUICKSTART), ["rank.k=10"])
     with pytest.raises(RunDirError, match="--redo rank"):

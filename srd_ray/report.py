@@ -1,0 +1,247 @@
+"""Reports on finished runs: ``srd report RUN_DIR`` (HTML + PNG plots) and ``srd compare RUN_A RUN_B ...``.
+
+Both read only the run directory (``run.json``, rank buckets, ``distill/metrics.jsonl``), so they work on
+any run, local or copied from a cluster. Plots need matplotlib (``pip install 'srd-ray[report]'``).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from srd_ray import atomic
+from srd_ray.errors import RunDirError
+from srd_ray.run_dir import MANIFEST
+
+BUCKET_COLORS = ["#2a9d8f", "#e9c46a", "#f4a261", "#e76f51", "#8d99ae", "#6d597a", "#355070", "#b56576"]
+
+
+def load_manifest(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        raise RunDirError(f"{run_dir} is not an srd-ray run directory (no {MANIFEST})")
+    return json.loads(path.read_text())
+
+
+def stage_summary(manifest: dict[str, Any], stage: str) -> dict[str, Any]:
+    return manifest["stages"].get(stage, {}).get("summary") or {}
+
+
+# --------------------------------------------------------------------------------------------------------
+# srd compare
+
+
+def compare_runs(run_dirs: list[Path]) -> str:
+    """A markdown table: ROUGE-L of the distilled student per eval set and on average, training wall time,
+    optimizer steps and tokens seen, and every later run's ratio to the first."""
+    rows = []
+    for run_dir in run_dirs:
+        manifest = load_manifest(run_dir)
+        evaluation = stage_summary(manifest, "evaluate").get("student_after", {})
+        distill = stage_summary(manifest, "distill")
+        scores = {name: result["rouge_l"] for name, result in evaluation.items()}
+        rows.append(
+            {
+                "run": manifest["run"],
+                "curriculum": distill.get("curriculum", "-"),
+                "scores": scores,
+                "average": sum(scores.values()) / len(scores) if scores else None,
+                "train_wall_s": distill.get("train_wall_s"),
+                "optimizer_steps": distill.get("optimizer_steps"),
+                "tokens_seen": distill.get("tokens_seen"),
+            }
+        )
+    sets = sorted({name for row in rows for name in row["scores"]})
+    columns = [*sets, "average", "train_wall_s", "optimizer_steps", "tokens_seen"]
+    lines = [
+        "| run | curriculum | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for row in rows:
+        values = [row["scores"].get(name) for name in sets] + [row[c] for c in columns[len(sets) :]]
+        lines.append(f"| {row['run']} | {row['curriculum']} | " + " | ".join(_cell(v) for v in values) + " |")
+    base = rows[0]
+    for row in rows[1:]:
+        ratios = [_ratio(row["scores"].get(n), base["scores"].get(n)) for n in sets]
+        ratios += [_ratio(row[c], base[c]) for c in columns[len(sets) :]]
+        lines.append(f"| {row['run']} / {base['run']} | ratio | " + " | ".join(ratios) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def _ratio(value: Any, base: Any) -> str:
+    return f"{value / base:.2f}x" if value is not None and base else "-"
+
+
+# --------------------------------------------------------------------------------------------------------
+# srd report
+
+
+def read_ranked(run_dir: Path) -> pa.Table | None:
+    rank_dir = Path(run_dir) / "rank"
+    parts = sorted(rank_dir.glob("bucket=*/*.parquet"))
+    return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="permissive") if parts else None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "distill" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``report.html`` and its PNGs into ``run_dir/report/``; returns the HTML path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    manifest = load_manifest(run_dir)
+    out = Path(run_dir) / "report"
+    out.mkdir(exist_ok=True)
+    sections: list[str] = []
+    ranked = read_ranked(run_dir)
+    rank = stage_summary(manifest, "rank")
+    if ranked is not None and rank:
+        sections.append(_figure(out, "signals.png", _plot_signals(ranked), "Reflected rows: ROUGE-L vs student CE"))
+        sections.append(_figure(out, "buckets.png", _plot_buckets(rank), "Bucket sizes and signal ranges"))
+        sections.append(_bucket_table(rank))
+    distill = stage_summary(manifest, "distill")
+    if rank and distill.get("curriculum") == "srd":
+        sections.append(_figure(out, "stage_rows.png", _plot_stage_rows(manifest, rank), "Rows per curriculum stage"))
+    metrics = read_metrics(run_dir)
+    if any("event" not in m for m in metrics):
+        sections.append(_figure(out, "loss.png", _plot_losses(metrics), "Training loss per stage"))
+    evaluation = stage_summary(manifest, "evaluate")
+    if evaluation and "skipped" not in evaluation:
+        sections.append(_eval_table(evaluation))
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>srd-ray run {html.escape(manifest['run'])}</title>"
+        "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style></head><body>"
+        f"<h1>srd-ray run <code>{html.escape(manifest['run'])}</code></h1>" + "\n".join(sections) + "</body></html>"
+    )
+    atomic.write_text(out / "report.html", page)
+    return out / "report.html"
+
+
+def _figure(out: Path, name: str, figure: Any, title: str) -> str:
+    figure.savefig(out / name, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>"
+
+
+def _plot_signals(ranked: pa.Table) -> Any:
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    buckets = ranked["bucket"].to_numpy()
+    for bucket in sorted(set(buckets.tolist())):
+        chosen = buckets == bucket
+        axis.scatter(
+            ranked["student_ce"].to_numpy()[chosen],
+            ranked["rouge_l"].to_numpy()[chosen],
+            s=8,
+            alpha=0.6,
+            color=BUCKET_COLORS[bucket % len(BUCKET_COLORS)],
+            label=f"bucket {bucket}",
+        )
+    axis.set_xlabel("student CE on the reference (lower = easier)")
+    axis.set_ylabel("ROUGE-L of the student's answer (higher = easier)")
+    axis.legend()
+    return figure
+
+
+def _plot_buckets(rank: dict[str, Any]) -> Any:
+    import matplotlib.pyplot as plt
+
+    buckets = rank["buckets"]
+    labels = [f"{b['bucket']}{'' if b['kept'] else ' (dropped)'}" for b in buckets]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    colors = [BUCKET_COLORS[b["bucket"] % len(BUCKET_COLORS)] for b in buckets]
+    axes[0].bar(labels, [b["rows"] for b in buckets], color=colors)
+    axes[0].set_title("rows")
+    for axis, signal in zip(axes[1:], ("rouge_l", "student_ce"), strict=True):
+        means = [b[signal]["mean"] for b in buckets]
+        low = [b[signal]["mean"] - b[signal]["min"] for b in buckets]
+        high = [b[signal]["max"] - b[signal]["mean"] for b in buckets]
+        axis.bar(labels, means, yerr=[low, high], color=colors, capsize=4)
+        axis.set_title(f"{signal}: mean, min..max")
+    for axis in axes:
+        axis.set_xlabel("bucket (easy → hard)")
+    return figure
+
+
+def _plot_stage_rows(manifest: dict[str, Any], rank: dict[str, Any]) -> Any:
+    import matplotlib.pyplot as plt
+
+    stages = len(manifest["spec"]["distill"]["stages"])
+    rows = {b["bucket"]: b["rows"] for b in rank["buckets"]}
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    bottoms = [0] * stages
+    for bucket in range(stages):
+        heights = [rows[bucket] if bucket <= stage else 0 for stage in range(stages)]
+        axis.bar([f"stage {s}" for s in range(stages)], heights, bottom=bottoms,
+                 color=BUCKET_COLORS[bucket % len(BUCKET_COLORS)], label=f"bucket {bucket}")  # fmt: skip
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    axis.set_ylabel("training rows")
+    axis.legend()
+    return figure
+
+
+def _plot_losses(metrics: list[dict[str, Any]]) -> Any:
+    import matplotlib.pyplot as plt
+
+    steps = {}
+    for record in metrics:
+        if "event" not in record:
+            steps[record["global_step"]] = record  # a resumed run may log a step twice: keep the last
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for stage in sorted({r["stage"] for r in steps.values()}):
+        records = sorted((r for r in steps.values() if r["stage"] == stage), key=lambda r: r["global_step"])
+        x = [r["global_step"] for r in records]
+        axis.plot(x, [r["loss"] for r in records], color=BUCKET_COLORS[stage % len(BUCKET_COLORS)],
+                  label=f"stage {stage} total")  # fmt: skip
+        axis.plot(x, [r["ce"] for r in records], linestyle="--", color=BUCKET_COLORS[stage % len(BUCKET_COLORS)],
+                  alpha=0.6, label=f"stage {stage} CE")  # fmt: skip
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss (token mean)")
+    axis.legend(fontsize=8)
+    return figure
+
+
+def _bucket_table(rank: dict[str, Any]) -> str:
+    with_truth = any("mean_true_difficulty" in b for b in rank["buckets"])
+    head = "<tr><th>bucket</th><th>kept</th><th>rows</th><th>ROUGE-L mean</th><th>CE mean</th>"
+    head += "<th>true difficulty (demo label)</th></tr>" if with_truth else "</tr>"
+    body = ""
+    for b in rank["buckets"]:
+        body += (
+            f"<tr><td>{b['bucket']}</td><td>{'yes' if b['kept'] else 'no'}</td><td>{b['rows']}</td>"
+            f"<td>{b['rouge_l']['mean']:.3f}</td><td>{b['student_ce']['mean']:.3f}</td>"
+        )
+        body += f"<td>{b.get('mean_true_difficulty', float('nan')):.2f}</td></tr>" if with_truth else "</tr>"
+    return f"<table>{head}{body}</table>"
+
+
+def _eval_table(evaluation: dict[str, Any]) -> str:
+    sets = sorted({name for result in evaluation.values() for name in result})
+    head = "<tr><th>model</th>" + "".join(f"<th>{html.escape(s)} ROUGE-L</th>" for s in sets) + "</tr>"
+    body = ""
+    for label, result in evaluation.items():
+        cells = "".join(
+            f"<td>{result[s]['rouge_l']:.2f} ± {result[s]['rouge_l_std']:.2f}</td>" if s in result else "<td>-</td>"
+            for s in sets
+        )
+        body += f"<tr><td>{html.escape(label)}</td>{cells}</tr>"
+    return f"<h2>Evaluation (ROUGE-L x100, mean ± std over seeds)</h2><table>{head}{body}</table>"

@@ -342,8 +342,9 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
     reflect = stages.get("reflect", {}).get("summary")
     if reflect:
         lines.append(
-            f"  reflect: {reflect['rows']} rows, mean ROUGE-L {reflect['mean_rouge_l']:.3f}, "
-            f"mean student CE {reflect['mean_student_ce']:.3f}, {len(reflect.get('skipped_rows', []))} skipped"
+            f"  reflect ({reflect.get('engine', '?')} engine): {reflect['rows']} rows, "
+            f"mean ROUGE-L {reflect['mean_rouge_l']:.3f}, mean student CE {reflect['mean_student_ce']:.3f}, "
+            f"{len(reflect.get('skipped_rows', []))} skipped"
         )
     rank = stages.get("rank", {}).get("summary")
     if rank:

@@ -32,6 +32,27 @@ def start_job(spec: Path, *args: str) -> subprocess.Popen:
     )
 
 
+def write_spec(tmp_path: Path, tiny_models: dict[str, str], sections: str) -> Path:
+    """A spec with the tiny models and its own local Ray, plus the given YAML sections."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        f"""
+run: {{name: killed, output_dir: {tmp_path / "runs"}}}
+ray: {{num_cpus: 2, object_store_memory_mb: 256}}
+models: {{teacher: {{path: {tiny_models["teacher"]}}}, student: {{path: {tiny_models["student"]}}}}}
+"""
+        + sections
+    )
+    return path
+
+
+def rerun_job(spec: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "srd_ray.cli", "run", str(spec), *args],
+        capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""}, timeout=600,
+    )  # fmt: skip
+
+
 def kill_job(job: subprocess.Popen) -> None:
     """SIGKILL the driver and every process under it at once: the local Ray it started (GCS, raylet) and
     Ray's workers, which run in sessions of their own and would otherwise outlive a process-group kill."""
@@ -55,18 +76,16 @@ def wait_for_files(folder: Path, pattern: str, count: int, job: subprocess.Popen
 
 @pytest.mark.slow
 def test_killed_reflect_resumes_with_exactly_the_input_ids(tmp_path, tiny_models, demo_data):
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(
+    spec_path = write_spec(
+        tmp_path,
+        tiny_models,
         f"""
-run: {{name: killed, output_dir: {tmp_path / "runs"}}}
-ray: {{num_cpus: 2, object_store_memory_mb: 256}}
-models: {{teacher: {{path: {tiny_models["teacher"]}}}, student: {{path: {tiny_models["student"]}}}}}
 data: {{train: {{path: {demo_data["train"]}}}, max_response_tokens: 32}}
 reflect:
   engine: transformers
   shard_rows: 5
   generation: {{temperature: 1.0, max_new_tokens: 96}}
-"""
+""",
     )
     spec = load_spec(spec_path)
     shards_dir = spec.run_dir / "reflect" / "shards"
@@ -77,13 +96,7 @@ reflect:
     total_shards = -(-160 // 5)
     assert 3 <= len(survivors) < total_shards, "the kill should land mid-stage"
 
-    rerun = subprocess.run(
-        [sys.executable, "-m", "srd_ray.cli", "run", str(spec_path), "--stages", "reflect"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "RAY_ADDRESS": ""},
-        timeout=600,
-    )
+    rerun = rerun_job(spec_path, "--stages", "reflect")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"{len(survivors)} already done" in rerun.stderr
     # Shards finished before the kill are reused untouched; no partial files are left.
@@ -105,12 +118,10 @@ reflect:
 @pytest.mark.slow
 def test_distill_killed_in_stage_2_resumes_there(tmp_path, tiny_models, demo_data):
     """2 gloo workers, 3 stages x 2 epochs; SIGKILL the job in stage 2 (index 1), rerun, check the steps."""
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(
+    spec_path = write_spec(
+        tmp_path,
+        tiny_models,
         f"""
-run: {{name: killed, output_dir: {tmp_path / "runs"}}}
-ray: {{num_cpus: 2, object_store_memory_mb: 256}}
-models: {{teacher: {{path: {tiny_models["teacher"]}}}, student: {{path: {tiny_models["student"]}}}}}
 data:
   train: {{path: {demo_data["train"]}}}
   eval_sets: {{heldout: {demo_data["heldout"]}}}
@@ -125,7 +136,7 @@ distill:
     - {{epochs: 2, kd_weight: 0.8, temperature: 1.0, lr: 1.0e-3}}
     - {{epochs: 2, kd_weight: 0.9, temperature: 1.5, lr: 1.0e-3}}
     - {{epochs: 2, kd_weight: 1.0, temperature: 2.0, lr: 1.0e-3}}
-"""
+""",
     )
     spec = load_spec(spec_path)
     metrics_path = spec.run_dir / "distill" / "metrics.jsonl"
@@ -145,10 +156,7 @@ distill:
     killed_at = max(r["global_step"] for r in records() if "event" not in r)
     assert killed_at < 30, "the kill should land inside stage 2 (steps 11..30)"
 
-    rerun = subprocess.run(
-        [sys.executable, "-m", "srd_ray.cli", "run", str(spec_path), "--stages", "reflect,rank,distill"],
-        capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""}, timeout=600,
-    )  # fmt: skip
+    rerun = rerun_job(spec_path, "--stages", "reflect,rank,distill")
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     steps = [r for r in records() if "event" not in r]
     # Stage 1 (index 0) ran once: the rerun started from a stage-2 checkpoint, not from scratch.

@@ -129,7 +129,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         manifest = run_pipeline(spec, stages=args.stages, redo=args.redo)
     print("\n".join(summary_lines(manifest)))
     print(f"run directory: {spec.run_dir}")
+    _compare_with_baselines(spec.run_dir, manifest)
     return 0
+
+
+def _compare_with_baselines(run_dir: Path, manifest: dict) -> None:
+    """After an SRD run, print it against any finished curriculum: none run beside it (its KD baseline)."""
+    from srd_ray.report import compare_runs, find_baselines
+
+    distill = manifest["stages"].get("distill", {}).get("summary") or {}
+    baselines = find_baselines(run_dir) if distill.get("curriculum") == "srd" else []
+    if baselines and manifest["stages"].get("evaluate", {}).get("status") == "complete":
+        print("\nagainst the matched KD baseline(s):")
+        print(compare_runs([*baselines, run_dir]), end="")
 
 
 def _make_tiny_models(args: argparse.Namespace) -> int:

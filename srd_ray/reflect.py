@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from srd_ray import atomic
-from srd_ray.engines import Engine, build_engine, row_seed
+from srd_ray.engines import Engine, build_engine, engine_version, row_seed
 from srd_ray.errors import DataError, RunDirError
 from srd_ray.ray_errors import reraise_srd_error
 from srd_ray.scoring import rouge_l
@@ -227,23 +227,12 @@ def run_reflect(
         # Seconds actors spent scoring shards (engine loading and Ray scheduling excluded), summed over actors.
         "actor_busy_s": round(progress["busy_s"], 2),
         **settings,
-        "engine_version": _engine_version(engine),
+        "engine_version": engine_version(engine),
         "mean_rouge_l": pc.mean(scored["rouge_l"]).as_py(),
         "mean_student_ce": pc.mean(scored["student_ce"]).as_py(),
         "mean_teacher_ce": pc.mean(scored["teacher_ce"]).as_py(),
         "prompts_truncated": pc.sum(scored["prompt_truncated"]).as_py(),
     }
-
-
-def _engine_version(engine: str) -> str:
-    from importlib import metadata
-
-    for package in (engine, f"{engine}-cpu"):
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return "unknown"
 
 
 def _follow_progress(dataset: Any, total_rows: int) -> dict[str, Any]:

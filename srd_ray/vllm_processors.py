@@ -20,12 +20,13 @@ class NGramBan:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.tokens: list[int] | None = None
+        self.tokens: list[int] = []
+        self.started = False
         self.followers: defaultdict[tuple[int, ...], set[int]] = defaultdict(set)
 
     def __call__(self, prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        if self.tokens is None:
-            self.tokens = list(prompt_ids)
+        if not self.started:
+            self.tokens, self.started = list(prompt_ids), True
             self._index_from(0)
         known = len(self.tokens)
         self.tokens.extend(output_ids[known - len(prompt_ids) :])
@@ -40,7 +41,6 @@ class NGramBan:
 
     def _index_from(self, start: int) -> None:
         """Record the n-grams that end at positions >= start."""
-        assert self.tokens is not None
         n = self.size
         for end in range(max(start, n - 1), len(self.tokens)):
             self.followers[tuple(self.tokens[end - n + 1 : end])].add(self.tokens[end])

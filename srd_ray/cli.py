@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except SrdError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The run directory already records the interrupted stage; its finished parts are kept.
+        print("interrupted: rerun the same command to resume where this run stopped", file=sys.stderr)
+        return 130
 
 
 def _dispatch(args: argparse.Namespace) -> int:

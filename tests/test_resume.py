@@ -2,76 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 
 from srd_ray.data import load_source
 from srd_ray.spec import load_spec
-
-
-def start_job(spec: Path, *args: str) -> subprocess.Popen:
-    """`srd run` as a separate process (with its own local Ray), as a user would start it."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "srd_ray.cli", "run", str(spec), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )
-
-
-def write_spec(tmp_path: Path, tiny_models: dict[str, str], sections: str) -> Path:
-    """A spec with the tiny models and its own local Ray, plus the given YAML sections."""
-    path = tmp_path / "spec.yaml"
-    path.write_text(
-        f"""
-run: {{name: killed, output_dir: {tmp_path / "runs"}}}
-ray: {{num_cpus: 2, object_store_memory_mb: 256}}
-models: {{teacher: {{path: {tiny_models["teacher"]}}}, student: {{path: {tiny_models["student"]}}}}}
-"""
-        + sections
-    )
-    return path
-
-
-def rerun_job(spec: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "srd_ray.cli", "run", str(spec), *args],
-        capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""}, timeout=600,
-    )  # fmt: skip
-
-
-def kill_job(job: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process under it at once: the local Ray it started (GCS, raylet) and
-    Ray's workers, which run in sessions of their own and would otherwise outlive a process-group kill."""
-    tree = [job.pid, *(child.pid for child in psutil.Process(job.pid).children(recursive=True))]
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    job.wait()
-
-
-def wait_for_files(folder: Path, pattern: str, count: int, job: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while len(list(folder.glob(pattern))) < count:
-        if job.poll() is not None:
-            pytest.fail(f"job ended before {count} {pattern} existed:\n{job.stdout.read()}")
-        if time.monotonic() > deadline:
-            kill_job(job)
-            pytest.fail(f"no {count} {pattern} after {timeout}s")
-        time.sleep(0.05)
+from tests.processes import kill_job, rerun_job, start_job, wait_for_files, write_spec
 
 
 @pytest.mark.slow

@@ -18,7 +18,9 @@ import json
 import logging
 import math
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -504,15 +506,26 @@ def run_training(
         datasets=datasets,
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    sigint_handler = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    except SystemExit:
+        # Ray Train handles Ctrl-C itself: it aborts the workers and exits. To srd it is an interruption
+        # like any other (the stage is marked failed; a rerun resumes from the last checkpoint).
+        raise KeyboardInterrupt(f"{name} interrupted") from None
+    finally:
+        # fit() leaves Ray's handler installed, which would turn a later Ctrl-C into a clean exit.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint_handler)
     wall = time.perf_counter() - started
-    if result.checkpoint is None:
-        raise RuntimeError(f"{name}: training finished without a checkpoint")
+    final = result.metrics or {}
+    if result.checkpoint is None or final.get("stage") != len(plan):
+        # An aborted run also returns a result; only the checkpoint taken after the last stage is the end.
+        raise KeyboardInterrupt(f"{name} stopped at stage {final.get('stage')} before its last stage ended")
     with result.checkpoint.as_directory() as folder, atomic.directory(stage_dir / "model") as scratch:
         for item in Path(folder).iterdir():
             if item.name != TRAINING_STATE:
                 shutil.copy2(item, scratch / item.name)
-    final = result.metrics or {}
     return {
         "train_wall_s": round(wall, 2),
         "optimizer_steps": final.get("global_step"),

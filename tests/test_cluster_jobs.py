@@ -1,0 +1,289 @@
+"""A real local Ray cluster (`ray start --head`), jobs sent with `ray job submit`, and faults injected
+into them: a killed reflect actor, a killed Ray Train worker, an interrupted driver."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from srd_ray.data import load_source
+from srd_ray.spec import load_spec
+from tests.processes import kill_tree, rerun_job, start_job, wait_until, write_spec
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Cluster:
+    gcs_address: str  # what `srd` / ray.init attach to (RAY_ADDRESS)
+    dashboard: str  # the job server `ray job submit` talks to
+
+    def submit(self, spec: Path) -> str:
+        """`ray job submit --no-wait --working-dir <project> -- srd run SPEC`, as the README shows."""
+        deadline = time.monotonic() + 90
+        while True:
+            result = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--no-wait",
+                 "--working-dir", str(ROOT), "--", "srd", "run", str(spec)],
+                capture_output=True, text=True, timeout=120, env=cluster_env(),
+            )  # fmt: skip
+            # A fresh head's job agent comes up a few seconds after its dashboard.
+            if "No available agent" not in result.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return next(word for word in result.stdout.split() if word.startswith("'raysubmit_")).strip("'")
+
+    def wait(self, job_id: str, timeout: float = 600) -> tuple[str, str]:
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(self.dashboard)
+        deadline = time.monotonic() + timeout
+        while (status := client.get_job_status(job_id)) not in {
+            JobStatus.SUCCEEDED,
+            JobStatus.FAILED,
+            JobStatus.STOPPED,
+        }:
+            assert time.monotonic() < deadline, f"job {job_id} still {status} after {timeout}s"
+            time.sleep(1)
+        return str(status), client.get_job_logs(job_id)
+
+    def alive_actors(self, class_name_part: str) -> list:
+        from ray.util.state import list_actors
+
+        actors = list_actors(address=self.dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
+        return [actor for actor in actors if class_name_part in actor.class_name]
+
+
+def cluster_env() -> dict[str, str]:
+    # The cluster runs the project's virtualenv (the `srd` entry point and its packages), with token
+    # auth off as on any private test cluster, and no RAY_ADDRESS of ours leaking into it.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "PATH": f"{BIN}{os.pathsep}{env['PATH']}", "RAY_AUTH_MODE": "disabled"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """`ray start --head --node-ip-address=127.0.0.1 --num-cpus=2`, stopped (the whole process tree) after.
+
+    Every port is picked free: other local Rays (this test run's own, a benchmark) may be running, and
+    `ray stop` would stop them all."""
+    from ray.job_submission import JobSubmissionClient
+
+    gcs_port, dashboard_port, agent_port, client_port = (free_port() for _ in range(4))
+    log = (tmp_path_factory.mktemp("cluster") / "ray-start.log").open("w")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+         "--num-cpus=2", "--object-store-memory=400000000", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent_port}",
+         f"--ray-client-server-port={client_port}", "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=cluster_env(), start_new_session=True,
+    )  # fmt: skip
+    started = Cluster(gcs_address=f"127.0.0.1:{gcs_port}", dashboard=f"http://127.0.0.1:{dashboard_port}")
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                JobSubmissionClient(started.dashboard).list_jobs()
+                break
+            except Exception:  # the job server answers only once the dashboard is up
+                assert head.poll() is None and time.monotonic() < deadline, "the local cluster did not start"
+                time.sleep(1)
+        yield started
+    finally:
+        kill_tree(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=30)
+        kill_tree(head.pid)
+        log.close()
+
+
+def scored_ids(run_dir: Path) -> list[str]:
+    return [
+        example_id
+        for path in sorted((run_dir / "reflect" / "shards").glob("shard-*.parquet"))
+        for example_id in pq.read_table(path, columns=["example_id"])["example_id"].to_pylist()
+    ]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "distill" / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("}") and '"event"' not in line]
+
+
+DISTILL_3_STAGES = """
+distill:
+  num_workers: 2
+  batch_size: 4
+  log_every_steps: 1
+  checkpoint_every_steps: 5
+  stages:
+    - {epochs: 2, kd_weight: 0.8, temperature: 1.0, lr: 1.0e-3}
+    - {epochs: 2, kd_weight: 0.9, temperature: 1.5, lr: 1.0e-3}
+    - {epochs: 2, kd_weight: 1.0, temperature: 2.0, lr: 1.0e-3}
+"""
+# 160 rows -> 4 buckets of 40; 2 workers x 4 rows: 5, 10, 15 steps an epoch -> 10 + 20 + 30 = 60 steps.
+DISTILL_STEPS = 60
+
+
+def test_ray_job_submit_runs_the_pipeline(cluster, tmp_path, tiny_models, demo_data):
+    spec_path = write_spec(
+        tmp_path,
+        tiny_models,
+        f"""
+data:
+  train: {{path: {demo_data["train"]}}}
+  eval_sets: {{heldout: {demo_data["heldout"]}}}
+  max_response_tokens: 16
+reflect: {{engine: transformers, concurrency: 2, shard_rows: 40, generation: {{max_new_tokens: 8}}}}
+distill:
+  num_workers: 1
+  batch_size: 16
+  stages: [{{epochs: 1, kd_weight: 0.8}}, {{epochs: 1, kd_weight: 0.9}}, {{epochs: 1, kd_weight: 1.0}}]
+evaluate: {{seeds: [10], max_examples: 8, generation: {{max_new_tokens: 8}}}}
+""",
+        name="submitted",
+    )
+    job_id = cluster.submit(spec_path)
+    status, logs = cluster.wait(job_id)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "attaching to Ray at" in logs
+    run_dir = load_spec(spec_path).run_dir
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert {name: stage["status"] for name, stage in manifest["stages"].items()} == {
+        name: "complete" for name in ("reflect", "rank", "distill", "evaluate")
+    }
+    assert len(scored_ids(run_dir)) == 160
+    assert (run_dir / "distill" / "model" / "model.safetensors").exists()
+    assert manifest["stages"]["evaluate"]["summary"]["student_after"]["heldout"]["examples"] == 8
+
+
+def test_killed_reflect_actor_is_replaced_and_no_row_is_lost_or_doubled(cluster, tmp_path, tiny_models, demo_data):
+    spec_path = write_spec(
+        tmp_path,
+        tiny_models,
+        f"""
+data: {{train: {{path: {demo_data["train"]}}}, max_response_tokens: 32}}
+reflect:
+  engine: transformers
+  concurrency: 2
+  shard_rows: 5
+  generation: {{temperature: 1.0, max_new_tokens: 96}}
+""",
+        name="actor-killed",
+    )
+    run_dir = load_spec(spec_path).run_dir
+    shards = run_dir / "reflect" / "shards"
+    job_id = cluster.submit(spec_path)
+    wait_until(lambda: len(list(shards.glob("shard-*.parquet"))) >= 2, "2 reflect shards")
+    victims = cluster.alive_actors("ReflectActor")
+    assert victims, "no reflect actor alive"
+    shards_before = len(list(shards.glob("shard-*.parquet")))
+    os.kill(victims[0].pid, signal.SIGKILL)
+
+    status, logs = cluster.wait(job_id)
+    assert status == "SUCCEEDED", logs[-4000:]
+    ids = scored_ids(run_dir)
+    input_ids = load_source(load_spec(spec_path).data.train, load_spec(spec_path).data, label="train").table
+    assert len(ids) == len(set(ids)) == input_ids.num_rows
+    assert set(ids) == set(input_ids["example_id"].to_pylist())
+    print(f"killed reflect actor pid {victims[0].pid} after {shards_before}/32 shards; {len(ids)} ids, 0 duplicates")
+
+
+def test_killed_train_worker_restarts_from_the_last_checkpoint(cluster, tmp_path, tiny_models, demo_data):
+    spec_path = write_spec(
+        tmp_path,
+        tiny_models,
+        f"""
+data: {{train: {{path: {demo_data["train"]}}}, max_response_tokens: 32}}
+reflect: {{engine: transformers, generation: {{max_new_tokens: 8}}}}
+"""
+        + DISTILL_3_STAGES,
+        name="worker-killed",
+    )
+    run_dir = load_spec(spec_path).run_dir
+    job_id = cluster.submit(spec_path)
+    wait_until(lambda: any(r["stage"] == 1 and r["global_step"] >= 17 for r in metrics(run_dir)), "stage 2")
+    workers = cluster.alive_actors("RayTrainWorker")
+    assert len(workers) == 2, [w.class_name for w in workers]
+    killed_at = max(r["global_step"] for r in metrics(run_dir))
+    os.kill(workers[1].pid, signal.SIGKILL)
+
+    status, logs = cluster.wait(job_id)
+    assert status == "SUCCEEDED", logs[-4000:]
+    steps = metrics(run_dir)
+    logged = Counter(r["global_step"] for r in steps)
+    repeated = sorted(step for step, count in logged.items() if count > 1)
+    # The worker group restarted inside the same job from a stage-2 checkpoint: stage 1 ran once, the
+    # steps since that checkpoint ran twice, and the run ends at stage 3 with the full step count.
+    assert sorted(r["global_step"] for r in steps if r["stage"] == 0) == list(range(1, 11))
+    assert repeated and min(repeated) > 10 and max(repeated) <= killed_at + 5
+    assert sorted(logged) == list(range(1, DISTILL_STEPS + 1))
+    summary = json.loads((run_dir / "run.json").read_text())["stages"]["distill"]["summary"]
+    assert summary["optimizer_steps"] == DISTILL_STEPS
+    assert [stage["stage"] for stage in summary["stages"]] == [0, 1, 2]
+    print(f"killed a Train worker at step ~{killed_at}; restarted at step {min(repeated)}, ended at {max(logged)}")
+
+
+def test_interrupted_driver_reruns_without_redoing_finished_work(cluster, tmp_path, tiny_models, demo_data):
+    spec_path = write_spec(
+        tmp_path,
+        tiny_models,
+        f"""
+data: {{train: {{path: {demo_data["train"]}}}, max_response_tokens: 32}}
+reflect: {{engine: transformers, concurrency: 2, shard_rows: 20, generation: {{max_new_tokens: 8}}}}
+"""
+        + DISTILL_3_STAGES,
+        name="interrupted",
+    )
+    run_dir = load_spec(spec_path).run_dir
+    # The driver attached to the cluster from outside it (RAY_ADDRESS), as when run on the head node.
+    job = start_job(spec_path, ray_address=cluster.gcs_address)
+    wait_until(lambda: any(r["stage"] == 1 for r in metrics(run_dir)), "distill stage 2", job)
+    job.send_signal(signal.SIGINT)
+    output = job.communicate(timeout=120)[0]
+    assert job.returncode == 130, output[-3000:]
+    assert "interrupted: rerun the same command" in output
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["stages"]["distill"]["status"] == "failed"
+    assert "KeyboardInterrupt" in manifest["stages"]["distill"]["error"]
+    shard_times = {p.name: p.stat().st_mtime_ns for p in (run_dir / "reflect" / "shards").glob("*.parquet")}
+    rank_time = (run_dir / "rank" / "manifest.json").stat().st_mtime_ns
+    steps_before = len(metrics(run_dir))
+
+    rerun = rerun_job(spec_path, ray_address=cluster.gcs_address)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "reflect: already complete, skipping" in rerun.stderr
+    assert "rank: already complete, skipping" in rerun.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "reflect" / "shards").glob("*.parquet")} == shard_times
+    assert (run_dir / "rank" / "manifest.json").stat().st_mtime_ns == rank_time
+    steps = metrics(run_dir)
+    assert sorted(r["global_step"] for r in steps if r["stage"] == 0) == list(range(1, 11))
+    assert sorted({r["global_step"] for r in steps}) == list(range(1, DISTILL_STEPS + 1))
+    assert "resuming at stage 1" in rerun.stderr
+    print(
+        f"SIGINT after {steps_before} logged steps; rerun kept {len(shard_times)} shards and the rank, "
+        f"resumed distill at stage 2, {len(steps) - steps_before} more steps logged"
+    )

@@ -66,12 +66,18 @@ class RunSpec(_Strict):
     @field_validator("output_dir")
     @classmethod
     def _absolute(cls, value: str) -> str:
+        if "://" in value:
+            # Reflect actors, Train workers and the driver all write into the run directory in place.
+            raise ValueError(
+                f"{value!r}: object-store URIs are not supported yet; use a path every node mounts "
+                "(NFS, EFS, FSx for Lustre, GCS FUSE)"
+            )
         return str(Path(value).expanduser().resolve())
 
 
 class RaySpec(_Strict):
-    # "local" starts a private single-machine Ray (bound to 127.0.0.1, no dashboard); any other value is
-    # handed to ray.init. Under `ray job submit` RAY_ADDRESS is set and always wins, so a job attaches to
+    # "local" starts a private single-machine Ray (no dashboard, Ray's token auth); any other value
+    # ("auto", "ray://host:10001", "host:6379") is handed to ray.init. Under `ray job submit` RAY_ADDRESS is set and always wins, so a job attaches to
     # the cluster it runs in.
     address: str = "local"
     num_cpus: PositiveInt | None = None

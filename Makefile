@@ -2,8 +2,6 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-# Ray 2.60 turns token auth on for local clusters; our private local Ray binds to 127.0.0.1 only.
-export RAY_AUTH_MODE ?= disabled
 # No model or dataset hub is needed: models are built locally or given as paths.
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -29,6 +27,9 @@ quickstart: install
 	$(VENV)/bin/srd run jobs/quickstart.yaml
 
 # pytest exits 5 when it collects nothing: treat that as a failure, never as a pass.
+# Tests start throwaway local clusters and submit jobs to them without a token (Ray 2.60 turns token
+# auth on for new local clusters); the quickstart keeps Ray's default.
+test: export RAY_AUTH_MODE ?= disabled
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$status

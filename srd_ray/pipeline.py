@@ -61,7 +61,12 @@ _UPSTREAM = {
 
 def ensure_ray(spec: RaySpec) -> None:
     """Attach to the cluster a job runs in (RAY_ADDRESS, set by `ray job submit`), to a named address,
-    or start a private local Ray bound to 127.0.0.1 with no dashboard."""
+    or start a private local Ray.
+
+    The private Ray starts no dashboard (so no HTTP or job server) and keeps Ray's token authentication,
+    on by default for a new local Ray since 2.5x, unless RAY_AUTH_MODE says otherwise. It cannot listen on
+    loopback only: Ray 2.60 swaps 127.0.0.1 for the machine's reachable address and its gRPC servers
+    bind every interface, so the token is what keeps other hosts out."""
     import ray
 
     # Our own progress lines are enough; Ray Data's bars flood logs (and CPU) on long jobs.
@@ -79,7 +84,6 @@ def ensure_ray(spec: RaySpec) -> None:
         num_gpus=spec.num_gpus,
         include_dashboard=False,
         object_store_memory=spec.object_store_memory_mb * 1024 * 1024,
-        _node_ip_address="127.0.0.1",
     )
 
 

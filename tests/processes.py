@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -76,3 +78,42 @@ def wait_until(condition, what: str, job: subprocess.Popen | None = None, timeou
 
 def wait_for_files(folder: Path, pattern: str, count: int, job: subprocess.Popen, timeout: float = 180) -> None:
     wait_until(lambda: len(list(folder.glob(pattern))) >= count, f"{count} {pattern}", job, timeout)
+
+
+# Three stages x 2 epochs on 2 gloo workers, a checkpoint every 5 steps. With the 160-row demo data:
+# 4 buckets of 40; 2 workers x 4 rows -> 5, 10, 15 steps an epoch -> 10 + 20 + 30 = 60 steps.
+DISTILL_3_STAGES = """
+distill:
+  num_workers: 2
+  batch_size: 4
+  log_every_steps: 1
+  checkpoint_every_steps: 5
+  stages:
+    - {epochs: 2, kd_weight: 0.8, temperature: 1.0, lr: 1.0e-3}
+    - {epochs: 2, kd_weight: 0.9, temperature: 1.5, lr: 1.0e-3}
+    - {epochs: 2, kd_weight: 1.0, temperature: 2.0, lr: 1.0e-3}
+"""
+DISTILL_STEPS = 60
+STAGE_1_STEPS = 10
+
+
+def step_metrics(run_dir: Path) -> list[dict]:
+    """The per-step records of distill/metrics.jsonl (complete lines only: it may be mid-write)."""
+    path = run_dir / "distill" / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("}") and '"event"' not in line]
+
+
+def check_resumed_in_stage_2(run_dir: Path, killed_at: int) -> int:
+    """Stage 1 ran once, only steps after a stage-2 checkpoint ran again, and the run ended with every step
+    and the full count. Returns the first repeated step (where training resumed)."""
+    steps = step_metrics(run_dir)
+    assert sorted(r["global_step"] for r in steps if r["stage"] == 0) == list(range(1, STAGE_1_STEPS + 1))
+    logged = Counter(r["global_step"] for r in steps)
+    repeated = sorted(step for step, count in logged.items() if count > 1)
+    assert repeated and min(repeated) > STAGE_1_STEPS and max(repeated) <= killed_at
+    assert sorted(logged) == list(range(1, DISTILL_STEPS + 1))
+    summary = json.loads((run_dir / "run.json").read_text())["stages"]["distill"]["summary"]
+    assert summary["optimizer_steps"] == DISTILL_STEPS
+    assert [stage["stage"] for stage in summary["stages"]] == [0, 1, 2]
+    return min(repeated)

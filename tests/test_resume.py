@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
-import time
-from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
 
 from srd_ray.data import load_source
 from srd_ray.spec import load_spec
-from tests.processes import kill_job, rerun_job, start_job, wait_for_files, write_spec
+from tests.processes import (
+    DISTILL_3_STAGES,
+    check_resumed_in_stage_2,
+    kill_job,
+    rerun_job,
+    start_job,
+    step_metrics,
+    wait_for_files,
+    wait_until,
+    write_spec,
+)
 
 
 @pytest.mark.slow
@@ -67,47 +75,23 @@ data:
   eval_sets: {{heldout: {demo_data["heldout"]}}}
   max_response_tokens: 32
 reflect: {{engine: transformers, generation: {{max_new_tokens: 8}}}}
-distill:
-  num_workers: 2
-  batch_size: 4
-  log_every_steps: 1
-  checkpoint_every_steps: 5
-  stages:
-    - {{epochs: 2, kd_weight: 0.8, temperature: 1.0, lr: 1.0e-3}}
-    - {{epochs: 2, kd_weight: 0.9, temperature: 1.5, lr: 1.0e-3}}
-    - {{epochs: 2, kd_weight: 1.0, temperature: 2.0, lr: 1.0e-3}}
-""",
+"""
+        + DISTILL_3_STAGES,
     )
     spec = load_spec(spec_path)
-    metrics_path = spec.run_dir / "distill" / "metrics.jsonl"
-
-    def records() -> list[dict]:
-        text = metrics_path.read_text() if metrics_path.exists() else ""
-        return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
-
     job = start_job(spec_path, "--stages", "reflect,rank,distill")
-    deadline = time.monotonic() + 300
-    # 160 rows -> 4 buckets of 40; per worker and epoch: 5, 10, 15 steps of 4 rows -> 10 + 20 + 30 = 60.
-    while not any(r.get("stage") == 1 and r["global_step"] >= 24 for r in records() if "event" not in r):
-        assert job.poll() is None, job.stdout.read()
-        assert time.monotonic() < deadline, "distill did not reach stage 2"
-        time.sleep(0.05)
+    wait_until(
+        lambda: any(r["stage"] == 1 and r["global_step"] >= 24 for r in step_metrics(spec.run_dir)), "stage 2", job
+    )
     kill_job(job)
-    killed_at = max(r["global_step"] for r in records() if "event" not in r)
+    killed_at = max(r["global_step"] for r in step_metrics(spec.run_dir))
     assert killed_at < 30, "the kill should land inside stage 2 (steps 11..30)"
 
     rerun = rerun_job(spec_path, "--stages", "reflect,rank,distill")
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    steps = [r for r in records() if "event" not in r]
-    # Stage 1 (index 0) ran once: the rerun started from a stage-2 checkpoint, not from scratch.
-    assert sorted(r["global_step"] for r in steps if r["stage"] == 0) == list(range(1, 11))
-    logged = Counter(r["global_step"] for r in steps)
-    repeated = sorted(step for step, count in logged.items() if count > 1)
-    assert repeated and min(repeated) > 10 and max(repeated) <= killed_at
-    assert sorted({r["global_step"] for r in steps}) == list(range(1, 61))
+    resumed_at = check_resumed_in_stage_2(spec.run_dir, killed_at)
     summary = json.loads((spec.run_dir / "run.json").read_text())["stages"]["distill"]["summary"]
-    assert summary["optimizer_steps"] == 60
     heldout = {r["after_stage"]: r["heldout_kd"] for r in summary["heldout_kd"]}
     assert sorted(heldout) == [-1, 0, 1, 2]
     assert heldout[2] < heldout[-1], f"held-out KD loss should fall: {heldout}"
-    print(f"killed at step {killed_at}; rerun resumed at step {min(repeated)} (stage 2); held-out KD {heldout}")
+    print(f"killed at step {killed_at}; rerun resumed at step {resumed_at} (stage 2); held-out KD {heldout}")

@@ -77,8 +77,8 @@ class RunSpec(_Strict):
 
 class RaySpec(_Strict):
     # "local" starts a private single-machine Ray (no dashboard, Ray's token auth); any other value
-    # ("auto", "ray://host:10001", "host:6379") is handed to ray.init. Under `ray job submit` RAY_ADDRESS is set and always wins, so a job attaches to
-    # the cluster it runs in.
+    # ("auto", "ray://host:10001", "host:6379") is handed to ray.init. Under `ray job submit`
+    # RAY_ADDRESS is set and always wins, so a job attaches to the cluster it runs in.
     address: str = "local"
     num_cpus: PositiveInt | None = None
     num_gpus: Annotated[int, Field(ge=0)] | None = None

@@ -23,8 +23,8 @@ in ../shared/data/eval (mean over eval seeds, then mean ± std over training see
 training wall time, and the end-to-end time (SRD: reflect + rank + distill; KD: distill), with SRD / KD
 ratios. Results go to bench/results/srd_vs_kd_<pair>.{json,md}.
 
-    python bench/srd_vs_kd.py --pair tiny                    # 2 losses x 3 seeds x 2 runs, ~40 min on 2 cores
-    python bench/srd_vs_kd.py --pair smollm2 --seeds 0       # ~1 h on 2 cores
+    python bench/srd_vs_kd.py --pair tiny                    # 2 losses x 3 seeds x 2 runs, ~25 min on 2 cores
+    python bench/srd_vs_kd.py --pair smollm2 --seeds 0       # ~45 min on 2 cores
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def pair_settings(pair: str, cache: Path) -> dict[str, Any]:
     }
 
 
-def base_spec(pair: str, settings: dict[str, Any], work: Path) -> dict[str, Any]:
+def base_spec(settings: dict[str, Any], work: Path) -> dict[str, Any]:
     """Prepare the inputs and fine-tune the teacher once; every compared run reuses them."""
     models = settings["models"]
     return {
@@ -187,6 +187,14 @@ def base_scores(work: Path) -> dict[str, dict[str, float]]:
     return evaluated
 
 
+def mean_of(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.fmean(run[key] for run in runs)
+
+
+def mean_score(runs: list[dict[str, Any]], eval_set: str) -> float:
+    return statistics.fmean(run["scores"][eval_set] for run in runs)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -256,21 +264,14 @@ def summarise(pair: str, work: Path, losses: list[str], seeds: list[int], settin
                 record["average"] = statistics.fmean(record["scores"].values())
                 runs.append(record)
             methods[method] = runs
-
-        def mean_of(method: str, key: str, runs: dict = methods) -> float:
-            return statistics.fmean(run[key] for run in runs[method])
-
+        kd, srd = methods["kd"], methods["srd"]
         methods["srd_over_kd"] = {
-            "scores": {
-                name: statistics.fmean(r["scores"][name] for r in methods["srd"])
-                - statistics.fmean(r["scores"][name] for r in methods["kd"])
-                for name in results["eval_sets"]
-            },
-            "average_difference": mean_of("srd", "average") - mean_of("kd", "average"),
-            "train_wall": mean_of("srd", "train_wall_s") / mean_of("kd", "train_wall_s"),
-            "end_to_end": mean_of("srd", "end_to_end_s") / mean_of("kd", "end_to_end_s"),
-            "optimizer_steps": mean_of("srd", "optimizer_steps") / mean_of("kd", "optimizer_steps"),
-            "tokens_seen": mean_of("srd", "tokens_seen") / mean_of("kd", "tokens_seen"),
+            "scores": {name: mean_score(srd, name) - mean_score(kd, name) for name in results["eval_sets"]},
+            "average_difference": mean_of(srd, "average") - mean_of(kd, "average"),
+            "train_wall": mean_of(srd, "train_wall_s") / mean_of(kd, "train_wall_s"),
+            "end_to_end": mean_of(srd, "end_to_end_s") / mean_of(kd, "end_to_end_s"),
+            "optimizer_steps": mean_of(srd, "optimizer_steps") / mean_of(kd, "optimizer_steps"),
+            "tokens_seen": mean_of(srd, "tokens_seen") / mean_of(kd, "tokens_seen"),
         }
         results["losses"][loss] = methods
     return results
@@ -290,7 +291,7 @@ def main() -> None:
     settings = pair_settings(args.pair, ROOT / "bench" / ".cache")
 
     # Reruns skip finished runs (the run directory's manifest), so an interrupted experiment continues.
-    base = base_spec(args.pair, settings, work)
+    base = base_spec(settings, work)
     base_path = write_spec(base, work)
     srd("run", str(base_path), "--stages", "prepare,teacher_sft")
     for label, model in (("teacher", work / "base" / "teacher_sft" / "model"), ("student_before", None)):

@@ -30,23 +30,23 @@ models: {{teacher: {{path: {tiny_models["teacher"]}}}, student: {{path: {tiny_mo
     return path
 
 
+def _srd_run(spec: Path, args: tuple[str, ...], ray_address: str) -> dict:
+    """`srd run` arguments: its own local Ray (empty ``ray_address``), or attached to ``ray_address``."""
+    return {
+        "args": [sys.executable, "-m", "srd_ray.cli", "run", str(spec), *args],
+        "text": True,
+        "env": {**os.environ, "RAY_ADDRESS": ray_address},
+    }
+
+
 def start_job(spec: Path, *args: str, ray_address: str = "") -> subprocess.Popen:
-    """`srd run` as a separate process: its own local Ray, or attached to ``ray_address``."""
     return subprocess.Popen(
-        [sys.executable, "-m", "srd_ray.cli", "run", str(spec), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "RAY_ADDRESS": ray_address},
+        **_srd_run(spec, args, ray_address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
 
 
 def rerun_job(spec: Path, *args: str, ray_address: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "srd_ray.cli", "run", str(spec), *args],
-        capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ray_address}, timeout=600,
-    )  # fmt: skip
+    return subprocess.run(**_srd_run(spec, args, ray_address), capture_output=True, timeout=600)
 
 
 def kill_tree(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:

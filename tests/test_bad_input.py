@@ -24,7 +24,6 @@ class Inputs:
 
     tmp: Path
     spec: dict[str, Any]
-    train: Path
     rows: list[dict[str, Any]]
     teacher: Path
     student: Path
@@ -237,7 +236,7 @@ def inputs(tmp_path, tiny_models, demo_data) -> Inputs:
         "data": {"train": {"path": str(train)}, "max_response_tokens": 32},
         "reflect": {"engine": "transformers"},
     }
-    return Inputs(tmp_path, spec, train, rows, Path(tiny_models["teacher"]), Path(tiny_models["student"]))
+    return Inputs(tmp_path, spec, rows, Path(tiny_models["teacher"]), Path(tiny_models["student"]))
 
 
 def test_the_catalogue_has_at_least_40_cases():

@@ -44,8 +44,9 @@ def test_private_local_ray_has_no_dashboard_and_keeps_token_auth(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     facts = json.loads(result.stdout.strip().splitlines()[-1])
-    assert facts == {"token_auth": True, "token_file": True, "dashboard_url": facts["dashboard_url"], "total": 56}
+    assert facts["token_auth"] and facts["token_file"], facts
     assert not facts["dashboard_url"], "the private Ray must not serve a dashboard"
+    assert facts["total"] == 56, "an actor-pool job must still run with the token in place"
 
 
 def test_models_load_safetensors_only_and_no_remote_code_by_default(monkeypatch, tiny_models):

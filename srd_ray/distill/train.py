@@ -518,8 +518,10 @@ def run_training(
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint_handler)
     wall = time.perf_counter() - started
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name}: training finished without a checkpoint")
     final = result.metrics or {}
-    if result.checkpoint is None or final.get("stage") != len(plan):
+    if final.get("stage") != len(plan):
         # An aborted run also returns a result; only the checkpoint taken after the last stage is the end.
         raise KeyboardInterrupt(f"{name} stopped at stage {final.get('stage')} before its last stage ended")
     with result.checkpoint.as_directory() as folder, atomic.directory(stage_dir / "model") as scratch:

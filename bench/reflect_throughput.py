@@ -139,7 +139,7 @@ def run_ours(train: str, model_path: str, rows: int, engine: str, actors: int, s
         }
     )
     table = load_source(spec.data.train, spec.data, label="train").table
-    return run_reflect(spec, table, spec.run_dir / "reflect", engine=engine, teacher=None)
+    return run_reflect(spec, table, f"{spec.run_dir}/reflect", engine=engine, teacher=None)
 
 
 def main() -> None:

@@ -42,10 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--name", help="label for the results (default: the folder's name)")
 
     report = commands.add_parser("report", help="write RUN_DIR/report/report.html with plots")
-    report.add_argument("run_dir", type=Path)
+    report.add_argument("run_dir", help="run directory: a local path or an object-store URI")
 
     compare = commands.add_parser("compare", help="compare runs (e.g. SRD vs its curriculum: none baseline)")
-    compare.add_argument("run_dirs", type=Path, nargs="+")
+    compare.add_argument("run_dirs", nargs="+")
     compare.add_argument("--out", type=Path, help="also write the table to this markdown file")
 
     tiny = commands.add_parser("make-tiny-models", help="build a tiny teacher/student pair with a local tokenizer")
@@ -98,13 +98,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"report: {write_report(args.run_dir)}")
         return 0
     if args.command == "compare":
-        from srd_ray import atomic
+        from srd_ray import storage
         from srd_ray.report import compare_runs
 
         table = compare_runs(args.run_dirs)
         print(table, end="")
         if args.out:
-            atomic.write_text(args.out, table)
+            storage.write_text(args.out, table)
         return 0
 
     from srd_ray.spec import dump_spec, load_spec
@@ -125,7 +125,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 f"{label} {name}: ROUGE-L {result['rouge_l']:.2f} ± {result['rouge_l_std']:.2f}, exact match "
                 f"{result['exact_match']:.1f} ({result['examples']} examples x {len(result['seeds'])} seeds)"
             )
-        print(f"predictions: {spec.run_dir / 'evaluate' / label}")
+        print(f"predictions: {spec.run_dir}/evaluate/{label}")
         return 0
     if args.command == "rank":
         manifest = run_pipeline(spec, stages=["rank"], redo=["rank"] if args.redo else None)
@@ -137,7 +137,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare_with_baselines(run_dir: Path, manifest: dict) -> None:
+def _compare_with_baselines(run_dir: str, manifest: dict) -> None:
     """After an SRD run, print it against any finished curriculum: none run beside it (its KD baseline)."""
     from srd_ray.report import compare_runs, find_baselines
 

@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from srd_ray.errors import DataError
 from srd_ray.spec import DataSourceSpec, DataSpec
+from srd_ray.storage import Location, is_uri
+
+# File kinds a data folder is read for.
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 CORE_COLUMNS = ("example_id", "input_position", "prompt", "references", "response")
 _USUAL_NAMES = {
@@ -82,9 +85,11 @@ def load_source(source: DataSourceSpec, data: DataSpec, *, label: str) -> Loaded
 def _resolve_files(source: DataSourceSpec, label: str) -> list[str]:
     if source.format == "hub":
         return []
+    if is_uri(source.path):
+        return _resolve_object_store_files(source, label)
     path = Path(source.path)
     if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
+        files = sorted(str(p) for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
     elif any(ch in source.path for ch in "*?["):
         files = sorted(glob.glob(source.path))
     elif path.exists():
@@ -95,6 +100,22 @@ def _resolve_files(source: DataSourceSpec, label: str) -> list[str]:
         raise DataError(f"{label}: data path {source.path} does not exist")
     if not files:
         raise DataError(f"{label}: no JSONL or Parquet files match {source.path}")
+    return files
+
+
+def _resolve_object_store_files(source: DataSourceSpec, label: str) -> list[str]:
+    """A file or a folder of files on an object store."""
+    if any(ch in source.path for ch in "*?["):
+        raise DataError(f"{label}: {source.path}: globs work on local paths only; give the folder instead")
+    try:
+        location = Location.of(source.path)
+        if location.is_file():
+            return [source.path]
+        files = [str(child) for child in location.children() if child.name.endswith(DATA_SUFFIXES)]
+    except OSError as error:
+        raise DataError(f"{label}: cannot read {source.path}: {error}") from None
+    if not files:
+        raise DataError(f"{label}: no JSONL or Parquet files at {source.path}")
     return files
 
 
@@ -113,7 +134,7 @@ def _iter_records(source: DataSourceSpec, files: list[str]) -> Iterator[tuple[st
 
 
 def _iter_jsonl(file: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(file, "rb") as handle:
+    with Location.of(file).open_binary() as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{file}:{number}"
             try:
@@ -133,7 +154,7 @@ def _iter_jsonl(file: str) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def _iter_parquet(file: str) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
-        parquet = pq.ParquetFile(file)
+        parquet = Location.of(file).parquet_file()
     except (pa.ArrowInvalid, OSError) as error:
         raise DataError(f"{file}: not a readable Parquet file ({error})") from None
     row_index = 0

@@ -17,10 +17,10 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
-from srd_ray import atomic
+from srd_ray import storage
 from srd_ray.spec import MINILLM_TEMPLATE_NO_INPUT, MINILLM_TEMPLATE_WITH_INPUT
+from srd_ray.storage import Location
 
 MAX_DIFFICULTY = 5
 # Times a fact of difficulty d is drawn per pretraining pass, relative to difficulty 1.
@@ -112,7 +112,7 @@ def generate_rows(facts: list[Fact], count: int, seed: int, weights: dict[int, i
 
 
 def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
-    atomic.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    storage.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_demo_data(
@@ -137,7 +137,7 @@ def write_demo_data(
     }
     paths = {}
     for split, rows in splits.items():
-        path = Path(out_dir) / f"demo_{split}.jsonl"
+        path = Location.of(out_dir) / f"demo_{split}.jsonl"
         write_jsonl(rows, path)
         paths[split] = str(path)
     return paths

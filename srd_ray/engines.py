@@ -31,6 +31,7 @@ from srd_ray.models import (
     encode_prompt,
     load_model,
     load_tokenizer,
+    local_model_path,
     model_context_length,
     pick_device,
     shift_for_next_token,
@@ -234,7 +235,7 @@ class VLLMEngine:
             options["enable_chunked_prefill"] = False
         try:
             self.llm = LLM(
-                model=model.path,
+                model=local_model_path(model),
                 dtype=model.dtype,
                 trust_remote_code=model.trust_remote_code,
                 load_format="safetensors",

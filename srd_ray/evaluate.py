@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import logging
 import statistics
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from srd_ray import atomic
+from srd_ray import storage
 from srd_ray.engines import build_engine, row_seed
 from srd_ray.ray_errors import reraise_srd_error
 from srd_ray.scoring import exact_match, rouge_l
 from srd_ray.spec import DataSpec, EvaluateSpec, ModelSpec, VllmSpec
+from srd_ray.storage import Location, Place
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def run_evaluate(
     vllm: VllmSpec,
     model: ModelSpec,
     eval_sets: dict[str, pa.Table],
-    out_dir: Path,
+    out_dir: Place,
 ) -> dict[str, Any]:
     """Evaluate one model on every eval set; writes ``predictions.parquet`` and returns the summary."""
     import ray
@@ -127,9 +127,10 @@ def run_evaluate(
         predictions = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
     _check_complete(work, predictions)
     predictions = predictions.sort_by([("eval_set", "ascending"), ("seed", "ascending"), ("example_id", "ascending")])
-    atomic.write_parquet(out_dir / "predictions.parquet", predictions)
+    out_dir = Location.of(out_dir)
+    storage.write_parquet(out_dir / "predictions.parquet", predictions)
     summary = summarize(predictions)
-    atomic.write_json(out_dir / "summary.json", {"model": model.path, "sets": summary})
+    storage.write_json(out_dir / "summary.json", {"model": model.path, "sets": summary})
     return summary
 
 

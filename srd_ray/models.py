@@ -13,31 +13,49 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from srd_ray import storage
 from srd_ray.errors import ModelError
 from srd_ray.spec import ModelSpec
+from srd_ray.storage import Location, is_uri
 
 IGNORE_INDEX = -100
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_model_path(spec: ModelSpec, role: str) -> None:
-    """Fail early, before any output is written, on a local model path that cannot hold a model."""
-    path = Path(spec.path)
-    if not path.is_absolute():
+    """Fail early, before any output is written, on a model folder that cannot hold a model."""
+    if not (is_uri(spec.path) or Path(spec.path).is_absolute()):
         return  # a hub id (local paths are made absolute by the spec): from_pretrained reports problems
-    if not path.is_dir():
+    try:
+        folder = Location.of(spec.path)
+        names = {child.name for child in folder.children()} if folder.is_dir() else None
+    except OSError as error:  # an object store refusing access, an unknown bucket
+        raise ModelError(f"models.{role}.path: cannot read {spec.path}: {error}") from None
+    if names is None:
         raise ModelError(f"models.{role}.path: {spec.path} does not exist (expected a save_pretrained folder)")
-    if not (path / "config.json").exists():
+    if "config.json" not in names:
         raise ModelError(f"models.{role}.path: {spec.path} has no config.json; is it a save_pretrained folder?")
-    if not any(path.glob("*.safetensors")):
+    if not any(name.endswith(".safetensors") for name in names):
         raise ModelError(
             f"models.{role}.path: {spec.path} has no *.safetensors weights (srd-ray loads safetensors only)"
         )
 
 
-def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+def local_model_path(spec: ModelSpec) -> str:
+    """What ``from_pretrained`` and vLLM load: a hub id or local folder as it is; a folder on an object
+    store (a model trained into an ``s3://`` run directory) downloaded to this node, once."""
+    if not is_uri(spec.path):
+        return spec.path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+        return str(storage.local_copy(spec.path))
+    except OSError as error:
+        raise ModelError(f"cannot download {spec.path}: {error}") from None
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    path = local_model_path(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     except Exception as error:  # transformers raises OSError/ValueError/hub errors; all mean "cannot load"
         raise ModelError(f"cannot load tokenizer from {spec.path}: {error}") from None
     if tokenizer.eos_token_id is None:
@@ -48,9 +66,10 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
 
 
 def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> PreTrainedModel:
+    path = local_model_path(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            spec.path,
+            path,
             dtype=_DTYPES[spec.dtype],
             trust_remote_code=spec.trust_remote_code,
             use_safetensors=True,
@@ -62,8 +81,9 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> PreTraine
 
 def model_context_length(spec: ModelSpec) -> int | None:
     """Positions the model was built for (``max_position_embeddings``), or None if its config has none."""
+    path = local_model_path(spec)
     try:
-        config = AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     except Exception as error:  # see load_tokenizer
         raise ModelError(f"cannot load model config from {spec.path}: {error}") from None
     return getattr(config, "max_position_embeddings", None)

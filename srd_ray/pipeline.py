@@ -13,12 +13,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from srd_ray import atomic
+from srd_ray import storage
 from srd_ray.data import LoadedData, drop_long_prompts, load_eval_sets, load_training_data
 from srd_ray.demo_data import write_demo_data
 from srd_ray.engines import check_context, resolve_engine
@@ -26,6 +25,7 @@ from srd_ray.errors import SpecError
 from srd_ray.models import check_model_path, check_same_tokenizer, load_tokenizer
 from srd_ray.run_dir import RunDirectory
 from srd_ray.spec import JobSpec, ModelSpec, RaySpec
+from srd_ray.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _prepare(run: Run) -> dict[str, Any]:
         texts = [p + r for p, r in zip(rows["prompt"].to_pylist(), rows["response"].to_pylist(), strict=True)]
         pretrain_texts = texts
         if prepare.demo_data:
-            pretrain = Path(summary["demo_data"]["pretrain"]).read_text().splitlines()
+            pretrain = Location.of(summary["demo_data"]["pretrain"]).read_text().splitlines()
             pretrain_texts = [_prompt_and_output(line) for line in pretrain]
         summary["tiny_models"] = make_tiny_models(
             out, prepare.tiny_models, texts, pretrain_texts, seed=run.spec.run.seed
@@ -187,9 +187,9 @@ def _rank(run: Run) -> dict[str, Any]:
     from srd_ray.reflect import read_scored
 
     scored = read_scored(run.run_dir.stage_dir("reflect"))
-    with atomic.directory(run.run_dir.stage_dir("rank")) as scratch:
+    with storage.directory(run.run_dir.stage_dir("rank")) as scratch:
         summary = run_rank(run.spec.rank, scored, scratch, seed=run.spec.run.seed)
-        atomic.write_json(scratch / "manifest.json", summary)
+        storage.write_json(scratch / "manifest.json", summary)
     return summary
 
 
@@ -245,7 +245,7 @@ def evaluate_model(spec: JobSpec, model_path: str, label: str) -> dict[str, Any]
     check_context(model, spec.data, spec.evaluate.generation.max_new_tokens)
     eval_sets = {name: loaded.table for name, loaded in load_eval_sets(spec.data).items()}
     ensure_ray(spec.ray)
-    out = spec.run_dir / "evaluate" / label
+    out = Location.of(spec.run_dir) / "evaluate" / label
     engine = resolve_engine(spec.reflect.engine)
     return run_evaluate(spec.evaluate, spec.data, engine, spec.reflect.vllm, model, eval_sets, out)
 

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from srd_ray import atomic
+from srd_ray import storage
 from srd_ray.errors import DataError
 from srd_ray.spec import RankSpec
+from srd_ray.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,10 @@ def bucket_summary(ranked: pa.Table, spec: RankSpec) -> list[dict[str, Any]]:
     return summary
 
 
-def bucket_dir(stage_dir: Path, bucket: int) -> Path:
+Folder = TypeVar("Folder", Path, Location)
+
+
+def bucket_dir(stage_dir: Folder, bucket: int) -> Folder:
     return stage_dir / f"bucket={bucket}"
 
 
@@ -129,7 +133,7 @@ def run_rank(spec: RankSpec, scored: pa.Table, stage_dir: Path, seed: int = 0) -
     ranked = rank_rows(scored, spec, seed)
     for b in range(spec.num_buckets):
         rows = ranked.filter(pc.equal(ranked["bucket"], b))
-        atomic.write_parquet(bucket_dir(stage_dir, b) / "part-00000.parquet", rows)
+        storage.write_parquet(bucket_dir(stage_dir, b) / "part-00000.parquet", rows)
     buckets = bucket_summary(ranked, spec)
     for entry in buckets:
         log.info(

@@ -18,19 +18,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from srd_ray import atomic
+from srd_ray import storage
 from srd_ray.engines import Engine, build_engine, engine_version, row_seed
 from srd_ray.errors import DataError, RunDirError
 from srd_ray.ray_errors import reraise_srd_error
 from srd_ray.scoring import rouge_l
 from srd_ray.spec import GenerationSpec, JobSpec, ModelSpec
+from srd_ray.storage import Location, Place
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def reflect_settings(spec: JobSpec, engine: str, teacher: ModelSpec | None) -> d
     }
 
 
-def shard_path(shards_dir: Path, index: int) -> Path:
+def shard_path(shards_dir: Location, index: int) -> Location:
     return shards_dir / f"shard-{index:05d}.parquet"
 
 
@@ -110,7 +109,7 @@ class ReflectActor:
     def __init__(self, spec_payload: dict[str, Any], settings: dict[str, Any], shards_dir: str) -> None:
         self.spec = JobSpec.model_validate(spec_payload)
         self.settings = settings
-        self.shards_dir = Path(shards_dir)
+        self.shards_dir = Location.of(shards_dir)
         reflect = self.spec.reflect
         engine_options = {
             "max_new_tokens": reflect.generation.max_new_tokens,
@@ -134,7 +133,7 @@ class ReflectActor:
             scored = score_table(rows, self.engine, self.spec.reflect.generation, self.teacher)
             schema = shard_schema(scored, self.settings)
             scored = scored.select(schema.names).cast(schema)
-            atomic.write_parquet(shard_path(self.shards_dir, index), scored)
+            storage.write_parquet(shard_path(self.shards_dir, index), scored)
             summaries.append(
                 {
                     "shard_index": index,
@@ -158,10 +157,10 @@ def split_into_shards(table: pa.Table, shard_rows: int) -> list[pa.Table]:
     ]
 
 
-def check_existing_shard(path: Path, settings: dict[str, Any]) -> None:
+def check_existing_shard(path: Place, settings: dict[str, Any]) -> None:
     """A finished shard is reused only if it is readable and was made with exactly these settings."""
     try:
-        schema = pq.read_schema(path)
+        schema = Location.of(path).parquet_file().schema_arrow
     except (pa.ArrowInvalid, OSError) as error:
         raise DataError(f"{path}: unreadable reflect shard ({error}); delete it and rerun to recompute it") from None
     made_with = json.loads((schema.metadata or {}).get(SETTINGS_KEY, b"{}"))
@@ -174,21 +173,21 @@ def check_existing_shard(path: Path, settings: dict[str, Any]) -> None:
 
 
 def run_reflect(
-    spec: JobSpec, table: pa.Table, stage_dir: Path, *, engine: str, teacher: ModelSpec | None
+    spec: JobSpec, table: pa.Table, stage_dir: Place, *, engine: str, teacher: ModelSpec | None
 ) -> dict[str, Any]:
     """Score every row of ``table`` into ``stage_dir/shards``; reuses shards already written."""
     import ray
 
     started = time.perf_counter()
     settings = reflect_settings(spec, engine, teacher)
-    shards_dir = stage_dir / "shards"
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    atomic.remove_partials(shards_dir)
+    shards_dir = Location.of(stage_dir) / "shards"
+    storage.remove_partials(shards_dir)
+    finished = {shard.name for shard in shards_dir.children()}
     shards = split_into_shards(table, spec.reflect.shard_rows)
     todo = []
     for shard in shards:
         path = shard_path(shards_dir, shard["shard_index"][0].as_py())
-        if path.exists():
+        if path.name in finished:
             check_existing_shard(path, settings)
         else:
             todo.append(shard)
@@ -266,15 +265,16 @@ def check_complete(table: pa.Table, scored: pa.Table) -> None:
         )
 
 
-def read_scored(stage_dir: Path) -> pa.Table:
+def read_scored(stage_dir: Place) -> pa.Table:
     """All scored shards of a reflect stage as one table, in input order."""
-    shards = sorted((stage_dir / "shards").glob("shard-*.parquet"))
+    shards_dir = Location.of(stage_dir) / "shards"
+    shards = [shard for shard in shards_dir.children() if shard.name.endswith(".parquet")]
     if not shards:
-        raise FileNotFoundError(f"no reflect shards in {stage_dir / 'shards'}")
+        raise FileNotFoundError(f"no reflect shards in {shards_dir}")
     tables = []
     for path in shards:
         try:
-            tables.append(pq.read_table(path))
+            tables.append(path.read_parquet())
         except (pa.ArrowInvalid, OSError) as error:
             raise DataError(f"{path}: unreadable reflect shard ({error}); delete it and rerun reflect") from None
     return pa.concat_tables(tables, promote_options="permissive").sort_by("input_position")

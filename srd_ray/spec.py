@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from srd_ray.errors import SpecError
+from srd_ray.storage import is_uri
 
 KD_LOSS_NAMES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "sft")
 
@@ -39,13 +40,19 @@ MINILLM_TEMPLATE_NO_INPUT = (
     "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
+# The filesystems pyarrow.fs.FileSystem.from_uri builds (output_dir may be any of them).
+OUTPUT_URI_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
+
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 UnitFloat = Annotated[float, Field(ge=0, le=1)]
 
 
 def resolve_local_path(text: str) -> str:
-    """Make a local path absolute (Ray workers run in other directories); leave hub ids ("org/name")."""
+    """Make a local path absolute (Ray workers run in other directories); leave hub ids ("org/name") and
+    URIs ("s3://bucket/key") as they are."""
+    if is_uri(text):
+        return text
     if text.startswith((".", "/", "~")) or text.count("/") >= 2 or Path(text).expanduser().exists():
         return str(Path(text).expanduser().resolve())
     return text
@@ -60,19 +67,23 @@ class _Strict(BaseModel):
 
 class RunSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # A local path every node sees (shared storage on a cluster) or an object-store URI (s3://bucket/prefix).
     output_dir: str = "runs"
     seed: int = 0
 
     @field_validator("output_dir")
     @classmethod
     def _absolute(cls, value: str) -> str:
-        if "://" in value:
-            # Reflect actors, Train workers and the driver all write into the run directory in place.
+        if not is_uri(value):
+            return str(Path(value).expanduser().resolve())
+        scheme = value.split("://", 1)[0]
+        if scheme not in OUTPUT_URI_SCHEMES:
             raise ValueError(
-                f"{value!r}: object-store URIs are not supported yet; use a path every node mounts "
-                "(NFS, EFS, FSx for Lustre, GCS FUSE)"
+                f"{value!r}: pyarrow has no filesystem for {scheme}://; use one of "
+                + ", ".join(f"{s}://" for s in OUTPUT_URI_SCHEMES)
+                + " or a local path"
             )
-        return str(Path(value).expanduser().resolve())
+        return value.rstrip("/")
 
 
 class RaySpec(_Strict):
@@ -86,7 +97,9 @@ class RaySpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    path: PathOrHubId = Field(min_length=1, description="Hugging Face hub id or local save_pretrained folder")
+    path: PathOrHubId = Field(
+        min_length=1, description="Hugging Face hub id, or a save_pretrained folder: local or on an object store"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
 
@@ -107,7 +120,10 @@ class FieldMapping(_Strict):
 
 
 class DataSourceSpec(_Strict):
-    path: PathOrHubId = Field(min_length=1, description="JSONL or Parquet file, folder or glob; or a hub dataset id")
+    path: PathOrHubId = Field(
+        min_length=1,
+        description="JSONL or Parquet file, folder or glob, a file or folder on an object store, or a hub dataset id",
+    )
     format: Literal["auto", "jsonl", "parquet", "hub"] = "auto"
     split: str = "train"
     fields: FieldMapping = FieldMapping()
@@ -365,8 +381,9 @@ class JobSpec(_Strict):
         return self
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.name
+    def run_dir(self) -> str:
+        """``<output_dir>/<run name>``: a local path or an object-store URI."""
+        return join_run_dir(self.run.output_dir, self.run.name)
 
     def section_fingerprint(self, *sections: str) -> str:
         """A short hash of the named sections, used to tell whether a finished stage is still valid."""
@@ -437,7 +454,14 @@ def apply_override(raw: dict, override: str) -> None:
 
 def _raw_run_dir(raw: dict) -> str:
     run = raw.get("run") if isinstance(raw.get("run"), dict) else {}
-    return str(Path(str(run.get("output_dir", "runs"))).expanduser().resolve() / str(run.get("name", "")))
+    output_dir = str(run.get("output_dir", "runs"))
+    if not is_uri(output_dir):
+        output_dir = str(Path(output_dir).expanduser().resolve())
+    return join_run_dir(output_dir, str(run.get("name", "")))
+
+
+def join_run_dir(output_dir: str, name: str) -> str:
+    return f"{output_dir.rstrip('/')}/{name}"
 
 
 def _interpolate(value: Any, run_dir: str) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -22,9 +21,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from srd_ray import atomic
+from srd_ray import storage
 from srd_ray.models import IGNORE_INDEX
 from srd_ray.spec import TinyModelSpec, TinyModelsSpec
+from srd_ray.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ def make_tiny_models(
                 seed=seed + offset,
             )
             log.info("pretrained tiny %s for %d steps, final loss %.3f", role, model_spec.pretrain_steps, loss)
-        target = Path(out_dir) / role
-        with atomic.directory(target) as scratch:
+        target = Location.of(out_dir) / role
+        with storage.directory(target) as scratch:
             model.save_pretrained(scratch, safe_serialization=True)
             tokenizer.save_pretrained(scratch)
         n_params = sum(p.numel() for p in model.parameters())

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from srd_ray.storage import Location, Place
 
 
 def write_spec(tmp_path: Path, tiny_models: dict[str, str], sections: str, name: str = "killed") -> Path:
@@ -28,6 +31,22 @@ models: {{teacher: {{path: {tiny_models["teacher"]}}}, student: {{path: {tiny_mo
         + sections
     )
     return path
+
+
+def demo_data_yaml(demo_data: dict[str, str], max_response_tokens: int = 32) -> str:
+    """The ``data`` section for the demo split: train rows and the held-out eval set."""
+    return f"""
+data:
+  train: {{path: {demo_data["train"]}}}
+  eval_sets: {{heldout: {demo_data["heldout"]}}}
+  max_response_tokens: {max_response_tokens}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _srd_run(spec: Path, args: tuple[str, ...], ray_address: str) -> dict:
@@ -97,14 +116,15 @@ DISTILL_STEPS = 60
 STAGE_1_STEPS = 10
 
 
-def step_metrics(run_dir: Path) -> list[dict]:
-    """The per-step records of distill/metrics.jsonl (complete lines only: it may be mid-write)."""
-    path = run_dir / "distill" / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
+def step_metrics(run_dir: Place) -> list[dict]:
+    """The per-step records of distill/metrics.jsonl, on disk or on an object store (complete lines only:
+    a local file may be mid-write)."""
+    path = Location.of(run_dir) / "distill" / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
     return [json.loads(line) for line in lines if line.endswith("}") and '"event"' not in line]
 
 
-def check_resumed_in_stage_2(run_dir: Path, killed_at: int) -> int:
+def check_resumed_in_stage_2(run_dir: Place, killed_at: int) -> int:
     """Stage 1 ran once, only steps after a stage-2 checkpoint ran again, and the run ended with every step
     and the full count. Returns the first repeated step (where training resumed)."""
     steps = step_metrics(run_dir)
@@ -113,7 +133,7 @@ def check_resumed_in_stage_2(run_dir: Path, killed_at: int) -> int:
     repeated = sorted(step for step, count in logged.items() if count > 1)
     assert repeated and min(repeated) > STAGE_1_STEPS and max(repeated) <= killed_at
     assert sorted(logged) == list(range(1, DISTILL_STEPS + 1))
-    summary = json.loads((run_dir / "run.json").read_text())["stages"]["distill"]["summary"]
+    summary = json.loads((Location.of(run_dir) / "run.json").read_text())["stages"]["distill"]["summary"]
     assert summary["optimizer_steps"] == DISTILL_STEPS
     assert [stage["stage"] for stage in summary["stages"]] == [0, 1, 2]
     return min(repeated)

@@ -172,7 +172,7 @@ CASES: list[tuple[str, Callable[[Inputs], None], list[str]]] = [
     ("missing-teacher", drop("models.teacher"), ["models.teacher"]),
     ("missing-train-data", drop("data.train"), ["data.train"]),
     ("run-name-with-slash", spec_case("run.name", "a/b"), ["run.name"]),
-    ("output-dir-uri", spec_case("run.output_dir", "s3://bucket/runs"), ["run.output_dir", "s3://bucket/runs"]),
+    ("output-dir-unknown-scheme", spec_case("run.output_dir", "s4://bucket/runs"), ["run.output_dir", "s4://"]),
     ("batch-size-string", spec_case("distill.batch_size", "eight"), ["distill.batch_size", "eight"]),
     ("batch-size-zero", spec_case("distill.batch_size", 0), ["distill.batch_size"]),
     ("num-workers-float", spec_case("distill.num_workers", 1.5), ["distill.num_workers"]),

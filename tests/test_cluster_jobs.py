@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from srd_ray.spec import load_spec
 from tests.processes import (
     DISTILL_3_STAGES,
     check_resumed_in_stage_2,
+    demo_data_yaml,
+    free_port,
     kill_tree,
     rerun_job,
     start_job,
@@ -85,12 +86,6 @@ def cluster_env() -> dict[str, str]:
     return {**env, "PATH": f"{BIN}{os.pathsep}{env['PATH']}", "RAY_AUTH_MODE": "disabled"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """`ray start --head --node-ip-address=127.0.0.1 --num-cpus=2`, stopped (the whole process tree) after.
@@ -139,17 +134,13 @@ def test_ray_job_submit_runs_the_pipeline(cluster, tmp_path, tiny_models, demo_d
     spec_path = write_spec(
         tmp_path,
         tiny_models,
-        f"""
-data:
-  train: {{path: {demo_data["train"]}}}
-  eval_sets: {{heldout: {demo_data["heldout"]}}}
-  max_response_tokens: 16
-reflect: {{engine: transformers, concurrency: 2, shard_rows: 40, generation: {{max_new_tokens: 8}}}}
+        demo_data_yaml(demo_data, max_response_tokens=16)
+        + """reflect: {engine: transformers, concurrency: 2, shard_rows: 40, generation: {max_new_tokens: 8}}
 distill:
   num_workers: 1
   batch_size: 16
-  stages: [{{epochs: 1, kd_weight: 0.8}}, {{epochs: 1, kd_weight: 0.9}}, {{epochs: 1, kd_weight: 1.0}}]
-evaluate: {{seeds: [10], max_examples: 8, generation: {{max_new_tokens: 8}}}}
+  stages: [{epochs: 1, kd_weight: 0.8}, {epochs: 1, kd_weight: 0.9}, {epochs: 1, kd_weight: 1.0}]
+evaluate: {seeds: [10], max_examples: 8, generation: {max_new_tokens: 8}}
 """,
         name="submitted",
     )
@@ -157,7 +148,7 @@ evaluate: {{seeds: [10], max_examples: 8, generation: {{max_new_tokens: 8}}}}
     status, logs = cluster.wait(job_id)
     assert status == "SUCCEEDED", logs[-4000:]
     assert "attaching to Ray at" in logs
-    run_dir = load_spec(spec_path).run_dir
+    run_dir = Path(load_spec(spec_path).run_dir)
     manifest = json.loads((run_dir / "run.json").read_text())
     assert {name: stage["status"] for name, stage in manifest["stages"].items()} == {
         name: "complete" for name in ("reflect", "rank", "distill", "evaluate")
@@ -181,7 +172,7 @@ reflect:
 """,
         name="actor-killed",
     )
-    run_dir = load_spec(spec_path).run_dir
+    run_dir = Path(load_spec(spec_path).run_dir)
     shards = run_dir / "reflect" / "shards"
     job_id = cluster.submit(spec_path)
     wait_until(lambda: len(list(shards.glob("shard-*.parquet"))) >= 2, "2 reflect shards")
@@ -210,7 +201,7 @@ reflect: {{engine: transformers, generation: {{max_new_tokens: 8}}}}
         + DISTILL_3_STAGES,
         name="worker-killed",
     )
-    run_dir = load_spec(spec_path).run_dir
+    run_dir = Path(load_spec(spec_path).run_dir)
     job_id = cluster.submit(spec_path)
     wait_until(lambda: any(r["stage"] == 1 and r["global_step"] >= 17 for r in step_metrics(run_dir)), "stage 2")
     workers = cluster.alive_actors("RayTrainWorker")
@@ -236,7 +227,7 @@ reflect: {{engine: transformers, concurrency: 2, shard_rows: 20, generation: {{m
         + DISTILL_3_STAGES,
         name="interrupted",
     )
-    run_dir = load_spec(spec_path).run_dir
+    run_dir = Path(load_spec(spec_path).run_dir)
     # The driver attached to the cluster from outside it (RAY_ADDRESS), as when run on the head node.
     job = start_job(spec_path, ray_address=cluster.gcs_address)
     wait_until(lambda: any(r["stage"] == 1 for r in step_metrics(run_dir)), "distill stage 2", job)

@@ -57,7 +57,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_reduced_quickstart_end_to_end(tmp_path, ray_session):
     spec = load_spec(write(tmp_path, REDUCED_QUICKSTART))
     manifest = run_pipeline(spec)
-    run_dir = spec.run_dir
+    run_dir = Path(spec.run_dir)
     stages = manifest["stages"]
     assert [s for s in stages if stages[s]["status"] == "complete"] == [
         "prepare", "teacher_sft", "reflect", "rank", "distill", "evaluate",

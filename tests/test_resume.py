@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,6 +13,7 @@ from srd_ray.spec import load_spec
 from tests.processes import (
     DISTILL_3_STAGES,
     check_resumed_in_stage_2,
+    demo_data_yaml,
     kill_job,
     rerun_job,
     start_job,
@@ -36,7 +38,7 @@ reflect:
 """,
     )
     spec = load_spec(spec_path)
-    shards_dir = spec.run_dir / "reflect" / "shards"
+    shards_dir = Path(spec.run_dir) / "reflect" / "shards"
     job = start_job(spec_path, "--stages", "reflect")
     wait_for_files(shards_dir, "shard-*.parquet", 3, job)
     kill_job(job)
@@ -69,28 +71,22 @@ def test_distill_killed_in_stage_2_resumes_there(tmp_path, tiny_models, demo_dat
     spec_path = write_spec(
         tmp_path,
         tiny_models,
-        f"""
-data:
-  train: {{path: {demo_data["train"]}}}
-  eval_sets: {{heldout: {demo_data["heldout"]}}}
-  max_response_tokens: 32
-reflect: {{engine: transformers, generation: {{max_new_tokens: 8}}}}
+        demo_data_yaml(demo_data)
+        + """reflect: {engine: transformers, generation: {max_new_tokens: 8}}
 """
         + DISTILL_3_STAGES,
     )
-    spec = load_spec(spec_path)
+    run_dir = Path(load_spec(spec_path).run_dir)
     job = start_job(spec_path, "--stages", "reflect,rank,distill")
-    wait_until(
-        lambda: any(r["stage"] == 1 and r["global_step"] >= 24 for r in step_metrics(spec.run_dir)), "stage 2", job
-    )
+    wait_until(lambda: any(r["stage"] == 1 and r["global_step"] >= 24 for r in step_metrics(run_dir)), "stage 2", job)
     kill_job(job)
-    killed_at = max(r["global_step"] for r in step_metrics(spec.run_dir))
+    killed_at = max(r["global_step"] for r in step_metrics(run_dir))
     assert killed_at < 30, "the kill should land inside stage 2 (steps 11..30)"
 
     rerun = rerun_job(spec_path, "--stages", "reflect,rank,distill")
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    resumed_at = check_resumed_in_stage_2(spec.run_dir, killed_at)
-    summary = json.loads((spec.run_dir / "run.json").read_text())["stages"]["distill"]["summary"]
+    resumed_at = check_resumed_in_stage_2(run_dir, killed_at)
+    summary = json.loads((run_dir / "run.json").read_text())["stages"]["distill"]["summary"]
     heldout = {r["after_stage"]: r["heldout_kd"] for r in summary["heldout_kd"]}
     assert sorted(heldout) == [-1, 0, 1, 2]
     assert heldout[2] < heldout[-1], f"held-out KD loss should fall: {heldout}"

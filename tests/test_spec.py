@@ -42,7 +42,7 @@ def test_minimal_spec_gets_srd_release_defaults(tmp_path):
     assert spec.evaluate.seeds == [10, 20, 30, 40, 50] and spec.evaluate.generation.temperature == 1.0
     assert spec.data.max_prompt_tokens == 256 and spec.data.max_response_tokens == 256
     assert spec.models.teacher.trust_remote_code is False
-    assert spec.run_dir == tmp_path / "runs" / "t"
+    assert spec.run_dir == str(tmp_path / "runs" / "t")
 
 
 def test_negative_temperature_names_path_value_and_line(tmp_path):

@@ -8,7 +8,6 @@ baseline (``curriculum: none``) and teacher SFT feed all training rows.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -17,11 +16,12 @@ from srd_ray.distill.train import LossSettings, StagePlan, bucket_name, plan_cur
 from srd_ray.errors import DataError
 from srd_ray.rank import bucket_dir
 from srd_ray.spec import JobSpec, ModelSpec, StageSpec
+from srd_ray.storage import Location, Place
 
 TRAINING_COLUMNS = ["example_id", "prompt", "response"]
 
 
-def run_teacher_sft(spec: JobSpec, train_rows: pa.Table, stage_dir: Path) -> dict[str, Any]:
+def run_teacher_sft(spec: JobSpec, train_rows: pa.Table, stage_dir: Place) -> dict[str, Any]:
     """Fine-tune the teacher on the training references (cross-entropy only), as the SRD paper does."""
     import ray
 
@@ -41,7 +41,7 @@ def run_teacher_sft(spec: JobSpec, train_rows: pa.Table, stage_dir: Path) -> dic
     )
 
 
-def check_buckets(rank_dir: Path, used: range) -> None:
+def check_buckets(rank_dir: Location, used: range) -> None:
     """Every bucket a stage needs must exist and hold rows: fail before the first step, not in a worker."""
     manifest = json.loads((rank_dir / "manifest.json").read_text())
     rows = {bucket["bucket"]: bucket["rows"] for bucket in manifest["buckets"]}
@@ -63,9 +63,9 @@ def _pairs(rows: pa.Table | None, limit: int) -> list[tuple[str, str]]:
 def run_distill(
     spec: JobSpec,
     teacher: ModelSpec,
-    stage_dir: Path,
+    stage_dir: Place,
     *,
-    rank_dir: Path | None,
+    rank_dir: Place | None,
     train_rows: pa.Table | None,
     heldout_rows: pa.Table | None = None,
 ) -> dict[str, Any]:
@@ -78,14 +78,17 @@ def run_distill(
         datasets = {"all": ray.data.from_arrow(train_rows.select(TRAINING_COLUMNS))}
     else:
         assert rank_dir is not None
+        rank_dir = Location.of(rank_dir)
         used = range(len(spec.distill.stages))
         check_buckets(rank_dir, used)
         # Materialised into the object store before training: the workers then pull blocks without
         # needing free CPUs for read tasks (on a small machine the workers hold them all).
-        datasets = {
-            bucket_name(b): ray.data.read_parquet(str(bucket_dir(rank_dir, b)), columns=TRAINING_COLUMNS).materialize()
-            for b in used
-        }
+        datasets = {}
+        for b in used:
+            folder = bucket_dir(rank_dir, b)
+            datasets[bucket_name(b)] = ray.data.read_parquet(
+                folder.path, filesystem=folder.filesystem, columns=TRAINING_COLUMNS
+            ).materialize()
     summary = run_training(
         name="distill",
         training=spec.distill,

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from srd_ray import atomic
+from srd_ray import storage
 from srd_ray.distill.losses import token_kd
 from srd_ray.distill.parallel import (
     full_model_state,
@@ -51,6 +51,7 @@ from srd_ray.models import (
     shift_for_next_token,
 )
 from srd_ray.spec import DataSpec, DistillSpec, ModelSpec, StageSpec, TrainingSpec
+from srd_ray.storage import Location, Place
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss = LossSettings(**config["loss"])
     seed = config["seed"]
     continuous = not config["reset_optimizer_each_stage"]
-    metrics_path = Path(config["metrics_path"])
+    metrics_path = Location.of(config["metrics_path"])
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -392,9 +393,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         checkpoint(stage.index + 1, 0)
 
 
-def _append_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(metrics) + "\n")
+def _append_metrics(path: Location, metrics: dict[str, Any]) -> None:
+    storage.append_line(path, json.dumps(metrics))
     if metrics.get("event") == "heldout":
         log.info("held-out KD loss after stage %d: %.4f", metrics["after_stage"], metrics["heldout_kd"])
         return
@@ -463,7 +463,7 @@ def run_training(
     datasets: dict[str, Any],
     loss: LossSettings,
     seed: int,
-    stage_dir: Path,
+    stage_dir: Place,
     reset_optimizer_each_stage: bool = True,
     teacher_dtype: str = "auto",
     heldout: list[tuple[str, str]] | None = None,
@@ -474,7 +474,7 @@ def run_training(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage_dir = Location.of(stage_dir)
     resources = {"CPU": training.num_cpus_per_worker}
     if training.use_gpu:
         resources["GPU"] = 1
@@ -493,14 +493,16 @@ def run_training(
             "reset_optimizer_each_stage": reset_optimizer_each_stage,
             "teacher_dtype": teacher_dtype,
             "heldout": heldout or [],
-            "metrics_path": str((stage_dir / "metrics.jsonl").resolve()),
+            "metrics_path": str(stage_dir / "metrics.jsonl"),
         },
         scaling_config=ScalingConfig(
             num_workers=training.num_workers, use_gpu=training.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str((stage_dir / "ray_train").resolve()),
+            # Checkpoints go straight to the run directory's filesystem (local disk or object store).
+            storage_path=(stage_dir / "ray_train").path,
+            storage_filesystem=stage_dir.filesystem,
             failure_config=FailureConfig(max_failures=2),
         ),
         datasets=datasets,
@@ -524,7 +526,7 @@ def run_training(
     if final.get("stage") != len(plan):
         # An aborted run also returns a result; only the checkpoint taken after the last stage is the end.
         raise KeyboardInterrupt(f"{name} stopped at stage {final.get('stage')} before its last stage ended")
-    with result.checkpoint.as_directory() as folder, atomic.directory(stage_dir / "model") as scratch:
+    with result.checkpoint.as_directory() as folder, storage.directory(stage_dir / "model") as scratch:
         for item in Path(folder).iterdir():
             if item.name != TRAINING_STATE:
                 shutil.copy2(item, scratch / item.name)
@@ -538,17 +540,17 @@ def run_training(
     }
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
+def _read_metrics(path: Location) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _heldout_losses(stage_dir: Path) -> list[dict[str, Any]]:
+def _heldout_losses(stage_dir: Location) -> list[dict[str, Any]]:
     """Held-out KD loss before training (after_stage -1) and after each stage (the last record wins)."""
     latest = {r["after_stage"]: r["heldout_kd"] for r in _read_metrics(stage_dir / "metrics.jsonl") if "event" in r}
     return [{"after_stage": stage, "heldout_kd": value} for stage, value in sorted(latest.items())]
 
 
-def _stage_losses(stage_dir: Path) -> list[dict[str, Any]]:
+def _stage_losses(stage_dir: Location) -> list[dict[str, Any]]:
     """Per stage: first and last logged losses (from metrics.jsonl)."""
     path = stage_dir / "metrics.jsonl"
     by_step: dict[int, dict] = {}

@@ -1,0 +1,183 @@
+"""A run directory on an object store: ``output_dir: s3://...`` against a local S3 server (moto).
+
+The server speaks the S3 protocol over HTTP on 127.0.0.1; pyarrow, Ray Data and Ray Train reach it
+through the same environment a cluster would set (AWS_ENDPOINT_URL and credentials)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import boto3
+import botocore.exceptions
+import pyarrow as pa
+import pytest
+
+from srd_ray import storage
+from srd_ray.cli import main
+from srd_ray.storage import Location
+from tests.processes import (
+    DISTILL_3_STAGES,
+    DISTILL_STEPS,
+    check_resumed_in_stage_2,
+    demo_data_yaml,
+    free_port,
+    kill_job,
+    rerun_job,
+    start_job,
+    step_metrics,
+    wait_until,
+    write_spec,
+)
+
+BUCKET = "srd-runs"
+
+
+@pytest.fixture(scope="module")
+def object_store(tmp_path_factory):
+    """A local S3 server with one bucket; the AWS variables point this process and its children at it.
+
+    The server runs in its own process, as a real store would: moto's Flask app imported into the test
+    process trips vLLM, which inspects every loaded module's globals."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            for name, value in {
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                # Models trained into the bucket are downloaded here to be loaded, not into ~/.cache.
+                "SRD_CACHE_DIR": str(tmp_path_factory.mktemp("srd-cache")),
+            }.items():
+                env.setenv(name, value)
+            s3 = boto3.client("s3")
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    s3.create_bucket(Bucket=BUCKET)
+                    break
+                except botocore.exceptions.EndpointConnectionError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise
+                    time.sleep(0.2)
+            yield Location.of(f"s3://{BUCKET}")
+    finally:
+        server.kill()
+        server.wait()
+
+
+def keys(folder: Location) -> list[str]:
+    """Every object below ``folder``, relative to it."""
+    return [info.path.removeprefix(folder.path + "/") for info in folder.files()]
+
+
+def test_locations_name_local_paths_and_uris(tmp_path, object_store):
+    local = Location.of(tmp_path) / "a" / "b.json"
+    assert local.is_local and str(local) == str(tmp_path / "a" / "b.json")
+    assert Location.of(f"file://{tmp_path}").is_local
+    remote = Location.of(f"s3://{BUCKET}/runs/") / "x" / "run.json"
+    assert str(remote) == f"s3://{BUCKET}/runs/x/run.json"
+    assert (remote.name, str(remote.parent)) == ("run.json", f"s3://{BUCKET}/runs/x")
+
+
+def test_object_store_writes_are_whole_and_folders_replaced(tmp_path, object_store):
+    folder = object_store / "unit"
+    table = pa.table({"example_id": ["a", "b"], "rouge_l": [0.5, 1.0]})
+    storage.write_parquet(folder / "t.parquet", table)
+    assert (folder / "t.parquet").read_parquet().equals(table)
+    storage.write_json(folder / "m.json", {"stages": {}})
+    assert json.loads((folder / "m.json").read_text()) == {"stages": {}}
+    storage.append_line(folder / "log.jsonl", '{"step": 1}')
+    storage.append_line(folder / "log.jsonl", '{"step": 2}')
+    assert (folder / "log.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
+
+    with storage.directory(folder / "model") as scratch:
+        (scratch / "old.bin").write_bytes(b"old")
+    with storage.directory(folder / "model") as scratch:
+        (scratch / "config.json").write_text("{}")
+        (scratch / "sub").mkdir()
+        (scratch / "sub" / "w.bin").write_bytes(b"new")
+    assert keys(folder / "model") == ["config.json", "sub/w.bin"], "a rewritten folder keeps none of the old files"
+    with pytest.raises(RuntimeError), storage.directory(folder / "broken") as scratch:
+        (scratch / "half.bin").write_bytes(b"half")
+        raise RuntimeError("writer died")
+    assert not (folder / "broken").exists(), "a folder whose writer failed never appears"
+
+    first = storage.local_copy(folder / "model", cache_dir=tmp_path / "cache")
+    assert (first / "sub" / "w.bin").read_bytes() == b"new"
+    assert storage.local_copy(folder / "model", cache_dir=tmp_path / "cache") == first, "downloaded once"
+    storage.write_text(folder / "model" / "config.json", '{"changed": true}')
+    second = storage.local_copy(folder / "model", cache_dir=tmp_path / "cache")
+    assert second != first and json.loads((second / "config.json").read_text()) == {"changed": True}
+
+
+def test_unreachable_output_dir_is_refused_by_name(tmp_path, tiny_models, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    spec = write_spec(tmp_path, tiny_models, "data: {train: {path: /dev/null}}\n", name="unreachable")
+    status = main(["run", str(spec), "--set", f"run.output_dir=s3://{BUCKET}/runs"])
+    message = capsys.readouterr().err
+    assert status == 2, message
+    assert message.startswith(f"error: run.output_dir: cannot use s3://{BUCKET}/runs/unreachable"), message
+
+
+@pytest.mark.slow
+def test_a_run_lives_on_the_object_store_and_resumes_from_it(tmp_path, tiny_models, demo_data, object_store):
+    """Every stage on s3://: kill the job in distill stage 2, rerun (resumes from the S3 checkpoint),
+    rerun again (nothing redone), then report. Nothing is written under the local output folder."""
+    spec_path = write_spec(
+        tmp_path,
+        tiny_models,
+        demo_data_yaml(demo_data)
+        + """reflect: {engine: transformers, shard_rows: 40, generation: {max_new_tokens: 8}}
+teacher_sft: {enabled: true, epochs: 1, batch_size: 16, num_workers: 1}
+evaluate: {models: [student_after], max_examples: 8, seeds: [0], generation: {max_new_tokens: 8}}
+"""
+        + DISTILL_3_STAGES,
+        name="on-s3",
+    )
+    run_dir = object_store / "runs" / "on-s3"
+    overrides = ("--set", f"run.output_dir=s3://{BUCKET}/runs")
+    job = start_job(spec_path, *overrides)
+    wait_until(lambda: any(r["stage"] == 1 and r["global_step"] >= 24 for r in step_metrics(run_dir)), "stage 2", job)
+    kill_job(job)
+    killed_at = max(r["global_step"] for r in step_metrics(run_dir))
+    assert killed_at < 30, "the kill should land inside stage 2 (steps 11..30)"
+
+    rerun = rerun_job(spec_path, *overrides)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "reflect: already complete, skipping" in rerun.stderr
+    resumed_at = check_resumed_in_stage_2(run_dir, killed_at)
+
+    objects = keys(run_dir)
+    assert len([k for k in objects if k.startswith("reflect/shards/shard-")]) == 4
+    assert {"rank/manifest.json", *(f"rank/bucket={b}/part-00000.parquet" for b in range(4))} <= set(objects)
+    for model in ("teacher_sft/model", "distill/model"):
+        assert {f"{model}/config.json", f"{model}/model.safetensors", f"{model}/tokenizer.json"} <= set(objects)
+    assert any(k.startswith("distill/ray_train/") and k.endswith("training_state.pt") for k in objects)
+    assert {"evaluate/student_after/summary.json", "evaluate/student_after/predictions.parquet"} <= set(objects)
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert {stage: record["status"] for stage, record in manifest["stages"].items()} == {
+        stage: "complete" for stage in ("teacher_sft", "reflect", "rank", "distill", "evaluate")
+    }
+    assert manifest["stages"]["reflect"]["summary"]["rows"] == 160
+    assert manifest["stages"]["distill"]["summary"]["optimizer_steps"] == DISTILL_STEPS
+    assert manifest["stages"]["distill"]["summary"]["model"] == f"s3://{BUCKET}/runs/on-s3/distill/model"
+    assert not (tmp_path / "runs").exists(), "no run output on local disk"
+
+    again = rerun_job(spec_path, *overrides)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("already complete, skipping") == 5
+    assert json.loads((run_dir / "run.json").read_text())["stages"] == manifest["stages"]
+
+    assert main(["report", str(run_dir)]) == 0
+    assert {"report/report.html", "report/loss.png", "report/signals.png"} <= set(keys(run_dir))
+    print(f"on s3: {len(objects)} objects; killed at step {killed_at}, resumed at step {resumed_at}")

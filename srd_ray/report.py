@@ -79,9 +79,12 @@ def find_baselines(run_dir: Place) -> list[Location]:
     run = Location.of(run_dir)
     baselines = []
     for candidate in run.parent.children():
-        if candidate.name == run.name or not (candidate / MANIFEST).is_file():
+        if candidate.name == run.name:
             continue
-        stages = load_manifest(candidate).get("stages", {})
+        try:
+            stages = load_manifest(candidate).get("stages", {})
+        except RunDirError:  # a folder beside the run that is not a run
+            continue
         curriculum = (stages.get("distill", {}).get("summary") or {}).get("curriculum")
         if curriculum == "none" and stages.get("evaluate", {}).get("status") == "complete":
             baselines.append(candidate)

@@ -74,16 +74,14 @@ class RunSpec(_Strict):
     @field_validator("output_dir")
     @classmethod
     def _absolute(cls, value: str) -> str:
-        if not is_uri(value):
-            return str(Path(value).expanduser().resolve())
         scheme = value.split("://", 1)[0]
-        if scheme not in OUTPUT_URI_SCHEMES:
+        if is_uri(value) and scheme not in OUTPUT_URI_SCHEMES:
             raise ValueError(
                 f"{value!r}: pyarrow has no filesystem for {scheme}://; use one of "
                 + ", ".join(f"{s}://" for s in OUTPUT_URI_SCHEMES)
                 + " or a local path"
             )
-        return value.rstrip("/")
+        return normalise_output_dir(value)
 
 
 class RaySpec(_Strict):
@@ -454,10 +452,12 @@ def apply_override(raw: dict, override: str) -> None:
 
 def _raw_run_dir(raw: dict) -> str:
     run = raw.get("run") if isinstance(raw.get("run"), dict) else {}
-    output_dir = str(run.get("output_dir", "runs"))
-    if not is_uri(output_dir):
-        output_dir = str(Path(output_dir).expanduser().resolve())
-    return join_run_dir(output_dir, str(run.get("name", "")))
+    return join_run_dir(normalise_output_dir(str(run.get("output_dir", "runs"))), str(run.get("name", "")))
+
+
+def normalise_output_dir(value: str) -> str:
+    """A local output_dir made absolute (Ray workers run elsewhere); a URI without a trailing slash."""
+    return value.rstrip("/") if is_uri(value) else str(Path(value).expanduser().resolve())
 
 
 def join_run_dir(output_dir: str, name: str) -> str:

@@ -33,13 +33,14 @@ models: {{teacher: {{path: {tiny_models["teacher"]}}}, student: {{path: {tiny_mo
     return path
 
 
-def demo_data_yaml(demo_data: dict[str, str], max_response_tokens: int = 32) -> str:
-    """The ``data`` section for the demo split: train rows and the held-out eval set."""
+def demo_data_yaml(demo_data: dict[str, str], max_response_tokens: int = 32, heldout: bool = True) -> str:
+    """The ``data`` section for the demo split: train rows and (unless ``heldout`` is off) the held-out
+    eval set."""
+    eval_sets = f"  eval_sets: {{heldout: {demo_data['heldout']}}}\n" if heldout else ""
     return f"""
 data:
   train: {{path: {demo_data["train"]}}}
-  eval_sets: {{heldout: {demo_data["heldout"]}}}
-  max_response_tokens: {max_response_tokens}
+{eval_sets}  max_response_tokens: {max_response_tokens}
 """
 
 

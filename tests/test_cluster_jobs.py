@@ -162,13 +162,12 @@ def test_killed_reflect_actor_is_replaced_and_no_row_is_lost_or_doubled(cluster,
     spec_path = write_spec(
         tmp_path,
         tiny_models,
-        f"""
-data: {{train: {{path: {demo_data["train"]}}}, max_response_tokens: 32}}
-reflect:
+        demo_data_yaml(demo_data, heldout=False)
+        + """reflect:
   engine: transformers
   concurrency: 2
   shard_rows: 5
-  generation: {{temperature: 1.0, max_new_tokens: 96}}
+  generation: {temperature: 1.0, max_new_tokens: 96}
 """,
         name="actor-killed",
     )
@@ -194,9 +193,8 @@ def test_killed_train_worker_restarts_from_the_last_checkpoint(cluster, tmp_path
     spec_path = write_spec(
         tmp_path,
         tiny_models,
-        f"""
-data: {{train: {{path: {demo_data["train"]}}}, max_response_tokens: 32}}
-reflect: {{engine: transformers, generation: {{max_new_tokens: 8}}}}
+        demo_data_yaml(demo_data, heldout=False)
+        + """reflect: {engine: transformers, generation: {max_new_tokens: 8}}
 """
         + DISTILL_3_STAGES,
         name="worker-killed",
@@ -220,9 +218,8 @@ def test_interrupted_driver_reruns_without_redoing_finished_work(cluster, tmp_pa
     spec_path = write_spec(
         tmp_path,
         tiny_models,
-        f"""
-data: {{train: {{path: {demo_data["train"]}}}, max_response_tokens: 32}}
-reflect: {{engine: transformers, concurrency: 2, shard_rows: 20, generation: {{max_new_tokens: 8}}}}
+        demo_data_yaml(demo_data, heldout=False)
+        + """reflect: {engine: transformers, concurrency: 2, shard_rows: 20, generation: {max_new_tokens: 8}}
 """
         + DISTILL_3_STAGES,
         name="interrupted",

@@ -29,12 +29,11 @@ def test_killed_reflect_resumes_with_exactly_the_input_ids(tmp_path, tiny_models
     spec_path = write_spec(
         tmp_path,
         tiny_models,
-        f"""
-data: {{train: {{path: {demo_data["train"]}}}, max_response_tokens: 32}}
-reflect:
+        demo_data_yaml(demo_data, heldout=False)
+        + """reflect:
   engine: transformers
   shard_rows: 5
-  generation: {{temperature: 1.0, max_new_tokens: 96}}
+  generation: {temperature: 1.0, max_new_tokens: 96}
 """,
     )
     spec = load_spec(spec_path)

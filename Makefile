@@ -35,4 +35,4 @@ test: install
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$status
 
 lint: install
-	$(VENV)/bin/ruff check srd_ray tests bench && $(VENV)/bin/ruff format --check srd_ray tests bench
+	$(VENV)/bin/ruff check srd_ray tests bench scripts && $(VENV)/bin/ruff format --check srd_ray tests bench scripts

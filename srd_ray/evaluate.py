@@ -74,16 +74,16 @@ def expand_seeds(eval_sets: dict[str, pa.Table], seeds: list[int], max_examples:
 
 
 class EvalActor:
-    def __init__(self, model: dict[str, Any], data: dict[str, Any], evaluate: dict[str, Any], engine: dict) -> None:
-        self.evaluate = EvaluateSpec.model_validate(evaluate)
+    def __init__(self, model: ModelSpec, data: DataSpec, evaluate: EvaluateSpec, engine: str, vllm: VllmSpec) -> None:
+        self.evaluate = evaluate
         self.engine = build_engine(
-            engine["name"],
-            ModelSpec.model_validate(model),
-            DataSpec.model_validate(data),
-            max_new_tokens=self.evaluate.generation.max_new_tokens,
-            batch_size=self.evaluate.batch_size,
-            num_gpus=self.evaluate.num_gpus_per_actor,
-            vllm=VllmSpec.model_validate(engine["vllm"]),
+            engine,
+            model,
+            data,
+            max_new_tokens=evaluate.generation.max_new_tokens,
+            batch_size=evaluate.batch_size,
+            num_gpus=evaluate.num_gpus_per_actor,
+            vllm=vllm,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -111,12 +111,8 @@ def run_evaluate(
     work = expand_seeds(eval_sets, spec_evaluate.seeds, spec_evaluate.max_examples)
     dataset = ray.data.from_arrow(work).map_batches(
         EvalActor,
-        fn_constructor_kwargs={
-            "model": model.model_dump(mode="json"),
-            "data": data.model_dump(mode="json"),
-            "evaluate": spec_evaluate.model_dump(mode="json"),
-            "engine": {"name": engine, "vllm": vllm.model_dump(mode="json")},
-        },
+        # Settings travel as pydantic objects (they pickle), never as dicts to re-validate.
+        fn_constructor_kwargs={"model": model, "data": data, "evaluate": spec_evaluate, "engine": engine, "vllm": vllm},
         batch_size=spec_evaluate.batch_size * 4,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=spec_evaluate.concurrency),

@@ -9,51 +9,93 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from srd_ray import storage
+from srd_ray.distill.losses import IGNORE_INDEX, Head
 from srd_ray.errors import ModelError
-from srd_ray.spec import ModelSpec
+from srd_ray.spec import LoraSpec, ModelSpec
 from srd_ray.storage import Location, is_uri
 
-IGNORE_INDEX = -100
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_model_path(spec: ModelSpec, role: str) -> None:
-    """Fail early, before any output is written, on a model folder that cannot hold a model."""
-    if not (is_uri(spec.path) or Path(spec.path).is_absolute()):
+    """Fail early, before any output is written, on a model folder that cannot hold a model, an adapter
+    folder that holds no adapter, or LoRA targets the model does not have."""
+    _check_folder(spec.path, f"models.{role}.path", "config.json", "a save_pretrained folder")
+    adapter = getattr(spec, "adapter", None)
+    if adapter is not None:
+        _check_folder(adapter, f"models.{role}.adapter", "adapter_config.json", "a peft adapter folder")
+    lora = getattr(spec, "lora", None)
+    if lora is not None:
+        problem = lora_target_problem(spec, lora)
+        if problem:
+            raise ModelError(f"models.{role}.lora.target_modules: {problem}")
+
+
+def _check_folder(path: str, field: str, config_name: str, what: str) -> None:
+    if not (is_uri(path) or Path(path).is_absolute()):
         return  # a hub id (local paths are made absolute by the spec): from_pretrained reports problems
     try:
-        folder = Location.of(spec.path)
+        folder = Location.of(path)
         names = {child.name for child in folder.children()} if folder.is_dir() else None
     except OSError as error:  # an object store refusing access, an unknown bucket
-        raise ModelError(f"models.{role}.path: cannot read {spec.path}: {error}") from None
+        raise ModelError(f"{field}: cannot read {path}: {error}") from None
     if names is None:
-        raise ModelError(f"models.{role}.path: {spec.path} does not exist (expected a save_pretrained folder)")
-    if "config.json" not in names:
-        raise ModelError(f"models.{role}.path: {spec.path} has no config.json; is it a save_pretrained folder?")
+        raise ModelError(f"{field}: {path} does not exist (expected {what})")
+    if config_name not in names:
+        raise ModelError(f"{field}: {path} has no {config_name}; is it {what}?")
     if not any(name.endswith(".safetensors") for name in names):
-        raise ModelError(
-            f"models.{role}.path: {spec.path} has no *.safetensors weights (srd-ray loads safetensors only)"
-        )
+        raise ModelError(f"{field}: {path} has no *.safetensors weights (srd-ray loads safetensors only)")
 
 
 def local_model_path(spec: ModelSpec) -> str:
     """What ``from_pretrained`` and vLLM load: a hub id or local folder as it is; a folder on an object
-    store (a model trained into an ``s3://`` run directory) downloaded to this node, once."""
-    if not is_uri(spec.path):
-        return spec.path
+    store (a model trained into an ``s3://`` run directory) downloaded to this node, once; a model with an
+    ``adapter`` merged with it into a plain folder, once per node, so every loader sees one model."""
+    path = _fetched(spec.path)
+    adapter = getattr(spec, "adapter", None)
+    return path if adapter is None else _merged_with_adapter(spec, path, _fetched(adapter))
+
+
+def _fetched(path: str) -> str:
+    if not is_uri(path):
+        return path
     try:
-        return str(storage.local_copy(spec.path))
+        return str(storage.local_copy(path))
     except OSError as error:
-        raise ModelError(f"cannot download {spec.path}: {error}") from None
+        raise ModelError(f"cannot download {path}: {error}") from None
+
+
+def _merged_with_adapter(spec: ModelSpec, base: str, adapter: str) -> str:
+    from peft import PeftModel
+
+    def merge(scratch: Path) -> None:
+        model = _from_pretrained(spec, base, dtype="auto")
+        try:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        except Exception as error:  # peft raises ValueError/OSError/KeyError for folders that are no adapter
+            raise ModelError(f"models.teacher.adapter: cannot apply {spec.adapter} to {spec.path}: {error}") from None
+        model.save_pretrained(scratch, safe_serialization=True)
+        AutoTokenizer.from_pretrained(base, trust_remote_code=spec.trust_remote_code).save_pretrained(scratch)
+
+    identity = [base, adapter, *(storage.file_identity(adapter) if Path(adapter).is_dir() else [])]
+    return str(storage.cached_folder("merged", Path(adapter).name, identity, merge))
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
-    path = local_model_path(spec)
+    path = _fetched(spec.path)  # an adapter changes weights only: no merge needed to read the tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     except Exception as error:  # transformers raises OSError/ValueError/hub errors; all mean "cannot load"
@@ -65,28 +107,98 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> PreTrainedModel:
-    path = local_model_path(spec)
+def _from_pretrained(spec: ModelSpec, path: str, dtype: Any) -> PreTrainedModel:
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=_DTYPES[spec.dtype],
-            trust_remote_code=spec.trust_remote_code,
-            use_safetensors=True,
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=True
         )
     except Exception as error:  # see load_tokenizer
         raise ModelError(f"cannot load model from {spec.path}: {error}") from None
-    return model.to(device)
+
+
+def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> PreTrainedModel:
+    return _from_pretrained(spec, local_model_path(spec), DTYPES[spec.dtype]).to(device)
+
+
+def build_on_meta(spec: ModelSpec) -> PreTrainedModel:
+    """The model's structure with no weights (meta tensors): shard it first, then load the weights."""
+    config = load_config(spec)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config, dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code
+        )
+
+
+def load_config(spec: ModelSpec) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(_fetched(spec.path), trust_remote_code=spec.trust_remote_code)
+    except Exception as error:  # see load_tokenizer
+        raise ModelError(f"cannot load model config from {spec.path}: {error}") from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training views of a model: LoRA adapters, the output head, final hidden states
+
+
+def add_lora(model: PreTrainedModel, lora: LoraSpec) -> torch.nn.Module:
+    """Wrap ``model`` with new, trainable LoRA adapters (every other weight frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    return get_peft_model(model, config)
+
+
+def load_adapter(model: PreTrainedModel, folder: str) -> torch.nn.Module:
+    """``model`` with the trainable LoRA adapters saved in ``folder`` (a checkpoint)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, folder, is_trainable=True)
+
+
+def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside a peft wrapper (LoRA layers are injected into it in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def output_head(model: torch.nn.Module, vocab_size: int) -> Head:
+    """The LM head's weights and the output transforms the loss must apply after it."""
+    lm = causal_lm(model)
+    linear = lm.get_output_embeddings()
+    config = lm.config.get_text_config()
+    scale = getattr(config, "logit_scale", None) or 1.0
+    return Head(linear.weight, linear.bias, vocab_size, scale, getattr(config, "final_logit_softcapping", None))
+
+
+def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, seq, hidden] after the final norm: what the LM head reads. The head itself is not run."""
+    decoder = causal_lm(model).base_model
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def lora_target_problem(spec: ModelSpec, lora: LoraSpec) -> str | None:
+    """Why ``lora.target_modules`` does not fit this model (None if it does), from its structure alone."""
+    model = build_on_meta(spec)
+    head = model.get_output_embeddings()
+    head_name = next(name for name, module in model.named_modules() if module is head).rsplit(".", 1)[-1]
+    if lora.target_modules == "all-linear":
+        return None
+    if head_name in lora.target_modules:
+        return f"{head_name!r} is the output head, which LoRA may not adapt here (the loss reads its weights)"
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    unknown = [name for name in lora.target_modules if name not in names]
+    if not unknown:
+        return None
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__
+                     or type(m).__name__ == "Conv1D"} - {head_name})  # fmt: skip
+    return f"no module named {', '.join(map(repr, unknown))} in {spec.path} (its linear layers: {', '.join(linear)})"
 
 
 def model_context_length(spec: ModelSpec) -> int | None:
     """Positions the model was built for (``max_position_embeddings``), or None if its config has none."""
-    path = local_model_path(spec)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-    except Exception as error:  # see load_tokenizer
-        raise ModelError(f"cannot load model config from {spec.path}: {error}") from None
-    return getattr(config, "max_position_embeddings", None)
+    return getattr(load_config(spec), "max_position_embeddings", None)
 
 
 def pick_device(num_gpus: float) -> torch.device:

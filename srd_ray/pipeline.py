@@ -44,7 +44,12 @@ _TRAINING_DATA = (
 _SECTIONS = {
     "prepare": ("prepare", "run.seed"),
     "teacher_sft": ("teacher_sft", "models.teacher", "run.seed", *_TRAINING_DATA),
-    "reflect": ("reflect", "models.student", *_TRAINING_DATA),
+    # The untrained student reflects; its LoRA settings (training only) do not change the scores.
+    "reflect": (
+        "reflect",
+        *(f"models.student.{key}" for key in ("path", "dtype", "trust_remote_code")),
+        *_TRAINING_DATA,
+    ),
     "rank": ("rank", "run.seed"),
     "distill": ("distill", "models", "run.seed", *_TRAINING_DATA),
     "evaluate": ("evaluate", "models", "data.eval_sets", "data.max_prompt_tokens", "reflect.engine", "reflect.vllm"),
@@ -115,14 +120,14 @@ class Run:
     def teacher(self) -> ModelSpec:
         """The teacher distillation uses: the fine-tuned one when teacher_sft is on."""
         if self.spec.teacher_sft.enabled:
-            return self.spec.models.teacher.model_copy(
-                update={"path": str(self.run_dir.stage_dir("teacher_sft") / "model")}
-            )
+            path = str(self.run_dir.stage_dir("teacher_sft") / "model")
+            return self.spec.models.teacher.model_copy(update={"path": path, "adapter": None})  # merged before SFT
         return self.spec.models.teacher
 
     @property
     def distilled_student(self) -> ModelSpec:
-        return self.spec.models.student.model_copy(update={"path": str(self.run_dir.stage_dir("distill") / "model")})
+        path = str(self.run_dir.stage_dir("distill") / "model")
+        return self.spec.models.student.model_copy(update={"path": path, "lora": None})  # saved merged
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -163,7 +168,7 @@ def _prompt_and_output(jsonl_line: str) -> str:
 
 
 def _teacher_sft(run: Run) -> dict[str, Any]:
-    from srd_ray.distill import run_teacher_sft
+    from srd_ray.distill.stage import run_teacher_sft
 
     return run_teacher_sft(run.spec, run.train.table, run.run_dir.stage_dir("teacher_sft"))
 
@@ -194,7 +199,7 @@ def _rank(run: Run) -> dict[str, Any]:
 
 
 def _distill(run: Run) -> dict[str, Any]:
-    from srd_ray.distill import run_distill
+    from srd_ray.distill.stage import run_distill
 
     srd = run.spec.distill.curriculum == "srd"
     heldout_name = run.spec.distill.heldout_eval_set or next(iter(run.spec.data.eval_sets), None)
@@ -286,20 +291,33 @@ def fingerprints(spec: JobSpec) -> dict[str, str]:
 
 
 def preflight(run: Run) -> None:
-    """Check inputs before any stage output is written: data rows, model folders, shared tokenizer."""
-    produced = set()
-    if run.spec.prepare.tiny_models:
-        produced = {str(run.run_dir.stage_dir("prepare") / role) for role in ("teacher", "student")}
+    """Check inputs before any stage output is written: data rows, model folders (and adapters, LoRA
+    targets), shared tokenizer, GPUs asked for."""
     for role in ("teacher", "student"):
-        model = getattr(run.spec.models, role)
-        if model.path not in produced:
-            check_model_path(model, role)
-    if not produced:
-        check_same_tokenizer(load_tokenizer(run.spec.models.teacher), load_tokenizer(run.spec.models.student))
+        check_model_path(getattr(run.spec.models, role), role)
+    check_same_tokenizer(load_tokenizer(run.spec.models.teacher), load_tokenizer(run.spec.models.student))
     resolve_engine(run.spec.reflect.engine)
     check_context(run.spec.models.student, run.spec.data, run.spec.reflect.generation.max_new_tokens)
     check_context(run.spec.models.teacher, run.spec.data, run.spec.evaluate.generation.max_new_tokens)
+    check_local_gpus(run.spec)
     _ = run.train, run.eval_sets  # load now: a bad row fails here, naming file and line
+
+
+def check_local_gpus(spec: JobSpec) -> None:
+    """A private local Ray gets this machine's GPUs: training that asks for GPUs where there are none would
+    wait forever. (Attached to a cluster, GPU nodes may still be scaling up, so the run waits as Ray does.)"""
+    if spec.ray.address != "local" or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    gpus = spec.ray.num_gpus if spec.ray.num_gpus is not None else torch.cuda.device_count()
+    for section in ("teacher_sft", "distill"):
+        training = getattr(spec, section)
+        if training.use_gpu and gpus == 0 and (section == "distill" or spec.teacher_sft.enabled):
+            raise SpecError(
+                f"{section}.use_gpu is true but the local Ray has no GPU on this machine: set "
+                f"{section}.use_gpu: false, or attach to a GPU cluster (ray.address or RAY_ADDRESS)"
+            )
 
 
 def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str] | None = None) -> dict[str, Any]:

@@ -89,7 +89,8 @@ def reflect_settings(spec: JobSpec, engine: str, teacher: ModelSpec | None) -> d
     """Everything that determines a shard's scores: shards made with other settings must not be mixed."""
     return {
         "engine": engine,
-        "student": spec.models.student.model_dump(mode="json"),
+        # LoRA settings shape training only: the untrained student reflects the same with or without them.
+        "student": spec.models.student.model_dump(mode="json", exclude={"lora"}),
         "teacher": teacher.model_dump(mode="json") if teacher else None,
         "generation": spec.reflect.generation.model_dump(mode="json"),
         "max_prompt_tokens": spec.data.max_prompt_tokens,
@@ -106,8 +107,8 @@ def shard_path(shards_dir: Location, index: int) -> Location:
 class ReflectActor:
     """Engines are loaded once per actor; each call scores whole shards and writes them (idempotent)."""
 
-    def __init__(self, spec_payload: dict[str, Any], settings: dict[str, Any], shards_dir: str) -> None:
-        self.spec = JobSpec.model_validate(spec_payload)
+    def __init__(self, spec: JobSpec, settings: dict[str, Any], teacher: ModelSpec | None, shards_dir: str) -> None:
+        self.spec = spec
         self.settings = settings
         self.shards_dir = Location.of(shards_dir)
         reflect = self.spec.reflect
@@ -119,9 +120,8 @@ class ReflectActor:
         }
         self.engine = build_engine(settings["engine"], self.spec.models.student, self.spec.data, **engine_options)
         self.teacher = None
-        if settings["teacher"]:
+        if teacher is not None:
             # Teacher CE needs a forward pass only: transformers does that well on any device.
-            teacher = ModelSpec.model_validate(settings["teacher"])
             self.teacher = build_engine("transformers", teacher, self.spec.data, **engine_options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -200,8 +200,9 @@ def run_reflect(
         dataset = ray.data.from_arrow(todo).map_batches(
             ReflectActor,
             fn_constructor_kwargs={
-                "spec_payload": spec.model_dump(mode="json"),
+                "spec": spec,
                 "settings": settings,
+                "teacher": teacher,
                 "shards_dir": str(shards_dir),
             },
             batch_size=None,

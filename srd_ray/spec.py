@@ -25,10 +25,9 @@ from pydantic import (
     model_validator,
 )
 
+from srd_ray.distill.losses import DEFAULT_LOSS, KD_LOSS_NAMES, TEMPERATURE_SCALINGS, LossSettings
 from srd_ray.errors import SpecError
 from srd_ray.storage import is_uri
-
-KD_LOSS_NAMES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "sft")
 
 MINILLM_TEMPLATE_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -102,9 +101,36 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = False
 
 
+class LoraSpec(_Strict):
+    """Train low-rank adapters (peft LoRA) instead of every student weight; the result is saved merged."""
+
+    r: PositiveInt = 16
+    alpha: PositiveFloat = 32.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # Module names (the last part of a module path, e.g. q_proj) or "all-linear": every linear layer of
+    # the decoder (never the output head, whose weights the chunked loss reads directly).
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module, or use all-linear")
+        return value
+
+
+class StudentModelSpec(ModelSpec):
+    lora: LoraSpec | None = None
+
+
+class TeacherModelSpec(ModelSpec):
+    # A peft adapter (e.g. a LoRA SFT of the teacher): merged into the teacher once per node when loaded.
+    adapter: PathOrHubId | None = None
+
+
 class ModelsSpec(_Strict):
-    teacher: ModelSpec
-    student: ModelSpec
+    teacher: TeacherModelSpec
+    student: StudentModelSpec
 
 
 class FieldMapping(_Strict):
@@ -294,11 +320,23 @@ class TrainingSpec(_Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     min_lr: Annotated[float, Field(ge=0)] = 1e-7
     log_every_steps: PositiveInt = 10
+    # auto: bf16-mixed on GPU workers, fp32 on CPU. Mixed = fp32 master weights and optimizer, autocast
+    # compute (FSDP: bf16/fp16 parameters in compute, fp32 gradient reduction).
+    precision: Literal["auto", "bf16-mixed", "fp16-mixed", "fp32"] = "auto"
+    # Recompute each decoder layer's activations in the backward pass: less memory, ~1/3 more compute.
+    activation_checkpointing: bool = False
+    # Response tokens per chunk of the loss: logits exist for one chunk at a time, a few [chunk, vocab] fp32
+    # tensors (64 x 151,936 x 4 B = 39 MB each). Larger chunks launch fewer kernels and take more memory.
+    loss_chunk_tokens: PositiveInt = 64
+    # Micro-batches of rows of similar length (within each epoch's shuffled order): less padding.
+    group_by_length: bool = True
     # Logged metrics always go to metrics.jsonl and the log. true: also ray.train.report them at every log
     # step (for Ray's own metric consumers); each report is a barrier costing ~2 s in Ray 2.60.
     report_every_log_step: bool = False
     # Checkpoints are always written at the end of each stage; also every N optimizer steps if set.
     checkpoint_every_steps: PositiveInt | None = None
+    # Checkpoints kept (the newest); older ones are deleted as new ones are written.
+    keep_checkpoints: PositiveInt = 2
 
 
 class TeacherSftSpec(TrainingSpec):
@@ -308,13 +346,13 @@ class TeacherSftSpec(TrainingSpec):
 
 
 class DistillSpec(TrainingSpec):
-    loss: Literal[KD_LOSS_NAMES] = "fkl"  # type: ignore[valid-type]
+    loss: Literal[KD_LOSS_NAMES] = DEFAULT_LOSS.name  # type: ignore[valid-type]
     # srd: stage s trains on buckets 0..s. none: every stage trains on all rows (the matched KD baseline).
     curriculum: Literal["srd", "none"] = "srd"
     stages: list[StageSpec] = Field(default_factory=_srd_release_stages, min_length=1)
-    temperature_scaling: Literal["t_squared", "none", "srd_release"] = "t_squared"
-    jsd_beta: UnitFloat = 0.9
-    skew_alpha: UnitFloat = 0.1
+    temperature_scaling: Literal[TEMPERATURE_SCALINGS] = DEFAULT_LOSS.temperature_scaling  # type: ignore[valid-type]
+    jsd_beta: UnitFloat = DEFAULT_LOSS.jsd_beta
+    skew_alpha: UnitFloat = DEFAULT_LOSS.skew_alpha
     # true (the SRD release): each stage gets a fresh AdamW and its own cosine schedule from its lr.
     # false: one optimizer and one cosine schedule over all stages, from stages[0].lr.
     reset_optimizer_each_stage: bool = True
@@ -324,6 +362,10 @@ class DistillSpec(TrainingSpec):
     # from (default: the first of data.eval_sets; none when there are no eval sets), and how many.
     heldout_eval_set: str | None = None
     heldout_rows: PositiveInt = 64
+
+    @property
+    def loss_settings(self) -> LossSettings:
+        return LossSettings(self.loss, self.temperature_scaling, self.jsd_beta, self.skew_alpha)
 
 
 class EvaluateSpec(_Strict):

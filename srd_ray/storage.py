@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Union
@@ -220,32 +220,49 @@ def remove_partials(place: Place) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def local_copy(place: Place, cache_dir: Path | None = None) -> Path:
+def local_copy(place: Place) -> Path:
     """A local folder with the contents of ``place`` (for loaders that read local files only, like
     ``from_pretrained`` and vLLM). Local folders are used as they are; an object-store folder is
-    downloaded once per node into ``cache_dir`` (default ``~/.cache/srd-ray/downloads``), keyed by its
-    URI and its files' names, sizes and modification times, so a rewritten folder is fetched again."""
+    downloaded once per node (see :func:`cached_folder`), keyed by its URI and its files' names, sizes and
+    modification times, so a rewritten folder is fetched again."""
     location = Location.of(place)
     if location.is_local:
         return Path(location.path)
     files = location.files()
     if not files:
         raise FileNotFoundError(f"{location} holds no files")
-    listing = [str(location)] + [f"{info.path}:{info.size}:{info.mtime_ns}" for info in files]
-    key = hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
-    cache_dir = cache_dir or Path(os.environ.get("SRD_CACHE_DIR", "~/.cache/srd-ray")).expanduser() / "downloads"
-    target = cache_dir / f"{location.name}-{key}"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = _partial_name(target)
-        scratch.mkdir()
-        try:
-            pafs.copy_files(location.path, str(scratch), location.filesystem, pafs.LocalFileSystem())
-            os.rename(scratch, target)
-        except OSError:
-            if not target.exists():
-                raise
-            # Another worker on this node finished the same download first and may be reading it: keep it.
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+    identity = [str(location)] + [f"{info.path}:{info.size}:{info.mtime_ns}" for info in files]
+
+    def download(scratch: Path) -> None:
+        pafs.copy_files(location.path, str(scratch), location.filesystem, pafs.LocalFileSystem())
+
+    return cached_folder("downloads", location.name, identity, download)
+
+
+def file_identity(folder: str | os.PathLike) -> list[str]:
+    """Names, sizes and modification times of a local folder's files: what tells a rewritten folder."""
+    return [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(Path(folder).rglob("*")) if p.is_file()]
+
+
+def cached_folder(kind: str, name: str, identity: list[str], build: Callable[[Path], None]) -> Path:
+    """``$SRD_CACHE_DIR/<kind>/<name>-<hash of identity>``, built once per node by ``build(scratch)``.
+
+    The folder appears whole (built under a hidden name, then renamed). When several workers on a node
+    build it at once, the first to finish wins and the others keep using it."""
+    key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("SRD_CACHE_DIR", "~/.cache/srd-ray")).expanduser() / kind
+    target = cache / f"{name}-{key}"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = _partial_name(target)
+    scratch.mkdir()
+    try:
+        build(scratch)
+        os.rename(scratch, target)
+    except OSError:
+        if not target.exists():
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return target

@@ -125,16 +125,59 @@ def step_metrics(run_dir: Place) -> list[dict]:
     return [json.loads(line) for line in lines if line.endswith("}") and '"event"' not in line]
 
 
+def registered_checkpoint_stage(run_dir: Place) -> int:
+    """The stage the newest checkpoint Ray Train has registered resumes at (-1: none yet). A worker's
+    report is registered by the Train controller a moment later; a run stopped in between resumes from
+    the checkpoint before."""
+    snapshot = Location.of(run_dir) / "distill" / "ray_train" / "distill" / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError):  # not written yet, or mid-write
+        return -1
+    return latest.get("metrics", {}).get("stage", -1)
+
+
+def in_stage_2(run_dir: Place, from_step: int = STAGE_1_STEPS + 1) -> bool:
+    """Training logged ``from_step`` and Ray Train registered the checkpoint that ended stage 1, so a kill
+    now resumes in stage 2."""
+    return registered_checkpoint_stage(run_dir) >= 1 and any(
+        r["global_step"] >= from_step for r in step_metrics(run_dir)
+    )
+
+
 def check_resumed_in_stage_2(run_dir: Place, killed_at: int) -> int:
-    """Stage 1 ran once, only steps after a stage-2 checkpoint ran again, and the run ended with every step
-    and the full count. Returns the first repeated step (where training resumed)."""
+    """Stage 1 ran once, only steps after a stage-2 checkpoint ran again (with the same losses), and the run
+    ended with every step and the full count. Returns the step training resumed at."""
     steps = step_metrics(run_dir)
     assert sorted(r["global_step"] for r in steps if r["stage"] == 0) == list(range(1, STAGE_1_STEPS + 1))
     logged = Counter(r["global_step"] for r in steps)
     repeated = sorted(step for step, count in logged.items() if count > 1)
-    assert repeated and min(repeated) > STAGE_1_STEPS and max(repeated) <= killed_at
+    assert not repeated or (min(repeated) > STAGE_1_STEPS and max(repeated) <= killed_at), repeated
     assert sorted(logged) == list(range(1, DISTILL_STEPS + 1))
+    # The steps run again after the resume trained on the same rows from the same state: same losses.
+    for step in repeated:
+        losses = [r["loss"] for r in steps if r["global_step"] == step]
+        assert max(losses) - min(losses) <= 1e-6 * abs(losses[0]), f"step {step} logged {losses}"
+    checkpoints = [p for p in (Location.of(run_dir) / "distill" / "ray_train").files() if p.path.endswith(
+        "training_state.pt")]  # fmt: skip
+    assert len(checkpoints) <= 2, f"distill.keep_checkpoints is 2, found {len(checkpoints)} checkpoints"
     summary = json.loads((Location.of(run_dir) / "run.json").read_text())["stages"]["distill"]["summary"]
     assert summary["optimizer_steps"] == DISTILL_STEPS
     assert [stage["stage"] for stage in summary["stages"]] == [0, 1, 2]
-    return min(repeated)
+    return min(repeated) if repeated else killed_at + 1
+
+
+def assert_vllm_serves(model_dir: str | Path) -> None:
+    """The folder is a checkpoint vLLM loads and generates with (skipped where vLLM is not installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return
+    script = (
+        "import os; os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING='0', VLLM_CPU_KVCACHE_SPACE='1')\n"
+        "from vllm import LLM, SamplingParams\n"
+        f"llm = LLM(model={str(model_dir)!r}, dtype='float32', max_model_len=256, enforce_eager=True)\n"
+        "print('VLLM_OK', len(llm.generate(['Hello'], SamplingParams(max_tokens=4))[0].outputs[0].token_ids))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "VLLM_OK" in loaded.stdout, loaded.stderr[-2000:]

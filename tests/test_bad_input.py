@@ -152,6 +152,10 @@ def other_tokenizer(inputs: Inputs) -> None:
     tokenizer_file.write_text(json.dumps(tokenizer))
 
 
+def adapter_that_is_a_model(inputs: Inputs) -> None:
+    inputs.spec["models"]["teacher"]["adapter"] = str(inputs.student)
+
+
 def override(text: str) -> Callable[[Inputs], None]:
     return lambda inputs: inputs.overrides.append(text)
 
@@ -221,6 +225,20 @@ CASES: list[tuple[str, Callable[[Inputs], None], list[str]]] = [
     ("corrupt-config", corrupt_config, ["student_copy"]),
     ("tokenizers-differ", other_tokenizer, ["tokenizers differ"]),
     ("unknown-hub-model", spec_case("models.teacher.path", "no-such-org/no-such-model"), ["no-such-org/no-such-model"]),
+    ("lora-unknown-module", spec_case("models.student.lora", {"target_modules": ["q_proj", "qkv_projj"]}),
+     ["models.student.lora.target_modules", "'qkv_projj'", "q_proj"]),
+    ("lora-on-output-head", spec_case("models.student.lora", {"target_modules": ["lm_head"]}),
+     ["models.student.lora.target_modules", "'lm_head' is the output head"]),
+    ("lora-rank-zero", spec_case("models.student.lora", {"r": 0}), ["models.student.lora.r"]),
+    ("lora-on-teacher", spec_case("models.teacher.lora", {"r": 8}), ["models.teacher.lora", "unknown key"]),
+    ("adapter-missing", spec_case("models.teacher.adapter", "/nonexistent/adapter"),
+     ["models.teacher.adapter", "does not exist"]),
+    ("adapter-is-a-model", adapter_that_is_a_model, ["models.teacher.adapter", "adapter_config.json"]),
+    # ---- training settings
+    ("loss-chunk-zero", spec_case("distill.loss_chunk_tokens", 0), ["distill.loss_chunk_tokens", "must be > 0"]),
+    ("unknown-precision", spec_case("distill.precision", "bf32-mixed"), ["distill.precision", "bf32-mixed"]),
+    ("gpu-on-a-machine-without", spec_case("distill.use_gpu", True), ["distill.use_gpu", "no GPU"]),
+    ("keep-no-checkpoints", spec_case("distill.keep_checkpoints", 0), ["distill.keep_checkpoints"]),
 ]  # fmt: skip
 
 

@@ -23,6 +23,7 @@ from tests.processes import (
     check_resumed_in_stage_2,
     demo_data_yaml,
     free_port,
+    in_stage_2,
     kill_tree,
     rerun_job,
     start_job,
@@ -201,7 +202,7 @@ def test_killed_train_worker_restarts_from_the_last_checkpoint(cluster, tmp_path
     )
     run_dir = Path(load_spec(spec_path).run_dir)
     job_id = cluster.submit(spec_path)
-    wait_until(lambda: any(r["stage"] == 1 and r["global_step"] >= 17 for r in step_metrics(run_dir)), "stage 2")
+    wait_until(lambda: in_stage_2(run_dir, from_step=17), "stage 2")
     workers = cluster.alive_actors("RayTrainWorker")
     assert len(workers) == 2, [w.class_name for w in workers]
     killed_at = max(r["global_step"] for r in step_metrics(run_dir))
@@ -227,7 +228,8 @@ def test_interrupted_driver_reruns_without_redoing_finished_work(cluster, tmp_pa
     run_dir = Path(load_spec(spec_path).run_dir)
     # The driver attached to the cluster from outside it (RAY_ADDRESS), as when run on the head node.
     job = start_job(spec_path, ray_address=cluster.gcs_address)
-    wait_until(lambda: any(r["stage"] == 1 for r in step_metrics(run_dir)), "distill stage 2", job)
+    # In stage 2, once Ray Train has registered the checkpoint that ended stage 1.
+    wait_until(lambda: in_stage_2(run_dir), "distill stage 2", job)
     job.send_signal(signal.SIGINT)
     output = job.communicate(timeout=120)[0]
     assert job.returncode == 130, output[-3000:]

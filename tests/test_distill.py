@@ -1,10 +1,6 @@
-"""The Ray Train distill job on the session's local Ray: DDP and FSDP give the same student."""
+"""The Ray Train distill job on the session's local Ray: 1 worker, DDP and FSDP give the same student."""
 
 from __future__ import annotations
-
-import importlib.util
-import subprocess
-import sys
 
 import pyarrow as pa
 import pytest
@@ -12,8 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from srd_ray.data import load_source
-from srd_ray.distill.train import LossSettings, StagePlan, run_training
-from srd_ray.spec import DataSourceSpec, DataSpec, ModelSpec, StageSpec, TrainingSpec
+from srd_ray.distill.driver import run_training
+from srd_ray.distill.losses import LossSettings
+from srd_ray.distill.worker import StagePlan, TrainingJob
+from srd_ray.spec import DataSourceSpec, DataSpec, StageSpec, StudentModelSpec, TeacherModelSpec, TrainingSpec
+from tests.processes import assert_vllm_serves
 
 
 @pytest.fixture(scope="module")
@@ -22,42 +21,42 @@ def rows(demo_data) -> pa.Table:
     return load_source(data.train, data, label="train").table
 
 
-def train(strategy: str, rows: pa.Table, tiny_models, out, ray) -> dict:
-    return run_training(
-        name=strategy,
+def train(strategy: str, workers: int, rows: pa.Table, tiny_models, out, ray) -> dict:
+    """3 steps of 16 rows (8 per micro-batch over the workers, 2 micro-batches a step)."""
+    name = f"{strategy}_x{workers}"
+    job = TrainingJob(
+        name=name,
         # DDP also reports metrics at every log step: a barrier, so every rank must reach it equally often.
-        training=TrainingSpec(num_workers=2, strategy=strategy, batch_size=4, gradient_accumulation_steps=2,
-                              log_every_steps=1, report_every_log_step=strategy == "ddp"),
+        training=TrainingSpec(num_workers=workers, strategy=strategy, batch_size=8 // workers,
+                              gradient_accumulation_steps=2, log_every_steps=1,
+                              report_every_log_step=strategy == "ddp"),
         data=DataSpec(train=DataSourceSpec(path="unused"), max_response_tokens=32),
-        student=ModelSpec(path=tiny_models["student"]),
-        teacher=ModelSpec(path=tiny_models["teacher"]),
-        plan=[StagePlan(0, ("all",), StageSpec(steps=3, kd_weight=0.5, temperature=2.0, lr=1e-3))],
-        datasets={"all": ray.data.from_arrow(rows.select(["example_id", "prompt", "response"]))},
+        student=StudentModelSpec(path=tiny_models["student"]),
+        teacher=TeacherModelSpec(path=tiny_models["teacher"]),
+        plan=(StagePlan(0, ("all",), StageSpec(steps=3, kd_weight=0.5, temperature=2.0, lr=1e-3)),),
         loss=LossSettings("fkl"),
         seed=0,
-        stage_dir=out / strategy,
+        metrics_path=str(out / name / "metrics.jsonl"),
     )  # fmt: skip
+    datasets = {"all": ray.data.from_arrow(rows.select(["example_id", "prompt", "response"]))}
+    return run_training(job, datasets, out / name)
 
 
 @pytest.mark.slow
-def test_fsdp_trains_the_same_student_as_ddp(ray_session, rows, tiny_models, tmp_path):
-    """Same rows, order, loss scaling and optimizer: sharding student and teacher changes no weight."""
-    ddp = train("ddp", rows, tiny_models, tmp_path, ray_session)
-    fsdp = train("fsdp", rows, tiny_models, tmp_path, ray_session)
-    assert ddp["optimizer_steps"] == fsdp["optimizer_steps"] == 3
-    assert ddp["tokens_seen"] == fsdp["tokens_seen"]
+def test_one_worker_ddp_and_fsdp_train_the_same_student(ray_session, rows, tiny_models, tmp_path):
+    """Same rows per step, one global token mean, same optimizer: 1 worker, 2 DDP workers (gloo) and 2 FSDP
+    workers (student and teacher sharded) end with the same weights."""
+    runs = {
+        "single": train("ddp", 1, rows, tiny_models, tmp_path, ray_session),
+        "ddp": train("ddp", 2, rows, tiny_models, tmp_path, ray_session),
+        "fsdp": train("fsdp", 2, rows, tiny_models, tmp_path, ray_session),
+    }
+    assert {run["optimizer_steps"] for run in runs.values()} == {3}
+    assert len({run["tokens_seen"] for run in runs.values()}) == 1
     start = AutoModelForCausalLM.from_pretrained(tiny_models["student"]).state_dict()
-    by_ddp = AutoModelForCausalLM.from_pretrained(ddp["model"]).state_dict()
-    by_fsdp = AutoModelForCausalLM.from_pretrained(fsdp["model"]).state_dict()
-    for name, weight in by_ddp.items():
-        torch.testing.assert_close(by_fsdp[name], weight, rtol=1e-4, atol=1e-5, msg=name)
-    assert any(not torch.equal(start[name], weight) for name, weight in by_ddp.items()), "training changed nothing"
-    if importlib.util.find_spec("vllm") is not None:  # the distilled student is a checkpoint vLLM serves
-        script = (
-            "import os; os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING='0', VLLM_CPU_KVCACHE_SPACE='1')\n"
-            "from vllm import LLM, SamplingParams\n"
-            f"llm = LLM(model={fsdp['model']!r}, dtype='float32', max_model_len=256, enforce_eager=True)\n"
-            "print('VLLM_OK', len(llm.generate(['Hello'], SamplingParams(max_tokens=4))[0].outputs[0].token_ids))"
-        )
-        loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-        assert "VLLM_OK" in loaded.stdout, loaded.stderr[-2000:]
+    trained = {name: AutoModelForCausalLM.from_pretrained(run["model"]).state_dict() for name, run in runs.items()}
+    for name, weight in trained["single"].items():
+        for other in ("ddp", "fsdp"):
+            torch.testing.assert_close(trained[other][name], weight, rtol=1e-5, atol=1e-6, msg=f"{other}: {name}")
+    assert any(not torch.equal(start[n], w) for n, w in trained["single"].items()), "training changed nothing"
+    assert_vllm_serves(runs["fsdp"]["model"])  # the distilled student is a checkpoint vLLM serves

@@ -24,6 +24,7 @@ from tests.processes import (
     check_resumed_in_stage_2,
     demo_data_yaml,
     free_port,
+    in_stage_2,
     kill_job,
     rerun_job,
     start_job,
@@ -88,7 +89,7 @@ def test_locations_name_local_paths_and_uris(tmp_path, object_store):
     assert (remote.name, str(remote.parent)) == ("run.json", f"s3://{BUCKET}/runs/x")
 
 
-def test_object_store_writes_are_whole_and_folders_replaced(tmp_path, object_store):
+def test_object_store_writes_are_whole_and_folders_replaced(tmp_path, object_store, monkeypatch):
     folder = object_store / "unit"
     table = pa.table({"example_id": ["a", "b"], "rouge_l": [0.5, 1.0]})
     storage.write_parquet(folder / "t.parquet", table)
@@ -111,11 +112,12 @@ def test_object_store_writes_are_whole_and_folders_replaced(tmp_path, object_sto
         raise RuntimeError("writer died")
     assert not (folder / "broken").exists(), "a folder whose writer failed never appears"
 
-    first = storage.local_copy(folder / "model", cache_dir=tmp_path / "cache")
+    monkeypatch.setenv("SRD_CACHE_DIR", str(tmp_path / "cache"))
+    first = storage.local_copy(folder / "model")
     assert (first / "sub" / "w.bin").read_bytes() == b"new"
-    assert storage.local_copy(folder / "model", cache_dir=tmp_path / "cache") == first, "downloaded once"
+    assert storage.local_copy(folder / "model") == first, "downloaded once"
     storage.write_text(folder / "model" / "config.json", '{"changed": true}')
-    second = storage.local_copy(folder / "model", cache_dir=tmp_path / "cache")
+    second = storage.local_copy(folder / "model")
     assert second != first and json.loads((second / "config.json").read_text()) == {"changed": True}
 
 
@@ -147,7 +149,7 @@ evaluate: {models: [student_after], max_examples: 8, seeds: [0], generation: {ma
     run_dir = object_store / "runs" / "on-s3"
     overrides = ("--set", f"run.output_dir=s3://{BUCKET}/runs")
     job = start_job(spec_path, *overrides)
-    wait_until(lambda: any(r["stage"] == 1 and r["global_step"] >= 24 for r in step_metrics(run_dir)), "stage 2", job)
+    wait_until(lambda: in_stage_2(run_dir, from_step=24), "stage 2", job)
     kill_job(job)
     killed_at = max(r["global_step"] for r in step_metrics(run_dir))
     assert killed_at < 30, "the kill should land inside stage 2 (steps 11..30)"

@@ -14,6 +14,7 @@ from tests.processes import (
     DISTILL_3_STAGES,
     check_resumed_in_stage_2,
     demo_data_yaml,
+    in_stage_2,
     kill_job,
     rerun_job,
     start_job,
@@ -77,7 +78,7 @@ def test_distill_killed_in_stage_2_resumes_there(tmp_path, tiny_models, demo_dat
     )
     run_dir = Path(load_spec(spec_path).run_dir)
     job = start_job(spec_path, "--stages", "reflect,rank,distill")
-    wait_until(lambda: any(r["stage"] == 1 and r["global_step"] >= 24 for r in step_metrics(run_dir)), "stage 2", job)
+    wait_until(lambda: in_stage_2(run_dir, from_step=24), "stage 2", job)
     kill_job(job)
     killed_at = max(r["global_step"] for r in step_metrics(run_dir))
     assert killed_at < 30, "the kill should land inside stage 2 (steps 11..30)"

@@ -1,20 +1,33 @@
-"""Knowledge-distillation losses: one registry of small per-token divergences.
+"""Distillation losses: the divergence registry, and the one memory-bounded loss training calls.
 
-With p = softmax(teacher_logits / T) and q = softmax(student_logits / T), each function maps log p and
-log q (shape [..., vocab]) to a divergence per token (shape [...]). :func:`kd_loss` applies the
-temperature, the temperature scaling and the response mask and returns the token mean.
+**Divergences.** With p = softmax(teacher_logits / T) and q = softmax(student_logits / T), each registered
+function maps log p and log q (shape [..., vocab]) to a divergence per token (shape [...]). All are true
+divergences (``fkl`` is KL(p‖q), not the cross-entropy form −Σ p log q some releases use: the two differ by
+the teacher's entropy, a constant for the student, so their gradients are identical). Vocabulary entries
+whose logit is ±inf in either model are masked out.
 
-All divergences are returned as divergences (``fkl`` is KL(p‖q), not the cross-entropy form −Σ p log q
-that some releases use: the two differ by the teacher's entropy, a constant for the student, so their
-gradients are identical). Vocabulary entries whose logit is ±inf in either model are masked out.
+**The training loss** (:func:`distillation_loss`) is ``(1 − β)·CE + β·KD_T`` summed over response tokens and
+divided by the optimizer step's response-token count (``num_items_in_batch``, as TRL does). It never builds
+a ``[batch, seq, vocab]`` tensor: it takes the final hidden states at response positions only, and walks
+them in chunks of ``chunk_tokens`` rows. Each chunk's logits are made from the hidden states through the LM
+head, in fp32 only inside the chunk; the student's gradient with respect to hidden states and head weights
+is computed right there (as Liger-Kernel's fused-linear losses do), so no chunk's logits are kept for the
+backward pass. Peak memory is a few ``[chunk_tokens, vocab]`` fp32 tensors whatever the batch.
+
+:func:`dense_loss_sums` is the plain unchunked form on full logits: the reference tests and benchmarks
+compare the chunked loss against.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
 
 TokenDivergence = Callable[..., torch.Tensor]
 
@@ -82,9 +95,36 @@ KD_LOSSES: dict[str, TokenDivergence] = {
     "srkl": skew_reverse_kl,
     "sft": no_distillation,
 }
+KD_LOSS_NAMES = tuple(KD_LOSSES)
+TEMPERATURE_SCALINGS = ("t_squared", "none", "srd_release")
 
 # The SRD release multiplies only these losses by T² (its `srd_release` scaling mode).
 _SRD_RELEASE_T_SQUARED = frozenset({"fkl", "jsd", "srkl"})
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Which divergence and its parameters. The spec's ``distill`` defaults are read from this class."""
+
+    name: str = "fkl"
+    temperature_scaling: str = "t_squared"
+    jsd_beta: float = 0.9  # GKD's β: the student's weight in the JSD mixture
+    skew_alpha: float = 0.1  # DistiLLM's α: the teacher's weight (skl) or student's (srkl) in the mixture
+
+    def __post_init__(self) -> None:
+        if self.name not in KD_LOSSES:
+            raise ValueError(f"unknown KD loss {self.name!r}; choose from {sorted(KD_LOSSES)}")
+        if self.temperature_scaling not in TEMPERATURE_SCALINGS:
+            raise ValueError(
+                f"unknown temperature_scaling {self.temperature_scaling!r}; use {', '.join(TEMPERATURE_SCALINGS)}"
+            )
+
+    def for_heldout(self) -> LossSettings:
+        """The held-out metric: the same divergence (fkl for SFT runs) at T = 1 with no T² factor."""
+        return LossSettings("fkl" if self.name == "sft" else self.name, "none", self.jsd_beta, self.skew_alpha)
+
+
+DEFAULT_LOSS = LossSettings()
 
 
 def temperature_factor(name: str, temperature: float, scaling: str) -> float:
@@ -97,18 +137,9 @@ def temperature_factor(name: str, temperature: float, scaling: str) -> float:
 
 
 def token_kd(
-    name: str,
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    temperature_scaling: str = "t_squared",
-    jsd_beta: float = 0.9,
-    skew_alpha: float = 0.1,
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, settings: LossSettings, temperature: float = 1.0
 ) -> torch.Tensor:
-    """Per-token KD loss (shape [...]), scaled, in fp32. Training sums it over response tokens."""
-    if name not in KD_LOSSES:
-        raise ValueError(f"unknown KD loss {name!r}; choose from {sorted(KD_LOSSES)}")
+    """Per-token KD loss (shape [...]), scaled, in fp32."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     student = student_logits.float()
@@ -118,33 +149,272 @@ def token_kd(
     finite = torch.isfinite(student) & torch.isfinite(teacher)
     log_q = torch.log_softmax(torch.where(finite, student / temperature, _MASKED_LOGIT), dim=-1)
     log_p = torch.log_softmax(torch.where(finite, teacher / temperature, _MASKED_LOGIT), dim=-1)
-    divergence = KD_LOSSES[name](log_p, log_q, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
-    return divergence * temperature_factor(name, temperature, temperature_scaling)
+    divergence = KD_LOSSES[settings.name](log_p, log_q, jsd_beta=settings.jsd_beta, skew_alpha=settings.skew_alpha)
+    return divergence * temperature_factor(settings.name, temperature, settings.temperature_scaling)
 
 
 def kd_loss(
-    name: str,
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     mask: torch.Tensor,
-    *,
+    settings: LossSettings,
     temperature: float = 1.0,
-    temperature_scaling: str = "t_squared",
-    jsd_beta: float = 0.9,
-    skew_alpha: float = 0.1,
 ) -> torch.Tensor:
     """Token mean of the KD loss over ``mask`` (bool, True = response token); 0 when nothing is masked in."""
-    per_token = token_kd(
-        name,
-        student_logits,
-        teacher_logits,
-        temperature=temperature,
-        temperature_scaling=temperature_scaling,
-        jsd_beta=jsd_beta,
-        skew_alpha=skew_alpha,
-    )
+    per_token = token_kd(student_logits, teacher_logits, settings, temperature)
     mask = mask.bool()
     count = mask.sum()
     if count == 0:
         return per_token.sum() * 0.0
     return torch.where(mask, per_token, torch.zeros_like(per_token)).sum() / count
+
+
+# --------------------------------------------------------------------------------------------------------
+# What is scored: response positions
+
+
+@dataclass(frozen=True)
+class ScoredPositions:
+    """The positions a batch is scored at: hidden state ``index`` (flat over [batch, seq]) predicts token
+    ``targets``. Only response tokens are scored; prompt and padding positions never reach the head."""
+
+    index: torch.Tensor  # long [n]
+    targets: torch.Tensor  # long [n]
+
+    @classmethod
+    def of(cls, labels: torch.Tensor) -> ScoredPositions:
+        """From right-shifted labels (IGNORE_INDEX on prompt and padding). Computed on the CPU tensors a
+        batch is built from: selecting with a boolean mask on the GPU would stall on a host sync."""
+        following = labels[:, 1:]  # position t predicts token t + 1
+        rows, columns = (following != IGNORE_INDEX).nonzero(as_tuple=True)
+        return cls(index=rows * labels.size(1) + columns, targets=following[rows, columns])
+
+    def to(self, device: torch.device) -> ScoredPositions:
+        return ScoredPositions(self.index.to(device, non_blocking=True), self.targets.to(device, non_blocking=True))
+
+
+def gather_scored(hidden: torch.Tensor, positions: ScoredPositions) -> torch.Tensor:
+    """[batch, seq, hidden] -> [n, hidden] at the scored positions."""
+    return hidden.reshape(-1, hidden.size(-1)).index_select(0, positions.index)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The chunked, fused loss
+
+
+@dataclass(frozen=True)
+class Head:
+    """An LM head as the loss needs it: logits = softcap(scale · (h Wᵀ + b)), cut to the tokenizer's
+    ``vocab_size`` rows (padded heads carry no real tokens)."""
+
+    weight: torch.Tensor  # [head rows, hidden]
+    bias: torch.Tensor | None
+    vocab_size: int
+    scale: float = 1.0  # e.g. Cohere's logit_scale
+    softcap: float | None = None  # e.g. Gemma 2's final_logit_softcapping
+
+    def raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """h Wᵀ + b over the tokenizer's rows: the matmul in the weight's dtype, the result in fp32."""
+        weight = self.weight[: self.vocab_size]
+        bias = None if self.bias is None else self.bias[: self.vocab_size]
+        return F.linear(hidden.to(weight.dtype), weight, bias).float()
+
+    def finish(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw fp32 logits -> the model's logits (its scale and soft cap, if any)."""
+        logits = raw * self.scale if self.scale != 1.0 else raw
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.raw_logits(hidden))
+
+    def in_dtype(self, dtype: torch.dtype) -> Head:
+        """The head with its weights detached and cast once (per micro-batch, not per chunk) to the compute
+        dtype: the loss computes their gradients itself."""
+        bias = None if self.bias is None else self.bias.detach().to(dtype)
+        return replace(self, weight=self.weight.detach().to(dtype), bias=bias)
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's where it is on (mixed precision), else the tensor's own."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+@dataclass(frozen=True)
+class StageWeights:
+    """One stage's mix: ``(1 − kd_weight)·CE + kd_weight·KD_T``."""
+
+    kd_weight: float
+    temperature: float
+
+
+@dataclass
+class LossSums:
+    """What one micro-batch contributed. ``loss`` is differentiable and already normalised; the sums are
+    detached, on the device, for logging (no host sync until a log step asks for them)."""
+
+    loss: torch.Tensor
+    ce_sum: torch.Tensor
+    kd_sum: torch.Tensor
+
+
+def _chunk_sums(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    targets: torch.Tensor,
+    stage: StageWeights,
+    settings: LossSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # CE as logsumexp minus the target's logit: autograd keeps no [chunk, vocab] log-softmax for it.
+    target_logits = student_logits.gather(1, targets[:, None]).squeeze(1)
+    ce = (torch.logsumexp(student_logits, dim=-1) - target_logits).sum()
+    if teacher_logits is None:
+        return ce, ce.new_zeros(())
+    return ce, token_kd(student_logits, teacher_logits, settings, stage.temperature).sum()
+
+
+@dataclass(frozen=True)
+class _LossJob:
+    head: Head
+    teacher: DenseTeacher | None
+    targets: torch.Tensor
+    stage: StageWeights
+    settings: LossSettings
+    chunk_tokens: int
+    scale: float  # gradient_scale / num_items_in_batch
+
+
+def _fused_forward(hidden, weight, bias, job: _LossJob, wants_grad: list[bool]):
+    """The chunk loop: loss totals, and the student's gradients where ``wants_grad`` asks for them."""
+    compute = job.head.in_dtype(compute_dtype(weight))
+    vocab, dtype = job.head.vocab_size, compute.weight.dtype
+    grad_hidden = torch.zeros_like(hidden) if wants_grad[0] else None
+    # Head gradients accumulate over chunks: keep them in fp32 whatever the weight's dtype.
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_grad[1] else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_grad[2] else None
+    ce_total = hidden.new_zeros((), dtype=torch.float32)
+    kd_total = hidden.new_zeros((), dtype=torch.float32)
+    ce_factor, kd_factor = (1 - job.stage.kd_weight) * job.scale, job.stage.kd_weight * job.scale
+    # Dtypes are explicit below; autocast would recast the whole head weight in every chunk.
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.size(0), job.chunk_tokens):
+            rows = slice(start, start + job.chunk_tokens)
+            h = hidden[rows].detach().to(dtype)
+            with torch.enable_grad():
+                raw = compute.raw_logits(h).requires_grad_(any(wants_grad))
+                # The teacher's chunk logits are made inside the call, so they are freed before the backward.
+                teacher = job.teacher.logits(rows) if job.teacher is not None else None
+                ce, kd = _chunk_sums(compute.finish(raw), teacher, job.targets[rows], job.stage, job.settings)
+                del teacher
+                weighted = ce_factor * ce + kd_factor * kd
+            if any(wants_grad):
+                (grad_raw,) = torch.autograd.grad(weighted, raw)
+                grad_raw = grad_raw.to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[rows] = grad_raw @ compute.weight[:vocab]
+                if grad_weight is not None:
+                    grad_weight[:vocab] += (grad_raw.T @ h).float()
+                if grad_bias is not None:
+                    grad_bias[:vocab] += grad_raw.float().sum(0)
+            ce_total += ce.detach()
+            kd_total += kd.detach()
+    return (ce_total, kd_total), (grad_hidden, grad_weight, grad_bias)
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """The chunk loop as an autograd node: the gradients computed in the forward pass are handed back in
+    the backward pass, scaled by the incoming gradient. No logits are saved between the two."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, job):
+        wants_grad = [t is not None and t.requires_grad for t in (hidden, weight, bias)]
+        (ce_total, kd_total), grads = _fused_forward(hidden, weight, bias, job, wants_grad)
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.dtypes = [t.dtype if t is not None else None for t in (hidden, weight, bias)]
+        ctx.wants_grad = wants_grad
+        ctx.mark_non_differentiable(ce_total, kd_total)
+        ce_factor, kd_factor = (1 - job.stage.kd_weight) * job.scale, job.stage.kd_weight * job.scale
+        return ce_factor * ce_total + kd_factor * kd_total, ce_total, kd_total
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        saved = iter(ctx.saved_tensors)
+        # In place: this node runs its backward once, and a head-sized copy is worth saving.
+        grads = [
+            next(saved).mul_(grad_loss).to(dtype) if wanted else None
+            for wanted, dtype in zip(ctx.wants_grad, ctx.dtypes, strict=True)
+        ]
+        return *grads, None
+
+
+@dataclass(frozen=True)
+class DenseTeacher:
+    """The teacher's logits for scored positions, made chunk by chunk from its final hidden states."""
+
+    head: Head
+    hidden: torch.Tensor  # [n, teacher hidden], no grad
+
+    def logits(self, rows: slice) -> torch.Tensor:
+        return self.head.logits(self.hidden[rows])
+
+
+def distillation_loss(
+    student_hidden: torch.Tensor,
+    student_head: Head,
+    teacher: DenseTeacher | None,
+    targets: torch.Tensor,
+    *,
+    stage: StageWeights,
+    settings: LossSettings,
+    num_items_in_batch: float,
+    chunk_tokens: int,
+    gradient_scale: float = 1.0,
+) -> LossSums:
+    """``((1 − β)·CE + β·KD_T) / num_items_in_batch`` over the scored rows, in chunks.
+
+    ``student_hidden`` [n, hidden] are the student's final hidden states at the scored positions and
+    ``targets`` [n] the tokens they predict; ``num_items_in_batch`` is the response-token count of the whole
+    optimizer step (all micro-batches, all workers), so gradient accumulation and data parallelism give the
+    gradient of one global token mean. ``gradient_scale`` multiplies the loss for backward (data-parallel
+    wrappers average gradients over workers; the worker count here turns that back into a sum). The KD term
+    is dropped (and no teacher logits are made) when ``teacher`` is None or ``stage.kd_weight`` is 0."""
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
+    if teacher is not None and stage.kd_weight == 0:
+        teacher = None
+    job = _LossJob(
+        student_head, teacher, targets, stage, settings, chunk_tokens, gradient_scale / max(num_items_in_batch, 1)
+    )
+    inputs = (student_hidden, student_head.weight, student_head.bias)
+    if torch.is_grad_enabled():
+        loss, ce_sum, kd_sum = _FusedHeadLoss.apply(*inputs, job)
+        return LossSums(loss=loss, ce_sum=ce_sum, kd_sum=kd_sum)
+    (ce_sum, kd_sum), _ = _fused_forward(*inputs, job, wants_grad=[False, False, False])
+    loss = ((1 - stage.kd_weight) * ce_sum + stage.kd_weight * kd_sum) * job.scale
+    return LossSums(loss=loss, ce_sum=ce_sum, kd_sum=kd_sum)
+
+
+def dense_loss_sums(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    vocab_size: int,
+    stage: StageWeights,
+    settings: LossSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: (CE sum, KD sum) over response tokens from full ``[batch, seq, head rows]`` logits, as
+    training computed them before chunking. Tests and benchmarks compare :func:`distillation_loss` to it."""
+    student_logits, labels = student_logits[:, :-1, :vocab_size].float(), labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    ce = F.cross_entropy(
+        student_logits.reshape(-1, vocab_size), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    if teacher_logits is None or stage.kd_weight == 0:
+        return ce, ce.new_zeros(())
+    per_token = token_kd(student_logits, teacher_logits[:, :-1, :vocab_size], settings, stage.temperature)
+    return ce, torch.where(mask, per_token, torch.zeros_like(per_token)).sum()

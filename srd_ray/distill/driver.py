@@ -1,0 +1,129 @@
+"""The Ray Train job: one ``TorchTrainer`` per training stage, resumable, with its checkpoints kept few.
+
+Every worker gets every row of each dataset (``DataConfig(datasets_to_split=[])``) and plans the same
+steps (see ``batches``); a rerun with the same ``stage_dir`` resumes from the last checkpoint Ray Train
+reported there. After training, the final student is copied to ``stage_dir/model`` (atomically) and the
+stage summary is read back from ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from srd_ray import storage
+from srd_ray.distill.parallel import check_gpu_precision
+from srd_ray.distill.state import MERGED_DIR, MODEL_DIR
+from srd_ray.distill.worker import TrainingJob, train_loop_per_worker
+from srd_ray.storage import Location, Place
+
+
+def run_training(job: TrainingJob, datasets: dict[str, Any], stage_dir: Place) -> dict[str, Any]:
+    """Train with Ray Train and save the final model to ``stage_dir/model``."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    stage_dir = Location.of(stage_dir)
+    training = job.training
+    if training.use_gpu and training.precision != "auto":
+        check_gpu_precision(job.name, training.precision)
+    resources = {"CPU": training.num_cpus_per_worker, **({"GPU": 1} if training.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(
+            num_workers=training.num_workers, use_gpu=training.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=job.name,
+            # Checkpoints go straight to the run directory's filesystem (local disk or object store).
+            storage_path=(stage_dir / "ray_train").path,
+            storage_filesystem=stage_dir.filesystem,
+            failure_config=FailureConfig(max_failures=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    started = time.perf_counter()
+    result = _fit(trainer, job.name)
+    wall = time.perf_counter() - started
+    if result.checkpoint is None:
+        raise RuntimeError(f"{job.name}: training finished without a checkpoint")
+    final = result.metrics or {}
+    if final.get("stage") != len(job.plan):
+        # An aborted run also returns a result; only the checkpoint taken after the last stage is the end.
+        raise KeyboardInterrupt(f"{job.name} stopped at stage {final.get('stage')} before its last stage ended")
+    _prune_checkpoints(result, stage_dir / "ray_train" / job.name)
+    with result.checkpoint.as_directory() as folder, storage.directory(stage_dir / "model") as scratch:
+        source = Path(folder) / MERGED_DIR
+        for item in (source if source.exists() else Path(folder) / MODEL_DIR).iterdir():
+            shutil.copy2(item, scratch / item.name)
+    records = read_metrics(stage_dir / "metrics.jsonl")
+    return {
+        "train_wall_s": round(wall, 2),
+        "optimizer_steps": final.get("global_step"),
+        "tokens_seen": final.get("tokens_seen"),
+        "model": str(stage_dir / "model"),
+        "stages": stage_losses(records),
+        "heldout_kd": heldout_losses(records),
+    }
+
+
+def _fit(trainer: Any, name: str) -> Any:
+    sigint_handler = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except SystemExit:
+        # Ray Train handles Ctrl-C itself: it aborts the workers and exits. To srd it is an interruption
+        # like any other (the stage is marked failed; a rerun resumes from the last checkpoint).
+        raise KeyboardInterrupt(f"{name} interrupted") from None
+    finally:
+        # fit() leaves Ray's handler installed, which would turn a later Ctrl-C into a clean exit.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint_handler)
+
+
+def _prune_checkpoints(result: Any, folder: Location) -> None:
+    """Keep only the checkpoints Ray Train kept (the newest ``keep_checkpoints``). Ray deletes the older
+    ones of its own run, not those left by a run it resumed: one reported just before an interruption but
+    never registered, or the one a rerun started from."""
+    kept = {Location(checkpoint.filesystem, checkpoint.path).name for checkpoint, _ in result.best_checkpoints or []}
+    kept.add(Location(result.checkpoint.filesystem, result.checkpoint.path).name)
+    for child in folder.children():
+        if child.name.startswith("checkpoint_") and child.is_dir() and child.name not in kept:
+            storage.delete(child)
+
+
+def read_metrics(path: Location) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def heldout_losses(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Held-out KD loss before training (after_stage -1) and after each stage (the last record wins)."""
+    latest = {r["after_stage"]: r["heldout_kd"] for r in records if r.get("event") == "heldout"}
+    return [{"after_stage": stage, "heldout_kd": value} for stage, value in sorted(latest.items())]
+
+
+def stage_losses(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per stage: first and last logged losses, and the share of padded positions."""
+    by_step: dict[int, dict] = {}
+    padding: dict[int, float] = {}
+    for record in records:
+        if "event" not in record:
+            by_step[record["global_step"]] = record  # a restarted worker group may log a step twice
+        elif record["event"] == "stage_end":
+            padding[record["stage"]] = record["padding_fraction"]
+    stages: dict[int, list[dict]] = {}
+    for record in sorted(by_step.values(), key=lambda r: r["global_step"]):
+        stages.setdefault(record["stage"], []).append(record)
+    return [
+        {"stage": stage, "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
+         "last_ce": records[-1]["ce"], "last_kd": records[-1]["kd"], "padding_fraction": padding.get(stage)}
+        for stage, records in sorted(stages.items())
+    ]  # fmt: skip

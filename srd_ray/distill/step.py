@@ -1,0 +1,157 @@
+"""One optimizer step, and the held-out KD metric, under plain ``torch.distributed``: no Ray here, so the
+same code runs in a Ray Train worker, a test, or a GPU check with NCCL.
+
+``DistillationModel`` puts the trained student and the frozen teacher behind one ``forward`` that returns
+the loss. DDP and FSDP2 wrap this module, so every weight the loss reads (the student's and teacher's
+heads included) is gathered and reduced by them, and the models' own output heads never run: the loss
+reads the final hidden states at response positions and applies the heads chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from srd_ray.distill.batches import MicroBatch
+from srd_ray.distill.losses import (
+    DenseTeacher,
+    LossSettings,
+    LossSums,
+    ScoredPositions,
+    StageWeights,
+    distillation_loss,
+    gather_scored,
+)
+from srd_ray.distill.parallel import Precision, gradient_sync
+from srd_ray.models import final_hidden_states, output_head
+
+
+class DistillationModel(nn.Module):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, vocab_size: int) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.vocab_size = vocab_size
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        scored_index: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        stage: StageWeights,
+        settings: LossSettings,
+        num_items_in_batch: float,
+        gradient_scale: float,
+        chunk_tokens: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalised loss, CE sum, KD sum) of one micro-batch; a tuple, which DDP passes through."""
+        positions = ScoredPositions(scored_index, targets)
+        teacher = None
+        if self.teacher is not None and stage.kd_weight > 0 and settings.name != "sft":
+            with torch.no_grad():
+                hidden = final_hidden_states(self.teacher, input_ids, attention_mask)
+                teacher = DenseTeacher(output_head(self.teacher, self.vocab_size), gather_scored(hidden, positions))
+        hidden = gather_scored(final_hidden_states(self.student, input_ids, attention_mask), positions)
+        sums = distillation_loss(
+            hidden, output_head(self.student, self.vocab_size), teacher, targets,
+            stage=stage, settings=settings, num_items_in_batch=num_items_in_batch,
+            gradient_scale=gradient_scale, chunk_tokens=chunk_tokens,
+        )  # fmt: skip
+        return sums.loss, sums.ce_sum, sums.kd_sum
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    stage: StageWeights
+    loss: LossSettings
+    chunk_tokens: int
+    max_grad_norm: float
+    world: int  # data-parallel wrappers average gradients over workers: the loss is scaled back by this
+
+
+def forward_micro_batch(
+    model: nn.Module,
+    batch: MicroBatch,
+    settings: StepSettings,
+    num_items: int,
+    precision: Precision,
+    device: torch.device,
+) -> LossSums:
+    batch = batch.to(device)
+    with precision.autocast(device):
+        loss, ce_sum, kd_sum = model(
+            batch.input_ids, batch.attention_mask, batch.scored.index, batch.scored.targets,
+            stage=settings.stage, settings=settings.loss, num_items_in_batch=num_items,
+            gradient_scale=settings.world, chunk_tokens=settings.chunk_tokens,
+        )  # fmt: skip
+    return LossSums(loss, ce_sum, kd_sum)
+
+
+@dataclass
+class StepResult:
+    """This worker's loss sums over the step's micro-batches: device tensors, read only at log steps."""
+
+    ce_sum: torch.Tensor
+    kd_sum: torch.Tensor
+    grad_norm: torch.Tensor
+
+
+def train_step(
+    model: nn.Module,
+    micro_batches: list[MicroBatch],
+    num_items: int,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    settings: StepSettings,
+    precision: Precision,
+    device: torch.device,
+) -> StepResult:
+    """Forward and backward every micro-batch (gradients reduced on the last), clip, step. ``num_items``
+    is the step's response-token count over all workers. No host sync: nothing here reads a value back."""
+    model.train()
+    ce_sum = torch.zeros((), device=device)
+    kd_sum = torch.zeros((), device=device)
+    for position, batch in enumerate(micro_batches):
+        with gradient_sync(model, enabled=position == len(micro_batches) - 1):
+            sums = forward_micro_batch(model, batch, settings, num_items, precision, device)
+            scaler.scale(sums.loss).backward()
+        ce_sum += sums.ce_sum
+        kd_sum += sums.kd_sum
+    scaler.unscale_(optimizer)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(ce_sum, kd_sum, grad_norm)
+
+
+@torch.no_grad()
+def heldout_kd(
+    model: nn.Module,
+    batches: list[MicroBatch],
+    *,
+    loss: LossSettings,
+    chunk_tokens: int,
+    precision: Precision,
+    device: torch.device,
+) -> float:
+    """Token-mean KD loss (T = 1, no T² factor) of the student on held-out rows: did distillation work?
+    Every worker scores the same rows (FSDP forwards are collective), so no reduction is needed."""
+    settings = StepSettings(StageWeights(kd_weight=1.0, temperature=1.0), loss.for_heldout(), chunk_tokens, 0.0, 1)
+    was_training = model.training
+    model.eval()
+    kd = torch.zeros((), device=device)
+    tokens = 0
+    for batch in batches:
+        kd += forward_micro_batch(model, batch, settings, 1, precision, device).kd_sum
+        tokens += batch.scored.targets.numel()
+    model.train(was_training)
+    return kd.item() / max(tokens, 1)

@@ -1,0 +1,485 @@
+"""What every training worker runs: set up, then train the curriculum stage by stage.
+
+``Trainer`` reads top-down like torchtune's recipes: ``setup`` (models, data, state), ``run_stage``,
+``save_checkpoint``. It talks to its surroundings through a small ``Host``: ``RayTrainHost`` inside a Ray
+Train worker, ``LocalHost`` under plain ``torch.distributed`` (tests, the GPU check). Per step the trainer
+picks the rows (``batches``), and ``step.train_step`` does the rest.
+
+Every worker follows the same schedule and takes the same number of steps (all workers hold the whole
+pool and plan identically): Ray Train's ``report``, DDP's all-reduce and FSDP's gathers are barriers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from srd_ray import storage
+from srd_ray.distill.batches import BatchLayout, MicroBatch, StepPlan, epoch_seed, plan_epoch
+from srd_ray.distill.losses import IGNORE_INDEX, LossSettings, StageWeights
+from srd_ray.distill.parallel import (
+    all_reduce_sum,
+    data_parallel,
+    full_optimizer_state,
+    full_state_dict,
+    gather_objects,
+    load_into_shards,
+    load_optimizer_state,
+    resolve_precision,
+    setup_device_math,
+    shard,
+    unwrap,
+)
+from srd_ray.distill.state import MERGED_DIR, MODEL_DIR, TrainState, capture_rng, restore_rng
+from srd_ray.distill.step import DistillationModel, StepResult, StepSettings, heldout_kd, train_step
+from srd_ray.errors import DataError, ModelError
+from srd_ray.models import (
+    TrainingExample,
+    add_lora,
+    build_on_meta,
+    causal_lm,
+    check_same_tokenizer,
+    encode_example,
+    load_adapter,
+    load_model,
+    load_tokenizer,
+)
+from srd_ray.spec import DataSpec, ModelSpec, StageSpec, TrainingSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What one curriculum stage trains on, and how."""
+
+    index: int
+    datasets: tuple[str, ...]
+    settings: StageSpec
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """Everything a worker needs; pickled into each Ray Train worker as it is."""
+
+    name: str
+    training: TrainingSpec
+    data: DataSpec
+    student: ModelSpec
+    teacher: ModelSpec | None
+    plan: tuple[StagePlan, ...]
+    loss: LossSettings
+    seed: int
+    metrics_path: str
+    reset_optimizer_each_stage: bool = True
+    teacher_dtype: str = "auto"  # auto: bfloat16 on GPU, the spec's dtype on CPU
+    heldout: tuple[tuple[str, str], ...] = ()  # (prompt, response) rows for the held-out KD metric
+
+
+class Host(Protocol):
+    """A worker's surroundings: who it is, where its rows come from, where checkpoints go."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    def rows(self, dataset: str) -> list[dict[str, Any]]: ...
+
+    def checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
+
+    def report(self, metrics: dict[str, Any], folder: Path | None) -> None: ...
+
+
+@dataclass
+class Pool:
+    """A stage's rows, tokenized, in the same order on every worker."""
+
+    examples: list[TrainingExample]
+    lengths: list[int]
+    scored_tokens: list[int]  # response tokens each row contributes to the loss
+
+    @classmethod
+    def of(cls, examples: list[TrainingExample]) -> Pool:
+        scored = [sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples]
+        return cls(examples, [len(e.input_ids) for e in examples], scored)
+
+
+@dataclass
+class Window:
+    """Steps since the last log line: throughput and padding."""
+
+    started: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    positions: int = 0
+    padding: int = 0
+
+    def add(self, plan: StepPlan) -> None:
+        self.tokens += plan.num_items
+        self.positions += plan.positions
+        self.padding += plan.padding
+
+
+class Trainer:
+    def __init__(self, job: TrainingJob, host: Host) -> None:
+        self.job, self.host, self.training = job, host, job.training
+        self.device = host.device
+        self.precision = resolve_precision(self.training.precision, self.device)
+        self.sharded = self.training.strategy == "fsdp" and host.world > 1
+        self.layout = BatchLayout(
+            self.training.batch_size, self.training.gradient_accumulation_steps, host.world,
+            self.training.group_by_length,
+        )  # fmt: skip
+        self.tokenizer = load_tokenizer(job.student)
+        self.examples: dict[str, list[TrainingExample]] = {}
+        self.latest_metrics: dict[str, float] = {}  # rides along with each checkpoint report
+
+    # ----------------------------------------------------------------------------------------------------
+    # Setup
+
+    def setup(self) -> None:
+        setup_device_math(self.device)
+        with self.host.checkpoint() as folder:
+            self.state = TrainState.load(folder) if folder else TrainState()
+            self.model = self._build_model(folder)
+        if self.state.rng:
+            restore_rng(self.state.rng[min(self.host.rank, len(self.state.rng) - 1)], self.device)
+            log.info("resuming at stage %d, step %d of the stage", self.state.stage, self.state.stage_step)
+        else:
+            torch.manual_seed(self.job.seed + self.host.rank)
+        self.scaler = self.precision.grad_scaler(self.device)
+        self.optimizer = self.scheduler = None
+        if not self.job.reset_optimizer_each_stage:  # one schedule over every stage: count all steps first
+            total = sum(self._stage_steps(stage, self._pool(stage)) for stage in self.job.plan)
+            self._new_optimizer(self.job.plan[0].settings.lr, total)
+        self.heldout = self._heldout_batches()
+        if self.state.global_step == 0 and self.state.stage == 0:
+            self._record_heldout(after_stage=-1)
+
+    def _build_model(self, checkpoint: Path | None) -> nn.Module:
+        """Student (from the spec or the checkpoint) and frozen teacher, wrapped for data parallelism."""
+        teacher_spec = self._teacher_spec()
+        if teacher_spec is not None:
+            check_same_tokenizer(load_tokenizer(teacher_spec), self.tokenizer)
+        vocab = len(self.tokenizer)
+        if not self.sharded:
+            student = self._load_student(self.device, checkpoint)
+            teacher = load_model(teacher_spec, self.device).eval().requires_grad_(False) if teacher_spec else None
+            pair = self._pair(student, teacher, vocab)
+            return data_parallel(pair, "teacher.", self.device) if self.host.world > 1 else pair
+        # FSDP: structure on the meta device, sharded, then each worker copies in its shards.
+        student = build_on_meta(self.job.student)
+        lora = getattr(self.job.student, "lora", None)
+        student = add_lora(student, lora) if lora else student
+        teacher = build_on_meta(teacher_spec).eval().requires_grad_(False) if teacher_spec else None
+        pair = self._pair(student, teacher, vocab)
+        shard(pair, [m for m in (student, teacher) if m is not None], self.precision)
+        pair.to_empty(device=self.device)
+        load_into_shards(pair.student, self._load_student("cpu", checkpoint))
+        if teacher_spec is not None:
+            load_into_shards(pair.teacher, load_model(teacher_spec, "cpu"))
+        return pair
+
+    def _pair(self, student: nn.Module, teacher: nn.Module | None, vocab: int) -> DistillationModel:
+        heads = {"student": causal_lm(student).config.vocab_size}
+        if teacher is not None:
+            heads["teacher"] = causal_lm(teacher).config.vocab_size
+        if min(heads.values()) < vocab:
+            raise ModelError(f"the tokenizer has {vocab} tokens but a model head has fewer: {heads}")
+        if self.host.rank == 0 and max(heads.values()) > vocab:
+            log.info("logits cut to the tokenizer's %d tokens (padded heads: %s)", vocab, heads)
+        if self.training.activation_checkpointing:
+            causal_lm(student).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return DistillationModel(student, teacher, vocab)
+
+    def _load_student(self, device: torch.device | str, checkpoint: Path | None) -> nn.Module:
+        spec, lora = self.job.student, getattr(self.job.student, "lora", None)
+        if lora is None:
+            source = spec if checkpoint is None else spec.model_copy(update={"path": str(checkpoint / MODEL_DIR)})
+            return load_model(source, device)
+        base = load_model(spec, device)
+        if checkpoint:
+            return load_adapter(base, str(checkpoint / MODEL_DIR))
+        torch.manual_seed(self.job.seed)  # new adapters start equal on every worker, with any world size
+        return add_lora(base, lora)
+
+    def _teacher_spec(self) -> ModelSpec | None:
+        teacher = self.job.teacher
+        if teacher is None:
+            return None
+        choice = self.job.teacher_dtype
+        if choice == "auto":
+            choice = "bfloat16" if self.device.type == "cuda" else teacher.dtype
+        return teacher.model_copy(update={"dtype": choice})
+
+    def _encode(self, prompt: str, response: str) -> TrainingExample:
+        data: DataSpec = self.job.data
+        return encode_example(self.tokenizer, prompt, response, data.max_prompt_tokens, data.max_response_tokens)
+
+    def _pool(self, stage: StagePlan) -> Pool:
+        """Each dataset is pulled once, when its first stage starts; rows sorted by id, so every worker's
+        pool is in the same order whatever order the rows arrived in."""
+        for name in stage.datasets:
+            if name not in self.examples:
+                rows = sorted(self.host.rows(name), key=lambda row: row["example_id"])
+                self.examples[name] = [self._encode(row["prompt"], row["response"]) for row in rows]
+        return Pool.of([example for name in stage.datasets for example in self.examples[name]])
+
+    def _stage_steps(self, stage: StagePlan, pool: Pool) -> int:
+        rows = len(pool.examples)
+        per_epoch = self.layout.steps_per_epoch(rows)
+        if per_epoch == 0:
+            raise DataError(f"stage {stage.index} has {rows} training rows: too few for {self.host.world} workers")
+        return stage.settings.steps or per_epoch * stage.settings.epochs
+
+    def _heldout_batches(self) -> list[MicroBatch]:
+        if self.job.teacher is None or not self.job.heldout:
+            return []
+        examples = [self._encode(prompt, response) for prompt, response in self.job.heldout]
+        size = self.training.batch_size
+        pad = self.tokenizer.pad_token_id
+        return [MicroBatch.of(examples[start : start + size], pad) for start in range(0, len(examples), size)]
+
+    def _new_optimizer(self, lr: float, total_steps: int) -> None:
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=self.training.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=total_steps, eta_min=self.training.min_lr
+        )
+
+    def _restore_optimizer(self) -> None:
+        """After a resume: the checkpoint's optimizer and schedule, unless it was taken at the end of a stage
+        and every stage starts a fresh optimizer (the release's default)."""
+        optimizer, scheduler, scaler = self.state.release_optimizer()
+        if scaler:
+            self.scaler.load_state_dict(scaler)
+        if optimizer is not None and (self.state.stage_step > 0 or not self.job.reset_optimizer_each_stage):
+            load_optimizer_state(self.model, self.optimizer, optimizer, self.sharded)
+            self.scheduler.load_state_dict(scheduler)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Training
+
+    def run(self) -> None:
+        self.setup()
+        for stage in self.job.plan[self.state.stage :]:
+            self.run_stage(stage)
+
+    def run_stage(self, stage: StagePlan) -> None:
+        pool = self._pool(stage)
+        total = self._stage_steps(stage, pool)
+        steps_per_epoch = self.layout.steps_per_epoch(len(pool.examples))
+        if self.job.reset_optimizer_each_stage:
+            self._new_optimizer(stage.settings.lr, total)
+        self._restore_optimizer()
+        first_step = self.state.stage_step
+        settings = StepSettings(
+            StageWeights(stage.settings.kd_weight, stage.settings.temperature), self.job.loss,
+            self.training.loss_chunk_tokens, self.training.max_grad_norm, self.host.world,
+        )  # fmt: skip
+        self._log_stage_start(stage, pool, total, steps_per_epoch)
+        window, stage_window, plans = Window(), Window(), None
+        for stage_step in range(first_step, total):
+            epoch, within = divmod(stage_step, steps_per_epoch)
+            if plans is None or within == 0:
+                seed = epoch_seed(self.job.seed, stage.index, epoch)
+                plans = plan_epoch(pool.lengths, pool.scored_tokens, self.layout, seed)
+            result = self._step(pool, plans[within], settings)
+            self.state.stage_step, self.state.global_step = stage_step + 1, self.state.global_step + 1
+            self.state.tokens_seen += plans[within].num_items
+            window.add(plans[within])
+            stage_window.add(plans[within])
+            if self.state.global_step % self.training.log_every_steps == 0:
+                self._log_step(stage, epoch, result, plans[within], window)
+                window = Window()
+            every = self.training.checkpoint_every_steps
+            if every and self.state.global_step % every == 0 and stage_step + 1 < total:
+                self.save_checkpoint()
+        self._append_metrics({"event": "stage_end", "stage": stage.index,
+                              "padding_fraction": stage_window.padding / max(stage_window.positions, 1)})  # fmt: skip
+        self._record_heldout(after_stage=stage.index)
+        self.state.stage, self.state.stage_step = stage.index + 1, 0
+        self.save_checkpoint(final=stage.index == self.job.plan[-1].index)
+
+    def _step(self, pool: Pool, plan: StepPlan, settings: StepSettings) -> StepResult:
+        pad = self.tokenizer.pad_token_id
+        batches = [MicroBatch.of([pool.examples[i] for i in rows], pad) for rows in plan.micro_batches(self.host.rank)]
+        return train_step(
+            self.model, batches, plan.num_items, optimizer=self.optimizer, scheduler=self.scheduler,
+            scaler=self.scaler, settings=settings, precision=self.precision, device=self.device,
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------------------------------------------
+    # Metrics and checkpoints
+
+    def _log_step(self, stage: StagePlan, epoch: int, result: StepResult, plan: StepPlan, window: Window) -> None:
+        """Reads the step's sums back (the only host sync of a step, and only at log steps)."""
+        sums = all_reduce_sum(torch.stack([result.ce_sum, result.kd_sum]).float())
+        ce, kd = (sums / max(plan.num_items, 1)).tolist()
+        kd_weight = stage.settings.kd_weight
+        elapsed = time.perf_counter() - window.started
+        metrics = {
+            "stage": stage.index, "epoch": epoch, "global_step": self.state.global_step,
+            "ce": ce, "kd": kd, "loss": (1 - kd_weight) * ce + kd_weight * kd,
+            "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(result.grad_norm),
+            "tokens_seen": self.state.tokens_seen, "tokens_per_s": window.tokens / max(elapsed, 1e-9),
+            "padding_fraction": window.padding / max(window.positions, 1),
+        }  # fmt: skip
+        self.latest_metrics = {k: metrics[k] for k in ("loss", "ce", "kd", "lr", "tokens_per_s")}
+        self._append_metrics(metrics)
+        if self.training.report_every_log_step:
+            self.host.report(metrics, None)  # every rank, every log step: report is a barrier
+
+    def _append_metrics(self, metrics: dict[str, Any]) -> None:
+        if self.host.rank != 0:
+            return
+        storage.append_line(self.job.metrics_path, json.dumps(metrics))
+        if metrics.get("event") == "heldout":
+            log.info("held-out KD loss after stage %d: %.4f", metrics["after_stage"], metrics["heldout_kd"])
+        elif metrics.get("event") == "stage_end":
+            log.info("stage %d done: %.1f%% of positions were padding", metrics["stage"],
+                     100 * metrics["padding_fraction"])  # fmt: skip
+        else:
+            log.info(
+                "stage %d epoch %d step %d: loss %.4f (ce %.4f, kd %.4f), lr %.2e, %.0f tokens/s, %.0f%% padding",
+                metrics["stage"], metrics["epoch"], metrics["global_step"], metrics["loss"], metrics["ce"],
+                metrics["kd"], metrics["lr"], metrics["tokens_per_s"], 100 * metrics["padding_fraction"],
+            )  # fmt: skip
+
+    def _log_stage_start(self, stage: StagePlan, pool: Pool, total: int, per_epoch: int) -> None:
+        if self.host.rank == 0:
+            log.info(
+                "stage %d: %d rows from %s over %d worker(s) (%s, %s on %s), %d steps (%d per epoch), "
+                "kd_weight %.2f, T %.2f",
+                stage.index, len(pool.examples), ",".join(stage.datasets), self.host.world,
+                self.training.strategy, self.precision.name, self.device, total, per_epoch,
+                stage.settings.kd_weight, stage.settings.temperature,
+            )  # fmt: skip
+
+    def _record_heldout(self, after_stage: int) -> None:
+        if not self.heldout:
+            return
+        value = heldout_kd(
+            self.model, self.heldout, loss=self.job.loss, chunk_tokens=self.training.loss_chunk_tokens,
+            precision=self.precision, device=self.device,
+        )  # fmt: skip
+        self._append_metrics({"event": "heldout", "after_stage": after_stage, "heldout_kd": value})
+
+    def save_checkpoint(self, final: bool = False) -> None:
+        """Report a checkpoint that resumes at ``self.state``'s position. Collective: under FSDP gathering
+        full weights and optimizer state takes every worker; only rank 0 writes."""
+        student = unwrap(self.model).student
+        weights = full_state_dict(student)
+        state = TrainState(
+            stage=self.state.stage, stage_step=self.state.stage_step, global_step=self.state.global_step,
+            tokens_seen=self.state.tokens_seen,
+            optimizer=full_optimizer_state(self.model, self.optimizer, self.sharded),
+            scheduler=self.scheduler.state_dict(),
+            grad_scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            rng=gather_objects(capture_rng(self.device)),
+        )  # fmt: skip
+        metrics = {"stage": state.stage, "stage_step": state.stage_step, "global_step": state.global_step,
+                   "tokens_seen": state.tokens_seen, **self.latest_metrics, "checkpoint": True}  # fmt: skip
+        if self.host.rank != 0:
+            self.host.report(metrics, None)
+            return
+        with tempfile.TemporaryDirectory(prefix="srd-checkpoint-") as scratch:
+            folder = Path(scratch)
+            student.save_pretrained(folder / MODEL_DIR, state_dict=weights, safe_serialization=True)
+            self.tokenizer.save_pretrained(folder / MODEL_DIR)
+            state.save(folder)
+            if final and getattr(self.job.student, "lora", None):
+                self._save_merged(folder)
+            self.host.report(metrics, folder)
+
+    def _save_merged(self, folder: Path) -> None:
+        """The LoRA student users get: adapters merged into the base, a plain save_pretrained folder."""
+        merged = load_adapter(load_model(self.job.student, "cpu"), str(folder / MODEL_DIR)).merge_and_unload()
+        merged.save_pretrained(folder / MERGED_DIR, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder / MERGED_DIR)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hosts
+
+
+class RayTrainHost:
+    """Inside a Ray Train worker: rank and device from Ray Train, rows from its dataset shards (every
+    worker gets every row: see ``driver``), checkpoints reported to Ray Train."""
+
+    def __init__(self, use_gpu: bool) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+
+    def rows(self, dataset: str) -> list[dict[str, Any]]:
+        import ray.train
+
+        return list(ray.train.get_dataset_shard(dataset).iter_rows())
+
+    @contextlib.contextmanager
+    def checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        # A local checkpoint is used in place; a remote one is downloaded and removed after the block.
+        with checkpoint.as_directory() as folder:
+            yield Path(folder)
+
+    def report(self, metrics: dict[str, Any], folder: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class LocalHost:
+    """Plain ``torch.distributed`` (or one process): rows given up front, checkpoints kept in a folder
+    (the newest ``keep``). For tests and for the GPU check, which has no Ray."""
+
+    def __init__(self, rows: dict[str, list[dict[str, Any]]], checkpoints: Path, device: torch.device, keep: int = 2):
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world = dist.get_world_size() if distributed else 1
+        self.device, self.datasets, self.folder, self.keep = device, rows, checkpoints, keep
+        self.reports: list[dict[str, Any]] = []
+
+    def rows(self, dataset: str) -> list[dict[str, Any]]:
+        return self.datasets[dataset]
+
+    @contextlib.contextmanager
+    def checkpoint(self) -> Iterator[Path | None]:
+        saved = sorted(self.folder.glob("checkpoint-*")) if self.folder.exists() else []
+        yield saved[-1] if saved else None
+
+    def report(self, metrics: dict[str, Any], folder: Path | None) -> None:
+        self.reports.append(metrics)
+        if folder is None or self.rank != 0:
+            return
+        shutil.copytree(folder, self.folder / f"checkpoint-{metrics['global_step']:08d}", dirs_exist_ok=True)
+        for old in sorted(self.folder.glob("checkpoint-*"))[: -self.keep]:
+            shutil.rmtree(old)
+
+
+def train_loop_per_worker(config: dict[str, TrainingJob]) -> None:
+    """Ray Train's entry point on every worker."""
+    job = config["job"]
+    Trainer(job, RayTrainHost(job.training.use_gpu)).run()

@@ -1,0 +1,197 @@
+"""The training worker without Ray (``LocalHost``, plain torch.distributed): resume, precision, LoRA,
+FSDP meta-device loading."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from srd_ray.data import load_source
+from srd_ray.distill.losses import LossSettings
+from srd_ray.distill.parallel import full_state_dict, precision_problem, resolve_precision, unwrap
+from srd_ray.distill.state import MERGED_DIR, MODEL_DIR
+from srd_ray.distill.worker import LocalHost, StagePlan, Trainer, TrainingJob
+from srd_ray.models import load_model
+from srd_ray.spec import (
+    DataSourceSpec,
+    DataSpec,
+    LoraSpec,
+    ModelSpec,
+    StageSpec,
+    StudentModelSpec,
+    TeacherModelSpec,
+    TrainingSpec,
+)
+from tests.processes import assert_vllm_serves, free_port
+
+DATA = {"max_response_tokens": 32}
+TWO_STAGES = (
+    StagePlan(0, ("all",), StageSpec(steps=4, kd_weight=0.5, temperature=1.0, lr=1e-3)),
+    StagePlan(1, ("all",), StageSpec(steps=6, kd_weight=0.9, temperature=2.0, lr=1e-3)),
+)
+
+
+@pytest.fixture(scope="module")
+def rows(demo_data) -> list[dict]:
+    data = DataSpec(train=DataSourceSpec(path=demo_data["train"], max_rows=32), **DATA)
+    return load_source(data.train, data, label="train").table.select(["example_id", "prompt", "response"]).to_pylist()
+
+
+def make_job(out: Path, tiny_models, *, lora: LoraSpec | None = None, plan=TWO_STAGES, loss="fkl", **training):
+    settings = {"num_workers": 1, "batch_size": 4, "gradient_accumulation_steps": 2, "log_every_steps": 1, **training}
+    return TrainingJob(
+        name="test", training=TrainingSpec(**settings),
+        data=DataSpec(train=DataSourceSpec(path="unused"), **DATA),
+        student=StudentModelSpec(path=tiny_models["student"], lora=lora),
+        teacher=TeacherModelSpec(path=tiny_models["teacher"]), plan=plan, loss=LossSettings(loss), seed=0,
+        metrics_path=str(out / "metrics.jsonl"),
+    )  # fmt: skip
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {r["global_step"]: r["loss"] for r in map(json.loads, lines) if "event" not in r}
+
+
+class Killed(Exception):
+    pass
+
+
+class KilledAfterCheckpoint(LocalHost):
+    """Dies right after the checkpoint at ``step`` is saved, as a job killed there would."""
+
+    def __init__(self, *args, step: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kill_step = step
+
+    def report(self, metrics, folder):
+        super().report(metrics, folder)
+        if folder is not None and metrics["global_step"] == self.kill_step:
+            raise Killed
+
+
+@pytest.mark.parametrize("lora", [None, LoraSpec(r=4, alpha=8, dropout=0.2)], ids=["full", "lora-dropout"])
+def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tmp_path, tiny_models, rows, lora):
+    """Killed at a mid-stage checkpoint (step 6 of 10, inside stage 2) and resumed: the same per-step
+    losses. With LoRA dropout this also needs the RNG state back."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    cpu = torch.device("cpu")
+    Trainer(make_job(straight, tiny_models, lora=lora), LocalHost({"all": rows}, straight / "ck", cpu)).run()
+    job = make_job(killed, tiny_models, lora=lora, checkpoint_every_steps=3)
+    with pytest.raises(Killed):
+        Trainer(job, KilledAfterCheckpoint({"all": rows}, killed / "ck", cpu, step=6)).run()
+    assert max(step_losses(killed)) == 6
+    Trainer(job, LocalHost({"all": rows}, killed / "ck", cpu)).run()
+    expected, resumed = step_losses(straight), step_losses(killed)
+    assert sorted(expected) == sorted(resumed) == list(range(1, 11))
+    assert resumed == expected
+
+
+def test_bf16_mixed_trains_on_cpu_and_lowers_the_loss(tmp_path, tiny_models, rows):
+    plan = (StagePlan(0, ("all",), StageSpec(steps=12, kd_weight=0.5, temperature=1.0, lr=3e-3)),)
+    job = make_job(tmp_path, tiny_models, plan=plan, precision="bf16-mixed")
+    trainer = Trainer(job, LocalHost({"all": rows}, tmp_path / "ck", torch.device("cpu")))
+    trainer.run()
+    assert trainer.precision.name == "bf16-mixed"
+    losses = step_losses(tmp_path)
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (10, 11, 12)) / 3
+    assert last < first - 0.1, losses
+
+
+def test_precision_choices_and_the_hardware_that_lacks_them():
+    assert resolve_precision("auto", torch.device("cpu")).name == "fp32"
+    assert resolve_precision("fp16-mixed", torch.device("cpu")).dtype is torch.float16
+    # What the driver's one-GPU probe reports is checked before any worker starts:
+    problem = precision_problem("bf16-mixed", "Tesla T4", bf16_supported=False)
+    assert problem and "Tesla T4" in problem and "fp16-mixed" in problem
+    assert precision_problem("bf16-mixed", "NVIDIA H200", bf16_supported=True) is None
+    assert precision_problem("fp16-mixed", "Tesla T4", bf16_supported=False) is None
+
+
+def test_activation_checkpointing_changes_no_loss(tmp_path, tiny_models, rows):
+    plan = (TWO_STAGES[0],)
+    for name, checkpointing in (("plain", False), ("checkpointed", True)):
+        job = make_job(tmp_path / name, tiny_models, plan=plan, activation_checkpointing=checkpointing)
+        Trainer(job, LocalHost({"all": rows}, tmp_path / name / "ck", torch.device("cpu"))).run()
+    plain, checkpointed = step_losses(tmp_path / "plain"), step_losses(tmp_path / "checkpointed")
+    assert checkpointed == pytest.approx(plain, rel=1e-6)
+
+
+def test_lora_student_updates_only_adapters_and_is_saved_merged(tmp_path, tiny_models, rows):
+    lora = LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    job = make_job(tmp_path, tiny_models, lora=lora, plan=(TWO_STAGES[0],))
+    trainer = Trainer(job, LocalHost({"all": rows}, tmp_path / "ck", torch.device("cpu")))
+    trainer.run()
+    trainable = {n for n, p in unwrap(trainer.model).student.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+
+    (checkpoint,) = (tmp_path / "ck").glob("checkpoint-*")
+    assert (checkpoint / MODEL_DIR / "adapter_config.json").exists()
+    before = load_file(Path(tiny_models["student"]) / "model.safetensors")
+    merged = load_model(ModelSpec(path=str(checkpoint / MERGED_DIR))).state_dict()
+    for name, weight in merged.items():
+        changed = not torch.equal(weight, before[name]) if name in before else None
+        if "q_proj" in name or "v_proj" in name:
+            assert changed, f"{name}: the adapter's update is merged in"
+        elif changed is not None:
+            assert not changed, f"{name} is not a LoRA target and must not change"
+    assert_vllm_serves(checkpoint / MERGED_DIR)
+
+
+def test_teacher_adapter_is_merged_at_load(tmp_path, tiny_models, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setenv("SRD_CACHE_DIR", str(tmp_path / "cache"))
+    base = load_model(ModelSpec(path=tiny_models["teacher"]))
+    adapted = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "adapter")
+    expected = adapted.merge_and_unload().state_dict()
+    spec = TeacherModelSpec(path=tiny_models["teacher"], adapter=str(tmp_path / "adapter"))
+    merged = load_model(spec).state_dict()
+    for name, weight in expected.items():
+        torch.testing.assert_close(merged[name], weight, msg=name)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           load_model(ModelSpec(path=tiny_models["teacher"])).state_dict()[
+                               "model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    assert len(list((tmp_path / "cache" / "merged").iterdir())) == 1, "merged once per node, then reused"
+
+
+def _shard_and_compare(rank: int, port: int, tiny_models: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    job = make_job(Path(out), tiny_models, strategy="fsdp", num_workers=2)
+    trainer = Trainer(job, LocalHost({}, Path(out) / "ck", torch.device("cpu")))
+    model = trainer._build_model(None)
+    results = {}
+    for role in ("student", "teacher"):
+        module = getattr(model, role)
+        expected = load_model(ModelSpec(path=tiny_models[role]))
+        sharded = full_state_dict(module)
+        local = {n: p.to_local().numel() for n, p in module.named_parameters()}
+        results[role] = {
+            "max_difference": max(float((sharded[n] - w).abs().max()) for n, w in expected.state_dict().items()),
+            "buffers_equal": all(torch.equal(b, dict(expected.named_buffers())[n]) for n, b in module.named_buffers()),
+            "local_fraction": sum(local.values()) / sum(p.numel() for p in expected.parameters()),
+            "tied": module.get_output_embeddings().weight is module.get_input_embeddings().weight,
+        }
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_builds_on_meta_and_loads_weights_equal_to_from_pretrained(tmp_path, tiny_models):
+    mp.spawn(_shard_and_compare, args=(free_port(), tiny_models, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for role, result in results.items():
+            assert result["max_difference"] == 0.0, (rank, role)
+            assert result["buffers_equal"], (rank, role)  # rotary inv_freq and other non-persistent buffers
+            assert result["tied"], (rank, role)
+            assert 0.4 < result["local_fraction"] < 0.6, f"each worker holds about half of the {role}"

@@ -4,7 +4,7 @@ All three run the same optimizer steps on the same rows (two epochs of the demo 
 batch 16: the 2-worker job uses 8 rows per worker), the same small teacher (hidden 256, 4 layers) and
 student (hidden 128, 2 layers), forward KL with kd_weight 0.9 at T = 1, in one run on this machine.
 
-- ``plain loop``: one process, torch on every core, the same loss code (``micro_batch_sums``);
+- ``plain loop``: one process, torch on every core, the same step code (``plan_epoch`` + ``train_step``);
 - ``ray train xN``: ``run_training`` (TorchTrainer, gloo DDP for N = 2) with N workers sharing the cores.
 
 Two figures per config: tokens/s over the whole call (worker start-up, model loading and the end-of-stage
@@ -49,64 +49,69 @@ def prepare(cache: Path) -> tuple[str, dict[str, str]]:
 
 
 def plain_loop(train, models, data_spec, stage) -> dict:
+    """The same steps as one Ray Train worker would take, in this process: ``plan_epoch`` + ``train_step``."""
     import torch
 
-    from srd_ray.distill.train import LossSettings, micro_batch_sums
-    from srd_ray.models import IGNORE_INDEX, collate, encode_example, load_model, load_tokenizer
-    from srd_ray.spec import ModelSpec
+    from srd_ray.distill.batches import BatchLayout, MicroBatch, epoch_seed, plan_epoch
+    from srd_ray.distill.losses import LossSettings, StageWeights
+    from srd_ray.distill.parallel import Precision
+    from srd_ray.distill.step import DistillationModel, StepSettings, train_step
+    from srd_ray.models import encode_example, load_model, load_tokenizer
+    from srd_ray.spec import ModelSpec, TrainingSpec
 
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
     tokenizer = load_tokenizer(ModelSpec(path=models["student"]))
-    student = load_model(ModelSpec(path=models["student"])).train()
+    student = load_model(ModelSpec(path=models["student"]))
     teacher = load_model(ModelSpec(path=models["teacher"])).eval().requires_grad_(False)
+    pair = DistillationModel(student, teacher, len(tokenizer))
     examples = [
         encode_example(tokenizer, p, r, data_spec.max_prompt_tokens, data_spec.max_response_tokens)
         for p, r in zip(train["prompt"].to_pylist(), train["response"].to_pylist(), strict=True)
     ]
-    generator = torch.Generator().manual_seed(0)
-    order = [i for _ in range(stage.epochs) for i in torch.randperm(len(examples), generator=generator).tolist()]
+    lengths = [len(e.input_ids) for e in examples]
+    scored = [sum(label != -100 for label in e.labels[1:]) for e in examples]
     optimizer = torch.optim.AdamW(student.parameters(), lr=stage.lr, weight_decay=0.01)
-    loss = LossSettings("fkl")
-    tokens, step_rates = 0, []
-    for start in range(0, len(order), GLOBAL_BATCH):
-        step_started = time.perf_counter()
-        batch = collate([examples[i] for i in order[start : start + GLOBAL_BATCH]], tokenizer.pad_token_id)
-        step_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sums = micro_batch_sums(logits, teacher_logits, batch["labels"], vocab_size=len(tokenizer),
-                                temperature=stage.temperature, loss=loss)  # fmt: skip
-        ((1 - stage.kd_weight) * sums.ce + stage.kd_weight * sums.kd).div(step_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += step_tokens
-        step_rates.append(step_tokens / (time.perf_counter() - step_started))
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    chunk = TrainingSpec.model_fields["loss_chunk_tokens"].default
+    settings = StepSettings(StageWeights(stage.kd_weight, stage.temperature), LossSettings("fkl"), chunk, 1.0, 1)
+    precision, cpu = Precision("fp32"), torch.device("cpu")
+    scaler = precision.grad_scaler(cpu)
+    tokens, steps, step_rates = 0, 0, []
+    for epoch in range(stage.epochs):
+        for plan in plan_epoch(lengths, scored, BatchLayout(GLOBAL_BATCH, 1, 1), epoch_seed(0, 0, epoch)):
+            step_started = time.perf_counter()
+            batches = [MicroBatch.of([examples[i] for i in rows], tokenizer.pad_token_id) for rows in
+                       plan.micro_batches(0)]  # fmt: skip
+            train_step(pair, batches, plan.num_items, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                       settings=settings, precision=precision, device=cpu)  # fmt: skip
+            tokens, steps = tokens + plan.num_items, steps + 1
+            step_rates.append(plan.num_items / (time.perf_counter() - step_started))
     wall = time.perf_counter() - started
-    return {"wall_s": wall, "tokens": tokens, "steps": -(-len(order) // GLOBAL_BATCH),
-            "steady_tokens_per_s": statistics.fmean(step_rates)}  # fmt: skip
+    return {"wall_s": wall, "tokens": tokens, "steps": steps, "steady_tokens_per_s": statistics.fmean(step_rates)}
 
 
 def ray_train(train, models, data_spec, stage, workers: int, out: Path) -> dict:
     import ray
 
-    from srd_ray.distill.train import LossSettings, StagePlan, run_training
-    from srd_ray.spec import ModelSpec, TrainingSpec
+    from srd_ray.distill.driver import run_training
+    from srd_ray.distill.losses import LossSettings
+    from srd_ray.distill.worker import StagePlan, TrainingJob
+    from srd_ray.spec import StudentModelSpec, TeacherModelSpec, TrainingSpec
 
     training = TrainingSpec(
         num_workers=workers, num_cpus_per_worker=(os.cpu_count() or 1) / workers,
         batch_size=GLOBAL_BATCH // workers, log_every_steps=10,
     )  # fmt: skip
     stage_dir = out / f"workers_{workers}"
-    started = time.perf_counter()
-    summary = run_training(
-        name=f"bench_{workers}", training=training, data=data_spec, student=ModelSpec(path=models["student"]),
-        teacher=ModelSpec(path=models["teacher"]), plan=[StagePlan(0, ("all",), stage)],
-        datasets={"all": ray.data.from_arrow(train.select(["example_id", "prompt", "response"]))},
-        loss=LossSettings("fkl"), seed=0, stage_dir=stage_dir,
+    job = TrainingJob(
+        name=f"bench_{workers}", training=training, data=data_spec, student=StudentModelSpec(path=models["student"]),
+        teacher=TeacherModelSpec(path=models["teacher"]), plan=(StagePlan(0, ("all",), stage),),
+        loss=LossSettings("fkl"), seed=0, metrics_path=str(stage_dir / "metrics.jsonl"),
     )  # fmt: skip
+    started = time.perf_counter()
+    datasets = {"all": ray.data.from_arrow(train.select(["example_id", "prompt", "response"]))}
+    summary = run_training(job, datasets, stage_dir)
     wall = time.perf_counter() - started
     rates = [json.loads(line)["tokens_per_s"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()
              if "tokens_per_s" in line]  # fmt: skip

@@ -94,12 +94,14 @@ def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tmp_path, tiny
     assert resumed == expected
 
 
-def test_bf16_mixed_trains_on_cpu_and_lowers_the_loss(tmp_path, tiny_models, rows):
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
+def test_mixed_precision_trains_on_cpu_and_lowers_the_loss(tmp_path, tiny_models, rows, precision):
     plan = (StagePlan(0, ("all",), StageSpec(steps=12, kd_weight=0.5, temperature=1.0, lr=3e-3)),)
-    job = make_job(tmp_path, tiny_models, plan=plan, precision="bf16-mixed")
+    job = make_job(tmp_path, tiny_models, plan=plan, precision=precision)
     trainer = Trainer(job, LocalHost({"all": rows}, tmp_path / "ck", torch.device("cpu")))
     trainer.run()
-    assert trainer.precision.name == "bf16-mixed"
+    assert trainer.precision.name == precision
+    assert trainer.scaler.is_enabled() == (precision == "fp16-mixed")
     losses = step_losses(tmp_path)
     first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (10, 11, 12)) / 3
     assert last < first - 0.1, losses

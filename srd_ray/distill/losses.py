@@ -292,6 +292,9 @@ def _fused_forward(hidden, weight, bias, job: _LossJob, wants_grad: list[bool]):
     """The chunk loop: loss totals, and the student's gradients where ``wants_grad`` asks for them."""
     compute = job.head.in_dtype(compute_dtype(weight))
     vocab, dtype = job.head.vocab_size, compute.weight.dtype
+    # These gradients are not yet multiplied by fp16's loss scale (that comes in the backward pass), so in
+    # fp16 small ones would flush to zero: compute them in fp32 there. bf16 has fp32's range.
+    grad_dtype = torch.float32 if dtype == torch.float16 else dtype
     grad_hidden = torch.zeros_like(hidden) if wants_grad[0] else None
     # Head gradients accumulate over chunks: keep them in fp32 whatever the weight's dtype.
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_grad[1] else None
@@ -313,11 +316,11 @@ def _fused_forward(hidden, weight, bias, job: _LossJob, wants_grad: list[bool]):
                 weighted = ce_factor * ce + kd_factor * kd
             if any(wants_grad):
                 (grad_raw,) = torch.autograd.grad(weighted, raw)
-                grad_raw = grad_raw.to(dtype)
+                grad_raw = grad_raw.to(grad_dtype)
                 if grad_hidden is not None:
-                    grad_hidden[rows] = grad_raw @ compute.weight[:vocab]
+                    grad_hidden[rows] = grad_raw @ compute.weight[:vocab].to(grad_dtype)
                 if grad_weight is not None:
-                    grad_weight[:vocab] += (grad_raw.T @ h).float()
+                    grad_weight[:vocab] += (grad_raw.T @ h.to(grad_dtype)).float()
                 if grad_bias is not None:
                     grad_bias[:vocab] += grad_raw.float().sum(0)
             ce_total += ce.detach()

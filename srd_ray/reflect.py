@@ -15,7 +15,6 @@ with the shards it has not finished and never mixes shards made with other setti
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -23,11 +22,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from srd_ray import storage
 from srd_ray.engines import Engine, build_engine, engine_version, row_seed
-from srd_ray.errors import DataError, RunDirError
 from srd_ray.ray_errors import reraise_srd_error
 from srd_ray.scoring import rouge_l
+from srd_ray.shards import ShardedPass, follow_progress, shard_summary, split_into_shards
 from srd_ray.spec import GenerationSpec, JobSpec, ModelSpec
 from srd_ray.storage import Location, Place
 
@@ -76,13 +74,11 @@ def score_table(rows: pa.Table, engine: Engine, generation: GenerationSpec, teac
     return rows
 
 
-def shard_schema(rows: pa.Table, settings: dict[str, Any]) -> pa.Schema:
-    """The fixed input and signal columns first, then the data's passthrough columns, plus the settings."""
+def shard_columns(rows: pa.Table) -> pa.Schema:
+    """The fixed input and signal columns first, then the data's passthrough columns."""
     fixed = {field.name for field in INPUT_FIELDS + SIGNAL_FIELDS}
     passthrough = [field for field in rows.schema if field.name not in fixed]
-    return pa.schema(
-        INPUT_FIELDS + SIGNAL_FIELDS + passthrough, metadata={SETTINGS_KEY: json.dumps(settings, sort_keys=True)}
-    )
+    return pa.schema(INPUT_FIELDS + SIGNAL_FIELDS + passthrough)
 
 
 def reflect_settings(spec: JobSpec, engine: str, teacher: ModelSpec | None) -> dict[str, Any]:
@@ -100,17 +96,16 @@ def reflect_settings(spec: JobSpec, engine: str, teacher: ModelSpec | None) -> d
     }
 
 
-def shard_path(shards_dir: Location, index: int) -> Location:
-    return shards_dir / f"shard-{index:05d}.parquet"
+def reflect_pass(spec: JobSpec, stage_dir: Place, engine: str, teacher: ModelSpec | None) -> ShardedPass:
+    settings = reflect_settings(spec, engine, teacher)
+    return ShardedPass("reflect", Location.of(stage_dir) / "shards", SETTINGS_KEY, settings)
 
 
 class ReflectActor:
     """Engines are loaded once per actor; each call scores whole shards and writes them (idempotent)."""
 
-    def __init__(self, spec: JobSpec, settings: dict[str, Any], teacher: ModelSpec | None, shards_dir: str) -> None:
-        self.spec = spec
-        self.settings = settings
-        self.shards_dir = Location.of(shards_dir)
+    def __init__(self, spec: JobSpec, sharded: ShardedPass, teacher: ModelSpec | None) -> None:
+        self.spec, self.sharded = spec, sharded
         reflect = self.spec.reflect
         engine_options = {
             "max_new_tokens": reflect.generation.max_new_tokens,
@@ -118,7 +113,7 @@ class ReflectActor:
             "num_gpus": reflect.num_gpus_per_actor,
             "vllm": reflect.vllm,
         }
-        self.engine = build_engine(settings["engine"], self.spec.models.student, self.spec.data, **engine_options)
+        self.engine = build_engine(sharded.settings["engine"], spec.models.student, spec.data, **engine_options)
         self.teacher = None
         if teacher is not None:
             # Teacher CE needs a forward pass only: transformers does that well on any device.
@@ -131,45 +126,9 @@ class ReflectActor:
             started = time.perf_counter()
             rows = batch.filter(pc.equal(batch["shard_index"], index)).drop_columns(["shard_index"])
             scored = score_table(rows, self.engine, self.spec.reflect.generation, self.teacher)
-            schema = shard_schema(scored, self.settings)
-            scored = scored.select(schema.names).cast(schema)
-            storage.write_parquet(shard_path(self.shards_dir, index), scored)
-            summaries.append(
-                {
-                    "shard_index": index,
-                    "rows": scored.num_rows,
-                    "generated_tokens": pc.sum(scored["generated_tokens"]).as_py() or 0,
-                    "seconds": time.perf_counter() - started,
-                }
-            )
+            self.sharded.write(index, scored, shard_columns(scored))
+            summaries.append(shard_summary(index, scored, "generated_tokens", started))
         return pa.Table.from_pylist(summaries)
-
-
-def split_into_shards(table: pa.Table, shard_rows: int) -> list[pa.Table]:
-    """Fixed shards by input position: the same data and shard size always give the same shards."""
-    ordered = table.sort_by("input_position")
-    return [
-        ordered.slice(start, shard_rows).append_column(
-            "shard_index",
-            pa.array([start // shard_rows] * min(shard_rows, ordered.num_rows - start), pa.int32()),
-        )
-        for start in range(0, ordered.num_rows, shard_rows)
-    ]
-
-
-def check_existing_shard(path: Place, settings: dict[str, Any]) -> None:
-    """A finished shard is reused only if it is readable and was made with exactly these settings."""
-    try:
-        schema = Location.of(path).parquet_file().schema_arrow
-    except (pa.ArrowInvalid, OSError) as error:
-        raise DataError(f"{path}: unreadable reflect shard ({error}); delete it and rerun to recompute it") from None
-    made_with = json.loads((schema.metadata or {}).get(SETTINGS_KEY, b"{}"))
-    if made_with != settings:
-        changed = sorted(key for key in settings.keys() | made_with.keys() if settings.get(key) != made_with.get(key))
-        raise RunDirError(
-            f"{path} was made with other reflect settings ({', '.join(changed)} differ); rerun with "
-            "--redo reflect to replace every shard, or use another run.name"
-        )
 
 
 def run_reflect(
@@ -179,32 +138,18 @@ def run_reflect(
     import ray
 
     started = time.perf_counter()
-    settings = reflect_settings(spec, engine, teacher)
-    shards_dir = Location.of(stage_dir) / "shards"
-    storage.remove_partials(shards_dir)
-    finished = {shard.name for shard in shards_dir.children()}
+    sharded = reflect_pass(spec, stage_dir, engine, teacher)
     shards = split_into_shards(table, spec.reflect.shard_rows)
-    todo = []
-    for shard in shards:
-        path = shard_path(shards_dir, shard["shard_index"][0].as_py())
-        if path.name in finished:
-            check_existing_shard(path, settings)
-        else:
-            todo.append(shard)
+    todo = sharded.pending(shards)
     log.info(
         "reflect: %d rows in %d shards, %d already done; engine %s", table.num_rows, len(shards),
         len(shards) - len(todo), engine,
     )  # fmt: skip
-    progress = {"rows": 0, "generated_tokens": 0, "busy_s": 0.0}
+    progress = {"rows": 0, "tokens": 0, "busy_s": 0.0}
     if todo:
         dataset = ray.data.from_arrow(todo).map_batches(
             ReflectActor,
-            fn_constructor_kwargs={
-                "spec": spec,
-                "settings": settings,
-                "teacher": teacher,
-                "shards_dir": str(shards_dir),
-            },
+            fn_constructor_kwargs={"spec": spec, "sharded": sharded, "teacher": teacher},
             batch_size=None,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=min(spec.reflect.concurrency, len(todo))),
@@ -212,21 +157,22 @@ def run_reflect(
             num_gpus=spec.reflect.num_gpus_per_actor,
         )
         with reraise_srd_error():
-            progress = _follow_progress(dataset, total_rows=sum(s.num_rows for s in todo))
-    scored = read_scored(stage_dir)
-    check_complete(table, scored)
+            total = sum(s.num_rows for s in todo)
+            progress = follow_progress("reflect", dataset.iter_rows(), total, "generated tokens")
+    scored = sharded.read()
+    sharded.check_complete(table["example_id"].to_pylist(), scored)
     wall = time.perf_counter() - started
     return {
         "rows": scored.num_rows,
         "shards": len(shards),
         "shards_reused": len(shards) - len(todo),
         "rows_scored": progress["rows"],
-        "generated_tokens": progress["generated_tokens"],
+        "generated_tokens": progress["tokens"],
         "rows_per_s": round(progress["rows"] / wall, 2),
-        "generated_tokens_per_s": round(progress["generated_tokens"] / wall, 1),
+        "generated_tokens_per_s": round(progress["tokens"] / wall, 1),
         # Seconds actors spent scoring shards (engine loading and Ray scheduling excluded), summed over actors.
         "actor_busy_s": round(progress["busy_s"], 2),
-        **settings,
+        **sharded.settings,
         "engine_version": engine_version(engine),
         "mean_rouge_l": pc.mean(scored["rouge_l"]).as_py(),
         "mean_student_ce": pc.mean(scored["student_ce"]).as_py(),
@@ -235,47 +181,6 @@ def run_reflect(
     }
 
 
-def _follow_progress(dataset: Any, total_rows: int) -> dict[str, Any]:
-    """One log line per finished shard: rows done, rows/s, generated tokens/s and ETA."""
-    started = time.perf_counter()
-    done = {"rows": 0, "generated_tokens": 0, "busy_s": 0.0}
-    for summary in dataset.iter_rows():
-        done["rows"] += summary["rows"]
-        done["generated_tokens"] += summary["generated_tokens"]
-        done["busy_s"] += summary["seconds"]
-        elapsed = time.perf_counter() - started
-        rate = done["rows"] / elapsed if elapsed > 0 else 0.0
-        eta = (total_rows - done["rows"]) / rate if rate > 0 else float("inf")
-        log.info(
-            "reflect: %d/%d rows, %.1f rows/s, %.0f generated tokens/s, ETA %.0fs",
-            done["rows"], total_rows, rate, done["generated_tokens"] / elapsed, eta,
-        )  # fmt: skip
-    return done
-
-
-def check_complete(table: pa.Table, scored: pa.Table) -> None:
-    """Every input example_id scored exactly once: nothing lost, nothing duplicated, nothing foreign."""
-    expected = set(table["example_id"].to_pylist())
-    got = scored["example_id"].to_pylist()
-    duplicates = scored.num_rows - len(set(got))
-    missing, extra = expected - set(got), set(got) - expected
-    if missing or extra or duplicates:
-        raise DataError(
-            f"reflect shards hold {scored.num_rows} rows for {len(expected)} inputs: {len(missing)} missing, "
-            f"{len(extra)} not in the input, {duplicates} duplicated; rerun with --redo reflect"
-        )
-
-
 def read_scored(stage_dir: Place) -> pa.Table:
     """All scored shards of a reflect stage as one table, in input order."""
-    shards_dir = Location.of(stage_dir) / "shards"
-    shards = [shard for shard in shards_dir.children() if shard.name.endswith(".parquet")]
-    if not shards:
-        raise FileNotFoundError(f"no reflect shards in {shards_dir}")
-    tables = []
-    for path in shards:
-        try:
-            tables.append(path.read_parquet())
-        except (pa.ArrowInvalid, OSError) as error:
-            raise DataError(f"{path}: unreadable reflect shard ({error}); delete it and rerun reflect") from None
-    return pa.concat_tables(tables, promote_options="permissive").sort_by("input_position")
+    return ShardedPass("reflect", Location.of(stage_dir) / "shards", SETTINGS_KEY, {}).read()

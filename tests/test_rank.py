@@ -121,7 +121,7 @@ def test_custom_signals_and_direction():
 
 def test_ranking_is_independent_of_shards_and_their_arrival_order():
     """Reflect writes shards in whatever order actors finish; rank must not care."""
-    from srd_ray.reflect import split_into_shards
+    from srd_ray.shards import split_into_shards
 
     n = 103
     rouge = [round((i * 37 % 11) / 10, 1) for i in range(n)]  # many ties, zeros included

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,18 +16,11 @@ from srd_ray.data import LoadedData, drop_long_prompts, load_source
 from srd_ray.engines import NoRepeatNGram, TransformersEngine, check_context
 from srd_ray.errors import DataError, ModelError, RunDirError
 from srd_ray.models import check_model_path
-from srd_ray.reflect import (
-    INPUT_FIELDS,
-    SETTINGS_KEY,
-    SIGNAL_FIELDS,
-    check_complete,
-    check_existing_shard,
-    score_table,
-    shard_schema,
-    split_into_shards,
-)
+from srd_ray.reflect import INPUT_FIELDS, SETTINGS_KEY, SIGNAL_FIELDS, score_table, shard_columns
 from srd_ray.scoring import rouge_l
+from srd_ray.shards import ShardedPass, split_into_shards
 from srd_ray.spec import DataSourceSpec, DataSpec, GenerationSpec, ModelSpec
+from srd_ray.storage import Location
 
 
 def data_spec(path: str = "unused.jsonl", **limits) -> DataSpec:
@@ -169,26 +163,30 @@ def test_shards_follow_input_position(rows):
 def test_shard_schema_is_explicit_and_carries_settings(engine, rows, tmp_path):
     scored = score_table(rows.slice(0, 2), engine, GenerationSpec(max_new_tokens=3))
     settings = {"engine": "transformers", "generation": {"temperature": 0.01}}
-    schema = shard_schema(scored, settings)
-    assert schema.names[: len(INPUT_FIELDS) + len(SIGNAL_FIELDS)] == [f.name for f in INPUT_FIELDS + SIGNAL_FIELDS]
-    assert "difficulty" in schema.names  # the demo data's label is passed through
-    path = tmp_path / "shard-00000.parquet"
-    pq.write_table(scored.select(schema.names).cast(schema), path)
-    assert json.loads(pq.read_schema(path).metadata[SETTINGS_KEY]) == settings
-    check_existing_shard(path, settings)
+    sharded = ShardedPass("reflect", Location.of(tmp_path), SETTINGS_KEY, settings)
+    columns = shard_columns(scored)
+    assert columns.names[: len(INPUT_FIELDS) + len(SIGNAL_FIELDS)] == [f.name for f in INPUT_FIELDS + SIGNAL_FIELDS]
+    assert "difficulty" in columns.names  # the demo data's label is passed through
+    sharded.write(0, scored, columns)
+    path = sharded.shard_path(0)
+    assert json.loads(pq.read_schema(path.path).metadata[SETTINGS_KEY]) == settings
+    sharded.check_existing(path)
+    other = ShardedPass("reflect", Location.of(tmp_path), SETTINGS_KEY, {**settings, "engine": "vllm"})
     with pytest.raises(RunDirError, match=r"other reflect settings \(engine differ\).*--redo reflect"):
-        check_existing_shard(path, {**settings, "engine": "vllm"})
-    path.write_bytes(path.read_bytes()[:50])
+        other.check_existing(path)
+    Path(path.path).write_bytes(Path(path.path).read_bytes()[:50])
     with pytest.raises(DataError, match="unreadable reflect shard"):
-        check_existing_shard(path, settings)
+        sharded.check_existing(path)
 
 
-def test_completeness_check_catches_lost_and_duplicated_rows(rows):
-    check_complete(rows, rows)
+def test_completeness_check_catches_lost_and_duplicated_rows(rows, tmp_path):
+    sharded = ShardedPass("reflect", Location.of(tmp_path), SETTINGS_KEY, {})
+    ids = rows["example_id"].to_pylist()
+    sharded.check_complete(ids, rows)
     with pytest.raises(DataError, match="1 missing"):
-        check_complete(rows, rows.slice(1))
+        sharded.check_complete(ids, rows.slice(1))
     with pytest.raises(DataError, match="1 duplicated"):
-        check_complete(rows, pa.concat_tables([rows, rows.slice(0, 1)]))
+        sharded.check_complete(ids, pa.concat_tables([rows, rows.slice(0, 1)]))
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):

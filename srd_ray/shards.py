@@ -1,0 +1,141 @@
+"""Resumable sharded passes: rows cut into fixed shards, each written whole by a Ray Data actor with the
+settings that made it, so an interrupted pass resumes with the shards it has not finished and never mixes
+shards made with other settings.
+
+Reflection and the teacher's top-k pass are both such passes: a ``ShardedPass`` names the stage, its
+shard folder and settings; the stage supplies the actor that turns a shard into scored rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from srd_ray import storage
+from srd_ray.errors import DataError, RunDirError
+from srd_ray.storage import Location
+
+log = logging.getLogger(__name__)
+
+
+def split_into_shards(table: pa.Table, shard_rows: int) -> list[pa.Table]:
+    """Fixed shards by input position: the same data and shard size always give the same shards. Each
+    shard carries its ``shard_index`` column."""
+    ordered = table.sort_by("input_position")
+    return [
+        ordered.slice(start, shard_rows).append_column(
+            "shard_index",
+            pa.array([start // shard_rows] * min(shard_rows, ordered.num_rows - start), pa.int32()),
+        )
+        for start in range(0, ordered.num_rows, shard_rows)
+    ]
+
+
+@dataclass(frozen=True)
+class ShardedPass:
+    stage: str  # for messages and --redo hints: "reflect", "teacher_signal"
+    shards_dir: Location
+    settings_key: bytes  # the Parquet schema metadata key the settings are stored under
+    settings: dict[str, Any]
+
+    def shard_path(self, index: int) -> Location:
+        return self.shards_dir / f"shard-{index:05d}.parquet"
+
+    def schema(self, columns: pa.Schema) -> pa.Schema:
+        """The shard's columns with the settings that made it in the metadata."""
+        return columns.with_metadata({self.settings_key: json.dumps(self.settings, sort_keys=True)})
+
+    def write(self, index: int, rows: pa.Table, columns: pa.Schema) -> None:
+        schema = self.schema(columns)
+        storage.write_parquet(self.shard_path(index), rows.select(schema.names).cast(schema))
+
+    def pending(self, shards: list[pa.Table]) -> list[pa.Table]:
+        """The shards still to do; finished ones are checked (readable, same settings) and kept."""
+        storage.remove_partials(self.shards_dir)
+        finished = {shard.name for shard in self.shards_dir.children()}
+        todo = []
+        for shard in shards:
+            path = self.shard_path(shard["shard_index"][0].as_py())
+            if path.name in finished:
+                self.check_existing(path)
+            else:
+                todo.append(shard)
+        return todo
+
+    def check_existing(self, path: Location) -> None:
+        """A finished shard is reused only if it is readable and was made with exactly these settings."""
+        try:
+            schema = path.parquet_file().schema_arrow
+        except (pa.ArrowInvalid, OSError) as error:
+            raise DataError(
+                f"{path}: unreadable {self.stage} shard ({error}); delete it and rerun to recompute it"
+            ) from None
+        made_with = json.loads((schema.metadata or {}).get(self.settings_key, b"{}"))
+        if made_with != self.settings:
+            keys = self.settings.keys() | made_with.keys()
+            changed = sorted(key for key in keys if self.settings.get(key) != made_with.get(key))
+            raise RunDirError(
+                f"{path} was made with other {self.stage} settings ({', '.join(changed)} differ); rerun with "
+                f"--redo {self.stage} to replace every shard, or use another run.name"
+            )
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """Every shard as one table, in input order."""
+        shards = [shard for shard in self.shards_dir.children() if shard.name.endswith(".parquet")]
+        if not shards:
+            raise FileNotFoundError(f"no {self.stage} shards in {self.shards_dir}")
+        tables = []
+        for path in shards:
+            try:
+                tables.append(path.read_parquet(columns=columns))
+            except (pa.ArrowInvalid, OSError) as error:
+                raise DataError(f"{path}: unreadable {self.stage} shard ({error}); delete it and rerun") from None
+        table = pa.concat_tables(tables, promote_options="permissive")
+        return table.sort_by("input_position") if "input_position" in table.column_names else table
+
+    def check_complete(self, expected_ids: Iterable[str], done: pa.Table) -> None:
+        """Every input example_id done exactly once: nothing lost, nothing duplicated, nothing foreign."""
+        expected = set(expected_ids)
+        got = done["example_id"].to_pylist()
+        duplicates = done.num_rows - len(set(got))
+        missing, extra = expected - set(got), set(got) - expected
+        if missing or extra or duplicates:
+            raise DataError(
+                f"{self.stage} shards hold {done.num_rows} rows for {len(expected)} inputs: {len(missing)} "
+                f"missing, {len(extra)} not in the input, {duplicates} duplicated; rerun with --redo {self.stage}"
+            )
+
+
+def follow_progress(stage: str, summaries: Iterable[dict[str, Any]], total_rows: int, tokens_label: str) -> dict:
+    """One log line per finished shard: rows done, rows/s, tokens/s and ETA. ``summaries`` yields one
+    ``{"rows", "tokens", "seconds"}`` record per shard as actors finish them."""
+    started = time.perf_counter()
+    done = {"rows": 0, "tokens": 0, "busy_s": 0.0}
+    for summary in summaries:
+        done["rows"] += summary["rows"]
+        done["tokens"] += summary["tokens"]
+        done["busy_s"] += summary["seconds"]
+        elapsed = time.perf_counter() - started
+        rate = done["rows"] / elapsed if elapsed > 0 else 0.0
+        eta = (total_rows - done["rows"]) / rate if rate > 0 else float("inf")
+        log.info(
+            "%s: %d/%d rows, %.1f rows/s, %.0f %s/s, ETA %.0fs",
+            stage, done["rows"], total_rows, rate, done["tokens"] / elapsed, tokens_label, eta,
+        )  # fmt: skip
+    return done
+
+
+def shard_summary(index: int, rows: pa.Table, tokens_column: str, started: float) -> dict[str, Any]:
+    return {
+        "shard_index": index,
+        "rows": rows.num_rows,
+        "tokens": pc.sum(rows[tokens_column]).as_py() or 0,
+        "seconds": time.perf_counter() - started,
+    }

@@ -70,7 +70,7 @@ def plain_loop(train, models, data_spec, stage) -> dict:
         for p, r in zip(train["prompt"].to_pylist(), train["response"].to_pylist(), strict=True)
     ]
     lengths = [len(e.input_ids) for e in examples]
-    scored = [sum(label != -100 for label in e.labels[1:]) for e in examples]
+    scored = [e.scored_tokens for e in examples]
     optimizer = torch.optim.AdamW(student.parameters(), lr=stage.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     chunk = TrainingSpec.model_fields["loss_chunk_tokens"].default

@@ -199,7 +199,7 @@ def throughput(pairs: list, models: dict[str, str], variant: str, epochs: int = 
         settings = StepSettings(stage, loss, CHUNK, 1.0, 1)
         layout = BatchLayout(batch_size, 1, 1, group_by_length=True)
         lengths = [len(e.input_ids) for e in examples]
-        scored = [sum(label != -100 for label in e.labels[1:]) for e in examples]
+        scored = [e.scored_tokens for e in examples]
         for plan in plan_epoch(lengths, scored, layout, epoch_seed(0, 0, epoch)):
             batches = [MicroBatch.of([examples[i] for i in rows], pad) for rows in plan.micro_batches(0)]
             train_step(pair, batches, plan.num_items, optimizer=optimizer, scheduler=scheduler,

@@ -19,20 +19,24 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from srd_ray.distill.losses import ScoredPositions, gather_scored
 from srd_ray.errors import ModelError, SpecError
 from srd_ray.models import (
     IGNORE_INDEX,
     collate,
     encode_example,
     encode_prompt,
+    final_hidden_states,
     load_model,
     load_tokenizer,
     local_model_path,
     model_context_length,
+    output_head,
     pick_device,
     shift_for_next_token,
 )
@@ -52,12 +56,25 @@ class CrossEntropies:
     tokens: list[int]  # response tokens it was averaged over (EOS included)
 
 
+@dataclass(frozen=True)
+class TopK:
+    """A teacher's next-token distribution at each response token of one row: the ``k`` most likely ids,
+    their log-probabilities (T = 1) and the log of the probability mass outside them (the tail)."""
+
+    ids: np.ndarray  # int32 [tokens, k]
+    logprobs: np.ndarray  # float32 [tokens, k], most likely first
+    tail: np.ndarray  # float32 [tokens]; -inf when the k ids hold all the mass
+
+
 class Engine(Protocol):
     def generate(self, prompts: list[str], settings: GenerationSpec, seeds: list[int]) -> Generations:
         """One answer per prompt; ``seeds`` are per prompt (engines that seed per batch use the first)."""
 
     def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> CrossEntropies:
         """Teacher-forced cross-entropy of each response given its prompt, response tokens only."""
+
+    def response_topk(self, prompts: list[str], responses: list[str], k: int) -> list[TopK]:
+        """Teacher-forced top-k distribution at every response token (the tokens training scores)."""
 
 
 def row_seed(base_seed: int, example_id: str) -> int:
@@ -206,6 +223,42 @@ class TransformersEngine:
                 means[i], counts[i] = mean, count
         return CrossEntropies(means, counts)
 
+    @torch.inference_mode()
+    def response_topk(self, prompts: list[str], responses: list[str], k: int) -> list[TopK]:
+        """From final hidden states at response positions through the LM head, in chunks of rows (the
+        head's output for a whole batch would be [batch, seq, vocab])."""
+        examples = [
+            encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        head = output_head(self.model, len(self.tokenizer))
+        results: list[TopK | None] = [None] * len(examples)
+        for rows in self._batches([len(e.input_ids) for e in examples]):
+            batch = collate([examples[i] for i in rows], self.tokenizer.pad_token_id)
+            positions = ScoredPositions.of(batch["labels"])
+            hidden = final_hidden_states(
+                self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            )
+            hidden = gather_scored(hidden, positions.to(self.device))
+            chunks = [_topk_of(head.logits(hidden[i : i + TOPK_CHUNK]), k) for i in range(0, len(hidden), TOPK_CHUNK)]
+            ids, logprobs, tail = (torch.cat(parts).cpu().numpy() for parts in zip(*chunks, strict=True))
+            counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+            starts = np.cumsum([0, *counts])
+            for i, start, end in zip(rows, starts[:-1], starts[1:], strict=True):
+                results[i] = TopK(ids[start:end], logprobs[start:end], tail[start:end])
+        return results
+
+
+TOPK_CHUNK = 64  # response tokens whose [chunk, vocab] logits exist at once
+
+
+def _topk_of(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids int32, log-probs, tail log-mass) of the k most likely tokens of each row of logits."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    top = log_probs.topk(k, dim=-1)
+    tail = torch.logsumexp(log_probs.scatter(-1, top.indices, float("-inf")), dim=-1)
+    return top.indices.int(), top.values, tail
+
 
 class VLLMEngine:
     """The vLLM offline engine, fed token ids; CE from ``prompt_logprobs`` on prompt + reference ids.
@@ -214,7 +267,14 @@ class VLLMEngine:
     a per-request logits processor with the same rule as the transformers engine."""
 
     def __init__(
-        self, model: ModelSpec, data: DataSpec, *, max_new_tokens: int, num_gpus: float, settings: VllmSpec
+        self,
+        model: ModelSpec,
+        data: DataSpec,
+        *,
+        max_new_tokens: int,
+        num_gpus: float,
+        settings: VllmSpec,
+        max_logprobs: int = 20,
     ) -> None:
         needed = check_context(model, data, max_new_tokens)
         # In-process engine core: one process per actor, no extra engine process to start and watch. On
@@ -244,6 +304,7 @@ class VLLMEngine:
                 gpu_memory_utilization=settings.gpu_memory_utilization,
                 enforce_eager=settings.enforce_eager or num_gpus == 0,
                 logits_processors=["srd_ray.vllm_processors:NoRepeatNGramProcessor"],
+                max_logprobs=max_logprobs,  # the most log-probs a request may ask for (the teacher's top k)
                 seed=0,
                 **options,
             )
@@ -277,16 +338,11 @@ class VLLMEngine:
         return Generations([t.strip() for t in texts], [len(ids) for ids in token_ids], [e.truncated for e in encoded])
 
     def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> CrossEntropies:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
         examples = [
             encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
             for p, r in zip(prompts, responses, strict=True)
         ]
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        requests = [TokensPrompt(prompt_token_ids=e.input_ids) for e in examples]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self._prompt_logprobs([e.input_ids for e in examples], 0)
         means, counts = [], []
         for example, output in zip(examples, outputs, strict=True):
             # prompt_logprobs[t] holds log p(token t | tokens < t), always including the actual token t.
@@ -295,6 +351,36 @@ class VLLMEngine:
             means.append(-sum(log_probs) / len(log_probs))
             counts.append(len(log_probs))
         return CrossEntropies(means, counts)
+
+    def response_topk(self, prompts: list[str], responses: list[str], k: int) -> list[TopK]:
+        """From ``prompt_logprobs=k``: at each position vLLM returns the k most likely tokens (ranks 1..k),
+        plus the actual token when it ranks lower, which is left out here."""
+        examples = [
+            encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        outputs = self._prompt_logprobs([e.input_ids for e in examples], k)
+        results = []
+        for example, output in zip(examples, outputs, strict=True):
+            positions = [t for t, label in enumerate(example.labels) if t > 0 and label != IGNORE_INDEX]
+            ids = np.zeros((len(positions), k), np.int32)
+            logprobs = np.zeros((len(positions), k), np.float32)
+            for row, t in enumerate(positions):
+                ranked = sorted((lp.rank, token, lp.logprob) for token, lp in output.prompt_logprobs[t].items())
+                top = [(token, logprob) for rank, token, logprob in ranked if rank <= k][:k]  # ties share a rank
+                ids[row], logprobs[row] = [token for token, _ in top], [logprob for _, logprob in top]
+            mass = np.exp(logprobs.astype(np.float64)).sum(axis=1)
+            with np.errstate(divide="ignore"):
+                tail = np.log1p(-np.minimum(mass, 1.0)).astype(np.float32)
+            results.append(TopK(ids, logprobs, tail))
+        return results
+
+    def _prompt_logprobs(self, token_ids: list[list[int]], k: int) -> list:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
+        return self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params, use_tqdm=False)
 
 
 def engine_version(name: str) -> str:
@@ -316,10 +402,13 @@ def build_engine(
     batch_size: int,
     num_gpus: float,
     vllm: VllmSpec,
+    max_logprobs: int = 20,
 ) -> Engine:
     """Load an engine by its resolved name (see :func:`resolve_engine`)."""
     if name == "vllm":
-        return VLLMEngine(model, data, max_new_tokens=max_new_tokens, num_gpus=num_gpus, settings=vllm)
+        return VLLMEngine(
+            model, data, max_new_tokens=max_new_tokens, num_gpus=num_gpus, settings=vllm, max_logprobs=max_logprobs
+        )
     if name == "transformers":
         return TransformersEngine(model, data, max_new_tokens=max_new_tokens, batch_size=batch_size, num_gpus=num_gpus)
     raise ValueError(f"unknown engine {name!r}")

@@ -232,6 +232,11 @@ class TrainingExample:
     labels: list[int]  # IGNORE_INDEX on prompt tokens
     prompt_truncated: bool
 
+    @property
+    def scored_tokens(self) -> int:
+        """Response tokens the loss scores (each predicted from the tokens before it)."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
 
 def encode_example(
     tokenizer: PreTrainedTokenizerBase,

@@ -29,7 +29,7 @@ from srd_ray.storage import Location
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "teacher_sft", "reflect", "rank", "distill", "evaluate")
+STAGES = ("prepare", "teacher_sft", "reflect", "rank", "teacher_signal", "distill", "evaluate")
 
 # Spec sections each stage depends on (besides its upstream stages' fingerprints).
 _TRAINING_DATA = (
@@ -51,6 +51,18 @@ _SECTIONS = {
         *_TRAINING_DATA,
     ),
     "rank": ("rank", "run.seed"),
+    # Which rows (the kept buckets, or all rows without a curriculum, plus the held-out KD rows) and how.
+    "teacher_signal": (
+        "teacher_signal",
+        "models.teacher",
+        "reflect.vllm",
+        "rank.keep_buckets",
+        "distill.curriculum",
+        "distill.heldout_eval_set",
+        "distill.heldout_rows",
+        "data.eval_sets",
+        *_TRAINING_DATA,
+    ),
     "distill": ("distill", "models", "run.seed", *_TRAINING_DATA),
     "evaluate": ("evaluate", "models", "data.eval_sets", "data.max_prompt_tokens", "reflect.engine", "reflect.vllm"),
 }
@@ -59,7 +71,8 @@ _UPSTREAM = {
     "teacher_sft": ("prepare",),
     "reflect": ("prepare",),
     "rank": ("reflect",),
-    "distill": ("prepare", "teacher_sft", "rank"),
+    "teacher_signal": ("prepare", "teacher_sft", "rank"),
+    "distill": ("prepare", "teacher_sft", "rank", "teacher_signal"),
     "evaluate": ("prepare", "teacher_sft", "distill"),
 }
 
@@ -123,6 +136,11 @@ class Run:
             path = str(self.run_dir.stage_dir("teacher_sft") / "model")
             return self.spec.models.teacher.model_copy(update={"path": path, "adapter": None})  # merged before SFT
         return self.spec.models.teacher
+
+    @property
+    def rank_dir(self) -> Location | None:
+        """The buckets SRD trains on (None for ``curriculum: none``, which trains on all rows)."""
+        return self.run_dir.stage_dir("rank") if self.spec.distill.curriculum == "srd" else None
 
     @property
     def distilled_student(self) -> ModelSpec:
@@ -198,19 +216,41 @@ def _rank(run: Run) -> dict[str, Any]:
     return summary
 
 
+def _teacher_signal(run: Run) -> dict[str, Any]:
+    from srd_ray.distill.stage import training_rows
+    from srd_ray.teacher_signal import run_teacher_signal
+
+    rows = pa.concat_tables([training_rows(run.spec, run.rank_dir, run.train.table), heldout_rows(run)])
+    engine = resolve_engine(run.spec.teacher_signal.engine)
+    stage_dir = run.run_dir.stage_dir("teacher_signal")
+    return run_teacher_signal(run.spec, rows, stage_dir, teacher=run.teacher, engine=engine)
+
+
 def _distill(run: Run) -> dict[str, Any]:
     from srd_ray.distill.stage import run_distill
 
-    srd = run.spec.distill.curriculum == "srd"
-    heldout_name = run.spec.distill.heldout_eval_set or next(iter(run.spec.data.eval_sets), None)
+    signal_dir = run.run_dir.stage_dir("teacher_signal") if run.spec.distill.teacher_signal == "topk" else None
     return run_distill(
         run.spec,
         run.teacher,
         run.run_dir.stage_dir("distill"),
-        rank_dir=run.run_dir.stage_dir("rank") if srd else None,
-        train_rows=None if srd else run.train.table,
-        heldout_rows=run.eval_sets[heldout_name].table if heldout_name else None,
+        rank_dir=run.rank_dir,
+        train_rows=run.train.table,
+        heldout_rows=heldout_rows(run),
+        signal_dir=signal_dir,
     )
+
+
+def heldout_rows(run: Run) -> pa.Table:
+    """The eval rows of the held-out KD metric (none without eval sets)."""
+    from srd_ray.distill.stage import TRAINING_COLUMNS
+
+    distill = run.spec.distill
+    name = distill.heldout_eval_set or next(iter(run.spec.data.eval_sets), None)
+    if name is None:
+        return pa.table({column: pa.array([], pa.string()) for column in TRAINING_COLUMNS})
+    table = run.eval_sets[name].table.sort_by("input_position").slice(0, distill.heldout_rows)
+    return table.select(TRAINING_COLUMNS)
 
 
 def _evaluate(run: Run) -> dict[str, Any]:
@@ -260,6 +300,7 @@ RUNNERS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "teacher_sft": _teacher_sft,
     "reflect": _reflect,
     "rank": _rank,
+    "teacher_signal": _teacher_signal,
     "distill": _distill,
     "evaluate": _evaluate,
 }
@@ -274,19 +315,28 @@ def enabled_stages(spec: JobSpec) -> list[str]:
             continue
         if stage in ("reflect", "rank") and spec.distill.curriculum == "none":
             continue
+        if stage == "teacher_signal" and spec.distill.teacher_signal != "topk":
+            continue
         stages.append(stage)
     return stages
+
+
+def stage_sections(spec: JobSpec, stage: str) -> tuple[str, ...]:
+    """The spec sections a stage's outputs depend on (besides its upstream stages)."""
+    if stage == "reflect" and spec.reflect.teacher_ce:  # scores the (fine-tuned) teacher too
+        return (*_SECTIONS[stage], "models.teacher")
+    return _SECTIONS[stage]
 
 
 def fingerprints(spec: JobSpec) -> dict[str, str]:
     result: dict[str, str] = {}
     active = set(enabled_stages(spec))
     for stage in STAGES:
-        sections, upstream_stages = _SECTIONS[stage], _UPSTREAM[stage]
-        if stage == "reflect" and spec.reflect.teacher_ce:  # scores the (fine-tuned) teacher too
-            sections, upstream_stages = (*sections, "models.teacher"), (*upstream_stages, "teacher_sft")
+        upstream_stages = _UPSTREAM[stage]
+        if stage == "reflect" and spec.reflect.teacher_ce:
+            upstream_stages = (*upstream_stages, "teacher_sft")
         upstream = [result[u] for u in upstream_stages if u in active]
-        result[stage] = spec.section_fingerprint(*sections) + ":" + ",".join(upstream)
+        result[stage] = spec.section_fingerprint(*stage_sections(spec, stage)) + ":" + ",".join(upstream)
     return result
 
 
@@ -295,8 +345,16 @@ def preflight(run: Run) -> None:
     targets), shared tokenizer, GPUs asked for."""
     for role in ("teacher", "student"):
         check_model_path(getattr(run.spec.models, role), role)
-    check_same_tokenizer(load_tokenizer(run.spec.models.teacher), load_tokenizer(run.spec.models.student))
+    tokenizer = load_tokenizer(run.spec.models.student)
+    check_same_tokenizer(load_tokenizer(run.spec.models.teacher), tokenizer)
     resolve_engine(run.spec.reflect.engine)
+    if run.spec.distill.teacher_signal == "topk":
+        resolve_engine(run.spec.teacher_signal.engine)
+        if run.spec.teacher_signal.k > len(tokenizer):
+            raise SpecError(
+                f"teacher_signal.k is {run.spec.teacher_signal.k}, more than the {len(tokenizer)} tokens of the "
+                "models' vocabulary"
+            )
     check_context(run.spec.models.student, run.spec.data, run.spec.reflect.generation.max_new_tokens)
     check_context(run.spec.models.teacher, run.spec.data, run.spec.evaluate.generation.max_new_tokens)
     check_local_gpus(run.spec)
@@ -342,7 +400,7 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str]
         if run.run_dir.is_complete(stage, fingerprint):
             log.info("%s: already complete, skipping", stage)
             continue
-        run.run_dir.check_fingerprint(stage, fingerprint)
+        run.run_dir.check_fingerprint(stage, fingerprint, stage_sections(run.spec, stage))
         log.info("%s: starting", stage)
         run.run_dir.start(stage, fingerprint)
         try:

@@ -139,6 +139,8 @@ def _write_report_files(manifest: dict[str, Any], run_dir: Place, out: Path) -> 
     distill = stage_summary(manifest, "distill")
     if rank and distill.get("curriculum") == "srd":
         sections.append(_figure(out, "stage_rows.png", _plot_stage_rows(manifest, rank), "Rows per curriculum stage"))
+    if distill:
+        sections.append(teacher_signal_section(distill, manifest["stages"].get("teacher_signal", {})))
     metrics = read_metrics(run_dir)
     if any("event" not in m for m in metrics):
         sections.append(_figure(out, "loss.png", _plot_losses(metrics), "Training loss per stage"))
@@ -254,6 +256,22 @@ def _bucket_table(rank: dict[str, Any]) -> str:
         )
         body += f"<td>{b.get('mean_true_difficulty', float('nan')):.2f}</td></tr>" if with_truth else "</tr>"
     return f"<table>{head}{body}</table>"
+
+
+def teacher_signal_section(distill: dict[str, Any], signal_record: dict[str, Any]) -> str:
+    """Which teacher signal distillation used: the model in every step, or a stored top-k (k, size)."""
+    if distill.get("teacher_signal", "online") != "topk":
+        return "<h2>Teacher signal</h2><p>online: the teacher model ran in every training step.</p>"
+    signal = signal_record.get("summary") or {}
+    size_mb = signal.get("stored_bytes", 0) / 2**20
+    return (
+        "<h2>Teacher signal</h2><table><tr><th>kind</th><th>k</th><th>log-prob dtype</th><th>rows</th>"
+        "<th>response tokens</th><th>stored MB</th><th>bytes per token</th><th>pass wall s</th></tr>"
+        f"<tr><td>top-k</td><td>{signal.get('k')}</td><td>{signal.get('logprob_dtype')}</td><td>{signal.get('rows')}"
+        f"</td><td>{signal.get('response_tokens')}</td><td>{size_mb:.1f}</td>"
+        f"<td>{signal.get('stored_bytes_per_token')}</td><td>{signal_record.get('wall_s', '-')}</td></tr></table>"
+        "<p>Held-out KD losses of this run are measured against the stored top-k signal.</p>"
+    )
 
 
 def _eval_table(evaluation: dict[str, Any]) -> str:

@@ -53,6 +53,8 @@ class RunDirectory:
             self.manifest = json.loads(existing)
         else:
             self.manifest = {"run": spec.run.name, "created": _now(), "stages": {}}
+        # The spec the existing outputs were made with: what a settings mismatch is explained against.
+        self.previous_spec: dict[str, Any] = self.manifest.get("spec") or {}
         self.manifest["spec"] = spec.model_dump(mode="json")
         self.manifest["versions"] = package_versions()
         self._started: dict[str, float] = {}
@@ -67,13 +69,16 @@ class RunDirectory:
         record = self.stage_record(stage)
         return record.get("status") == "complete" and record.get("fingerprint") == fingerprint
 
-    def check_fingerprint(self, stage: str, fingerprint: str) -> None:
-        """Refuse to continue a stage whose existing outputs were made with other settings."""
+    def check_fingerprint(self, stage: str, fingerprint: str, sections: tuple[str, ...] = ()) -> None:
+        """Refuse to continue a stage whose existing outputs were made with other settings, naming the
+        settings (among the stage's ``sections``) that changed."""
         record = self.stage_record(stage)
         if record and record.get("fingerprint") != fingerprint and self.stage_dir(stage).exists():
+            changed = changed_settings(self.previous_spec, self.manifest["spec"], sections)
+            what = f"other settings ({'; '.join(changed)})" if changed else "other settings or upstream outputs"
             raise RunDirError(
-                f"{self.stage_dir(stage)} was produced with different settings (or different upstream "
-                f"outputs) than this spec; rerun with --redo {stage} to replace it, or use another run.name"
+                f"{self.stage_dir(stage)} was produced with {what} than this spec; rerun with --redo {stage} "
+                "to replace it, or use another run.name"
             )
 
     def redo(self, stage: str) -> None:
@@ -108,3 +113,23 @@ class RunDirectory:
 
     def save(self) -> None:
         storage.write_json(self.manifest_path, self.manifest)
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any], sections: tuple[str, ...], limit: int = 4) -> list[str]:
+    """``key: old -> new`` for the leaf settings under ``sections`` that differ between two spec dumps."""
+    changes: list[str] = []
+
+    def walk(path: str, a: Any, b: Any) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(a.keys() | b.keys()):
+                walk(f"{path}.{key}", a.get(key), b.get(key))
+        elif a != b:
+            changes.append(f"{path}: {json.dumps(a)} -> {json.dumps(b)}")
+
+    for section in sections:
+        a, b = old, new
+        for part in section.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        walk(section, a, b)
+    return changes[:limit] + ([f"and {len(changes) - limit} more"] if len(changes) > limit else [])

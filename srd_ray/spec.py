@@ -261,6 +261,20 @@ class ReflectSpec(_Strict):
         return self
 
 
+class TeacherSignalSpec(_Strict):
+    """The teacher's top-k pass, run once before distillation when ``distill.teacher_signal`` is topk."""
+
+    k: PositiveInt = 64  # most likely tokens kept per response token; the rest is one tail bucket
+    # Stored log-probabilities: float16 halves the storage (k * 6 + 4 bytes per response token at k 64).
+    logprob_dtype: Literal["float16", "float32"] = "float16"
+    engine: Literal["auto", "vllm", "transformers"] = "auto"  # vLLM settings: reflect.vllm
+    concurrency: PositiveInt = 1
+    batch_size: PositiveInt = 16
+    shard_rows: PositiveInt = 256
+    num_cpus_per_actor: PositiveFloat = 1.0
+    num_gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
+
+
 class RankSignal(_Strict):
     name: Literal["rouge_l", "student_ce", "teacher_ce"]
     easier_when: Literal["higher", "lower"]
@@ -356,6 +370,9 @@ class DistillSpec(TrainingSpec):
     # true (the SRD release): each stage gets a fresh AdamW and its own cosine schedule from its lr.
     # false: one optimizer and one cosine schedule over all stages, from stages[0].lr.
     reset_optimizer_each_stage: bool = True
+    # online: the teacher runs in every training step. topk: its top-k distributions are computed once by the
+    # teacher_signal stage (see the teacher_signal section) and no teacher is loaded for training.
+    teacher_signal: Literal["online", "topk"] = "online"
     # The frozen teacher's weights: auto = bfloat16 on GPU (half the memory), float32 on CPU.
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # KD loss (T = 1) on held-out rows before training and after each stage: the eval set to take them
@@ -393,6 +410,7 @@ class JobSpec(_Strict):
     teacher_sft: TeacherSftSpec = TeacherSftSpec()
     reflect: ReflectSpec = ReflectSpec()
     rank: RankSpec = RankSpec()
+    teacher_signal: TeacherSignalSpec = TeacherSignalSpec()
     distill: DistillSpec = DistillSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
 

@@ -156,6 +156,14 @@ def adapter_that_is_a_model(inputs: Inputs) -> None:
     inputs.spec["models"]["teacher"]["adapter"] = str(inputs.student)
 
 
+def topk_with_k(k: int) -> Callable[[Inputs], None]:
+    def apply(inputs: Inputs) -> None:
+        _set(inputs.spec, "distill.teacher_signal", "topk")
+        _set(inputs.spec, "teacher_signal.k", k)
+
+    return apply
+
+
 def override(text: str) -> Callable[[Inputs], None]:
     return lambda inputs: inputs.overrides.append(text)
 
@@ -239,6 +247,10 @@ CASES: list[tuple[str, Callable[[Inputs], None], list[str]]] = [
     ("unknown-precision", spec_case("distill.precision", "bf32-mixed"), ["distill.precision", "bf32-mixed"]),
     ("gpu-on-a-machine-without", spec_case("distill.use_gpu", True), ["distill.use_gpu", "no GPU"]),
     ("keep-no-checkpoints", spec_case("distill.keep_checkpoints", 0), ["distill.keep_checkpoints"]),
+    ("unknown-teacher-signal", spec_case("distill.teacher_signal", "logits"), ["distill.teacher_signal", "logits"]),
+    ("topk-k-zero", spec_case("teacher_signal.k", 0), ["teacher_signal.k", "must be > 0"]),
+    ("topk-k-above-vocab", topk_with_k(5000), ["teacher_signal.k is 5000", "tokens of the models' vocabulary"]),
+    ("topk-unknown-dtype", spec_case("teacher_signal.logprob_dtype", "int8"), ["teacher_signal.logprob_dtype"]),
 ]  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -27,7 +28,10 @@ def rows(data) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_models, data) -> VLLMEngine:
-    return VLLMEngine(ModelSpec(path=tiny_models["student"]), data, max_new_tokens=48, num_gpus=0, settings=VllmSpec())
+    return VLLMEngine(
+        ModelSpec(path=tiny_models["student"]), data, max_new_tokens=48, num_gpus=0, settings=VllmSpec(),
+        max_logprobs=16,
+    )  # fmt: skip
 
 
 def test_engines_agree_on_answers_and_cross_entropy(tiny_models, data, rows, vllm_engine):
@@ -41,6 +45,23 @@ def test_engines_agree_on_answers_and_cross_entropy(tiny_models, data, rows, vll
     for ours, theirs in zip(by_vllm["student_ce"].to_pylist(), by_transformers["student_ce"].to_pylist(), strict=True):
         assert ours == pytest.approx(theirs, rel=1e-3)
     assert by_vllm["response_tokens"].equals(by_transformers["response_tokens"])
+
+
+def test_engines_agree_on_the_top_k_teacher_signal(tiny_models, data, rows, vllm_engine):
+    """The teacher pass's two engines: same token positions, same top-16 ids (up to near-ties), same
+    log-probabilities and tail mass."""
+    transformers_engine = TransformersEngine(ModelSpec(path=tiny_models["student"]), data, max_new_tokens=1)
+    prompts, responses = rows["prompt"].to_pylist()[:40], rows["response"].to_pylist()[:40]
+    by_transformers = transformers_engine.response_topk(prompts, responses, 16)
+    by_vllm = vllm_engine.response_topk(prompts, responses, 16)
+    tokens = mismatched = 0
+    for ours, theirs in zip(by_vllm, by_transformers, strict=True):
+        assert ours.ids.shape == theirs.ids.shape
+        np.testing.assert_allclose(ours.logprobs, theirs.logprobs, atol=1e-3)
+        np.testing.assert_allclose(ours.tail, theirs.tail, atol=1e-3)
+        tokens += ours.ids.size
+        mismatched += int((ours.ids != theirs.ids).sum())
+    assert mismatched / tokens < 0.01, f"{mismatched} of {tokens} top-k ids differ (near-ties may swap)"
 
 
 def test_vllm_bans_repeated_ngrams(vllm_engine):

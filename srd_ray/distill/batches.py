@@ -18,9 +18,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from srd_ray.distill.losses import ScoredPositions
+from srd_ray.engines import TopK
 from srd_ray.models import TrainingExample, collate
 
 MEGABATCH_STEPS = 16
@@ -107,20 +109,32 @@ def _deal(rows: list[int], lengths: Sequence[int], response_tokens: Sequence[int
 
 @dataclass
 class MicroBatch:
-    """Right-padded token ids, attention mask and the positions the loss scores."""
+    """Right-padded token ids, attention mask, the positions the loss scores and, with a stored teacher
+    signal, the teacher's top-k at those positions (ids [n, k], log-probs [n, k], tail log-mass [n])."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     scored: ScoredPositions
+    teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def of(cls, examples: Sequence[TrainingExample], pad_token_id: int) -> MicroBatch:
+    def of(
+        cls, examples: Sequence[TrainingExample], pad_token_id: int, signals: Sequence[TopK] | None = None
+    ) -> MicroBatch:
         batch = collate(list(examples), pad_token_id)
-        return cls(batch["input_ids"], batch["attention_mask"], ScoredPositions.of(batch["labels"]))
+        topk = None
+        if signals is not None:  # rows in batch order, tokens in order: aligned with the scored positions
+            topk = (
+                torch.from_numpy(np.concatenate([s.ids for s in signals])).long(),
+                torch.from_numpy(np.concatenate([s.logprobs for s in signals])).float(),
+                torch.from_numpy(np.concatenate([s.tail for s in signals])).float(),
+            )
+        return cls(batch["input_ids"], batch["attention_mask"], ScoredPositions.of(batch["labels"]), topk)
 
     def to(self, device: torch.device) -> MicroBatch:
         return MicroBatch(
             self.input_ids.to(device, non_blocking=True),
             self.attention_mask.to(device, non_blocking=True),
             self.scored.to(device),
+            None if self.teacher_topk is None else tuple(t.to(device, non_blocking=True) for t in self.teacher_topk),
         )

@@ -105,9 +105,13 @@ def read_metrics(path: Location) -> list[dict[str, Any]]:
 
 
 def heldout_losses(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Held-out KD loss before training (after_stage -1) and after each stage (the last record wins)."""
-    latest = {r["after_stage"]: r["heldout_kd"] for r in records if r.get("event") == "heldout"}
-    return [{"after_stage": stage, "heldout_kd": value} for stage, value in sorted(latest.items())]
+    """Held-out KD loss before training (after_stage -1) and after each stage (the last record wins), with
+    the teacher it was measured against: the model (online, exact) or the stored top-k signal."""
+    latest = {r["after_stage"]: r for r in records if r.get("event") == "heldout"}
+    return [
+        {"after_stage": stage, "heldout_kd": r["heldout_kd"], "teacher_signal": r.get("teacher_signal", "online")}
+        for stage, r in sorted(latest.items())
+    ]
 
 
 def stage_losses(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -264,7 +265,8 @@ class LossSums:
 
 def _chunk_sums(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
+    teacher: Teacher | None,
+    rows: slice,
     targets: torch.Tensor,
     stage: StageWeights,
     settings: LossSettings,
@@ -272,15 +274,15 @@ def _chunk_sums(
     # CE as logsumexp minus the target's logit: autograd keeps no [chunk, vocab] log-softmax for it.
     target_logits = student_logits.gather(1, targets[:, None]).squeeze(1)
     ce = (torch.logsumexp(student_logits, dim=-1) - target_logits).sum()
-    if teacher_logits is None:
+    if teacher is None:
         return ce, ce.new_zeros(())
-    return ce, token_kd(student_logits, teacher_logits, settings, stage.temperature).sum()
+    return ce, teacher.kd(student_logits, rows, settings, stage.temperature).sum()
 
 
 @dataclass(frozen=True)
 class _LossJob:
     head: Head
-    teacher: DenseTeacher | None
+    teacher: Teacher | None
     targets: torch.Tensor
     stage: StageWeights
     settings: LossSettings
@@ -309,10 +311,7 @@ def _fused_forward(hidden, weight, bias, job: _LossJob, wants_grad: list[bool]):
             h = hidden[rows].detach().to(dtype)
             with torch.enable_grad():
                 raw = compute.raw_logits(h).requires_grad_(any(wants_grad))
-                # The teacher's chunk logits are made inside the call, so they are freed before the backward.
-                teacher = job.teacher.logits(rows) if job.teacher is not None else None
-                ce, kd = _chunk_sums(compute.finish(raw), teacher, job.targets[rows], job.stage, job.settings)
-                del teacher
+                ce, kd = _chunk_sums(compute.finish(raw), job.teacher, rows, job.targets[rows], job.stage, job.settings)
                 weighted = ce_factor * ce + kd_factor * kd
             if any(wants_grad):
                 (grad_raw,) = torch.autograd.grad(weighted, raw)
@@ -354,9 +353,16 @@ class _FusedHeadLoss(torch.autograd.Function):
         return *grads, None
 
 
+class Teacher(Protocol):
+    """What the loss needs from a teacher: the KD term per scored position of a chunk."""
+
+    def kd(self, student_logits: torch.Tensor, rows: slice, settings: LossSettings, temperature: float) -> torch.Tensor:
+        """Per-token KD loss [chunk] between the student's logits and the teacher at scored ``rows``."""
+
+
 @dataclass(frozen=True)
 class DenseTeacher:
-    """The teacher's logits for scored positions, made chunk by chunk from its final hidden states."""
+    """The teacher model's logits for scored positions, made chunk by chunk from its final hidden states."""
 
     head: Head
     hidden: torch.Tensor  # [n, teacher hidden], no grad
@@ -364,11 +370,43 @@ class DenseTeacher:
     def logits(self, rows: slice) -> torch.Tensor:
         return self.head.logits(self.hidden[rows])
 
+    def kd(self, student_logits: torch.Tensor, rows: slice, settings: LossSettings, temperature: float) -> torch.Tensor:
+        return token_kd(student_logits, self.logits(rows), settings, temperature)
+
+
+@dataclass(frozen=True)
+class SparseTeacher:
+    """The teacher's stored top-k signal at scored positions (``teacher_signal`` stage): per position the
+    k most likely ids, their log-probabilities at T = 1, and the log-mass of all other tokens.
+
+    Both distributions are restricted to k + 1 buckets: the teacher's k ids and one tail bucket. The
+    student's buckets are exact (gathered from its full softmax at temperature T; its tail is everything
+    else). The teacher's are exact at T = 1. At another T the stored log-probs are re-tempered over the
+    k + 1 buckets and renormalised, which treats the tail as a single outcome: it understates the tail's
+    tempered mass when that mass is spread over many tokens (T > 1 flattens each of them). The error
+    shrinks as the tail does (larger k); ``bench/teacher_signal.py`` measures it."""
+
+    ids: torch.Tensor  # long [n, k]
+    logprobs: torch.Tensor  # float32 [n, k]
+    tail: torch.Tensor  # float32 [n]
+
+    def kd(self, student_logits: torch.Tensor, rows: slice, settings: LossSettings, temperature: float) -> torch.Tensor:
+        ids = self.ids[rows]
+        student = student_logits.float() / temperature
+        log_q = torch.log_softmax(torch.where(torch.isfinite(student), student, _MASKED_LOGIT), dim=-1)
+        student_tail = torch.logsumexp(log_q.scatter(1, ids, float("-inf")), dim=-1)
+        student_buckets = torch.cat([log_q.gather(1, ids), student_tail[:, None]], dim=-1)
+        teacher_buckets = torch.cat([self.logprobs[rows], self.tail[rows, None]], dim=-1).float() / temperature
+        # Both are log-probabilities over the buckets already (token_kd's softmax renormalises the teacher's
+        # re-tempered ones, and masks buckets that are -inf in either, such as an empty tail).
+        per_token = token_kd(student_buckets, teacher_buckets, settings, temperature=1.0)
+        return per_token * temperature_factor(settings.name, temperature, settings.temperature_scaling)
+
 
 def distillation_loss(
     student_hidden: torch.Tensor,
     student_head: Head,
-    teacher: DenseTeacher | None,
+    teacher: Teacher | None,
     targets: torch.Tensor,
     *,
     stage: StageWeights,

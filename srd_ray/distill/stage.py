@@ -13,11 +13,13 @@ import pyarrow as pa
 
 from srd_ray.distill.driver import run_training
 from srd_ray.distill.losses import LossSettings
-from srd_ray.distill.worker import StagePlan, TrainingJob
+from srd_ray.distill.worker import SIGNAL_DATASET, StagePlan, TrainingJob
 from srd_ray.errors import DataError
+from srd_ray.models import load_tokenizer
 from srd_ray.rank import bucket_dir
 from srd_ray.spec import DistillSpec, JobSpec, ModelSpec, StageSpec
 from srd_ray.storage import Location, Place
+from srd_ray.teacher_signal import SIGNAL_COLUMNS, check_signal, read_signal
 
 TRAINING_COLUMNS = ["example_id", "prompt", "response"]
 
@@ -66,11 +68,17 @@ def check_buckets(rank_dir: Location, used: range) -> None:
             )
 
 
-def _pairs(rows: pa.Table | None, limit: int) -> tuple[tuple[str, str], ...]:
-    if rows is None:
-        return ()
-    rows = rows.sort_by("input_position").slice(0, limit)
-    return tuple(zip(rows["prompt"].to_pylist(), rows["response"].to_pylist(), strict=True))
+def bucket_tables(rank_dir: Location, buckets: range) -> dict[int, pa.Table]:
+    """The training columns of each rank bucket."""
+    check_buckets(rank_dir, buckets)
+    return {b: bucket_dir(rank_dir, b).read_parquet(columns=TRAINING_COLUMNS) for b in buckets}
+
+
+def training_rows(spec: JobSpec, rank_dir: Place | None, train_rows: pa.Table) -> pa.Table:
+    """Every row distillation may train on: the kept buckets (SRD), or all rows (``curriculum: none``)."""
+    if rank_dir is None:
+        return train_rows.select(TRAINING_COLUMNS)
+    return pa.concat_tables(bucket_tables(Location.of(rank_dir), range(spec.rank.keep_buckets)).values())
 
 
 def run_distill(
@@ -79,36 +87,40 @@ def run_distill(
     stage_dir: Place,
     *,
     rank_dir: Place | None,
-    train_rows: pa.Table | None,
-    heldout_rows: pa.Table | None = None,
+    train_rows: pa.Table,
+    heldout_rows: pa.Table,
+    signal_dir: Place | None = None,
 ) -> dict[str, Any]:
-    """Curriculum KD from the rank stage's buckets (SRD) or from all rows (``curriculum: none``)."""
+    """Curriculum KD from the rank stage's buckets (SRD) or from all rows (``curriculum: none``); with a
+    ``signal_dir`` the teacher's stored top-k signal replaces the teacher model."""
     import ray
 
     distill = spec.distill
     plan = plan_curriculum(distill)
-    if distill.curriculum == "none":
-        assert train_rows is not None
-        datasets = {"all": ray.data.from_arrow(train_rows.select(TRAINING_COLUMNS))}
+    if rank_dir is None:
+        tables = {"all": train_rows.select(TRAINING_COLUMNS)}
     else:
-        assert rank_dir is not None
-        rank_dir = Location.of(rank_dir)
-        used = range(len(distill.stages))
-        check_buckets(rank_dir, used)
-        # Materialised into the object store before training: the workers then pull blocks without
-        # needing free CPUs for read tasks (on a small machine the workers hold them all).
-        datasets = {}
-        for b in used:
-            folder = bucket_dir(rank_dir, b)
-            datasets[bucket_name(b)] = ray.data.read_parquet(
-                folder.path, filesystem=folder.filesystem, columns=TRAINING_COLUMNS
-            ).materialize()
+        buckets = bucket_tables(Location.of(rank_dir), range(len(distill.stages)))
+        tables = {bucket_name(b): table for b, table in buckets.items()}
+    # In the object store before training: the workers pull blocks without needing CPUs for read tasks.
+    datasets = {name: ray.data.from_arrow(table) for name, table in tables.items()}
+    heldout = heldout_rows.slice(0, distill.heldout_rows)
+    if signal_dir is not None:
+        signal = Location.of(signal_dir) / "shards"
+        counts = read_signal(signal_dir, ["example_id", "num_tokens"])
+        used = pa.concat_tables([*tables.values(), heldout])
+        check_signal(used, counts, load_tokenizer(spec.models.student), spec.data)
+        datasets[SIGNAL_DATASET] = ray.data.read_parquet(
+            signal.path, filesystem=signal.filesystem, columns=SIGNAL_COLUMNS
+        ).materialize()
     job = training_job(
         spec, stage_dir, name="distill", training=distill, student=spec.models.student, teacher=teacher,
         plan=plan, loss=distill.loss_settings, reset_optimizer_each_stage=distill.reset_optimizer_each_stage,
-        teacher_dtype=distill.teacher_dtype, heldout=_pairs(heldout_rows, distill.heldout_rows),
+        teacher_dtype=distill.teacher_dtype, teacher_signal=distill.teacher_signal,
+        heldout=tuple(zip(*(heldout[c].to_pylist() for c in TRAINING_COLUMNS), strict=True)),
     )  # fmt: skip
     summary = run_training(job, datasets, stage_dir)
     summary["curriculum"] = distill.curriculum
     summary["loss"] = distill.loss
+    summary["teacher_signal"] = distill.teacher_signal
     return summary

@@ -20,7 +20,9 @@ from srd_ray.distill.losses import (
     LossSettings,
     LossSums,
     ScoredPositions,
+    SparseTeacher,
     StageWeights,
+    Teacher,
     distillation_loss,
     gather_scored,
 )
@@ -47,14 +49,14 @@ class DistillationModel(nn.Module):
         num_items_in_batch: float,
         gradient_scale: float,
         chunk_tokens: int,
+        teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(normalised loss, CE sum, KD sum) of one micro-batch; a tuple, which DDP passes through."""
+        """(normalised loss, CE sum, KD sum) of one micro-batch; a tuple, which DDP passes through. The KD
+        teacher is the stored top-k signal when given, else the teacher model."""
         positions = ScoredPositions(scored_index, targets)
         teacher = None
-        if self.teacher is not None and stage.kd_weight > 0 and settings.name != "sft":
-            with torch.no_grad():
-                hidden = final_hidden_states(self.teacher, input_ids, attention_mask)
-                teacher = DenseTeacher(output_head(self.teacher, self.vocab_size), gather_scored(hidden, positions))
+        if stage.kd_weight > 0 and settings.name != "sft":
+            teacher = self._teacher(input_ids, attention_mask, positions, teacher_topk)
         hidden = gather_scored(final_hidden_states(self.student, input_ids, attention_mask), positions)
         sums = distillation_loss(
             hidden, output_head(self.student, self.vocab_size), teacher, targets,
@@ -62,6 +64,22 @@ class DistillationModel(nn.Module):
             gradient_scale=gradient_scale, chunk_tokens=chunk_tokens,
         )  # fmt: skip
         return sums.loss, sums.ce_sum, sums.kd_sum
+
+    def _teacher(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: ScoredPositions,
+        teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ) -> Teacher | None:
+        """The stored top-k signal when the batch carries one, else the teacher model's logits."""
+        if teacher_topk is not None:
+            return SparseTeacher(*teacher_topk)
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            hidden = final_hidden_states(self.teacher, input_ids, attention_mask)
+            return DenseTeacher(output_head(self.teacher, self.vocab_size), gather_scored(hidden, positions))
 
 
 @dataclass(frozen=True)
@@ -86,7 +104,7 @@ def forward_micro_batch(
         loss, ce_sum, kd_sum = model(
             batch.input_ids, batch.attention_mask, batch.scored.index, batch.scored.targets,
             stage=settings.stage, settings=settings.loss, num_items_in_batch=num_items,
-            gradient_scale=settings.world, chunk_tokens=settings.chunk_tokens,
+            gradient_scale=settings.world, chunk_tokens=settings.chunk_tokens, teacher_topk=batch.teacher_topk,
         )  # fmt: skip
     return LossSums(loss, ce_sum, kd_sum)
 

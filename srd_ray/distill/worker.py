@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import pyarrow as pa
 import torch
 from torch import nn
 
 from srd_ray import storage
 from srd_ray.distill.batches import BatchLayout, MicroBatch, StepPlan, epoch_seed, plan_epoch
-from srd_ray.distill.losses import IGNORE_INDEX, LossSettings, StageWeights
+from srd_ray.distill.losses import LossSettings, StageWeights
 from srd_ray.distill.parallel import (
     all_reduce_sum,
     data_parallel,
@@ -43,6 +44,7 @@ from srd_ray.distill.parallel import (
 )
 from srd_ray.distill.state import MERGED_DIR, MODEL_DIR, TrainState, capture_rng, restore_rng
 from srd_ray.distill.step import DistillationModel, StepResult, StepSettings, heldout_kd, train_step
+from srd_ray.engines import TopK
 from srd_ray.errors import DataError, ModelError
 from srd_ray.models import (
     TrainingExample,
@@ -56,8 +58,11 @@ from srd_ray.models import (
     load_tokenizer,
 )
 from srd_ray.spec import DataSpec, ModelSpec, StageSpec, TrainingSpec
+from srd_ray.teacher_signal import signals_by_id
 
 log = logging.getLogger(__name__)
+
+SIGNAL_DATASET = "teacher_signal"  # the dataset of stored top-k teacher signals, when there is one
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,13 @@ class TrainingJob:
     metrics_path: str
     reset_optimizer_each_stage: bool = True
     teacher_dtype: str = "auto"  # auto: bfloat16 on GPU, the spec's dtype on CPU
-    heldout: tuple[tuple[str, str], ...] = ()  # (prompt, response) rows for the held-out KD metric
+    # online: the teacher model runs in every step. topk: the teacher_signal dataset replaces it.
+    teacher_signal: str = "online"
+    heldout: tuple[tuple[str, str, str], ...] = ()  # (example_id, prompt, response) for the held-out KD metric
+
+    @property
+    def uses_teacher_model(self) -> bool:
+        return self.teacher is not None and self.teacher_signal == "online"
 
 
 class Host(Protocol):
@@ -94,7 +105,7 @@ class Host(Protocol):
     world: int
     device: torch.device
 
-    def rows(self, dataset: str) -> list[dict[str, Any]]: ...
+    def table(self, dataset: str) -> pa.Table: ...
 
     def checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
 
@@ -103,16 +114,22 @@ class Host(Protocol):
 
 @dataclass
 class Pool:
-    """A stage's rows, tokenized, in the same order on every worker."""
+    """A stage's rows, tokenized, in the same order on every worker (and their stored teacher signal)."""
 
     examples: list[TrainingExample]
+    signals: list[TopK] | None
     lengths: list[int]
     scored_tokens: list[int]  # response tokens each row contributes to the loss
 
     @classmethod
-    def of(cls, examples: list[TrainingExample]) -> Pool:
-        scored = [sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples]
-        return cls(examples, [len(e.input_ids) for e in examples], scored)
+    def of(cls, rows: list[tuple[TrainingExample, TopK | None]]) -> Pool:
+        examples = [example for example, _ in rows]
+        signals = [signal for _, signal in rows] if rows and rows[0][1] is not None else None
+        return cls(examples, signals, [len(e.input_ids) for e in examples], [e.scored_tokens for e in examples])
+
+    def micro_batch(self, rows: tuple[int, ...], pad_token_id: int) -> MicroBatch:
+        signals = None if self.signals is None else [self.signals[i] for i in rows]
+        return MicroBatch.of([self.examples[i] for i in rows], pad_token_id, signals)
 
 
 @dataclass
@@ -141,7 +158,8 @@ class Trainer:
             self.training.group_by_length,
         )  # fmt: skip
         self.tokenizer = load_tokenizer(job.student)
-        self.examples: dict[str, list[TrainingExample]] = {}
+        self.examples: dict[str, list[tuple[TrainingExample, TopK | None]]] = {}
+        self.signals: dict[str, TopK] | None = None  # the stored teacher signal, by example_id
         self.latest_metrics: dict[str, float] = {}  # rides along with each checkpoint report
 
     # ----------------------------------------------------------------------------------------------------
@@ -157,6 +175,8 @@ class Trainer:
             log.info("resuming at stage %d, step %d of the stage", self.state.stage, self.state.stage_step)
         else:
             torch.manual_seed(self.job.seed + self.host.rank)
+        if self.job.teacher_signal == "topk":
+            self.signals = signals_by_id(self.host.table(SIGNAL_DATASET))
         self.scaler = self.precision.grad_scaler(self.device)
         self.optimizer = self.scheduler = None
         if not self.job.reset_optimizer_each_stage:  # one schedule over every stage: count all steps first
@@ -215,25 +235,34 @@ class Trainer:
 
     def _teacher_spec(self) -> ModelSpec | None:
         teacher = self.job.teacher
-        if teacher is None:
+        if not self.job.uses_teacher_model:
             return None
         choice = self.job.teacher_dtype
         if choice == "auto":
             choice = "bfloat16" if self.device.type == "cuda" else teacher.dtype
         return teacher.model_copy(update={"dtype": choice})
 
-    def _encode(self, prompt: str, response: str) -> TrainingExample:
+    def _encode(self, example_id: str, prompt: str, response: str) -> tuple[TrainingExample, TopK | None]:
+        """A row as training sees it, with its stored teacher signal (which must cover its tokens)."""
         data: DataSpec = self.job.data
-        return encode_example(self.tokenizer, prompt, response, data.max_prompt_tokens, data.max_response_tokens)
+        example = encode_example(self.tokenizer, prompt, response, data.max_prompt_tokens, data.max_response_tokens)
+        if self.signals is None:
+            return example, None
+        signal = self.signals.get(example_id)
+        if signal is None or len(signal.tail) != example.scored_tokens:
+            found = "no signal" if signal is None else f"a signal for {len(signal.tail)} tokens"
+            raise DataError(f"teacher_signal has {found} for row {example_id} ({example.scored_tokens} tokens)")
+        return example, signal
 
     def _pool(self, stage: StagePlan) -> Pool:
         """Each dataset is pulled once, when its first stage starts; rows sorted by id, so every worker's
         pool is in the same order whatever order the rows arrived in."""
         for name in stage.datasets:
             if name not in self.examples:
-                rows = sorted(self.host.rows(name), key=lambda row: row["example_id"])
-                self.examples[name] = [self._encode(row["prompt"], row["response"]) for row in rows]
-        return Pool.of([example for name in stage.datasets for example in self.examples[name]])
+                table = self.host.table(name).sort_by("example_id")
+                columns = (table[c].to_pylist() for c in ("example_id", "prompt", "response"))
+                self.examples[name] = [self._encode(*row) for row in zip(*columns, strict=True)]
+        return Pool.of([row for name in stage.datasets for row in self.examples[name]])
 
     def _stage_steps(self, stage: StagePlan, pool: Pool) -> int:
         rows = len(pool.examples)
@@ -245,10 +274,10 @@ class Trainer:
     def _heldout_batches(self) -> list[MicroBatch]:
         if self.job.teacher is None or not self.job.heldout:
             return []
-        examples = [self._encode(prompt, response) for prompt, response in self.job.heldout]
-        size = self.training.batch_size
-        pad = self.tokenizer.pad_token_id
-        return [MicroBatch.of(examples[start : start + size], pad) for start in range(0, len(examples), size)]
+        pool = Pool.of([self._encode(*row) for row in self.job.heldout])
+        size, pad = self.training.batch_size, self.tokenizer.pad_token_id
+        rows = range(len(pool.examples))
+        return [pool.micro_batch(tuple(rows[start : start + size]), pad) for start in range(0, len(rows), size)]
 
     def _new_optimizer(self, lr: float, total_steps: int) -> None:
         parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -313,7 +342,7 @@ class Trainer:
 
     def _step(self, pool: Pool, plan: StepPlan, settings: StepSettings) -> StepResult:
         pad = self.tokenizer.pad_token_id
-        batches = [MicroBatch.of([pool.examples[i] for i in rows], pad) for rows in plan.micro_batches(self.host.rank)]
+        batches = [pool.micro_batch(rows, pad) for rows in plan.micro_batches(self.host.rank)]
         return train_step(
             self.model, batches, plan.num_items, optimizer=self.optimizer, scheduler=self.scheduler,
             scaler=self.scaler, settings=settings, precision=self.precision, device=self.device,
@@ -373,7 +402,9 @@ class Trainer:
             self.model, self.heldout, loss=self.job.loss, chunk_tokens=self.training.loss_chunk_tokens,
             precision=self.precision, device=self.device,
         )  # fmt: skip
-        self._append_metrics({"event": "heldout", "after_stage": after_stage, "heldout_kd": value})
+        # Labelled with the teacher it was measured against: the model (exact) or the stored top-k signal.
+        self._append_metrics({"event": "heldout", "after_stage": after_stage, "heldout_kd": value,
+                              "teacher_signal": self.job.teacher_signal})  # fmt: skip
 
     def save_checkpoint(self, final: bool = False) -> None:
         """Report a checkpoint that resumes at ``self.state``'s position. Collective: under FSDP gathering
@@ -425,10 +456,11 @@ class RayTrainHost:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
-    def rows(self, dataset: str) -> list[dict[str, Any]]:
+    def table(self, dataset: str) -> pa.Table:
         import ray.train
 
-        return list(ray.train.get_dataset_shard(dataset).iter_rows())
+        batches = ray.train.get_dataset_shard(dataset).iter_batches(batch_size=None, batch_format="pyarrow")
+        return pa.concat_tables(list(batches))
 
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[Path | None]:
@@ -453,16 +485,20 @@ class LocalHost:
     """Plain ``torch.distributed`` (or one process): rows given up front, checkpoints kept in a folder
     (the newest ``keep``). For tests and for the GPU check, which has no Ray."""
 
-    def __init__(self, rows: dict[str, list[dict[str, Any]]], checkpoints: Path, device: torch.device, keep: int = 2):
+    def __init__(
+        self, datasets: dict[str, pa.Table | list[dict]], checkpoints: Path, device: torch.device, keep: int = 2
+    ) -> None:
         import torch.distributed as dist
 
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         self.world = dist.get_world_size() if distributed else 1
-        self.device, self.datasets, self.folder, self.keep = device, rows, checkpoints, keep
+        self.device, self.folder, self.keep = device, checkpoints, keep
+        self.datasets = {name: rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+                         for name, rows in datasets.items()}  # fmt: skip
         self.reports: list[dict[str, Any]] = []
 
-    def rows(self, dataset: str) -> list[dict[str, Any]]:
+    def table(self, dataset: str) -> pa.Table:
         return self.datasets[dataset]
 
     @contextlib.contextmanager

@@ -1,0 +1,219 @@
+"""Teacher signal: the teacher's top-k distribution at every response token, computed once.
+
+Off-policy KD trains on fixed references, so the teacher's forward pass over a row is the same in every
+epoch of every stage. This stage runs it once per row the distillation will use (the kept rank buckets,
+or every row for ``curriculum: none``, plus the held-out rows of the KD metric), as a Ray Data pass like
+reflection: actors holding one teacher each (a GPU each where there are GPUs) score fixed shards and
+write them atomically, with the settings that made them in the schema metadata. Distill workers then read
+these columns with their rows and load no teacher at all.
+
+Per row (keyed by ``example_id``), for each of its ``num_tokens`` response tokens: the ``k`` most likely
+token ids (int32), their log-probabilities at T = 1 (``teacher_signal.logprob_dtype``, float16 by default)
+and the log of the mass outside them (float32). Rows are tokenized exactly as training does, with either
+engine (the transformers forward pass, or vLLM's ``prompt_logprobs``).
+
+Core: :func:`score_signal` (Arrow in, Arrow out, any engine); driver: :func:`run_teacher_signal`;
+training reads :func:`read_signal` after :func:`check_signal`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from srd_ray.engines import Engine, TopK, build_engine, engine_version
+from srd_ray.errors import DataError
+from srd_ray.models import encode_example
+from srd_ray.ray_errors import reraise_srd_error
+from srd_ray.shards import ShardedPass, follow_progress, shard_summary, split_into_shards
+from srd_ray.spec import DataSpec, JobSpec, ModelSpec
+from srd_ray.storage import Location, Place
+
+log = logging.getLogger(__name__)
+
+SETTINGS_KEY = b"srd_ray.teacher_signal"
+LOGPROB_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+SIGNAL_COLUMNS = ["example_id", "num_tokens", "topk_ids", "topk_logprobs", "tail_logprob"]
+
+
+def signal_fields(logprob_dtype: str) -> list[pa.Field]:
+    return [
+        pa.field("example_id", pa.string()),
+        pa.field("input_position", pa.int64()),
+        pa.field("num_tokens", pa.int32()),
+        pa.field("topk_ids", pa.list_(pa.int32())),  # num_tokens * k, token by token
+        pa.field("topk_logprobs", pa.list_(LOGPROB_TYPES[logprob_dtype])),  # num_tokens * k
+        pa.field("tail_logprob", pa.list_(pa.float32())),  # num_tokens
+    ]
+
+
+def bytes_per_token(k: int, logprob_dtype: str) -> int:
+    """Uncompressed storage of one response token's signal."""
+    return k * (4 + LOGPROB_TYPES[logprob_dtype].byte_width) + 4
+
+
+def score_signal(rows: pa.Table, engine: Engine, k: int, logprob_dtype: str) -> pa.Table:
+    """The signal columns for ``rows`` (example_id, input_position, prompt, response), order kept."""
+    signals = engine.response_topk(rows["prompt"].to_pylist(), rows["response"].to_pylist(), k)
+    # float16 has no room below -65504: clamp there (a probability of e^-65504 is zero in any case).
+    floor = -6e4 if logprob_dtype == "float16" else -np.inf
+    columns = {
+        "example_id": rows["example_id"],
+        "input_position": rows["input_position"],
+        "num_tokens": [len(s.tail) for s in signals],
+        "topk_ids": [s.ids.reshape(-1) for s in signals],
+        "topk_logprobs": [np.maximum(s.logprobs, floor).reshape(-1).astype(logprob_dtype) for s in signals],
+        "tail_logprob": [s.tail for s in signals],
+    }
+    return pa.table(columns, schema=pa.schema(signal_fields(logprob_dtype)))
+
+
+def signal_settings(spec: JobSpec, teacher: ModelSpec, engine: str) -> dict[str, Any]:
+    """Everything that determines a shard's signal: shards made with other settings are never mixed."""
+    return {
+        "engine": engine,
+        "teacher": teacher.model_dump(mode="json"),
+        "k": spec.teacher_signal.k,
+        "logprob_dtype": spec.teacher_signal.logprob_dtype,
+        "max_prompt_tokens": spec.data.max_prompt_tokens,
+        "max_response_tokens": spec.data.max_response_tokens,
+    }
+
+
+def signal_pass(stage_dir: Place, settings: dict[str, Any]) -> ShardedPass:
+    return ShardedPass("teacher_signal", Location.of(stage_dir) / "shards", SETTINGS_KEY, settings)
+
+
+class SignalActor:
+    """One teacher per actor; each call scores whole shards and writes them."""
+
+    def __init__(self, spec: JobSpec, teacher: ModelSpec, sharded: ShardedPass) -> None:
+        settings = spec.teacher_signal
+        self.sharded, self.k, self.dtype = sharded, settings.k, settings.logprob_dtype
+        self.engine = build_engine(
+            sharded.settings["engine"], teacher, spec.data, max_new_tokens=1, batch_size=settings.batch_size,
+            num_gpus=settings.num_gpus_per_actor, vllm=spec.reflect.vllm, max_logprobs=settings.k,
+        )  # fmt: skip
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        summaries = []
+        for index in sorted(set(batch["shard_index"].to_pylist())):
+            started = time.perf_counter()
+            rows = batch.filter(pc.equal(batch["shard_index"], index))
+            signal = score_signal(rows, self.engine, self.k, self.dtype)
+            self.sharded.write(index, signal, signal.schema)
+            summaries.append(shard_summary(index, signal, "num_tokens", started))
+        return pa.Table.from_pylist(summaries)
+
+
+def run_teacher_signal(
+    spec: JobSpec, rows: pa.Table, stage_dir: Place, *, teacher: ModelSpec, engine: str
+) -> dict[str, Any]:
+    """Score ``rows`` (example_id, prompt, response; duplicates dropped) into ``stage_dir/shards``,
+    reusing shards already written."""
+    import ray
+
+    started = time.perf_counter()
+    settings = spec.teacher_signal
+    sharded = signal_pass(stage_dir, signal_settings(spec, teacher, engine))
+    # The pass's own positions: rows in example_id order, so the same rows always make the same shards.
+    rows = unique_rows(rows.select(["example_id", "prompt", "response"]))
+    rows = rows.append_column("input_position", pa.array(np.arange(rows.num_rows), pa.int64()))
+    shards = split_into_shards(rows, settings.shard_rows)
+    todo = sharded.pending(shards)
+    log.info(
+        "teacher_signal: %d rows in %d shards, %d already done; top-%d from %s with %s",
+        rows.num_rows, len(shards), len(shards) - len(todo), settings.k, teacher.path, engine,
+    )  # fmt: skip
+    progress = {"rows": 0, "tokens": 0, "busy_s": 0.0}
+    if todo:
+        dataset = ray.data.from_arrow(todo).map_batches(
+            SignalActor,
+            fn_constructor_kwargs={"spec": spec, "teacher": teacher, "sharded": sharded},
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=min(settings.concurrency, len(todo))),
+            num_cpus=settings.num_cpus_per_actor,
+            num_gpus=settings.num_gpus_per_actor,
+        )
+        with reraise_srd_error():
+            total = sum(s.num_rows for s in todo)
+            progress = follow_progress("teacher_signal", dataset.iter_rows(), total, "response tokens")
+    done = sharded.read(columns=["example_id", "num_tokens"])
+    sharded.check_complete(rows["example_id"].to_pylist(), done)
+    tokens = pc.sum(done["num_tokens"]).as_py() or 0
+    stored = sum(info.size for info in sharded.shards_dir.files())
+    wall = time.perf_counter() - started
+    return {
+        "rows": rows.num_rows,
+        "response_tokens": tokens,
+        "shards": len(shards),
+        "shards_reused": len(shards) - len(todo),
+        "tokens_per_s": round(progress["tokens"] / wall, 1),
+        "actor_busy_s": round(progress["busy_s"], 2),
+        "stored_bytes": stored,
+        "stored_bytes_per_token": round(stored / max(tokens, 1), 1),
+        "raw_bytes_per_token": bytes_per_token(settings.k, settings.logprob_dtype),
+        **sharded.settings,
+        "engine_version": engine_version(engine),
+    }
+
+
+def unique_rows(rows: pa.Table) -> pa.Table:
+    """One row per example_id (a training row can also be a held-out row), in example_id order."""
+    rows = rows.sort_by("example_id")
+    ids = rows["example_id"].to_pylist()
+    keep = [i for i, example_id in enumerate(ids) if i == 0 or example_id != ids[i - 1]]
+    return rows.take(keep)
+
+
+def read_signal(stage_dir: Place, columns: list[str] | None = None) -> pa.Table:
+    """The signal columns training needs (or ``columns``), for every row the pass scored."""
+    return signal_pass(stage_dir, {}).read(columns=columns or SIGNAL_COLUMNS)
+
+
+def signals_by_id(signal: pa.Table) -> dict[str, TopK]:
+    """Per example_id, the row's signal as arrays ([tokens, k] ids and log-probs, [tokens] tail)."""
+    result = {}
+    for batch in signal.to_batches():
+        columns = {name: batch.column(name) for name in SIGNAL_COLUMNS}
+        counts = columns["num_tokens"].to_numpy()
+        ids = columns["topk_ids"].flatten().to_numpy()
+        logprobs = columns["topk_logprobs"].flatten().to_numpy(zero_copy_only=False)
+        tails = columns["tail_logprob"].flatten().to_numpy()
+        k = len(ids) // max(int(counts.sum()), 1)
+        ends = np.cumsum(counts)
+        for example_id, end, count in zip(columns["example_id"].to_pylist(), ends, counts, strict=True):
+            start = end - count
+            result[example_id] = TopK(
+                ids[start * k : end * k].reshape(count, k),
+                logprobs[start * k : end * k].reshape(count, k).astype(np.float32),
+                tails[start:end],
+            )
+    return result
+
+
+def check_signal(rows: pa.Table, signal: pa.Table, tokenizer: Any, data: DataSpec) -> None:
+    """Before training: every row has a signal, and it covers exactly the row's response tokens as
+    training tokenizes them (a shard made from other text or token limits would silently misalign)."""
+    counts = dict(zip(signal["example_id"].to_pylist(), signal["num_tokens"].to_pylist(), strict=True))
+    missing = [example_id for example_id in rows["example_id"].to_pylist() if example_id not in counts]
+    if missing:
+        raise DataError(
+            f"teacher_signal has no signal for {len(missing)} of {rows.num_rows} rows distillation needs "
+            f"(first: {missing[0]}); rerun with --redo teacher_signal"
+        )
+    for example_id, prompt, response in zip(*(rows[c].to_pylist() for c in ("example_id", "prompt", "response")),
+                                            strict=True):  # fmt: skip
+        example = encode_example(tokenizer, prompt, response, data.max_prompt_tokens, data.max_response_tokens)
+        expected = example.scored_tokens
+        if counts[example_id] != expected:
+            raise DataError(
+                f"teacher_signal for row {example_id} covers {counts[example_id]} response tokens, but the row "
+                f"tokenizes to {expected}; rerun with --redo teacher_signal"
+            )

@@ -1,0 +1,191 @@
+"""The stored top-k teacher signal: the pass's core, its checks, the sparse losses, training without a
+teacher model, and the stage in a pipeline."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from srd_ray.cli import main
+from srd_ray.data import load_source
+from srd_ray.distill.losses import (
+    KD_LOSS_NAMES,
+    TEMPERATURE_SCALINGS,
+    DenseTeacher,
+    Head,
+    LossSettings,
+    SparseTeacher,
+)
+from srd_ray.distill.parallel import unwrap
+from srd_ray.distill.worker import SIGNAL_DATASET, LocalHost, StagePlan, Trainer
+from srd_ray.engines import TransformersEngine
+from srd_ray.errors import DataError, RunDirError
+from srd_ray.shards import ShardedPass
+from srd_ray.spec import DataSourceSpec, DataSpec, ModelSpec, StageSpec
+from srd_ray.storage import Location
+from srd_ray.teacher_signal import SETTINGS_KEY, check_signal, score_signal, signals_by_id
+from tests.processes import demo_data_yaml, write_spec
+from tests.test_trainer import make_job, step_losses
+
+DATA = DataSpec(train=DataSourceSpec(path="unused"), max_response_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def rows(demo_data) -> pa.Table:
+    data = DataSpec(train=DataSourceSpec(path=demo_data["train"], max_rows=32), max_response_tokens=32)
+    table = load_source(data.train, data, label="train").table
+    return table.select(["example_id", "input_position", "prompt", "response"])
+
+
+@pytest.fixture(scope="module")
+def teacher_engine(tiny_models) -> TransformersEngine:
+    return TransformersEngine(ModelSpec(path=tiny_models["teacher"]), DATA, max_new_tokens=1, batch_size=8)
+
+
+def sparse_from_dense(teacher_logits: torch.Tensor, k: int) -> SparseTeacher:
+    log_probs = torch.log_softmax(teacher_logits, -1)
+    top = log_probs.topk(k, -1)
+    tail = torch.logsumexp(log_probs.scatter(-1, top.indices, float("-inf")), -1)
+    return SparseTeacher(top.indices, top.values, tail)
+
+
+@pytest.mark.parametrize(("name", "temperature", "scaling"),
+                         list(itertools.product(KD_LOSS_NAMES, (1.0, 2.0), TEMPERATURE_SCALINGS)))  # fmt: skip
+def test_sparse_loss_with_every_token_equals_the_dense_loss(name, temperature, scaling):
+    """k = vocabulary: no tail, no approximation; value and student gradient match the dense form."""
+    torch.manual_seed(0)
+    teacher_logits, vocab = torch.randn(7, 11), 11
+    settings = LossSettings(name, scaling)
+    dense_input = torch.randn(7, vocab, requires_grad=True)
+    sparse_input = dense_input.detach().clone().requires_grad_()
+    dense = DenseTeacher(Head(torch.eye(vocab), None, vocab), teacher_logits).kd(dense_input, slice(None), settings,
+                                                                                   temperature)  # fmt: skip
+    sparse = sparse_from_dense(teacher_logits, vocab).kd(sparse_input, slice(None), settings, temperature)
+    dense.sum().backward()
+    sparse.sum().backward()
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse_input.grad, dense_input.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_loss_is_the_divergence_over_k_plus_one_buckets():
+    """k = 2 of 5 tokens, T = 1: KL between the two 3-bucket distributions (top 2 + tail), by hand."""
+    teacher = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]]))
+    student_probs = torch.tensor([[0.2, 0.4, 0.1, 0.1, 0.2]])
+    sparse = sparse_from_dense(teacher, 2)
+    value = sparse.kd(torch.log(student_probs), slice(None), LossSettings("fkl"), 1.0).item()
+    p, q = [0.5, 0.3, 0.2], [0.2, 0.4, 0.4]
+    assert value == pytest.approx(sum(a * np.log(a / b) for a, b in zip(p, q, strict=True)), rel=1e-5)
+    # Re-tempered at T = 2 over the same 3 buckets (the documented approximation), times T².
+    value = sparse.kd(torch.log(student_probs), slice(None), LossSettings("fkl"), 2.0).item()
+    p2 = np.sqrt(p) / np.sqrt(p).sum()
+    q_full = np.sqrt(student_probs[0].numpy()) / np.sqrt(student_probs[0].numpy()).sum()
+    q2 = [q_full[0], q_full[1], q_full[2:].sum()]
+    assert value == pytest.approx(4 * sum(a * np.log(a / b) for a, b in zip(p2, q2, strict=True)), rel=1e-5)
+
+
+def test_score_signal_holds_the_teachers_top_k_at_each_response_token(rows, teacher_engine):
+    signal = score_signal(rows.slice(0, 6), teacher_engine, k=8, logprob_dtype="float16")
+    assert signal.schema.field("topk_logprobs").type == pa.list_(pa.float16())
+    assert signal.schema.field("topk_ids").type == pa.list_(pa.int32())
+    by_id = signals_by_id(signal)
+    model, tokenizer = teacher_engine.model, teacher_engine.tokenizer
+    for row in rows.slice(0, 6).to_pylist():
+        prompt_ids = tokenizer(row["prompt"])["input_ids"]
+        response_ids = [*tokenizer(row["response"], add_special_tokens=False)["input_ids"][:31], tokenizer.eos_token_id]
+        ids = torch.tensor([prompt_ids + response_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
+        log_probs = torch.log_softmax(logits, -1)
+        top = log_probs.topk(8, -1)
+        stored = by_id[row["example_id"]]
+        assert stored.ids.shape == (len(response_ids), 8)
+        np.testing.assert_array_equal(stored.ids, top.indices.numpy())
+        np.testing.assert_allclose(stored.logprobs, top.values.numpy(), rtol=2e-3, atol=2e-3)  # float16
+        expected_tail = torch.log1p(-top.values.exp().sum(-1)).numpy()
+        np.testing.assert_allclose(stored.tail, expected_tail, rtol=1e-4, atol=1e-5)
+
+
+def test_signal_checks_name_the_row(rows, teacher_engine):
+    signal = score_signal(rows, teacher_engine, k=4, logprob_dtype="float16")
+    tokenizer = teacher_engine.tokenizer
+    check_signal(rows, signal, tokenizer, DATA)
+    with pytest.raises(DataError, match=rf"no signal for 1 of 32 rows .*first: {rows['example_id'][0].as_py()}"):
+        check_signal(rows, signal.slice(1), tokenizer, DATA)
+    shorter = DataSpec(train=DataSourceSpec(path="unused"), max_response_tokens=8)
+    with pytest.raises(DataError, match=r"teacher_signal for row \S+ covers \d+ response tokens, but the row "
+                                        r"tokenizes to \d+"):  # fmt: skip
+        check_signal(rows, signal, tokenizer, shorter)
+
+
+def test_a_shard_made_with_another_k_or_teacher_is_refused_by_name(rows, teacher_engine, tmp_path):
+    settings = {"teacher": {"path": "/models/a"}, "k": 8, "logprob_dtype": "float16"}
+    made = ShardedPass("teacher_signal", Location.of(tmp_path), SETTINGS_KEY, settings)
+    signal = score_signal(rows.slice(0, 3), teacher_engine, k=8, logprob_dtype="float16")
+    made.write(0, signal, signal.schema)
+    for changed, name in (({"k": 16}, "k"), ({"teacher": {"path": "/models/b"}}, "teacher")):
+        other = ShardedPass("teacher_signal", Location.of(tmp_path), SETTINGS_KEY, {**settings, **changed})
+        with pytest.raises(RunDirError, match=rf"other teacher_signal settings \({name} differ\)"):
+            other.check_existing(made.shard_path(0))
+
+
+def test_training_on_a_full_signal_equals_online_training_and_loads_no_teacher(tmp_path, tiny_models, rows):
+    """k = vocabulary in float32: the stored signal is the teacher's exact distribution, so per-step losses
+    equal those of the online teacher (T 1, then T 2). The topk trainer holds no teacher model."""
+    engine = TransformersEngine(ModelSpec(path=tiny_models["teacher"]), DATA, max_new_tokens=1)
+    vocab = len(engine.tokenizer)
+    signal = score_signal(rows, engine, k=vocab, logprob_dtype="float32")
+    train = rows.select(["example_id", "prompt", "response"])
+    plan = (StagePlan(0, ("all",), StageSpec(steps=3, kd_weight=0.5, temperature=1.0, lr=1e-3)),
+            StagePlan(1, ("all",), StageSpec(steps=3, kd_weight=1.0, temperature=2.0, lr=1e-3)))  # fmt: skip
+    cpu = torch.device("cpu")
+    online = make_job(tmp_path / "online", tiny_models, plan=plan)
+    Trainer(online, LocalHost({"all": train}, tmp_path / "online" / "ck", cpu)).run()
+    topk = make_job(tmp_path / "topk", tiny_models, plan=plan)
+    topk = type(topk)(**{**topk.__dict__, "teacher_signal": "topk"})
+    trainer = Trainer(topk, LocalHost({"all": train, SIGNAL_DATASET: signal}, tmp_path / "topk" / "ck", cpu))
+    trainer.run()
+    assert unwrap(trainer.model).teacher is None
+    assert step_losses(tmp_path / "topk") == pytest.approx(step_losses(tmp_path / "online"), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_topk_pipeline_trains_without_a_teacher_and_refuses_another_k(tmp_path, tiny_models, demo_data, capsys):
+    spec = write_spec(
+        tmp_path, tiny_models,
+        demo_data_yaml(demo_data) + """reflect: {engine: transformers, generation: {max_new_tokens: 8}}
+teacher_signal: {k: 8, engine: transformers, shard_rows: 40}
+distill:
+  teacher_signal: topk
+  num_workers: 2
+  batch_size: 4
+  log_every_steps: 2
+  stages:
+    - {steps: 4, kd_weight: 0.8, temperature: 1.0, lr: 1.0e-3}
+    - {steps: 4, kd_weight: 0.9, temperature: 1.5, lr: 1.0e-3}
+    - {steps: 4, kd_weight: 1.0, temperature: 2.0, lr: 1.0e-3}
+""", name="topk",
+    )  # fmt: skip
+    assert main(["run", str(spec), "--stages", "reflect,rank,teacher_signal,distill"]) == 0
+    run_dir = tmp_path / "runs" / "topk"
+    manifest = json.loads((run_dir / "run.json").read_text())
+    signal = manifest["stages"]["teacher_signal"]["summary"]
+    # The kept 3 of 4 buckets (120 of 160 rows) and the 24 held-out rows.
+    assert signal["rows"] == 144 and signal["k"] == 8 and signal["raw_bytes_per_token"] == 8 * 6 + 4
+    assert signal["stored_bytes_per_token"] < signal["raw_bytes_per_token"]
+    distill = manifest["stages"]["distill"]["summary"]
+    assert distill["teacher_signal"] == "topk" and distill["optimizer_steps"] == 12
+    assert {r["teacher_signal"] for r in distill["heldout_kd"]} == {"topk"}
+    assert [r["after_stage"] for r in distill["heldout_kd"]] == [-1, 0, 1, 2]
+
+    capsys.readouterr()
+    status = main(["run", str(spec), "--stages", "teacher_signal", "--set", "teacher_signal.k=16"])
+    message = capsys.readouterr().err
+    assert status == 2 and "teacher_signal.k: 8 -> 16" in message and "--redo teacher_signal" in message
+    assert main(["report", str(run_dir)]) == 0
+    assert "top-k</td><td>8</td>" in (Path(run_dir) / "report" / "report.html").read_text()

@@ -23,9 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from srd_ray.engines import Engine, build_engine, engine_version, row_seed
-from srd_ray.ray_errors import reraise_srd_error
 from srd_ray.scoring import rouge_l
-from srd_ray.shards import ShardedPass, follow_progress, shard_summary, split_into_shards
+from srd_ray.shards import ShardedPass, shard_summary, split_into_shards
 from srd_ray.spec import GenerationSpec, JobSpec, ModelSpec
 from srd_ray.storage import Location, Place
 
@@ -135,8 +134,6 @@ def run_reflect(
     spec: JobSpec, table: pa.Table, stage_dir: Place, *, engine: str, teacher: ModelSpec | None
 ) -> dict[str, Any]:
     """Score every row of ``table`` into ``stage_dir/shards``; reuses shards already written."""
-    import ray
-
     started = time.perf_counter()
     sharded = reflect_pass(spec, stage_dir, engine, teacher)
     shards = split_into_shards(table, spec.reflect.shard_rows)
@@ -145,20 +142,11 @@ def run_reflect(
         "reflect: %d rows in %d shards, %d already done; engine %s", table.num_rows, len(shards),
         len(shards) - len(todo), engine,
     )  # fmt: skip
-    progress = {"rows": 0, "tokens": 0, "busy_s": 0.0}
-    if todo:
-        dataset = ray.data.from_arrow(todo).map_batches(
-            ReflectActor,
-            fn_constructor_kwargs={"spec": spec, "sharded": sharded, "teacher": teacher},
-            batch_size=None,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=min(spec.reflect.concurrency, len(todo))),
-            num_cpus=spec.reflect.num_cpus_per_actor,
-            num_gpus=spec.reflect.num_gpus_per_actor,
-        )
-        with reraise_srd_error():
-            total = sum(s.num_rows for s in todo)
-            progress = follow_progress("reflect", dataset.iter_rows(), total, "generated tokens")
+    reflect = spec.reflect
+    progress = sharded.score(
+        todo, ReflectActor, {"spec": spec, "sharded": sharded, "teacher": teacher}, concurrency=reflect.concurrency,
+        num_cpus=reflect.num_cpus_per_actor, num_gpus=reflect.num_gpus_per_actor, tokens_label="generated tokens",
+    )  # fmt: skip
     scored = sharded.read()
     sharded.check_complete(table["example_id"].to_pylist(), scored)
     wall = time.perf_counter() - started

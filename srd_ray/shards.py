@@ -100,6 +100,39 @@ class ShardedPass:
         table = pa.concat_tables(tables, promote_options="permissive")
         return table.sort_by("input_position") if "input_position" in table.column_names else table
 
+    def score(
+        self,
+        todo: list[pa.Table],
+        actor: type,
+        actor_kwargs: dict[str, Any],
+        *,
+        concurrency: int,
+        num_cpus: float,
+        num_gpus: float,
+        tokens_label: str,
+    ) -> dict[str, Any]:
+        """Run ``actor`` (constructed once per actor with ``actor_kwargs``; called with whole shards, it
+        writes them and returns one summary row each) over the shards in ``todo`` on a Ray Data actor
+        pool, logging progress. Our own errors raised in actors surface as themselves."""
+        import ray
+
+        from srd_ray.ray_errors import reraise_srd_error
+
+        if not todo:
+            return {"rows": 0, "tokens": 0, "busy_s": 0.0}
+        dataset = ray.data.from_arrow(todo).map_batches(
+            actor,
+            fn_constructor_kwargs=actor_kwargs,
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=min(concurrency, len(todo))),
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+        )
+        with reraise_srd_error():
+            total = sum(shard.num_rows for shard in todo)
+            return follow_progress(self.stage, dataset.iter_rows(), total, tokens_label)
+
     def check_complete(self, expected_ids: Iterable[str], done: pa.Table) -> None:
         """Every input example_id done exactly once: nothing lost, nothing duplicated, nothing foreign."""
         expected = set(expected_ids)

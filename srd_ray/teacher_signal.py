@@ -29,8 +29,7 @@ import pyarrow.compute as pc
 from srd_ray.engines import Engine, TopK, build_engine, engine_version
 from srd_ray.errors import DataError
 from srd_ray.models import encode_example
-from srd_ray.ray_errors import reraise_srd_error
-from srd_ray.shards import ShardedPass, follow_progress, shard_summary, split_into_shards
+from srd_ray.shards import ShardedPass, shard_summary, split_into_shards
 from srd_ray.spec import DataSpec, JobSpec, ModelSpec
 from srd_ray.storage import Location, Place
 
@@ -116,8 +115,6 @@ def run_teacher_signal(
 ) -> dict[str, Any]:
     """Score ``rows`` (example_id, prompt, response; duplicates dropped) into ``stage_dir/shards``,
     reusing shards already written."""
-    import ray
-
     started = time.perf_counter()
     settings = spec.teacher_signal
     sharded = signal_pass(stage_dir, signal_settings(spec, teacher, engine))
@@ -130,20 +127,10 @@ def run_teacher_signal(
         "teacher_signal: %d rows in %d shards, %d already done; top-%d from %s with %s",
         rows.num_rows, len(shards), len(shards) - len(todo), settings.k, teacher.path, engine,
     )  # fmt: skip
-    progress = {"rows": 0, "tokens": 0, "busy_s": 0.0}
-    if todo:
-        dataset = ray.data.from_arrow(todo).map_batches(
-            SignalActor,
-            fn_constructor_kwargs={"spec": spec, "teacher": teacher, "sharded": sharded},
-            batch_size=None,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=min(settings.concurrency, len(todo))),
-            num_cpus=settings.num_cpus_per_actor,
-            num_gpus=settings.num_gpus_per_actor,
-        )
-        with reraise_srd_error():
-            total = sum(s.num_rows for s in todo)
-            progress = follow_progress("teacher_signal", dataset.iter_rows(), total, "response tokens")
+    progress = sharded.score(
+        todo, SignalActor, {"spec": spec, "teacher": teacher, "sharded": sharded}, concurrency=settings.concurrency,
+        num_cpus=settings.num_cpus_per_actor, num_gpus=settings.num_gpus_per_actor, tokens_label="response tokens",
+    )  # fmt: skip
     done = sharded.read(columns=["example_id", "num_tokens"])
     sharded.check_complete(rows["example_id"].to_pylist(), done)
     tokens = pc.sum(done["num_tokens"]).as_py() or 0

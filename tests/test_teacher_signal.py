@@ -21,6 +21,7 @@ from srd_ray.distill.losses import (
     Head,
     LossSettings,
     SparseTeacher,
+    tempered_tail,
 )
 from srd_ray.distill.parallel import unwrap
 from srd_ray.distill.worker import SIGNAL_DATASET, LocalHost, StagePlan, Trainer
@@ -81,12 +82,27 @@ def test_sparse_loss_is_the_divergence_over_k_plus_one_buckets():
     value = sparse.kd(torch.log(student_probs), slice(None), LossSettings("fkl"), 1.0).item()
     p, q = [0.5, 0.3, 0.2], [0.2, 0.4, 0.4]
     assert value == pytest.approx(sum(a * np.log(a / b) for a, b in zip(p, q, strict=True)), rel=1e-5)
-    # Re-tempered at T = 2 over the same 3 buckets (the documented approximation), times T².
+    # At T = 2 the top 2 are re-tempered exactly; the tail's tempered mass is the extrapolated one.
     value = sparse.kd(torch.log(student_probs), slice(None), LossSettings("fkl"), 2.0).item()
-    p2 = np.sqrt(p) / np.sqrt(p).sum()
+    tail = tempered_tail(sparse.logprobs, sparse.tail, 5, 2.0).exp().item()
+    p2 = np.array([np.sqrt(0.5), np.sqrt(0.3), tail])
+    p2 /= p2.sum()
     q_full = np.sqrt(student_probs[0].numpy()) / np.sqrt(student_probs[0].numpy()).sum()
     q2 = [q_full[0], q_full[1], q_full[2:].sum()]
     assert value == pytest.approx(4 * sum(a * np.log(a / b) for a, b in zip(p2, q2, strict=True)), rel=1e-5)
+
+
+@pytest.mark.parametrize("exponent", [0.8, 1.0, 1.3])
+def test_the_tempered_tail_of_a_power_law_is_extrapolated_from_the_top_k(exponent):
+    """For a Zipf-shaped distribution the extrapolated tail mass at T 1.5 and 2 is within 3% of the exact
+    sum over the tail; at T = 1 it is the stored tail itself."""
+    vocab, k = 50_000, 64
+    log_probs = torch.log_softmax(-exponent * torch.log(torch.arange(1, vocab + 1, dtype=torch.float64)), 0)
+    top, tail = log_probs[:k].float()[None], torch.logsumexp(log_probs[k:], 0).float()[None]
+    assert tempered_tail(top, tail, vocab, 1.0).item() == tail.item()
+    for temperature in (1.5, 2.0):
+        exact = torch.logsumexp(log_probs[k:] / temperature, 0).item()
+        assert abs(tempered_tail(top, tail, vocab, temperature).item() - exact) < 0.03
 
 
 def test_score_signal_holds_the_teachers_top_k_at_each_response_token(rows, teacher_engine):

@@ -381,26 +381,60 @@ class SparseTeacher:
 
     Both distributions are restricted to k + 1 buckets: the teacher's k ids and one tail bucket. The
     student's buckets are exact (gathered from its full softmax at temperature T; its tail is everything
-    else). The teacher's are exact at T = 1. At another T the stored log-probs are re-tempered over the
-    k + 1 buckets and renormalised, which treats the tail as a single outcome: it understates the tail's
-    tempered mass when that mass is spread over many tokens (T > 1 flattens each of them). The error
-    shrinks as the tail does (larger k); ``bench/teacher_signal.py`` measures it."""
+    else). The teacher's are exact at T = 1. At another T the top-k log-probs are re-tempered exactly
+    (relative to each other), but the tail's tempered mass needs the tail's shape, which is not stored: it
+    is extrapolated (:func:`tempered_tail`) by continuing the top-k's power law (Zipf) over the remaining
+    ranks, scaled to the stored tail mass. Treating the tail as one outcome instead would understate its
+    tempered mass many times over at T = 2 (``bench/teacher_signal.py`` measures both)."""
 
     ids: torch.Tensor  # long [n, k]
-    logprobs: torch.Tensor  # float32 [n, k]
+    logprobs: torch.Tensor  # float32 [n, k], most likely first
     tail: torch.Tensor  # float32 [n]
 
     def kd(self, student_logits: torch.Tensor, rows: slice, settings: LossSettings, temperature: float) -> torch.Tensor:
-        ids = self.ids[rows]
+        ids, logprobs = self.ids[rows], self.logprobs[rows]
         student = student_logits.float() / temperature
         log_q = torch.log_softmax(torch.where(torch.isfinite(student), student, _MASKED_LOGIT), dim=-1)
         student_tail = torch.logsumexp(log_q.scatter(1, ids, float("-inf")), dim=-1)
         student_buckets = torch.cat([log_q.gather(1, ids), student_tail[:, None]], dim=-1)
-        teacher_buckets = torch.cat([self.logprobs[rows], self.tail[rows, None]], dim=-1).float() / temperature
-        # Both are log-probabilities over the buckets already (token_kd's softmax renormalises the teacher's
-        # re-tempered ones, and masks buckets that are -inf in either, such as an empty tail).
+        teacher_tail = self.tempered_tail(rows, student_logits.size(-1), temperature)
+        teacher_buckets = torch.cat([logprobs / temperature, teacher_tail[:, None]], dim=-1)
+        # Both are log-probabilities over the buckets up to normalisation, which token_kd's softmax does (it
+        # also masks buckets that are -inf in either, such as an empty tail).
         per_token = token_kd(student_buckets, teacher_buckets, settings, temperature=1.0)
         return per_token * temperature_factor(settings.name, temperature, settings.temperature_scaling)
+
+    def tempered_tail(self, rows: slice, vocab_size: int, temperature: float) -> torch.Tensor:
+        return tempered_tail(self.logprobs[rows], self.tail[rows], vocab_size, temperature)
+
+
+def tempered_tail(top_logprobs: torch.Tensor, tail: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+    """log Σ_tail p_j^(1/T) (unnormalised, like the re-tempered top-k) from the top-k log-probs and the
+    tail's log-mass at T = 1: fit log p = a − α log r on ranks 1..k, spread the tail mass over ranks
+    k+1..V with that slope (the sum taken as an integral), then temper. Exact at T = 1 (returns ``tail``)."""
+    k = top_logprobs.size(-1)
+    if temperature == 1.0 or k >= vocab_size:
+        return tail / temperature
+    log_rank = torch.log(torch.arange(1, k + 1, device=tail.device, dtype=torch.float64))
+    centred = log_rank - log_rank.mean()
+    y = top_logprobs.double()
+    slope = ((y - y.mean(-1, keepdim=True)) * centred).sum(-1) / (centred**2).sum()
+    alpha = (-slope).clamp(min=0.0)
+    low, high = math.log(k + 0.5), math.log(vocab_size + 0.5)
+    tempered = tail.double() / temperature + _log_power_integral(alpha / temperature, low, high)
+    tempered = tempered - _log_power_integral(alpha, low, high) / temperature
+    return torch.where(torch.isfinite(tail), tempered.float(), tail)
+
+
+def _log_power_integral(beta: torch.Tensor, log_low: float, log_high: float) -> torch.Tensor:
+    """log ∫ x^−β dx from e^log_low to e^log_high, elementwise over β (the β = 1 limit is log(high/low))."""
+    one = 1 - beta
+    near_one = one.abs() < 1e-4
+    one = torch.where(near_one, torch.full_like(one, 1e-4), one)
+    ends = torch.stack([one * log_high, one * log_low])
+    top, bottom = ends.max(0).values, ends.min(0).values
+    value = top + torch.log1p(-torch.exp(bottom - top)) - torch.log(one.abs())
+    return torch.where(near_one, torch.full_like(value, math.log(log_high - log_low)), value)
 
 
 def distillation_loss(

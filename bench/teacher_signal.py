@@ -1,0 +1,340 @@
+"""The teacher signal computed once (top-k) vs the online teacher, and how good the top-k approximation is.
+
+Protocol, fixed before running (results in bench/results/teacher_signal.{json,md}):
+
+1. **Approximation table.** On the first 32 rows of the demo's held-out split, with each pair's fine-tuned
+   teacher and untrained student: for every divergence, T in {1, 2} and k in {8, 32, 64, 128}, the mean
+   over response tokens of |KD_exact - KD_topk| (next to the mean KD_exact), and the relative error of the
+   gradient with respect to the student's logits, ||g_topk - g_exact|| / ||g_exact|| over all tokens.
+   KD_topk uses the signal as the teacher pass stores it (float16 log-probs, exact tail mass).
+2. **The same SRD job, online vs topk (k 64)**, fkl, on each pair (``bench/srd_vs_kd.py``'s settings: SRD
+   3 stages over 1/4, 2/4, 3/4 of the rows, the release's kd_weight / temperature), training seeds 0, 1, 2.
+   Both signals share every other input; each run does reflect + rank (+ teacher pass) + distill +
+   evaluate. Reported: distill training wall and tokens/s (whole stage and steady, the median of the
+   logged windows), the teacher pass's wall, end-to-end (reflect + rank + teacher pass + distill), and
+   ROUGE-L x100 on the demo held-out split and the real sets (mean ± std over seeds, and the paired
+   difference topk - online).
+3. **FLOPs.** Per training token, student-only (6 N_s) vs student + teacher forward (6 N_s + 2 N_t), with
+   N the matmul parameters (decoder layers + output head) of each pair; and a projection to the paper's
+   GPT-2 setting (11.4k rows, 8 epochs per stage over 1/4, 1/2, 3/4 of them, GPT-2 XL 1.5B -> GPT-2
+   124M, the real Dolly rows' measured mean length).
+
+    python bench/teacher_signal.py --pair tiny        # about 20 minutes on 2 cores
+    python bench/teacher_signal.py --pair smollm2     # about 90 minutes on 2 cores
+    python bench/teacher_signal.py --summarize        # the markdown from both pairs' JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from srd_vs_kd import (  # noqa: E402  (the shared pair settings and run helpers)
+    RESULTS,
+    SHARED_EVAL,
+    base_scores,
+    base_spec,
+    compared_spec,
+    mean_std,
+    pair_settings,
+    srd,
+    write_spec,
+)
+
+SEEDS = [0, 1, 2]
+KS = [8, 32, 64, 128]
+K = 64
+APPROXIMATION_ROWS = 32
+EVAL = {"tiny": {"eval_rows": 100, "eval_seeds": [10, 20, 30]}, "smollm2": {"eval_rows": 60, "eval_seeds": [10, 20]}}
+
+
+# --------------------------------------------------------------------------------------------------------
+# 1. The approximation
+
+
+def scored_logits(model_path: str, rows: list[tuple[str, str]], max_response_tokens: int) -> torch.Tensor:
+    """The model's logits at every response position of ``rows``, stacked: [tokens, vocab] fp32."""
+    from srd_ray.distill.batches import MicroBatch
+    from srd_ray.distill.losses import gather_scored
+    from srd_ray.models import encode_example, final_hidden_states, load_model, load_tokenizer, output_head
+    from srd_ray.spec import ModelSpec
+
+    spec = ModelSpec(path=model_path)
+    tokenizer, model = load_tokenizer(spec), load_model(spec).eval()
+    parts = []
+    with torch.no_grad():
+        for prompt, response in rows:
+            batch = MicroBatch.of([encode_example(tokenizer, prompt, response, 256, max_response_tokens)], 0)
+            hidden = gather_scored(final_hidden_states(model, batch.input_ids, batch.attention_mask), batch.scored)
+            parts.append(output_head(model, len(tokenizer)).logits(hidden))
+    return torch.cat(parts)
+
+
+def stored_topk(teacher_logits: torch.Tensor, k: int, tail_as_one_outcome: bool = False):
+    """What the teacher pass stores: top-k ids, float16 log-probs, the exact tail log-mass. With
+    ``tail_as_one_outcome`` the tail is re-tempered as if it were one token (the rejected alternative to
+    the power-law extrapolation)."""
+    from srd_ray.distill.losses import SparseTeacher
+
+    class OneOutcomeTail(SparseTeacher):
+        def tempered_tail(self, rows: slice, vocab_size: int, temperature: float) -> torch.Tensor:
+            return self.tail[rows] / temperature
+
+    log_probs = torch.log_softmax(teacher_logits, -1)
+    top = log_probs.topk(k, -1)
+    tail = torch.logsumexp(log_probs.scatter(-1, top.indices, float("-inf")), -1)
+    kind = OneOutcomeTail if tail_as_one_outcome else SparseTeacher
+    return kind(top.indices, top.values.half().float(), tail)
+
+
+def approximation(pair: str, work: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    from srd_ray.distill.losses import KD_LOSS_NAMES, LossSettings, token_kd
+
+    lines = (work / "base" / "prepare" / "demo_heldout.jsonl").read_text().splitlines()[:APPROXIMATION_ROWS]
+    rows = [(json.loads(line)["prompt"], json.loads(line)["output"]) for line in lines]
+    student_path = settings["models"]["student"].replace("${run_dir}", str(work / "base"))
+    teacher_logits = scored_logits(
+        str(work / "base" / "teacher_sft" / "model"), rows, settings["data"]["max_response_tokens"]
+    )
+    student_logits = scored_logits(student_path, rows, settings["data"]["max_response_tokens"])
+    results = []
+    for name in KD_LOSS_NAMES[:-1]:  # sft has no KD term
+        for temperature in (1.0, 2.0):
+            loss = LossSettings(name)
+            exact_input = student_logits.clone().requires_grad_()
+            exact = token_kd(exact_input, teacher_logits, loss, temperature)
+            exact.sum().backward()
+            for k, one_outcome in [(k, False) for k in KS] + [(K, True)]:
+                sparse_input = student_logits.clone().requires_grad_()
+                teacher = stored_topk(teacher_logits, k, tail_as_one_outcome=one_outcome)
+                sparse = teacher.kd(sparse_input, slice(None), loss, temperature)
+                sparse.sum().backward()
+                results.append({
+                    "pair": pair, "loss": name, "temperature": temperature, "k": k, "tail_as_one_outcome": one_outcome,
+                    "mean_kd_exact": exact.mean().item(),
+                    "mean_abs_error": (sparse - exact).abs().mean().item(),
+                    "gradient_relative_error": ((sparse_input.grad - exact_input.grad).norm()
+                                                / exact_input.grad.norm()).item(),
+                })  # fmt: skip
+    print(f"[teacher_signal] approximation on {pair}: {len(teacher_logits)} tokens", flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2. The runs
+
+
+def run_spec(base: dict, settings: dict, work: Path, signal: str, seed: int) -> dict[str, Any]:
+    spec = compared_spec(base, settings, work, "fkl", seed, "srd")
+    spec["run"]["name"] = f"{signal}-seed{seed}"
+    spec["distill"]["teacher_signal"] = signal
+    spec["teacher_signal"] = {"k": K, "concurrency": 2, "batch_size": 16}
+    return spec
+
+
+def run_record(run_dir: Path) -> dict[str, Any]:
+    stages = json.loads((run_dir / "run.json").read_text())["stages"]
+    distill = stages["distill"]["summary"]
+    walls = {
+        name: stages[name]["wall_s"] for name in ("reflect", "rank", "teacher_signal", "distill") if name in stages
+    }
+    metrics = [json.loads(line) for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
+    rates = [m["tokens_per_s"] for m in metrics if "event" not in m]
+    scores = stages["evaluate"]["summary"]["student_after"]
+    return {
+        "scores": {name: result["rouge_l"] for name, result in scores.items()},
+        "train_wall_s": distill["train_wall_s"],
+        "tokens_seen": distill["tokens_seen"],
+        "tokens_per_s": distill["tokens_seen"] / distill["train_wall_s"],
+        "steady_tokens_per_s": statistics.median(rates),
+        "teacher_pass_s": walls.get("teacher_signal", 0.0),
+        "end_to_end_s": sum(walls.values()),
+        "signal": stages.get("teacher_signal", {}).get("summary"),
+        "heldout_kd": distill["heldout_kd"],
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# 3. FLOPs
+
+
+def matmul_parameters(model_path: str) -> int:
+    """Decoder-layer parameters plus the output head's (the embedding lookup costs no matmul)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = sum(p.numel() for name, p in model.named_parameters() if ".layers." in name or ".h." in name)
+    head = model.get_output_embeddings().weight
+    return layers + head.numel()
+
+
+def gpt2_projection(tokens_per_row: float) -> dict[str, Any]:
+    """The paper's GPT-2 XL -> GPT-2 setting: training FLOPs online vs with the top-k pass."""
+    n_teacher, n_student = 1.48e9 + 50257 * 1600, 85.0e6 + 50257 * 768  # GPT-2 XL / GPT-2: layers + head
+    rows, kept = 11_400, 0.75
+    row_passes = rows * 8 * (0.25 + 0.5 + 0.75)  # 24 stage-epochs over 1/4, 1/2, 3/4 of the rows
+    tokens = row_passes * tokens_per_row
+    student = 6 * n_student * tokens
+    teacher_online = 2 * n_teacher * tokens
+    teacher_topk = 2 * n_teacher * rows * kept * tokens_per_row  # one forward over each kept row
+    return {
+        "rows": rows, "row_passes": row_passes, "tokens_per_row": tokens_per_row,
+        "teacher_flops_online": teacher_online, "teacher_flops_topk": teacher_topk,
+        "total_flops_online": student + teacher_online, "total_flops_topk": student + teacher_topk,
+        "teacher_share_online": teacher_online / (student + teacher_online),
+        "total_ratio": (student + teacher_online) / (student + teacher_topk),
+    }  # fmt: skip
+
+
+def dolly_tokens_per_row(tokenizer_path: str) -> float:
+    """Mean prompt + response tokens (256 + 256 at most) of the real Dolly rows, with the pair's tokenizer."""
+    from srd_ray.models import encode_example, load_tokenizer
+    from srd_ray.spec import ModelSpec
+
+    tokenizer = load_tokenizer(ModelSpec(path=tokenizer_path))
+    rows = [json.loads(line) for line in (SHARED_EVAL / "dolly.jsonl").read_text().splitlines()]
+    lengths = [len(encode_example(tokenizer, r["prompt"], r["output"], 256, 256).input_ids) for r in rows]
+    return statistics.fmean(lengths)
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+def run_pair(pair: str) -> dict[str, Any]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = (ROOT / "bench" / ".cache" / "teacher_signal" / pair).resolve()
+    settings = {**pair_settings(pair, ROOT / "bench" / ".cache"), **EVAL[pair]}
+    base = base_spec(settings, work)
+    base_path = write_spec(base, work)
+    srd("run", str(base_path), "--stages", "prepare,teacher_sft")
+    for label, model in (("teacher", work / "base" / "teacher_sft" / "model"), ("student_before", None)):
+        if not (work / "base" / "evaluate" / label / "summary.json").exists():
+            path = model or Path(base["models"]["student"]["path"].replace("${run_dir}", str(work / "base")))
+            srd("evaluate", str(base_path), "--model", str(path), "--name", label)
+    for seed in SEEDS:
+        for signal in ("online", "topk"):
+            srd("run", str(write_spec(run_spec(base, settings, work, signal, seed), work)))
+    teacher = str(work / "base" / "teacher_sft" / "model")
+    student = settings["models"]["student"].replace("${run_dir}", str(work / "base"))
+    n_teacher, n_student = matmul_parameters(teacher), matmul_parameters(student)
+    return {
+        "pair": pair,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+        "settings": {"k": K, "seeds": SEEDS, "srd_epochs": settings["srd_epochs"], **EVAL[pair]},
+        "reference": base_scores(work),
+        "runs": {
+            signal: [run_record(work / f"{signal}-seed{seed}") for seed in SEEDS] for signal in ("online", "topk")
+        },
+        "approximation": approximation(pair, work, settings),
+        "flops_per_token": {
+            "student_only": 6 * n_student,
+            "student_and_teacher": 6 * n_student + 2 * n_teacher,
+            "bound": (6 * n_student + 2 * n_teacher) / (6 * n_student),
+        },
+        "gpt2_projection": gpt2_projection(dolly_tokens_per_row(teacher)),
+    }
+
+
+def markdown(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["# Teacher signal: computed once (top-k) vs the online teacher", "",
+             f"Machine: {next(iter(results.values()))['machine']}. Protocol: `bench/teacher_signal.py` docstring. "
+             f"SRD fkl, k {K}, float16 log-probs, training seeds {SEEDS}.", ""]  # fmt: skip
+    for pair, result in results.items():
+        lines += run_table(pair, result) + approximation_table(pair, result["approximation"]) + [""]
+    projection = next(iter(results.values()))["gpt2_projection"]
+    lines += [
+        "## Projection to the paper's GPT-2 setting (GPT-2 XL 1.5B -> GPT-2 124M)", "",
+        f"{projection['rows']:,} rows, {projection['row_passes']:,.0f} row passes (24 stage-epochs over 1/4, 1/2, "
+        f"3/4), {projection['tokens_per_row']:.0f} tokens a row (measured on ../shared/data/eval/dolly.jsonl).", "",
+        "| | teacher FLOPs | total FLOPs |", "|---|---|---|",
+        f"| online | {projection['teacher_flops_online']:.2e} | {projection['total_flops_online']:.2e} |",
+        f"| topk (one pass over the kept 3/4) | {projection['teacher_flops_topk']:.2e} | "
+        f"{projection['total_flops_topk']:.2e} |",
+        "", f"Online, the teacher is {100 * projection['teacher_share_online']:.0f}% of the training FLOPs; the top-k "
+        f"pass cuts total FLOPs {projection['total_ratio']:.1f}x.",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def run_table(pair: str, result: dict[str, Any]) -> list[str]:
+    runs = result["runs"]
+    sets = sorted(result["reference"]["teacher"])
+    flops = result["flops_per_token"]
+    lines = [f"## {pair} pair", "",
+             f"FLOPs per training token: student only {flops['student_only']:.3g}, student + teacher "
+             f"{flops['student_and_teacher']:.3g}: topk can be at most {flops['bound']:.2f}x faster.", "",
+             "| signal | " + " | ".join(sets) + " | distill wall s | tokens/s | steady tokens/s | teacher pass s "
+             "| end-to-end s |", "|---|" + "---|" * (len(sets) + 5)]  # fmt: skip
+    for label, scores in result["reference"].items():
+        lines.append(f"| {label} | " + " | ".join(f"{scores[s]:.2f}" for s in sets) + " | | | | | |")
+    for signal in ("online", "topk"):
+        cells = ["{:.2f} ± {:.2f}".format(*mean_std([r["scores"][s] for r in runs[signal]])) for s in sets]
+        keys = ("train_wall_s", "tokens_per_s", "steady_tokens_per_s", "teacher_pass_s", "end_to_end_s")
+        timing = [statistics.fmean(r[key] for r in runs[signal]) for key in keys]
+        lines.append(
+            f"| {signal} | " + " | ".join(cells) + " | {:.1f} | {:.0f} | {:.0f} | {:.1f} | {:.1f} |".format(*timing)
+        )
+    pairs = list(zip(runs["topk"], runs["online"], strict=True))
+    differences = [
+        "{:+.2f} ± {:.2f}".format(*mean_std([t["scores"][s] - o["scores"][s] for t, o in pairs])) for s in sets
+    ]
+    ratio = [statistics.fmean(t[key] for t in runs["topk"]) / statistics.fmean(o[key] for o in runs["online"])
+             for key in ("train_wall_s", "tokens_per_s", "steady_tokens_per_s")]  # fmt: skip
+    lines.append("| topk - online (paired) | " + " | ".join(differences) +
+                 " | {:.2f}x | {:.2f}x | {:.2f}x | | |".format(*ratio))  # fmt: skip
+    signal = runs["topk"][0]["signal"]
+    lines += ["", f"Teacher pass: {signal['rows']} rows, {signal['response_tokens']} response tokens, "
+              f"{signal['stored_bytes'] / 2**20:.1f} MB stored ({signal['stored_bytes_per_token']} bytes per token; "
+              f"{signal['raw_bytes_per_token']} uncompressed), engine {signal['engine']}.", ""]  # fmt: skip
+    return lines
+
+
+def approximation_table(pair: str, rows: list[dict[str, Any]]) -> list[str]:
+    lines = [f"Top-k approximation on {pair} (held-out rows): mean |KD_exact - KD_topk| per token (mean KD_exact) / "
+             "relative gradient error. Last column: k 64 with the tail re-tempered as one outcome (not used).", "",
+             "| loss | T | " + " | ".join(f"k {k}" for k in KS) + f" | k {K}, tail as one outcome |",
+             "|---|---|" + "---|" * (len(KS) + 1)]  # fmt: skip
+    for loss in dict.fromkeys(r["loss"] for r in rows):
+        for temperature in (1.0, 2.0):
+            keys = [(k, False) for k in KS] + [(K, True)]
+            cells = [next(r for r in rows if (r["loss"], r["temperature"], r["k"], r["tail_as_one_outcome"])
+                          == (loss, temperature, *key)) for key in keys]  # fmt: skip
+            lines.append(f"| {loss} | {temperature:g} | " + " | ".join(
+                f"{c['mean_abs_error']:.4f} ({c['mean_kd_exact']:.3f}) / {c['gradient_relative_error']:.3f}"
+                for c in cells) + " |")  # fmt: skip
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", choices=["tiny", "smollm2"])
+    parser.add_argument("--summarize", action="store_true", help="only rewrite the markdown from the JSON files")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.pair:
+        result = run_pair(args.pair)
+        (RESULTS / f"teacher_signal_{args.pair}.json").write_text(json.dumps(result, indent=2) + "\n")
+    results = {pair: json.loads(path.read_text()) for pair in ("tiny", "smollm2")
+               if (path := RESULTS / f"teacher_signal_{pair}.json").exists()}  # fmt: skip
+    (RESULTS / "teacher_signal.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (RESULTS / "teacher_signal.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -76,6 +76,10 @@ class Engine(Protocol):
     def response_topk(self, prompts: list[str], responses: list[str], k: int) -> list[TopK]:
         """Teacher-forced top-k distribution at every response token (the tokens training scores)."""
 
+    @property
+    def row_errors(self) -> tuple[type[BaseException], ...]:
+        """Errors meaning "the engine rejects a request" (a bad row), as opposed to the engine failing."""
+
 
 def row_seed(base_seed: int, example_id: str) -> int:
     """A sampling seed that depends on the data, not on which actor or in which order a row runs."""
@@ -96,19 +100,22 @@ def resolve_engine(name: str) -> str:
     return name
 
 
-def required_context(data: DataSpec, max_new_tokens: int) -> int:
-    """Positions one request can need: the longest prompt plus the longer of an answer or a reference."""
-    return data.max_prompt_tokens + max(max_new_tokens, data.max_response_tokens)
+def required_context(data: DataSpec, max_new_tokens: int, engine: str = "transformers") -> int:
+    """Positions one request can need: the longest prompt plus the longer of an answer or a reference.
+    vLLM scores a reference as the prompt of a request that must still generate one token: one more."""
+    scoring = data.max_response_tokens + (1 if engine == "vllm" else 0)
+    return data.max_prompt_tokens + max(max_new_tokens, scoring)
 
 
-def check_context(model: ModelSpec, data: DataSpec, max_new_tokens: int) -> int:
-    needed = required_context(data, max_new_tokens)
+def check_context(model: ModelSpec, data: DataSpec, max_new_tokens: int, engine: str = "transformers") -> int:
+    needed = required_context(data, max_new_tokens, engine)
     available = model_context_length(model)
     if available is not None and needed > available:
+        scoring = " + 1 (vLLM's scoring request generates one token)" if engine == "vllm" else ""
         raise ModelError(
             f"{model.path} has a context of {available} positions, but data.max_prompt_tokens "
             f"({data.max_prompt_tokens}) + max(generation.max_new_tokens ({max_new_tokens}), "
-            f"data.max_response_tokens ({data.max_response_tokens})) = {needed}; lower them"
+            f"data.max_response_tokens ({data.max_response_tokens}){scoring}) = {needed}; lower them"
         )
     return needed
 
@@ -145,6 +152,8 @@ class NoRepeatNGram(LogitsProcessor):
 
 class TransformersEngine:
     """Length-sorted, left-padded batches through ``generate`` and a forward pass, under inference mode."""
+
+    row_errors: tuple[type[BaseException], ...] = (ValueError,)
 
     def __init__(
         self, model: ModelSpec, data: DataSpec, *, max_new_tokens: int, batch_size: int = 16, num_gpus: float = 0.0
@@ -276,7 +285,7 @@ class VLLMEngine:
         settings: VllmSpec,
         max_logprobs: int = 20,
     ) -> None:
-        needed = check_context(model, data, max_new_tokens)
+        needed = check_context(model, data, max_new_tokens, "vllm")
         # In-process engine core: one process per actor, no extra engine process to start and watch. On
         # CPU builds, size the KV cache explicitly and let vLLM use every core the actor was given.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -310,6 +319,12 @@ class VLLMEngine:
             )
         except Exception as error:  # vLLM raises many types at load; the user needs the path and the reason
             raise ModelError(f"vLLM cannot load {model.path}: {type(error).__name__}: {error}") from None
+
+    @property
+    def row_errors(self) -> tuple[type[BaseException], ...]:
+        from vllm.exceptions import VLLMClientError  # request validation (e.g. a prompt over the context)
+
+        return (ValueError, VLLMClientError)
 
     def generate(self, prompts: list[str], settings: GenerationSpec, seeds: list[int]) -> Generations:
         from vllm import SamplingParams

@@ -287,7 +287,7 @@ def evaluate_model(spec: JobSpec, model_path: str, label: str) -> dict[str, Any]
         raise SpecError("data.eval_sets is empty: nothing to evaluate on")
     model = spec.models.student.model_copy(update={"path": resolve_local_path(model_path)})
     check_model_path(model, "--model")
-    check_context(model, spec.data, spec.evaluate.generation.max_new_tokens)
+    check_context(model, spec.data, spec.evaluate.generation.max_new_tokens, resolve_engine(spec.reflect.engine))
     eval_sets = {name: loaded.table for name, loaded in load_eval_sets(spec.data).items()}
     ensure_ray(spec.ray)
     out = Location.of(spec.run_dir) / "evaluate" / label
@@ -355,8 +355,9 @@ def preflight(run: Run) -> None:
                 f"teacher_signal.k is {run.spec.teacher_signal.k}, more than the {len(tokenizer)} tokens of the "
                 "models' vocabulary"
             )
-    check_context(run.spec.models.student, run.spec.data, run.spec.reflect.generation.max_new_tokens)
-    check_context(run.spec.models.teacher, run.spec.data, run.spec.evaluate.generation.max_new_tokens)
+    engine = resolve_engine(run.spec.reflect.engine)
+    check_context(run.spec.models.student, run.spec.data, run.spec.reflect.generation.max_new_tokens, engine)
+    check_context(run.spec.models.teacher, run.spec.data, run.spec.evaluate.generation.max_new_tokens, engine)
     check_local_gpus(run.spec)
     _ = run.train, run.eval_sets  # load now: a bad row fails here, naming file and line
 
@@ -424,7 +425,7 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
         lines.append(
             f"  reflect ({reflect.get('engine', '?')} engine): {reflect['rows']} rows, "
             f"mean ROUGE-L {reflect['mean_rouge_l']:.3f}, mean student CE {reflect['mean_student_ce']:.3f}, "
-            f"{len(reflect.get('skipped_rows', []))} skipped"
+            f"{len(reflect.get('skipped_rows', [])) + len(reflect.get('rejected_rows', []))} skipped"
         )
     rank = stages.get("rank", {}).get("summary")
     if rank:

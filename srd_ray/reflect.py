@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from srd_ray.engines import Engine, build_engine, engine_version, row_seed
 from srd_ray.scoring import rouge_l
-from srd_ray.shards import ShardedPass, shard_summary, split_into_shards
+from srd_ray.shards import ShardedPass, ShardScorer, split_into_shards
 from srd_ray.spec import GenerationSpec, JobSpec, ModelSpec
 from srd_ray.storage import Location, Place
 
@@ -73,10 +73,10 @@ def score_table(rows: pa.Table, engine: Engine, generation: GenerationSpec, teac
     return rows
 
 
-def shard_columns(rows: pa.Table) -> pa.Schema:
+def shard_columns(rows: pa.Table | None) -> pa.Schema:
     """The fixed input and signal columns first, then the data's passthrough columns."""
     fixed = {field.name for field in INPUT_FIELDS + SIGNAL_FIELDS}
-    passthrough = [field for field in rows.schema if field.name not in fixed]
+    passthrough = [field for field in rows.schema if field.name not in fixed] if rows is not None else []
     return pa.schema(INPUT_FIELDS + SIGNAL_FIELDS + passthrough)
 
 
@@ -104,30 +104,25 @@ class ReflectActor:
     """Engines are loaded once per actor; each call scores whole shards and writes them (idempotent)."""
 
     def __init__(self, spec: JobSpec, sharded: ShardedPass, teacher: ModelSpec | None) -> None:
-        self.spec, self.sharded = spec, sharded
-        reflect = self.spec.reflect
+        self.sharded = sharded
+        reflect = spec.reflect
         engine_options = {
             "max_new_tokens": reflect.generation.max_new_tokens,
             "batch_size": reflect.batch_size,
             "num_gpus": reflect.num_gpus_per_actor,
             "vllm": reflect.vllm,
         }
-        self.engine = build_engine(sharded.settings["engine"], spec.models.student, spec.data, **engine_options)
-        self.teacher = None
-        if teacher is not None:
-            # Teacher CE needs a forward pass only: transformers does that well on any device.
-            self.teacher = build_engine("transformers", teacher, self.spec.data, **engine_options)
+        engine = build_engine(sharded.settings["engine"], spec.models.student, spec.data, **engine_options)
+        # Teacher CE needs a forward pass only: transformers does that well on any device.
+        teacher_engine = build_engine("transformers", teacher, spec.data, **engine_options) if teacher else None
+        self.scorer = ShardScorer(
+            score=lambda rows: score_table(rows, engine, reflect.generation, teacher_engine),
+            row_errors=engine.row_errors, columns=shard_columns, tokens_column="generated_tokens",
+            on_bad_row=spec.data.on_bad_row,
+        )  # fmt: skip
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        summaries = []
-        # A batch normally is one shard (one block); group anyway so shard files never mix.
-        for index in sorted(set(batch["shard_index"].to_pylist())):
-            started = time.perf_counter()
-            rows = batch.filter(pc.equal(batch["shard_index"], index)).drop_columns(["shard_index"])
-            scored = score_table(rows, self.engine, self.spec.reflect.generation, self.teacher)
-            self.sharded.write(index, scored, shard_columns(scored))
-            summaries.append(shard_summary(index, scored, "generated_tokens", started))
-        return pa.Table.from_pylist(summaries)
+        return self.scorer(self.sharded, batch)
 
 
 def run_reflect(
@@ -166,6 +161,7 @@ def run_reflect(
         "mean_student_ce": pc.mean(scored["student_ce"]).as_py(),
         "mean_teacher_ce": pc.mean(scored["teacher_ce"]).as_py(),
         "prompts_truncated": pc.sum(scored["prompt_truncated"]).as_py(),
+        "rejected_rows": sharded.rejected(),
     }
 
 

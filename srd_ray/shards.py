@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,8 @@ from srd_ray.errors import DataError, RunDirError
 from srd_ray.storage import Location
 
 log = logging.getLogger(__name__)
+
+REJECTED_KEY = b"srd_ray.rejected"  # rows an engine rejected, in their shard's metadata
 
 
 def split_into_shards(table: pa.Table, shard_rows: int) -> list[pa.Table]:
@@ -52,9 +54,14 @@ class ShardedPass:
         """The shard's columns with the settings that made it in the metadata."""
         return columns.with_metadata({self.settings_key: json.dumps(self.settings, sort_keys=True)})
 
-    def write(self, index: int, rows: pa.Table, columns: pa.Schema) -> None:
+    def write(self, index: int, rows: pa.Table | None, columns: pa.Schema, rejected: list[dict] | None = None) -> None:
+        """A shard's rows (None: every row was rejected), with the rows the engine rejected (example_id,
+        reason) in the same file's metadata, so they are written, and counted, exactly once."""
         schema = self.schema(columns)
-        storage.write_parquet(self.shard_path(index), rows.select(schema.names).cast(schema))
+        if rejected:
+            schema = schema.with_metadata({**schema.metadata, REJECTED_KEY: json.dumps(rejected)})
+        rows = pa.Table.from_pylist([], schema) if rows is None else rows.select(schema.names).cast(schema)
+        storage.write_parquet(self.shard_path(index), rows)
 
     def pending(self, shards: list[pa.Table]) -> list[pa.Table]:
         """The shards still to do; finished ones are checked (readable, same settings) and kept."""
@@ -133,9 +140,18 @@ class ShardedPass:
             total = sum(shard.num_rows for shard in todo)
             return follow_progress(self.stage, dataset.iter_rows(), total, tokens_label)
 
+    def rejected(self) -> list[dict[str, str]]:
+        """Rows the engine rejected (set aside under ``data.on_bad_row: skip``), from every shard."""
+        found = []
+        for path in self.shards_dir.children():
+            if path.name.endswith(".parquet"):
+                metadata = path.parquet_file().schema_arrow.metadata or {}
+                found += json.loads(metadata.get(REJECTED_KEY, b"[]"))
+        return found
+
     def check_complete(self, expected_ids: Iterable[str], done: pa.Table) -> None:
-        """Every input example_id done exactly once: nothing lost, nothing duplicated, nothing foreign."""
-        expected = set(expected_ids)
+        """Every input example_id done exactly once (or rejected): nothing lost, duplicated or foreign."""
+        expected = set(expected_ids) - {row["example_id"] for row in self.rejected()}
         got = done["example_id"].to_pylist()
         duplicates = done.num_rows - len(set(got))
         missing, extra = expected - set(got), set(got) - expected
@@ -144,6 +160,36 @@ class ShardedPass:
                 f"{self.stage} shards hold {done.num_rows} rows for {len(expected)} inputs: {len(missing)} "
                 f"missing, {len(extra)} not in the input, {duplicates} duplicated; rerun with --redo {self.stage}"
             )
+
+
+def score_isolating_rows(
+    rows: pa.Table, score: Callable[[pa.Table], pa.Table], row_errors: tuple[type[BaseException], ...]
+) -> tuple[pa.Table | None, list[dict[str, str]]]:
+    """``score(rows)``, with the rows an engine rejects (``row_errors``: its per-request validation errors)
+    set aside with their reason instead of failing the shard. A failing batch is halved until each bad
+    row stands alone: one bad row costs about log2(rows) extra calls. Other errors (the engine itself
+    failing) propagate."""
+    try:
+        return score(rows), []
+    except row_errors as error:
+        if rows.num_rows == 1:
+            return None, [{"example_id": rows["example_id"][0].as_py(), "reason": f"{type(error).__name__}: {error}"}]
+    half = rows.num_rows // 2
+    first, first_rejected = score_isolating_rows(rows.slice(0, half), score, row_errors)
+    second, second_rejected = score_isolating_rows(rows.slice(half), score, row_errors)
+    scored = [table for table in (first, second) if table is not None]
+    return (pa.concat_tables(scored) if scored else None), first_rejected + second_rejected
+
+
+def check_rejected(stage: str, rejected: list[dict[str, str]], on_bad_row: str) -> None:
+    """Under ``data.on_bad_row: error`` a rejected row stops the job, naming it."""
+    if rejected and on_bad_row == "error":
+        first = rejected[0]
+        raise DataError(
+            f"{stage}: the engine rejects row {first['example_id']} ({first['reason']})"
+            + (f" and {len(rejected) - 1} more" if len(rejected) > 1 else "")
+            + "; set data.on_bad_row: skip to leave such rows out"
+        )
 
 
 def follow_progress(stage: str, summaries: Iterable[dict[str, Any]], total_rows: int, tokens_label: str) -> dict:
@@ -165,10 +211,28 @@ def follow_progress(stage: str, summaries: Iterable[dict[str, Any]], total_rows:
     return done
 
 
-def shard_summary(index: int, rows: pa.Table, tokens_column: str, started: float) -> dict[str, Any]:
-    return {
-        "shard_index": index,
-        "rows": rows.num_rows,
-        "tokens": pc.sum(rows[tokens_column]).as_py() or 0,
-        "seconds": time.perf_counter() - started,
-    }
+@dataclass(frozen=True)
+class ShardScorer:
+    """What an actor needs to turn shards into written, scored shards: the scoring function (Arrow in,
+    Arrow out), the errors meaning "this row is rejected" (vs the engine failing), the output columns."""
+
+    score: Callable[[pa.Table], pa.Table]
+    row_errors: tuple[type[BaseException], ...]
+    columns: Callable[[pa.Table | None], pa.Schema]
+    tokens_column: str
+    on_bad_row: str
+
+    def __call__(self, sharded: ShardedPass, batch: pa.Table) -> pa.Table:
+        """Score and write every shard in ``batch``; one summary row per shard."""
+        summaries = []
+        # A batch normally is one shard (one block); group anyway so shard files never mix.
+        for index in sorted(set(batch["shard_index"].to_pylist())):
+            started = time.perf_counter()
+            rows = batch.filter(pc.equal(batch["shard_index"], index)).drop_columns(["shard_index"])
+            scored, rejected = score_isolating_rows(rows, self.score, self.row_errors)
+            check_rejected(sharded.stage, rejected, self.on_bad_row)
+            sharded.write(index, scored, self.columns(scored), rejected)
+            tokens = pc.sum(scored[self.tokens_column]).as_py() if scored is not None else 0
+            summaries.append({"shard_index": index, "rows": rows.num_rows, "tokens": tokens or 0,
+                              "seconds": time.perf_counter() - started})  # fmt: skip
+        return pa.Table.from_pylist(summaries)

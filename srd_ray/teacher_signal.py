@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from srd_ray.engines import Engine, TopK, build_engine, engine_version
 from srd_ray.errors import DataError
 from srd_ray.models import encode_example
-from srd_ray.shards import ShardedPass, shard_summary, split_into_shards
+from srd_ray.shards import ShardedPass, ShardScorer, split_into_shards
 from srd_ray.spec import DataSpec, JobSpec, ModelSpec
 from srd_ray.storage import Location, Place
 
@@ -93,21 +93,19 @@ class SignalActor:
 
     def __init__(self, spec: JobSpec, teacher: ModelSpec, sharded: ShardedPass) -> None:
         settings = spec.teacher_signal
-        self.sharded, self.k, self.dtype = sharded, settings.k, settings.logprob_dtype
-        self.engine = build_engine(
+        self.sharded = sharded
+        engine = build_engine(
             sharded.settings["engine"], teacher, spec.data, max_new_tokens=1, batch_size=settings.batch_size,
             num_gpus=settings.num_gpus_per_actor, vllm=spec.reflect.vllm, max_logprobs=settings.k,
         )  # fmt: skip
+        self.scorer = ShardScorer(
+            score=lambda rows: score_signal(rows, engine, settings.k, settings.logprob_dtype),
+            row_errors=engine.row_errors, columns=lambda _: pa.schema(signal_fields(settings.logprob_dtype)),
+            tokens_column="num_tokens", on_bad_row=spec.data.on_bad_row,
+        )  # fmt: skip
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        summaries = []
-        for index in sorted(set(batch["shard_index"].to_pylist())):
-            started = time.perf_counter()
-            rows = batch.filter(pc.equal(batch["shard_index"], index))
-            signal = score_signal(rows, self.engine, self.k, self.dtype)
-            self.sharded.write(index, signal, signal.schema)
-            summaries.append(shard_summary(index, signal, "num_tokens", started))
-        return pa.Table.from_pylist(summaries)
+        return self.scorer(self.sharded, batch)
 
 
 def run_teacher_signal(

@@ -18,7 +18,7 @@ from srd_ray.errors import DataError, ModelError, RunDirError
 from srd_ray.models import check_model_path
 from srd_ray.reflect import INPUT_FIELDS, SETTINGS_KEY, SIGNAL_FIELDS, score_table, shard_columns
 from srd_ray.scoring import rouge_l
-from srd_ray.shards import ShardedPass, split_into_shards
+from srd_ray.shards import ShardedPass, check_rejected, score_isolating_rows, split_into_shards
 from srd_ray.spec import DataSourceSpec, DataSpec, GenerationSpec, ModelSpec
 from srd_ray.storage import Location
 
@@ -195,3 +195,34 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelError, match=r"no \*\.safetensors weights"):
         check_model_path(ModelSpec(path=str(tmp_path)), "teacher")
+
+
+def test_rows_the_engine_rejects_are_set_aside_not_the_shard(rows, tmp_path):
+    """One rejected row costs that row (recorded with its reason in the shard), not the shard; an engine
+    failure that is not a row's still fails; under on_bad_row: error the rejection names the row."""
+    bad = set(rows["example_id"].to_pylist()[3:5])
+    calls = []
+
+    def score(batch: pa.Table) -> pa.Table:
+        calls.append(batch.num_rows)
+        if bad & set(batch["example_id"].to_pylist()):
+            raise ValueError("prompt too long for the context")
+        return batch
+
+    scored, rejected = score_isolating_rows(rows, score, (ValueError,))
+    assert scored.num_rows == rows.num_rows - 2 and {r["example_id"] for r in rejected} == bad
+    assert all("ValueError: prompt too long" in r["reason"] for r in rejected)
+    assert len(calls) < 2 * rows.num_rows, "bisection, not one call per row"
+    with pytest.raises(RuntimeError):
+        score_isolating_rows(rows, lambda batch: (_ for _ in ()).throw(RuntimeError("engine died")), (ValueError,))
+    with pytest.raises(
+        DataError, match=r"reflect: the engine rejects row \S+ \(ValueError: prompt too long.*and 1 more"
+    ):
+        check_rejected("reflect", rejected, "error")
+    check_rejected("reflect", rejected, "skip")
+
+    sharded = ShardedPass("reflect", Location.of(tmp_path), SETTINGS_KEY, {"engine": "x"})
+    sharded.write(0, scored, scored.schema, rejected)
+    sharded.write(1, None, scored.schema, [{"example_id": "all-rejected", "reason": "ValueError: x"}])
+    assert {r["example_id"] for r in sharded.rejected()} == bad | {"all-rejected"}
+    sharded.check_complete([*rows["example_id"].to_pylist(), "all-rejected"], sharded.read())

@@ -93,3 +93,43 @@ def test_reflect_stage_runs_vllm_in_ray_data_actors(ray_session, tiny_models, de
     assert sorted(read_scored(tmp_path / "reflect")["example_id"].to_pylist()) == sorted(
         table["example_id"].to_pylist()
     )
+
+
+@pytest.mark.slow
+def test_every_row_of_the_real_sets_reflects_with_both_engines(tmp_path, tiny_models):
+    """Default token limits (256 prompt + 256 reference tokens) on every row of ../shared/data/eval: the
+    context budget leaves room for vLLM's scoring request, and neither engine rejects a row."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from srd_ray.shards import score_isolating_rows
+    from tests.conftest import shared_eval_file
+
+    config = AutoConfig.from_pretrained(tiny_models["student"])
+    config.max_position_embeddings = 1024  # the tiny models have 512 positions; real students have more
+    model_dir = tmp_path / "student-1024"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_models["student"]).save_pretrained(model_dir)
+    data = DataSpec(train=DataSourceSpec(path="unused"))
+    names = ("dolly.jsonl", "self-inst.jsonl", "vicuna.jsonl", "sinst.jsonl")
+    tables = [load_source(DataSourceSpec(path=str(shared_eval_file(name))), data, label=name).table for name in names]
+    rows = pa.concat_tables(tables, promote_options="permissive")
+    generation = GenerationSpec(temperature=0, max_new_tokens=4)
+    model = ModelSpec(path=str(model_dir))
+    engines = {
+        "transformers": TransformersEngine(model, data, max_new_tokens=4, batch_size=32),
+        "vllm": VLLMEngine(model, data, max_new_tokens=4, num_gpus=0, settings=VllmSpec()),
+    }
+    scored = {}
+    for name, engine in engines.items():
+        result, rejected = score_isolating_rows(
+            rows, lambda r, e=engine: score_table(r, e, generation), engine.row_errors
+        )
+        assert rejected == [], f"{name} rejected {len(rejected)} rows, first {rejected[:1]}"
+        assert result.num_rows == rows.num_rows
+        scored[name] = result
+    tokens = scored["vllm"]["response_tokens"].to_pylist()
+    assert tokens == scored["transformers"]["response_tokens"].to_pylist()
+    assert max(tokens) == 256 and any(scored["vllm"]["prompt_truncated"].to_pylist()), "the limits were reached"
+    for ours, theirs in zip(scored["vllm"]["student_ce"].to_pylist(), scored["transformers"]["student_ce"].to_pylist(),
+                            strict=True):  # fmt: skip
+        assert ours == pytest.approx(theirs, rel=1e-3)

@@ -48,7 +48,6 @@ def write_shards(rows: int, folder: Path) -> None:
 
 def measure(folder: Path) -> dict:
     """Runs inside the subprocess: the stage exactly as the pipeline runs it."""
-    from srd_ray import storage
     from srd_ray.rank import run_rank
     from srd_ray.reflect import read_scored
     from srd_ray.spec import RankSpec
@@ -56,8 +55,7 @@ def measure(folder: Path) -> dict:
     started = time.perf_counter()
     scored = read_scored(folder / "reflect")
     read_s = time.perf_counter() - started
-    with storage.directory(folder / "rank") as scratch:
-        summary = run_rank(RankSpec(), scored, scratch)
+    summary = run_rank(RankSpec(), scored, folder / "rank")
     wall = time.perf_counter() - started
     return {
         "rows": summary["rows"],

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
+from srd_ray.console import RunConsole
 from srd_ray.errors import SrdError
 
 
@@ -23,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     def with_spec(name: str, help_text: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("spec", help="YAML job spec")
+        command.add_argument(
+            "--verbose", action="store_true",
+            help="also show Ray's, the libraries' and the workers' own output (always in RUN_DIR/logs/srd.log)",
+        )  # fmt: skip
         command.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
             help="override a spec value, e.g. --set distill.num_workers=1 (repeatable)",
@@ -63,21 +67,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit codes: 0 done (or nothing to do, said why), 1 a stage failed (the message says why and what to do),
+# 2 bad input (spec, data, models; or a stage whose inputs do not exist yet), 130 interrupted.
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        return _dispatch(args)
-    except SrdError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        # The run directory already records the interrupted stage; its finished parts are kept.
-        print("interrupted: rerun the same command to resume where this run stopped", file=sys.stderr)
-        return 130
+    from srd_ray.console import run_console
+    from srd_ray.failures import InfrastructureError, StageFailed, explain
+    from srd_ray.pipeline import NothingToDo
+
+    with run_console(verbose=getattr(args, "verbose", False)) as console:
+        try:
+            return _dispatch(args)
+        except SrdError as error:
+            print(f"error: {error}", file=console.stream)
+            return EXIT_BAD_INPUT
+        except NothingToDo as why:
+            print(f"nothing to do: {why}", file=console.stream)
+            return 0
+        except KeyboardInterrupt:
+            # The run directory already records the interrupted stage; its finished parts are kept.
+            print("interrupted: rerun the same command to resume where this run stopped", file=console.stream)
+            return EXIT_INTERRUPTED
+        except (StageFailed, InfrastructureError) as error:
+            print(f"error: {error}", file=console.stream)
+            _point_at_log(console)
+            return EXIT_FAILED
+        except Exception as error:  # not one of ours and not explained by a stage: still one line, and the log
+            from srd_ray.console import log_traceback
+
+            log_traceback(error)
+            explained = explain(error, args.command)
+            print(f"error: {explained}", file=console.stream)
+            _point_at_log(console)
+            return EXIT_BAD_INPUT if isinstance(explained, SrdError) else EXIT_FAILED
+
+
+def _point_at_log(console: RunConsole) -> None:
+    if console.log_location is not None:
+        print(f"the full log, with the traceback: {console.log_location}", file=console.stream)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -113,7 +144,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         print(dump_spec(spec), end="")
         return 0
-    from srd_ray.pipeline import run_pipeline, summary_lines
+    from srd_ray.pipeline import run_pipeline
+    from srd_ray.report import summary_lines
 
     if args.command == "evaluate":
         from srd_ray.pipeline import evaluate_model

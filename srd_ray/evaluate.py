@@ -10,8 +10,11 @@ generates on a Ray Data actor pool with the same engines as reflect.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import statistics
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -19,10 +22,12 @@ import pyarrow.compute as pc
 
 from srd_ray import storage
 from srd_ray.engines import build_engine, row_seed
-from srd_ray.ray_errors import reraise_srd_error
+from srd_ray.failures import reraise_srd_error
+from srd_ray.pools import map_with_engine_actors
+from srd_ray.progress import Progress
 from srd_ray.scoring import exact_match, rouge_l
-from srd_ray.spec import DataSpec, EvaluateSpec, ModelSpec, VllmSpec
-from srd_ray.storage import Location, Place
+from srd_ray.spec import DataSpec, EvaluateSpec, JobSpec, ModelSpec, VllmSpec
+from srd_ray.storage import Location, Place, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +82,7 @@ class EvalActor:
     def __init__(self, model: ModelSpec, data: DataSpec, evaluate: EvaluateSpec, engine: str, vllm: VllmSpec) -> None:
         self.evaluate = evaluate
         self.engine = build_engine(
-            engine,
-            model,
-            data,
-            max_new_tokens=evaluate.generation.max_new_tokens,
-            batch_size=evaluate.batch_size,
-            num_gpus=evaluate.num_gpus_per_actor,
-            vllm=vllm,
+            engine, model, data, evaluate, max_new_tokens=evaluate.generation.max_new_tokens, vllm=vllm
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -96,6 +95,35 @@ class EvalActor:
         return score_predictions(batch.append_column("prediction", pa.array(answers.texts, pa.string())))
 
 
+def evaluation_identity(spec: JobSpec, engine: str, model: ModelSpec, eval_sets: dict[str, pa.Table]) -> dict:
+    """What makes an evaluation: the model (its path and files), engine, settings and rows."""
+    location = Location.of(model.path) if is_uri(model.path) or Path(model.path).exists() else None
+    files = [f"{info.path}:{info.size}:{info.mtime_ns}" for info in location.files()] if location else []
+    rows = {name: table["example_id"].to_pylist() for name, table in sorted(eval_sets.items())}
+    settings = {"evaluate": spec.evaluate.model_dump(mode="json"), "engine": engine,
+                "vllm": spec.engine.vllm.model_dump(mode="json"), "max_prompt_tokens": spec.data.max_prompt_tokens,
+                "files": files, "rows": rows}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return {"model": model.path, "fingerprint": digest}
+
+
+def evaluate_once(
+    spec: JobSpec, engine: str, model: ModelSpec, eval_sets: dict[str, pa.Table], out_dir: Place
+) -> dict[str, Any]:
+    """Evaluate ``model`` into ``out_dir``, or reuse the summary already there if it was made for this same
+    model, engine, settings and rows (a run interrupted after it); never one made for another model."""
+    out_dir = Location.of(out_dir)
+    identity = evaluation_identity(spec, engine, model, eval_sets)
+    if (out_dir / "summary.json").exists():
+        existing = json.loads((out_dir / "summary.json").read_text())
+        if existing.get("identity") == identity:
+            log.info("evaluate: %s already evaluated with these settings (%s)", model.path, out_dir)
+            return existing["sets"]
+        log.info("evaluate: %s holds another model's or settings' results; evaluating %s again", out_dir, model.path)
+    log.info("evaluate: %s", model.path)
+    return run_evaluate(spec.evaluate, spec.data, engine, spec.engine.vllm, model, eval_sets, out_dir, identity)
+
+
 def run_evaluate(
     spec_evaluate: EvaluateSpec,
     data: DataSpec,
@@ -104,29 +132,27 @@ def run_evaluate(
     model: ModelSpec,
     eval_sets: dict[str, pa.Table],
     out_dir: Place,
+    identity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate one model on every eval set; writes ``predictions.parquet`` and returns the summary."""
-    import ray
 
     work = expand_seeds(eval_sets, spec_evaluate.seeds, spec_evaluate.max_examples)
-    dataset = ray.data.from_arrow(work).map_batches(
-        EvalActor,
-        # Settings travel as pydantic objects (they pickle), never as dicts to re-validate.
-        fn_constructor_kwargs={"model": model, "data": data, "evaluate": spec_evaluate, "engine": engine, "vllm": vllm},
-        batch_size=spec_evaluate.batch_size * 4,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=spec_evaluate.concurrency),
-        num_cpus=spec_evaluate.num_cpus_per_actor,
-        num_gpus=spec_evaluate.num_gpus_per_actor,
+    actor_kwargs = {"model": model, "data": data, "evaluate": spec_evaluate, "engine": engine, "vllm": vllm}
+    dataset = map_with_engine_actors(
+        work, EvalActor, actor_kwargs, spec_evaluate, batch_size=spec_evaluate.batch_size * 4
     )
-    with reraise_srd_error():
-        predictions = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
+    parts = []
+    with reraise_srd_error(), Progress(f"evaluate {Path(model.path).name}", work.num_rows, "answers") as progress:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            parts.append(batch)
+            progress.update(progress.done + batch.num_rows)
+    predictions = pa.concat_tables(parts)
     _check_complete(work, predictions)
     predictions = predictions.sort_by([("eval_set", "ascending"), ("seed", "ascending"), ("example_id", "ascending")])
     out_dir = Location.of(out_dir)
     storage.write_parquet(out_dir / "predictions.parquet", predictions)
     summary = summarize(predictions)
-    storage.write_json(out_dir / "summary.json", {"model": model.path, "sets": summary})
+    storage.write_json(out_dir / "summary.json", {"model": model.path, "identity": identity, "sets": summary})
     return summary
 
 

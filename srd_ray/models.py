@@ -24,6 +24,7 @@ from transformers import (
 from srd_ray import storage
 from srd_ray.distill.losses import IGNORE_INDEX, Head
 from srd_ray.errors import ModelError
+from srd_ray.failures import InfrastructureError, chain
 from srd_ray.spec import LoraSpec, ModelSpec
 from srd_ray.storage import Location, is_uri
 
@@ -75,7 +76,7 @@ def _fetched(path: str) -> str:
     try:
         return str(storage.local_copy(path))
     except OSError as error:
-        raise ModelError(f"cannot download {path}: {error}") from None
+        raise loading_error(f"(download) {path}", error) from error
 
 
 def _merged_with_adapter(spec: ModelSpec, base: str, adapter: str) -> str:
@@ -94,12 +95,31 @@ def _merged_with_adapter(spec: ModelSpec, base: str, adapter: str) -> str:
     return str(storage.cached_folder("merged", Path(adapter).name, identity, merge))
 
 
+def loading_error(what: str, error: Exception) -> Exception:
+    """A model that cannot be loaded: the user's input (ModelError, exit 2), unless storage, the network or
+    permissions failed, which says nothing about the spec (InfrastructureError, keeping its cause)."""
+    infrastructure = (ConnectionError, TimeoutError, PermissionError)
+    names = ("Connect", "Timeout", "HTTPError", "ServerError", "ProtocolError")
+    words = ("could not connect", "connection refused", "timed out", "access denied", "permission denied")
+    for current in chain(error):
+        if (
+            isinstance(current, infrastructure)
+            or any(name in type(current).__name__ for name in names)
+            or any(word in str(current).lower() for word in words)
+        ):
+            return InfrastructureError(
+                f"cannot read {what}: {type(current).__name__}: {current} (storage, network or permissions "
+                "failed, not the spec: rerun once it is reachable)"
+            )
+    return ModelError(f"cannot load {what}: {error}")
+
+
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     path = _fetched(spec.path)  # an adapter changes weights only: no merge needed to read the tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     except Exception as error:  # transformers raises OSError/ValueError/hub errors; all mean "cannot load"
-        raise ModelError(f"cannot load tokenizer from {spec.path}: {error}") from None
+        raise loading_error(f"tokenizer from {spec.path}", error) from error
     if tokenizer.eos_token_id is None:
         raise ModelError(f"tokenizer at {spec.path} has no eos token; responses need one to end")
     if tokenizer.pad_token_id is None:
@@ -113,7 +133,7 @@ def _from_pretrained(spec: ModelSpec, path: str, dtype: Any) -> PreTrainedModel:
             path, dtype=dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=True
         )
     except Exception as error:  # see load_tokenizer
-        raise ModelError(f"cannot load model from {spec.path}: {error}") from None
+        raise loading_error(f"model from {spec.path}", error) from error
 
 
 def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> PreTrainedModel:
@@ -133,7 +153,7 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(_fetched(spec.path), trust_remote_code=spec.trust_remote_code)
     except Exception as error:  # see load_tokenizer
-        raise ModelError(f"cannot load model config from {spec.path}: {error}") from None
+        raise loading_error(f"model config from {spec.path}", error) from error
 
 
 # --------------------------------------------------------------------------------------------------------

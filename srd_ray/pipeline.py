@@ -1,8 +1,12 @@
-"""The SRD pipeline: prepare → teacher_sft → reflect → rank → distill → evaluate, over one run directory.
+"""The SRD pipeline: prepare → teacher_sft → reflect → rank → teacher_signal → distill → evaluate, over
+one run directory.
 
-Each stage reads the outputs of earlier stages from the run directory, so any stage can be run alone
-(``srd run SPEC --stages rank``) once its inputs exist. A stage's fingerprint covers its own settings and
-its upstream stages' fingerprints: change the student and reflect, rank, distill and evaluate are stale.
+Every stage is one row of :data:`STAGES`: the spec sections its outputs depend on, the stages whose outputs
+it reads, what it leaves in its folder, when it is on, and its runner. Fingerprints, the check that a
+stage's inputs exist, and ``--stages`` / ``--redo`` all read that table. Each stage reads the outputs of
+earlier stages from the run directory, so any stage can be run alone (``srd run SPEC --stages rank``) once
+its inputs exist. A stage's fingerprint covers its own settings and its upstream stages' fingerprints:
+change the student and reflect, rank, distill and evaluate are stale.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from srd_ray import storage
+from srd_ray.console import adopt_library_loggers, attach_run_log, log_traceback
+from srd_ray.console import verbose as console_is_verbose
 from srd_ray.data import LoadedData, drop_long_prompts, load_eval_sets, load_training_data
 from srd_ray.demo_data import write_demo_data
 from srd_ray.engines import check_context, resolve_engine
 from srd_ray.errors import SpecError
+from srd_ray.failures import explain
 from srd_ray.models import check_model_path, check_same_tokenizer, load_tokenizer
 from srd_ray.run_dir import RunDirectory
 from srd_ray.spec import JobSpec, ModelSpec, RaySpec
@@ -29,10 +35,8 @@ from srd_ray.storage import Location
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "teacher_sft", "reflect", "rank", "teacher_signal", "distill", "evaluate")
-
-# Spec sections each stage depends on (besides its upstream stages' fingerprints).
-_TRAINING_DATA = (
+# Spec sections every stage that reads the training rows depends on.
+TRAINING_DATA = (
     "data.train",
     "data.prompt_template",
     "data.prompt_template_no_input",
@@ -41,68 +45,67 @@ _TRAINING_DATA = (
     "data.on_bad_row",
     "data.truncate_long_prompts",
 )
-_SECTIONS = {
-    "prepare": ("prepare", "run.seed"),
-    "teacher_sft": ("teacher_sft", "models.teacher", "run.seed", *_TRAINING_DATA),
-    # The untrained student reflects; its LoRA settings (training only) do not change the scores.
-    "reflect": (
-        "reflect",
-        *(f"models.student.{key}" for key in ("path", "dtype", "trust_remote_code")),
-        *_TRAINING_DATA,
-    ),
-    "rank": ("rank", "run.seed"),
-    # Which rows (the kept buckets, or all rows without a curriculum, plus the held-out KD rows) and how.
-    "teacher_signal": (
-        "teacher_signal",
-        "models.teacher",
-        "reflect.vllm",
-        "rank.keep_buckets",
-        "distill.curriculum",
-        "distill.heldout_eval_set",
-        "distill.heldout_rows",
-        "data.eval_sets",
-        *_TRAINING_DATA,
-    ),
-    "distill": ("distill", "models", "run.seed", *_TRAINING_DATA),
-    "evaluate": ("evaluate", "models", "data.eval_sets", "data.max_prompt_tokens", "reflect.engine", "reflect.vllm"),
-}
-_UPSTREAM = {
-    "prepare": (),
-    "teacher_sft": ("prepare",),
-    "reflect": ("prepare",),
-    "rank": ("reflect",),
-    "teacher_signal": ("prepare", "teacher_sft", "rank"),
-    "distill": ("prepare", "teacher_sft", "rank", "teacher_signal"),
-    "evaluate": ("prepare", "teacher_sft", "distill"),
-}
 
 
-def ensure_ray(spec: RaySpec) -> None:
+class NothingToDo(Exception):
+    """The stages asked for are all off for this spec; the message says why."""
+
+
+def ensure_ray(spec: RaySpec, verbose: bool = False) -> None:
     """Attach to the cluster a job runs in (RAY_ADDRESS, set by `ray job submit`), to a named address,
     or start a private local Ray.
 
-    The private Ray starts no dashboard (so no HTTP or job server) and keeps Ray's token authentication,
-    on by default for a new local Ray since 2.5x, unless RAY_AUTH_MODE says otherwise. It cannot listen on
-    loopback only: Ray 2.60 swaps 127.0.0.1 for the machine's reachable address and its gRPC servers
-    bind every interface, so the token is what keeps other hosts out."""
+    The private Ray keeps Ray's token authentication (on by default for a new local Ray since 2.5x, unless
+    RAY_AUTH_MODE says otherwise) and serves its dashboard on 127.0.0.1 only: Ray Train's placement-group
+    cleaner asks the dashboard's state API whether the training run is alive, and without one it floods the
+    log with warnings and stalls 12 s at the end of every training stage. Its actors are told the
+    dashboard's address, as Ray's own lookup can pick another cluster on a machine that runs several. Ray
+    cannot listen on loopback only otherwise: it swaps 127.0.0.1 for the machine's reachable address and
+    its gRPC servers bind every interface, so the token is what keeps other hosts out.
+
+    Workers' own output reaches this console only with ``verbose``; it is in Ray's session logs (linked
+    from the run's logs/ folder) either way."""
     import ray
 
-    # Our own progress lines are enough; Ray Data's bars flood logs (and CPU) on long jobs.
+    # Our own progress display is enough; Ray Data's bars flood logs (and CPU) on long jobs.
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
+    adopt_library_loggers()
+    try:
+        _init_ray(spec, verbose)
+    finally:
+        adopt_library_loggers()
+
+
+def _init_ray(spec: RaySpec, verbose: bool) -> None:
+    import ray
+
     address = os.environ.get("RAY_ADDRESS") or spec.address
     if address != "local":
         log.info("attaching to Ray at %s", address)
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=verbose)
         return
+    port = _free_port()
     ray.init(
         address="local",
         num_cpus=spec.num_cpus,
         num_gpus=spec.num_gpus,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
         object_store_memory=spec.object_store_memory_mb * 1024 * 1024,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        log_to_driver=verbose,
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass
@@ -132,8 +135,10 @@ class Run:
     @property
     def teacher(self) -> ModelSpec:
         """The teacher distillation uses: the fine-tuned one when teacher_sft is on."""
+        from srd_ray.distill.driver import trained_model
+
         if self.spec.teacher_sft.enabled:
-            path = str(self.run_dir.stage_dir("teacher_sft") / "model")
+            path = str(trained_model(self.run_dir.stage_dir("teacher_sft")))
             return self.spec.models.teacher.model_copy(update={"path": path, "adapter": None})  # merged before SFT
         return self.spec.models.teacher
 
@@ -144,8 +149,14 @@ class Run:
 
     @property
     def distilled_student(self) -> ModelSpec:
-        path = str(self.run_dir.stage_dir("distill") / "model")
+        from srd_ray.distill.driver import trained_model
+
+        path = str(trained_model(self.run_dir.stage_dir("distill")))
         return self.spec.models.student.model_copy(update={"path": path, "lora": None})  # saved merged
+
+    @property
+    def engine(self) -> str:
+        return resolve_engine(self.spec.engine.name)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -198,7 +209,7 @@ def _reflect(run: Run) -> dict[str, Any]:
         run.spec,
         run.train.table,
         run.run_dir.stage_dir("reflect"),
-        engine=resolve_engine(run.spec.reflect.engine),
+        engine=run.engine,
         teacher=run.teacher if run.spec.reflect.teacher_ce else None,
     )
     summary["skipped_rows"] = run.train.skipped
@@ -210,10 +221,7 @@ def _rank(run: Run) -> dict[str, Any]:
     from srd_ray.reflect import read_scored
 
     scored = read_scored(run.run_dir.stage_dir("reflect"))
-    with storage.directory(run.run_dir.stage_dir("rank")) as scratch:
-        summary = run_rank(run.spec.rank, scored, scratch, seed=run.spec.run.seed)
-        storage.write_json(scratch / "manifest.json", summary)
-    return summary
+    return run_rank(run.spec.rank, scored, run.run_dir.stage_dir("rank"), seed=run.spec.run.seed)
 
 
 def _teacher_signal(run: Run) -> dict[str, Any]:
@@ -221,9 +229,8 @@ def _teacher_signal(run: Run) -> dict[str, Any]:
     from srd_ray.teacher_signal import run_teacher_signal
 
     rows = pa.concat_tables([training_rows(run.spec, run.rank_dir, run.train.table), heldout_rows(run)])
-    engine = resolve_engine(run.spec.teacher_signal.engine)
     stage_dir = run.run_dir.stage_dir("teacher_signal")
-    return run_teacher_signal(run.spec, rows, stage_dir, teacher=run.teacher, engine=engine)
+    return run_teacher_signal(run.spec, rows, stage_dir, teacher=run.teacher, engine=run.engine)
 
 
 def _distill(run: Run) -> dict[str, Any]:
@@ -254,7 +261,7 @@ def heldout_rows(run: Run) -> pa.Table:
 
 
 def _evaluate(run: Run) -> dict[str, Any]:
-    from srd_ray.evaluate import run_evaluate
+    from srd_ray.evaluate import evaluate_once
 
     if not run.spec.data.eval_sets:
         return {"skipped": "no data.eval_sets"}
@@ -264,80 +271,127 @@ def _evaluate(run: Run) -> dict[str, Any]:
         "student_after": run.distilled_student,
     }
     eval_tables: dict[str, pa.Table] = {name: loaded.table for name, loaded in run.eval_sets.items()}
-    results = {}
-    for label in run.spec.evaluate.models:
-        out = run.run_dir.stage_dir("evaluate") / label
-        if (out / "summary.json").exists():  # finished before an interruption
-            results[label] = json.loads((out / "summary.json").read_text())["sets"]
-            continue
-        log.info("evaluate: %s (%s)", label, models[label].path)
-        engine = resolve_engine(run.spec.reflect.engine)
-        results[label] = run_evaluate(
-            run.spec.evaluate, run.spec.data, engine, run.spec.reflect.vllm, models[label], eval_tables, out
+    return {
+        label: evaluate_once(
+            run.spec, run.engine, models[label], eval_tables, run.run_dir.stage_dir("evaluate") / label
         )
-    return results
+        for label in run.spec.evaluate.models
+    }
 
 
 def evaluate_model(spec: JobSpec, model_path: str, label: str) -> dict[str, Any]:
     """``srd evaluate --model``: any model folder on the spec's eval sets, into ``evaluate/<label>/``."""
-    from srd_ray.evaluate import run_evaluate
+    from srd_ray.evaluate import evaluate_once
     from srd_ray.spec import resolve_local_path
 
     if not spec.data.eval_sets:
         raise SpecError("data.eval_sets is empty: nothing to evaluate on")
-    model = spec.models.student.model_copy(update={"path": resolve_local_path(model_path)})
+    model = spec.models.student.model_copy(update={"path": resolve_local_path(model_path), "lora": None})
     check_model_path(model, "--model")
-    check_context(model, spec.data, spec.evaluate.generation.max_new_tokens, resolve_engine(spec.reflect.engine))
+    engine = resolve_engine(spec.engine.name)
+    check_context(model, spec.data, spec.evaluate.generation.max_new_tokens, engine)
     eval_sets = {name: loaded.table for name, loaded in load_eval_sets(spec.data).items()}
-    ensure_ray(spec.ray)
-    out = Location.of(spec.run_dir) / "evaluate" / label
-    engine = resolve_engine(spec.reflect.engine)
-    return run_evaluate(spec.evaluate, spec.data, engine, spec.reflect.vllm, model, eval_sets, out)
+    attach_run_log(spec.run_dir)
+    ensure_ray(spec.ray, verbose=console_is_verbose())
+    return evaluate_once(spec, engine, model, eval_sets, Location.of(spec.run_dir) / "evaluate" / label)
 
 
-RUNNERS: dict[str, Callable[[Run], dict[str, Any]]] = {
-    "prepare": _prepare,
-    "teacher_sft": _teacher_sft,
-    "reflect": _reflect,
-    "rank": _rank,
-    "teacher_signal": _teacher_signal,
-    "distill": _distill,
-    "evaluate": _evaluate,
-}
+# --------------------------------------------------------------------------------------------------------
+# The stage table
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    sections: tuple[str, ...]  # spec sections its outputs depend on (besides its upstream stages)
+    upstream: tuple[str, ...]  # stages whose outputs it reads, when they are on
+    outputs: str  # what its folder holds once complete (for messages)
+    run: Callable[[Run], dict[str, Any]]
+    off: Callable[[JobSpec], str | None] = lambda spec: None  # why the stage is off for a spec, or None
+    # Extra (sections, upstream) that depend on the spec: reflect scores the teacher too with teacher_ce.
+    extra: Callable[[JobSpec], tuple[tuple[str, ...], tuple[str, ...]]] = lambda spec: ((), ())
+
+    def sections_for(self, spec: JobSpec) -> tuple[str, ...]:
+        return (*self.sections, *self.extra(spec)[0])
+
+    def upstream_for(self, spec: JobSpec) -> tuple[str, ...]:
+        return (*self.upstream, *self.extra(spec)[1])
+
+
+def _off_without_curriculum(spec: JobSpec) -> str | None:
+    if spec.distill.curriculum == "none":
+        return "distill.curriculum is none (the KD baseline trains on all rows, unranked)"
+    return None
+
+
+def _off_unless(condition: Callable[[JobSpec], bool], why: str) -> Callable[[JobSpec], str | None]:
+    return lambda spec: None if condition(spec) else why
+
+
+# The untrained student reflects; its LoRA settings (training only) do not change the scores.
+_STUDENT_AS_IS = tuple(f"models.student.{key}" for key in ("path", "dtype", "trust_remote_code"))
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "prepare", ("prepare", "run.seed"), (), "the demo data and tiny models", _prepare,
+        off=_off_unless(lambda spec: bool(spec.prepare.demo_data or spec.prepare.tiny_models), "prepare makes nothing"),
+    ),
+    Stage(
+        "teacher_sft", ("teacher_sft", "models.teacher", "run.seed", *TRAINING_DATA), ("prepare",),
+        "the fine-tuned teacher", _teacher_sft,
+        off=_off_unless(lambda spec: spec.teacher_sft.enabled, "teacher_sft.enabled is false"),
+    ),
+    Stage(
+        "reflect", ("reflect", "engine", *_STUDENT_AS_IS, *TRAINING_DATA), ("prepare",), "the scored reflect shards",
+        _reflect, off=_off_without_curriculum,
+        extra=lambda spec: (("models.teacher",), ("teacher_sft",)) if spec.reflect.teacher_ce else ((), ()),
+    ),
+    Stage("rank", ("rank", "run.seed"), ("reflect",), "the rank buckets", _rank, off=_off_without_curriculum),
+    # Which rows (the kept buckets, or all rows without a curriculum, plus the held-out KD rows) and how.
+    Stage(
+        "teacher_signal",
+        ("teacher_signal", "engine", "models.teacher", "rank.keep_buckets", "distill.curriculum",
+         "distill.heldout_eval_set", "distill.heldout_rows", "data.eval_sets", *TRAINING_DATA),
+        ("prepare", "teacher_sft", "rank"), "the teacher's top-k signal", _teacher_signal,
+        off=_off_unless(lambda spec: spec.distill.teacher_signal == "topk", "distill.teacher_signal is online"),
+    ),
+    Stage(
+        "distill", ("distill", "models", "run.seed", *TRAINING_DATA),
+        ("prepare", "teacher_sft", "rank", "teacher_signal"), "the distilled student", _distill,
+    ),
+    Stage(
+        "evaluate", ("evaluate", "engine", "models", "data.eval_sets", "data.max_prompt_tokens"),
+        ("prepare", "teacher_sft", "distill"), "the evaluation summaries", _evaluate,
+    ),
+)  # fmt: skip
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+_BY_NAME = {stage.name: stage for stage in STAGES}
 
 
 def enabled_stages(spec: JobSpec) -> list[str]:
-    stages = []
-    for stage in STAGES:
-        if stage == "prepare" and not (spec.prepare.demo_data or spec.prepare.tiny_models):
-            continue
-        if stage == "teacher_sft" and not spec.teacher_sft.enabled:
-            continue
-        if stage in ("reflect", "rank") and spec.distill.curriculum == "none":
-            continue
-        if stage == "teacher_signal" and spec.distill.teacher_signal != "topk":
-            continue
-        stages.append(stage)
-    return stages
-
-
-def stage_sections(spec: JobSpec, stage: str) -> tuple[str, ...]:
-    """The spec sections a stage's outputs depend on (besides its upstream stages)."""
-    if stage == "reflect" and spec.reflect.teacher_ce:  # scores the (fine-tuned) teacher too
-        return (*_SECTIONS[stage], "models.teacher")
-    return _SECTIONS[stage]
+    return [stage.name for stage in STAGES if stage.off(spec) is None]
 
 
 def fingerprints(spec: JobSpec) -> dict[str, str]:
     result: dict[str, str] = {}
     active = set(enabled_stages(spec))
     for stage in STAGES:
-        upstream_stages = _UPSTREAM[stage]
-        if stage == "reflect" and spec.reflect.teacher_ce:
-            upstream_stages = (*upstream_stages, "teacher_sft")
-        upstream = [result[u] for u in upstream_stages if u in active]
-        result[stage] = spec.section_fingerprint(*stage_sections(spec, stage)) + ":" + ",".join(upstream)
+        upstream = [result[name] for name in stage.upstream_for(spec) if name in active]
+        result[stage.name] = spec.section_fingerprint(*stage.sections_for(spec)) + ":" + ",".join(upstream)
     return result
+
+
+def check_inputs(run: Run, stage: Stage, done_before: set[str]) -> None:
+    """A stage runs only once every stage it reads from is complete with these settings (or ran earlier in
+    this command); else name the stage to run first."""
+    active = set(enabled_stages(run.spec))
+    for name in stage.upstream_for(run.spec):
+        if name in active and name not in done_before and not run.run_dir.is_complete(name, run.fingerprints[name]):
+            raise SpecError(
+                f"{stage.name} reads {_BY_NAME[name].outputs}, which {run.run_dir.location} does not have for "
+                f"this spec yet: run the {name} stage first (srd run SPEC --stages {name},{stage.name}, or without "
+                "--stages)"
+            )
 
 
 def preflight(run: Run) -> None:
@@ -347,15 +401,12 @@ def preflight(run: Run) -> None:
         check_model_path(getattr(run.spec.models, role), role)
     tokenizer = load_tokenizer(run.spec.models.student)
     check_same_tokenizer(load_tokenizer(run.spec.models.teacher), tokenizer)
-    resolve_engine(run.spec.reflect.engine)
-    if run.spec.distill.teacher_signal == "topk":
-        resolve_engine(run.spec.teacher_signal.engine)
-        if run.spec.teacher_signal.k > len(tokenizer):
-            raise SpecError(
-                f"teacher_signal.k is {run.spec.teacher_signal.k}, more than the {len(tokenizer)} tokens of the "
-                "models' vocabulary"
-            )
-    engine = resolve_engine(run.spec.reflect.engine)
+    engine = run.engine
+    if run.spec.distill.teacher_signal == "topk" and run.spec.teacher_signal.k > len(tokenizer):
+        raise SpecError(
+            f"teacher_signal.k is {run.spec.teacher_signal.k}, more than the {len(tokenizer)} tokens of the "
+            "models' vocabulary"
+        )
     check_context(run.spec.models.student, run.spec.data, run.spec.reflect.generation.max_new_tokens, engine)
     check_context(run.spec.models.teacher, run.spec.data, run.spec.evaluate.generation.max_new_tokens, engine)
     check_local_gpus(run.spec)
@@ -381,82 +432,59 @@ def check_local_gpus(spec: JobSpec) -> None:
 
 def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str] | None = None) -> dict[str, Any]:
     """Run the selected stages (default: all enabled) and return the manifest."""
-    enabled = enabled_stages(spec)
-    for stage in [*(stages or []), *(redo or [])]:
-        if stage not in STAGES:
-            raise SpecError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    selected = [s for s in enabled if stages is None or s in stages]
+    selected = _selected_stages(spec, stages, redo)
     run = Run(spec=spec, run_dir=RunDirectory(spec), fingerprints=fingerprints(spec))
-    prepare_pending = "prepare" in enabled and not run.run_dir.is_complete("prepare", run.fingerprints["prepare"])
-    if prepare_pending and "prepare" not in selected:
-        raise SpecError("the prepare stage has not run yet: run without --stages, or add prepare to --stages")
-    if not prepare_pending:
+    prepared = "prepare" not in enabled_stages(spec) or run.run_dir.is_complete("prepare", run.fingerprints["prepare"])
+    done: set[str] = set()
+    check_inputs(run, selected[0], done)
+    if prepared:
         preflight(run)
-    ensure_ray(spec.ray)
-    for stage in redo or []:
-        for downstream in STAGES[STAGES.index(stage) :]:
+    attach_run_log(spec.run_dir)  # the inputs passed their checks: from here on, noise goes to logs/
+    ensure_ray(spec.ray, verbose=console_is_verbose())
+    for name in redo or []:
+        for downstream in STAGE_NAMES[STAGE_NAMES.index(name) :]:
             run.run_dir.redo(downstream)
     for stage in selected:
-        fingerprint = run.fingerprints[stage]
-        if run.run_dir.is_complete(stage, fingerprint):
-            log.info("%s: already complete, skipping", stage)
-            continue
-        run.run_dir.check_fingerprint(stage, fingerprint, stage_sections(run.spec, stage))
-        log.info("%s: starting", stage)
-        run.run_dir.start(stage, fingerprint)
-        try:
-            summary = RUNNERS[stage](run)
-        except BaseException as error:
-            run.run_dir.fail(stage, error)
-            raise
-        run.run_dir.complete(stage, summary)
-        log.info("%s: complete in %.1fs", stage, run.run_dir.stage_record(stage)["wall_s"])
-        if stage == "prepare":
+        check_inputs(run, stage, done)
+        _run_stage(run, stage)
+        done.add(stage.name)
+        if stage.name == "prepare":
             preflight(run)
     return run.run_dir.manifest
 
 
-def summary_lines(manifest: dict[str, Any]) -> list[str]:
-    """A short human summary of a run: rows, buckets, losses, eval scores."""
-    stages = manifest["stages"]
-    lines = [f"run {manifest['run']}"]
-    reflect = stages.get("reflect", {}).get("summary")
-    if reflect:
-        lines.append(
-            f"  reflect ({reflect.get('engine', '?')} engine): {reflect['rows']} rows, "
-            f"mean ROUGE-L {reflect['mean_rouge_l']:.3f}, mean student CE {reflect['mean_student_ce']:.3f}, "
-            f"{len(reflect.get('skipped_rows', [])) + len(reflect.get('rejected_rows', []))} skipped"
-        )
-    rank = stages.get("rank", {}).get("summary")
-    if rank:
-        for bucket in rank["buckets"]:
-            truth = bucket.get("mean_true_difficulty")
-            lines.append(
-                f"  bucket {bucket['bucket']}{'' if bucket['kept'] else ' (dropped)'}: {bucket['rows']} rows, "
-                f"ROUGE-L {bucket['rouge_l']['mean']:.3f}, CE {bucket['student_ce']['mean']:.3f}"
-                + (f", true difficulty {truth:.2f}" if truth is not None else "")
-            )
-    for name in ("teacher_sft", "distill"):
-        summary = stages.get(name, {}).get("summary")
-        if summary:
-            losses = ", ".join(
-                f"stage {s['stage']} {s['first_loss']:.3f}->{s['last_loss']:.3f}" for s in summary["stages"]
-            )
-            lines.append(
-                f"  {name}: {summary['optimizer_steps']} steps, {summary['tokens_seen']} tokens, "
-                f"{summary['train_wall_s']:.1f}s; loss {losses}"
-            )
-    evaluation = stages.get("evaluate", {}).get("summary")
-    if evaluation and "skipped" not in evaluation:
-        sets = sorted({name for result in evaluation.values() for name in result})
-        lines.append("  ROUGE-L (x100, mean ± std over seeds):")
-        lines.append("    " + f"{'model':<16}" + "".join(f"{name:>18}" for name in sets))
-        for label, result in evaluation.items():
-            cells = "".join(
-                f"{result[name]['rouge_l']:>11.2f} ± {result[name]['rouge_l_std']:<4.2f}"
-                if name in result
-                else f"{'-':>18}"
-                for name in sets
-            )
-            lines.append(f"    {label:<16}{cells}")
-    return lines
+def _selected_stages(spec: JobSpec, stages: list[str] | None, redo: list[str] | None) -> list[Stage]:
+    """The stages to run, in order; stages asked for that are off for this spec are named with the reason."""
+    for name in [*(stages or []), *(redo or [])]:
+        if name not in _BY_NAME:
+            raise SpecError(f"unknown stage {name!r}; stages are {', '.join(STAGE_NAMES)}")
+    asked = [_BY_NAME[name] for name in STAGE_NAMES if stages is None or name in stages]
+    off = {stage.name: stage.off(spec) for stage in asked if stage.off(spec) is not None}
+    for name, why in off.items():
+        if stages is not None:
+            log.warning("%s: off for this spec (%s), skipping", name, why)
+    selected = [stage for stage in asked if stage.name not in off]
+    if not selected:
+        raise NothingToDo("; ".join(f"{name} is off: {why}" for name, why in off.items()))
+    return selected
+
+
+def _run_stage(run: Run, stage: Stage) -> None:
+    fingerprint = run.fingerprints[stage.name]
+    if run.run_dir.is_complete(stage.name, fingerprint):
+        log.info("%s: already complete, skipping", stage.name)
+        return
+    run.run_dir.check_fingerprint(stage.name, fingerprint, stage.sections_for(run.spec))
+    log.info("%s: starting", stage.name)
+    run.run_dir.start(stage.name, fingerprint)
+    try:
+        summary = stage.run(run)
+    except BaseException as error:
+        explained = explain(error, stage.name)
+        log_traceback(error)
+        run.run_dir.fail(stage.name, explained)
+        if explained is error:
+            raise
+        raise explained from error
+    run.run_dir.complete(stage.name, summary)
+    log.info("%s: complete in %.1fs", stage.name, run.run_dir.stage_record(stage.name)["wall_s"])

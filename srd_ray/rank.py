@@ -19,6 +19,7 @@ folders and a manifest.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, TypeVar
@@ -127,13 +128,27 @@ def bucket_dir(stage_dir: Folder, bucket: int) -> Folder:
     return stage_dir / f"bucket={bucket}"
 
 
-def run_rank(spec: RankSpec, scored: pa.Table, stage_dir: Path, seed: int = 0) -> dict[str, Any]:
-    """Rank ``scored`` and write one Parquet folder per bucket into ``stage_dir`` (created by the caller
-    as an atomic scratch folder)."""
+MANIFEST = "manifest.json"
+
+
+def run_rank(spec: RankSpec, scored: pa.Table, stage_dir: Location | Path, seed: int = 0) -> dict[str, Any]:
+    """Rank ``scored`` into ``stage_dir``: one Parquet folder per bucket and the manifest (the summary),
+    all appearing at once (a scratch folder moved into place)."""
+    with storage.directory(stage_dir) as scratch:
+        summary = _write_buckets(spec, scored, scratch, seed)
+        storage.write_json(scratch / MANIFEST, summary)
+    return summary
+
+
+def read_manifest(stage_dir: Location | Path) -> dict[str, Any]:
+    return json.loads((Location.of(stage_dir) / MANIFEST).read_text())
+
+
+def _write_buckets(spec: RankSpec, scored: pa.Table, folder: Path, seed: int) -> dict[str, Any]:
     ranked = rank_rows(scored, spec, seed)
     for b in range(spec.num_buckets):
         rows = ranked.filter(pc.equal(ranked["bucket"], b))
-        storage.write_parquet(bucket_dir(stage_dir, b) / "part-00000.parquet", rows)
+        storage.write_parquet(bucket_dir(folder, b) / "part-00000.parquet", rows)
     buckets = bucket_summary(ranked, spec)
     for entry in buckets:
         log.info(

@@ -106,15 +106,10 @@ class ReflectActor:
     def __init__(self, spec: JobSpec, sharded: ShardedPass, teacher: ModelSpec | None) -> None:
         self.sharded = sharded
         reflect = spec.reflect
-        engine_options = {
-            "max_new_tokens": reflect.generation.max_new_tokens,
-            "batch_size": reflect.batch_size,
-            "num_gpus": reflect.num_gpus_per_actor,
-            "vllm": reflect.vllm,
-        }
-        engine = build_engine(sharded.settings["engine"], spec.models.student, spec.data, **engine_options)
+        options = {"max_new_tokens": reflect.generation.max_new_tokens, "vllm": spec.engine.vllm}
+        engine = build_engine(sharded.settings["engine"], spec.models.student, spec.data, reflect, **options)
         # Teacher CE needs a forward pass only: transformers does that well on any device.
-        teacher_engine = build_engine("transformers", teacher, spec.data, **engine_options) if teacher else None
+        teacher_engine = build_engine("transformers", teacher, spec.data, reflect, **options) if teacher else None
         self.scorer = ShardScorer(
             score=lambda rows: score_table(rows, engine, reflect.generation, teacher_engine),
             row_errors=engine.row_errors, columns=shard_columns, tokens_column="generated_tokens",
@@ -137,11 +132,8 @@ def run_reflect(
         "reflect: %d rows in %d shards, %d already done; engine %s", table.num_rows, len(shards),
         len(shards) - len(todo), engine,
     )  # fmt: skip
-    reflect = spec.reflect
-    progress = sharded.score(
-        todo, ReflectActor, {"spec": spec, "sharded": sharded, "teacher": teacher}, concurrency=reflect.concurrency,
-        num_cpus=reflect.num_cpus_per_actor, num_gpus=reflect.num_gpus_per_actor, tokens_label="generated tokens",
-    )  # fmt: skip
+    actor_kwargs = {"spec": spec, "sharded": sharded, "teacher": teacher}
+    progress = sharded.score(todo, ReflectActor, actor_kwargs, spec.reflect, tokens_label="generated tokens")
     scored = sharded.read()
     sharded.check_complete(table["example_id"].to_pylist(), scored)
     wall = time.perf_counter() - started

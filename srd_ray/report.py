@@ -1,4 +1,5 @@
-"""Reports on finished runs: ``srd report RUN_DIR`` (HTML + PNG plots) and ``srd compare RUN_A RUN_B ...``.
+"""What users see of a run: the console summary at its end, ``srd report RUN_DIR`` (HTML + PNG plots) and
+``srd compare RUN_A RUN_B ...``.
 
 Both read only the run directory (``run.json``, rank buckets, ``distill/metrics.jsonl``), so they work on
 any run: local, on shared storage, copied from a cluster, or on an object store (``s3://...``). Plots need
@@ -31,6 +32,56 @@ def load_manifest(run_dir: Place) -> dict[str, Any]:
 
 def stage_summary(manifest: dict[str, Any], stage: str) -> dict[str, Any]:
     return manifest["stages"].get(stage, {}).get("summary") or {}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The console summary (the same figures the HTML report shows)
+
+
+def summary_lines(manifest: dict[str, Any]) -> list[str]:
+    """A short human summary of a run: rows, buckets, losses, eval scores."""
+    stages = manifest["stages"]
+    lines = [f"run {manifest['run']}"]
+    reflect = stages.get("reflect", {}).get("summary")
+    if reflect:
+        lines.append(
+            f"  reflect ({reflect.get('engine', '?')} engine): {reflect['rows']} rows, "
+            f"mean ROUGE-L {reflect['mean_rouge_l']:.3f}, mean student CE {reflect['mean_student_ce']:.3f}, "
+            f"{len(reflect.get('skipped_rows', [])) + len(reflect.get('rejected_rows', []))} skipped"
+        )
+    rank = stages.get("rank", {}).get("summary")
+    if rank:
+        for bucket in rank["buckets"]:
+            truth = bucket.get("mean_true_difficulty")
+            lines.append(
+                f"  bucket {bucket['bucket']}{'' if bucket['kept'] else ' (dropped)'}: {bucket['rows']} rows, "
+                f"ROUGE-L {bucket['rouge_l']['mean']:.3f}, CE {bucket['student_ce']['mean']:.3f}"
+                + (f", true difficulty {truth:.2f}" if truth is not None else "")
+            )
+    for name in ("teacher_sft", "distill"):
+        summary = stages.get(name, {}).get("summary")
+        if summary:
+            losses = ", ".join(
+                f"stage {s['stage']} {s['first_loss']:.3f}->{s['last_loss']:.3f}" for s in summary["stages"]
+            )
+            lines.append(
+                f"  {name}: {summary['optimizer_steps']} steps, {summary['tokens_seen']} tokens, "
+                f"{summary['train_wall_s']:.1f}s; loss {losses}"
+            )
+    evaluation = stages.get("evaluate", {}).get("summary")
+    if evaluation and "skipped" not in evaluation:
+        sets = sorted({name for result in evaluation.values() for name in result})
+        lines.append("  ROUGE-L (x100, mean ± std over seeds):")
+        lines.append("    " + f"{'model':<16}" + "".join(f"{name:>18}" for name in sets))
+        for label, result in evaluation.items():
+            cells = "".join(
+                f"{result[name]['rouge_l']:>11.2f} ± {result[name]['rouge_l_std']:<4.2f}"
+                if name in result
+                else f"{'-':>18}"
+                for name in sets
+            )
+            lines.append(f"    {label:<16}{cells}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------------

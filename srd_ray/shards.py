@@ -20,6 +20,8 @@ import pyarrow.compute as pc
 
 from srd_ray import storage
 from srd_ray.errors import DataError, RunDirError
+from srd_ray.progress import Progress
+from srd_ray.spec import PoolSpec
 from srd_ray.storage import Location
 
 log = logging.getLogger(__name__)
@@ -107,39 +109,6 @@ class ShardedPass:
         table = pa.concat_tables(tables, promote_options="permissive")
         return table.sort_by("input_position") if "input_position" in table.column_names else table
 
-    def score(
-        self,
-        todo: list[pa.Table],
-        actor: type,
-        actor_kwargs: dict[str, Any],
-        *,
-        concurrency: int,
-        num_cpus: float,
-        num_gpus: float,
-        tokens_label: str,
-    ) -> dict[str, Any]:
-        """Run ``actor`` (constructed once per actor with ``actor_kwargs``; called with whole shards, it
-        writes them and returns one summary row each) over the shards in ``todo`` on a Ray Data actor
-        pool, logging progress. Our own errors raised in actors surface as themselves."""
-        import ray
-
-        from srd_ray.ray_errors import reraise_srd_error
-
-        if not todo:
-            return {"rows": 0, "tokens": 0, "busy_s": 0.0}
-        dataset = ray.data.from_arrow(todo).map_batches(
-            actor,
-            fn_constructor_kwargs=actor_kwargs,
-            batch_size=None,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=min(concurrency, len(todo))),
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-        )
-        with reraise_srd_error():
-            total = sum(shard.num_rows for shard in todo)
-            return follow_progress(self.stage, dataset.iter_rows(), total, tokens_label)
-
     def rejected(self) -> list[dict[str, str]]:
         """Rows the engine rejected (set aside under ``data.on_bad_row: skip``), from every shard."""
         found = []
@@ -148,6 +117,22 @@ class ShardedPass:
                 metadata = path.parquet_file().schema_arrow.metadata or {}
                 found += json.loads(metadata.get(REJECTED_KEY, b"[]"))
         return found
+
+    def score(
+        self, todo: list[pa.Table], actor: type, actor_kwargs: dict[str, Any], pool: PoolSpec, tokens_label: str
+    ) -> dict[str, Any]:
+        """Run ``actor`` (built once per actor with ``actor_kwargs``; called with whole shards, it writes them
+        and returns one summary row each) over the shards in ``todo``, logging progress. Our own errors
+        raised in actors surface as themselves."""
+        from srd_ray.failures import reraise_srd_error
+        from srd_ray.pools import map_with_engine_actors
+
+        if not todo:
+            return {"rows": 0, "tokens": 0, "busy_s": 0.0}
+        dataset = map_with_engine_actors(todo, actor, actor_kwargs, pool, batch_size=None)
+        with reraise_srd_error():
+            total = sum(shard.num_rows for shard in todo)
+            return follow_progress(self.stage, dataset.iter_rows(), total, tokens_label)
 
     def check_complete(self, expected_ids: Iterable[str], done: pa.Table) -> None:
         """Every input example_id done exactly once (or rejected): nothing lost, duplicated or foreign."""
@@ -193,21 +178,16 @@ def check_rejected(stage: str, rejected: list[dict[str, str]], on_bad_row: str) 
 
 
 def follow_progress(stage: str, summaries: Iterable[dict[str, Any]], total_rows: int, tokens_label: str) -> dict:
-    """One log line per finished shard: rows done, rows/s, tokens/s and ETA. ``summaries`` yields one
-    ``{"rows", "tokens", "seconds"}`` record per shard as actors finish them."""
-    started = time.perf_counter()
+    """Progress as actors finish shards: rows done, rows/s, tokens/s and ETA. ``summaries`` yields one
+    ``{"rows", "tokens", "seconds"}`` record per shard."""
     done = {"rows": 0, "tokens": 0, "busy_s": 0.0}
-    for summary in summaries:
-        done["rows"] += summary["rows"]
-        done["tokens"] += summary["tokens"]
-        done["busy_s"] += summary["seconds"]
-        elapsed = time.perf_counter() - started
-        rate = done["rows"] / elapsed if elapsed > 0 else 0.0
-        eta = (total_rows - done["rows"]) / rate if rate > 0 else float("inf")
-        log.info(
-            "%s: %d/%d rows, %.1f rows/s, %.0f %s/s, ETA %.0fs",
-            stage, done["rows"], total_rows, rate, done["tokens"] / elapsed, tokens_label, eta,
-        )  # fmt: skip
+    with Progress(stage, total_rows, "rows") as progress:
+        for summary in summaries:
+            done["rows"] += summary["rows"]
+            done["tokens"] += summary["tokens"]
+            done["busy_s"] += summary["seconds"]
+            elapsed = max(time.perf_counter() - progress.started, 1e-9)
+            progress.update(done["rows"], **{f"{tokens_label}/s": done["tokens"] / elapsed})
     return done
 
 

@@ -190,7 +190,7 @@ class TinyModelSpec(_Strict):
     num_layers: PositiveInt = 2
     # hidden_size / num_heads is the head size; vLLM's CPU attention runs only head sizes 32, 64, 80, ...
     num_heads: PositiveInt = 2
-    max_positions: PositiveInt = 512
+    max_positions: PositiveInt = 1024
     # Causal-LM steps on the pretraining corpus: stands in for pretraining, so the student starts from a
     # partly competent model as SRD assumes (a random student gives the ranking nothing to work with).
     pretrain_steps: Annotated[int, Field(ge=0)] = 0
@@ -236,43 +236,38 @@ class VllmSpec(_Strict):
     enforce_eager: bool = False
 
 
-class ReflectSpec(_Strict):
+class EngineSpec(_Strict):
+    """The inference engine of every pass that generates or scores (reflect, the teacher pass, evaluate)."""
+
     # auto: vLLM when the vllm package is importable, else transformers. The engine actually used is
     # recorded in every shard and in run.json.
-    engine: Literal["auto", "vllm", "transformers"] = "auto"
-    concurrency: PositiveInt = 1
-    batch_size: PositiveInt = 16
-    shard_rows: PositiveInt = 256
+    name: Literal["auto", "vllm", "transformers"] = "auto"
+    vllm: VllmSpec = VllmSpec()
+
+
+class PoolSpec(_Strict):
+    """A Ray Data actor pool running the engine: how many actors, and what each holds."""
+
+    concurrency: PositiveInt = 1  # actors
+    batch_size: PositiveInt = 16  # rows per engine call (the transformers engine's batch)
     num_cpus_per_actor: PositiveFloat = 1.0
     num_gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
+
+
+class ReflectSpec(PoolSpec):
+    shard_rows: PositiveInt = 256
     generation: GenerationSpec = GenerationSpec()
     # Also score the teacher's cross-entropy on each reference (a forward pass; for rank.signals variants).
     teacher_ce: bool = False
-    vllm: VllmSpec = VllmSpec()
-
-    @model_validator(mode="after")
-    def _gpus_cover_tensor_parallel(self) -> ReflectSpec:
-        tensor_parallel = self.vllm.tensor_parallel_size
-        if tensor_parallel > 1 and self.num_gpus_per_actor < tensor_parallel:
-            raise ValueError(
-                f"vllm.tensor_parallel_size is {tensor_parallel}: each actor needs num_gpus_per_actor >= "
-                f"{tensor_parallel}, got {self.num_gpus_per_actor}"
-            )
-        return self
 
 
-class TeacherSignalSpec(_Strict):
+class TeacherSignalSpec(PoolSpec):
     """The teacher's top-k pass, run once before distillation when ``distill.teacher_signal`` is topk."""
 
     k: PositiveInt = 64  # most likely tokens kept per response token; the rest is one tail bucket
     # Stored log-probabilities: float16 halves the storage (k * 6 + 4 bytes per response token at k 64).
     logprob_dtype: Literal["float16", "float32"] = "float16"
-    engine: Literal["auto", "vllm", "transformers"] = "auto"  # vLLM settings: reflect.vllm
-    concurrency: PositiveInt = 1
-    batch_size: PositiveInt = 16
     shard_rows: PositiveInt = 256
-    num_cpus_per_actor: PositiveFloat = 1.0
-    num_gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
 
 
 class RankSignal(_Strict):
@@ -351,6 +346,8 @@ class TrainingSpec(_Strict):
     checkpoint_every_steps: PositiveInt | None = None
     # Checkpoints kept (the newest); older ones are deleted as new ones are written.
     keep_checkpoints: PositiveInt = 2
+    # Times a failed worker group is restarted from the last checkpoint before the stage fails.
+    max_failures: Annotated[int, Field(ge=0)] = 2
 
 
 class TeacherSftSpec(TrainingSpec):
@@ -385,7 +382,7 @@ class DistillSpec(TrainingSpec):
         return LossSettings(self.loss, self.temperature_scaling, self.jsd_beta, self.skew_alpha)
 
 
-class EvaluateSpec(_Strict):
+class EvaluateSpec(PoolSpec):
     # Which models to score: the (fine-tuned) teacher, the student before and after distillation.
     models: list[Literal["teacher", "student_before", "student_after"]] = [
         "teacher",
@@ -394,10 +391,7 @@ class EvaluateSpec(_Strict):
     ]
     seeds: list[int] = Field(default=[10, 20, 30, 40, 50], min_length=1)
     max_examples: PositiveInt | None = None
-    concurrency: PositiveInt = 1
     batch_size: PositiveInt = 32
-    num_cpus_per_actor: PositiveFloat = 1.0
-    num_gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
     generation: GenerationSpec = GenerationSpec(temperature=1.0)
 
 
@@ -407,12 +401,25 @@ class JobSpec(_Strict):
     models: ModelsSpec
     data: DataSpec
     prepare: PrepareSpec = PrepareSpec()
+    engine: EngineSpec = EngineSpec()
     teacher_sft: TeacherSftSpec = TeacherSftSpec()
     reflect: ReflectSpec = ReflectSpec()
     rank: RankSpec = RankSpec()
     teacher_signal: TeacherSignalSpec = TeacherSignalSpec()
     distill: DistillSpec = DistillSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+
+    @model_validator(mode="after")
+    def _gpus_cover_tensor_parallel(self) -> JobSpec:
+        tensor_parallel = self.engine.vllm.tensor_parallel_size
+        for section in ("reflect", "teacher_signal", "evaluate"):
+            gpus = getattr(self, section).num_gpus_per_actor
+            if tensor_parallel > 1 and gpus < tensor_parallel:
+                raise ValueError(
+                    f"engine.vllm.tensor_parallel_size is {tensor_parallel}: each actor needs "
+                    f"{section}.num_gpus_per_actor >= {tensor_parallel}, got {gpus}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _heldout_set_exists(self) -> JobSpec:

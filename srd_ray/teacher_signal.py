@@ -95,8 +95,8 @@ class SignalActor:
         settings = spec.teacher_signal
         self.sharded = sharded
         engine = build_engine(
-            sharded.settings["engine"], teacher, spec.data, max_new_tokens=1, batch_size=settings.batch_size,
-            num_gpus=settings.num_gpus_per_actor, vllm=spec.reflect.vllm, max_logprobs=settings.k,
+            sharded.settings["engine"], teacher, spec.data, settings, max_new_tokens=1, vllm=spec.engine.vllm,
+            max_logprobs=settings.k,
         )  # fmt: skip
         self.scorer = ShardScorer(
             score=lambda rows: score_signal(rows, engine, settings.k, settings.logprob_dtype),
@@ -125,10 +125,8 @@ def run_teacher_signal(
         "teacher_signal: %d rows in %d shards, %d already done; top-%d from %s with %s",
         rows.num_rows, len(shards), len(shards) - len(todo), settings.k, teacher.path, engine,
     )  # fmt: skip
-    progress = sharded.score(
-        todo, SignalActor, {"spec": spec, "teacher": teacher, "sharded": sharded}, concurrency=settings.concurrency,
-        num_cpus=settings.num_cpus_per_actor, num_gpus=settings.num_gpus_per_actor, tokens_label="response tokens",
-    )  # fmt: skip
+    actor_kwargs = {"spec": spec, "teacher": teacher, "sharded": sharded}
+    progress = sharded.score(todo, SignalActor, actor_kwargs, settings, tokens_label="response tokens")
     done = sharded.read(columns=["example_id", "num_tokens"])
     sharded.check_complete(rows["example_id"].to_pylist(), done)
     tokens = pc.sum(done["num_tokens"]).as_py() or 0

@@ -190,7 +190,7 @@ CASES: list[tuple[str, Callable[[Inputs], None], list[str]]] = [
     ("num-workers-float", spec_case("distill.num_workers", 1.5), ["distill.num_workers"]),
     ("unknown-loss", spec_case("distill.loss", "kl"), ["distill.loss", "kl"]),
     ("unknown-strategy", spec_case("distill.strategy", "zero3"), ["distill.strategy"]),
-    ("unknown-engine", spec_case("reflect.engine", "tensorrt"), ["reflect.engine"]),
+    ("unknown-engine", spec_case("engine.name", "tensorrt"), ["engine.name"]),
     ("negative-temperature", spec_case("distill.stages", [{**STAGE, "temperature": -1}]), ["stages[0].temperature"]),
     ("kd-weight-above-1", spec_case("distill.stages", [{**STAGE, "kd_weight": 1.5}]), ["stages[0].kd_weight"]),
     ("zero-steps", spec_case("distill.stages", [{**STAGE, "steps": 0}]), ["stages[0].steps"]),
@@ -203,11 +203,12 @@ CASES: list[tuple[str, Callable[[Inputs], None], list[str]]] = [
     ("heldout-set-unknown", spec_case("distill.heldout_eval_set", "nope"), ["heldout_eval_set", "nope"]),
     ("no-eval-seeds", spec_case("evaluate.seeds", []), ["evaluate.seeds"]),
     ("negative-prompt-tokens", spec_case("data.max_prompt_tokens", -5), ["data.max_prompt_tokens"]),
-    ("tensor-parallel-without-gpus", spec_case("reflect.vllm", {"tensor_parallel_size": 2}),
-     ["tensor_parallel_size"]),
+    ("tensor-parallel-without-gpus", spec_case("engine.vllm", {"tensor_parallel_size": 2}),
+     ["engine.vllm.tensor_parallel_size is 2", "reflect.num_gpus_per_actor"]),
     ("override-without-value", override("distill.num_workers"), ["KEY=VALUE"]),
     ("override-into-missing-list", override("distill.stages.7.lr=1"), ["set the whole list"]),
-    ("context-too-long", spec_case("data.max_prompt_tokens", 4000), ["data.max_prompt_tokens (4000)", "512 positions"]),
+    ("context-too-long", spec_case("data.max_prompt_tokens", 4000),
+     ["data.max_prompt_tokens (4000)", "1024 positions"]),
     # ---- data
     ("train-file-missing", spec_case("data.train.path", "/nonexistent/train.jsonl"), ["does not exist"]),
     ("invalid-json-line", train_lines(lambda lines: [*lines[:4], "{oops", *lines[4:]]), ["bad_train.jsonl:5", "JSON"]),
@@ -264,7 +265,7 @@ def inputs(tmp_path, tiny_models, demo_data) -> Inputs:
         "ray": {"num_cpus": 1},
         "models": {"teacher": {"path": tiny_models["teacher"]}, "student": {"path": tiny_models["student"]}},
         "data": {"train": {"path": str(train)}, "max_response_tokens": 32},
-        "reflect": {"engine": "transformers"},
+        "engine": {"name": "transformers"},
     }
     return Inputs(tmp_path, spec, rows, Path(tiny_models["teacher"]), Path(tiny_models["student"]))
 

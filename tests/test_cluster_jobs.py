@@ -136,7 +136,8 @@ def test_ray_job_submit_runs_the_pipeline(cluster, tmp_path, tiny_models, demo_d
         tmp_path,
         tiny_models,
         demo_data_yaml(demo_data, max_response_tokens=16)
-        + """reflect: {engine: transformers, concurrency: 2, shard_rows: 40, generation: {max_new_tokens: 8}}
+        + """engine: {name: transformers}
+reflect: {concurrency: 2, shard_rows: 40, generation: {max_new_tokens: 8}}
 distill:
   num_workers: 1
   batch_size: 16
@@ -164,8 +165,8 @@ def test_killed_reflect_actor_is_replaced_and_no_row_is_lost_or_doubled(cluster,
         tmp_path,
         tiny_models,
         demo_data_yaml(demo_data, heldout=False)
-        + """reflect:
-  engine: transformers
+        + """engine: {name: transformers}
+reflect:
   concurrency: 2
   shard_rows: 5
   generation: {temperature: 1.0, max_new_tokens: 96}
@@ -195,7 +196,8 @@ def test_killed_train_worker_restarts_from_the_last_checkpoint(cluster, tmp_path
         tmp_path,
         tiny_models,
         demo_data_yaml(demo_data, heldout=False)
-        + """reflect: {engine: transformers, generation: {max_new_tokens: 8}}
+        + """engine: {name: transformers}
+reflect: {generation: {max_new_tokens: 8}}
 """
         + DISTILL_3_STAGES,
         name="worker-killed",
@@ -220,7 +222,8 @@ def test_interrupted_driver_reruns_without_redoing_finished_work(cluster, tmp_pa
         tmp_path,
         tiny_models,
         demo_data_yaml(demo_data, heldout=False)
-        + """reflect: {engine: transformers, concurrency: 2, shard_rows: 20, generation: {max_new_tokens: 8}}
+        + """engine: {name: transformers}
+reflect: {concurrency: 2, shard_rows: 20, generation: {max_new_tokens: 8}}
 """
         + DISTILL_3_STAGES,
         name="interrupted",

@@ -139,7 +139,8 @@ def test_a_run_lives_on_the_object_store_and_resumes_from_it(tmp_path, tiny_mode
         tmp_path,
         tiny_models,
         demo_data_yaml(demo_data)
-        + """reflect: {engine: transformers, shard_rows: 40, generation: {max_new_tokens: 8}}
+        + """engine: {name: transformers}
+reflect: {shard_rows: 40, generation: {max_new_tokens: 8}}
 teacher_sft: {enabled: true, epochs: 1, batch_size: 16, num_workers: 1}
 evaluate: {models: [student_after], max_examples: 8, seeds: [0], generation: {max_new_tokens: 8}}
 """

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -34,7 +36,8 @@ data:
   eval_sets: {demo_heldout: "${run_dir}/prepare/demo_heldout.jsonl"}
   max_response_tokens: 32
 teacher_sft: {enabled: true, epochs: 1, lr: 1.0e-3, num_workers: 1, batch_size: 16}
-reflect: {engine: transformers, concurrency: 2, batch_size: 16, shard_rows: 50, generation: {max_new_tokens: 8}}
+engine: {name: transformers}
+reflect: {concurrency: 2, batch_size: 16, shard_rows: 50, generation: {max_new_tokens: 8}}
 distill:
   num_workers: 2
   batch_size: 8
@@ -53,11 +56,29 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+# The console of a run is srd-ray's own lines: per stage a start, a progress line at most every 10 s and one
+# at its end, a completion; then errors. Six stages of this run take well under a minute each.
+CONSOLE_LINE_BUDGET = 60
+
+
 @pytest.mark.slow
 def test_reduced_quickstart_end_to_end(tmp_path, ray_session):
-    spec = load_spec(write(tmp_path, REDUCED_QUICKSTART))
-    manifest = run_pipeline(spec)
+    spec_path = write(tmp_path, REDUCED_QUICKSTART)
+    spec = load_spec(spec_path)
+    # As a user runs it (its own local Ray, output not a terminal: plain progress lines).
+    result = subprocess.run([sys.executable, "-m", "srd_ray.cli", "run", str(spec_path)], capture_output=True,
+                            text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stderr.splitlines()
+    assert len(console) <= CONSOLE_LINE_BUDGET, "\n".join(console)
+    assert all(" srd_ray." in line for line in console), "only srd-ray's own lines reach the console"
+    for stage in ("reflect", "distill", "evaluate"):
+        assert any(f"srd_ray.progress: {stage}" in line and "ETA" in line for line in console), stage
+    assert "run reduced" in result.stdout and "ROUGE-L" in result.stdout
     run_dir = Path(spec.run_dir)
+    log = (run_dir / "logs" / "srd.log").read_text()
+    assert "Started a local Ray instance" in log, "Ray's own logs go to the run's log file"
+    manifest = json.loads((run_dir / "run.json").read_text())
     stages = manifest["stages"]
     assert [s for s in stages if stages[s]["status"] == "complete"] == [
         "prepare", "teacher_sft", "reflect", "rank", "distill", "evaluate",

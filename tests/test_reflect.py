@@ -147,8 +147,8 @@ def test_long_prompts_are_bad_rows_when_truncation_is_off(rows):
 
 
 def test_context_longer_than_the_model_is_an_error_before_loading(tiny_models):
-    too_long = data_spec(max_prompt_tokens=400, max_response_tokens=200)  # tiny models have 512 positions
-    with pytest.raises(ModelError, match=r"context of 512 positions.*max_prompt_tokens \(400\)"):
+    too_long = data_spec(max_prompt_tokens=800, max_response_tokens=200)  # tiny models have 1024 positions
+    with pytest.raises(ModelError, match=r"context of 1024 positions.*max_prompt_tokens \(800\)"):
         check_context(ModelSpec(path=tiny_models["student"]), too_long, max_new_tokens=256)
 
 

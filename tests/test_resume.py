@@ -31,8 +31,8 @@ def test_killed_reflect_resumes_with_exactly_the_input_ids(tmp_path, tiny_models
         tmp_path,
         tiny_models,
         demo_data_yaml(demo_data, heldout=False)
-        + """reflect:
-  engine: transformers
+        + """engine: {name: transformers}
+reflect:
   shard_rows: 5
   generation: {temperature: 1.0, max_new_tokens: 96}
 """,
@@ -72,7 +72,8 @@ def test_distill_killed_in_stage_2_resumes_there(tmp_path, tiny_models, demo_dat
         tmp_path,
         tiny_models,
         demo_data_yaml(demo_data)
-        + """reflect: {engine: transformers, generation: {max_new_tokens: 8}}
+        + """engine: {name: transformers}
+reflect: {generation: {max_new_tokens: 8}}
 """
         + DISTILL_3_STAGES,
     )

@@ -1,5 +1,6 @@
-"""Defaults that keep a user's machine and cluster safe: a private local Ray with no dashboard and Ray's
-token auth, no remote code, safetensors only (YAML safe_load is in tests/test_bad_input.py)."""
+"""Defaults that keep a user's machine and cluster safe: a private local Ray whose dashboard serves
+127.0.0.1 only, behind Ray's token auth; no remote code, safetensors only (YAML safe_load is in
+tests/test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from srd_ray import models
 from srd_ray.spec import ModelSpec
 
 PRIVATE_RAY = """
-import json, pathlib, ray
+import json, pathlib, ray, urllib.error, urllib.request
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
 from srd_ray.pipeline import ensure_ray
 from srd_ray.spec import RaySpec
@@ -25,18 +26,23 @@ class Double:
         return {"id": batch["id"] * 2}
 # Actors and tasks still work with the token in place.
 total = sum(ray.data.range(8).map_batches(Double, compute=ray.data.ActorPoolStrategy(size=1)).to_pandas()["id"])
-node = ray._private.worker._global_node
+url = ray._private.worker._global_node.address_info.get("webui_url")
+try:
+    status = urllib.request.urlopen(f"http://{url}/api/version", timeout=10).status
+except urllib.error.HTTPError as error:
+    status = error.code
 print(json.dumps({
     "token_auth": is_token_auth_enabled(),
     "token_file": (pathlib.Path.home() / ".ray" / "auth_token").exists(),
-    "dashboard_url": node.address_info.get("webui_url"),
+    "dashboard_url": url,
+    "dashboard_without_token": status,
     "total": int(total),
 }))
 """
 
 
 @pytest.mark.slow
-def test_private_local_ray_has_no_dashboard_and_keeps_token_auth(tmp_path):
+def test_private_local_ray_keeps_token_auth_and_serves_its_dashboard_on_loopback_only(tmp_path):
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     result = subprocess.run(
         [sys.executable, "-c", PRIVATE_RAY], capture_output=True, text=True, timeout=180,
@@ -45,7 +51,8 @@ def test_private_local_ray_has_no_dashboard_and_keeps_token_auth(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     facts = json.loads(result.stdout.strip().splitlines()[-1])
     assert facts["token_auth"] and facts["token_file"], facts
-    assert not facts["dashboard_url"], "the private Ray must not serve a dashboard"
+    assert facts["dashboard_url"].startswith("127.0.0.1:"), "the dashboard serves this machine only"
+    assert facts["dashboard_without_token"] == 401, "and only to clients holding the token"
     assert facts["total"] == 56, "an actor-pool job must still run with the token in place"
 
 

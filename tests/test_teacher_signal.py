@@ -174,8 +174,9 @@ def test_training_on_a_full_signal_equals_online_training_and_loads_no_teacher(t
 def test_topk_pipeline_trains_without_a_teacher_and_refuses_another_k(tmp_path, tiny_models, demo_data, capsys):
     spec = write_spec(
         tmp_path, tiny_models,
-        demo_data_yaml(demo_data) + """reflect: {engine: transformers, generation: {max_new_tokens: 8}}
-teacher_signal: {k: 8, engine: transformers, shard_rows: 40}
+        demo_data_yaml(demo_data) + """engine: {name: transformers}
+reflect: {generation: {max_new_tokens: 8}}
+teacher_signal: {k: 8, shard_rows: 40}
 distill:
   teacher_signal: topk
   num_workers: 2

@@ -84,7 +84,8 @@ def test_reflect_stage_runs_vllm_in_ray_data_actors(ray_session, tiny_models, de
             "run": {"name": "vllm", "output_dir": str(tmp_path)},
             "models": {"teacher": {"path": tiny_models["teacher"]}, "student": {"path": tiny_models["student"]}},
             "data": {"train": {"path": demo_data["train"], "max_rows": 40}, "max_response_tokens": 64},
-            "reflect": {"engine": "vllm", "shard_rows": 20, "generation": {"max_new_tokens": 16}},
+            "engine": {"name": "vllm"},
+            "reflect": {"shard_rows": 20, "generation": {"max_new_tokens": 16}},
         }
     )
     table = load_source(spec.data.train, spec.data, label="train").table
@@ -105,7 +106,7 @@ def test_every_row_of_the_real_sets_reflects_with_both_engines(tmp_path, tiny_mo
     from tests.conftest import shared_eval_file
 
     config = AutoConfig.from_pretrained(tiny_models["student"])
-    config.max_position_embeddings = 1024  # the tiny models have 512 positions; real students have more
+    config.max_position_embeddings = 513  # 256 + 256 + vLLM's one generated token: exactly enough
     model_dir = tmp_path / "student-1024"
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(tiny_models["student"]).save_pretrained(model_dir)

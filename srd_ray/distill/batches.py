@@ -24,6 +24,7 @@ import torch
 from srd_ray.distill.losses import ScoredPositions
 from srd_ray.engines import TopK
 from srd_ray.models import TrainingExample, collate
+from srd_ray.spec import StageSpec
 
 MEGABATCH_STEPS = 16
 
@@ -50,6 +51,13 @@ class BatchLayout:
 
     def _fits(self, rows: int) -> bool:
         return rows >= self._micro_batches(rows) * self.world
+
+
+def stage_steps(rows: int, settings: StageSpec, layout: BatchLayout) -> int:
+    """Optimizer steps of one curriculum stage: its ``steps``, or ``epochs`` passes over its rows (0 when
+    the rows cannot give every worker a row)."""
+    per_epoch = layout.steps_per_epoch(rows)
+    return (settings.steps or per_epoch * settings.epochs) if per_epoch else 0
 
 
 @dataclass(frozen=True)

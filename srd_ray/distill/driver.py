@@ -17,14 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from srd_ray import storage
+from srd_ray.distill.batches import BatchLayout, stage_steps
 from srd_ray.distill.parallel import check_gpu_precision
 from srd_ray.distill.state import MERGED_DIR, MODEL_DIR
 from srd_ray.distill.worker import TrainingJob, train_loop_per_worker
+from srd_ray.progress import Progress
 from srd_ray.storage import Location, Place
 
 
-def run_training(job: TrainingJob, datasets: dict[str, Any], stage_dir: Place) -> dict[str, Any]:
-    """Train with Ray Train and save the final model to ``stage_dir/model``."""
+def trained_model(stage_dir: Place) -> Location:
+    """Where a training stage leaves its model (a save_pretrained folder, complete once the stage is)."""
+    return Location.of(stage_dir) / "model"
+
+
+def run_training(
+    job: TrainingJob, datasets: dict[str, Any], stage_dir: Place, rows: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """Train with Ray Train and save the final model to ``stage_dir/model``. ``rows`` (per dataset) lets
+    the progress display know the total number of steps."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -44,14 +54,15 @@ def run_training(job: TrainingJob, datasets: dict[str, Any], stage_dir: Place) -
             # Checkpoints go straight to the run directory's filesystem (local disk or object store).
             storage_path=(stage_dir / "ray_train").path,
             storage_filesystem=stage_dir.filesystem,
-            failure_config=FailureConfig(max_failures=2),
+            failure_config=FailureConfig(max_failures=training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
     )
     started = time.perf_counter()
-    result = _fit(trainer, job.name)
+    with MetricsFollower(job.name, stage_dir / "metrics.jsonl", total_steps(job, rows or {})):
+        result = _fit(trainer, job.name)
     wall = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError(f"{job.name}: training finished without a checkpoint")
@@ -60,7 +71,7 @@ def run_training(job: TrainingJob, datasets: dict[str, Any], stage_dir: Place) -
         # An aborted run also returns a result; only the checkpoint taken after the last stage is the end.
         raise KeyboardInterrupt(f"{job.name} stopped at stage {final.get('stage')} before its last stage ended")
     _prune_checkpoints(result, stage_dir / "ray_train" / job.name)
-    with result.checkpoint.as_directory() as folder, storage.directory(stage_dir / "model") as scratch:
+    with result.checkpoint.as_directory() as folder, storage.directory(trained_model(stage_dir)) as scratch:
         source = Path(folder) / MERGED_DIR
         for item in (source if source.exists() else Path(folder) / MODEL_DIR).iterdir():
             shutil.copy2(item, scratch / item.name)
@@ -69,10 +80,57 @@ def run_training(job: TrainingJob, datasets: dict[str, Any], stage_dir: Place) -
         "train_wall_s": round(wall, 2),
         "optimizer_steps": final.get("global_step"),
         "tokens_seen": final.get("tokens_seen"),
-        "model": str(stage_dir / "model"),
+        "model": str(trained_model(stage_dir)),
         "stages": stage_losses(records),
         "heldout_kd": heldout_losses(records),
     }
+
+
+def total_steps(job: TrainingJob, rows: dict[str, int]) -> int:
+    """Every stage's optimizer steps, as the workers will plan them (0 if the row counts are unknown)."""
+    training = job.training
+    layout = BatchLayout(training.batch_size, training.gradient_accumulation_steps, training.num_workers)
+    if not all(name in rows for stage in job.plan for name in stage.datasets):
+        return 0
+    return sum(stage_steps(sum(rows[n] for n in stage.datasets), stage.settings, layout) for stage in job.plan)
+
+
+class MetricsFollower:
+    """While a job trains, follow the metrics its rank 0 appends and show them as live progress: step of
+    total, loss, tokens/s, ETA (a background thread reading the file every couple of seconds)."""
+
+    def __init__(self, name: str, path: Location, total: int) -> None:
+        self.name, self.path, self.total = name, path, total
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name=f"{name}-progress", daemon=True)
+
+    def __enter__(self) -> MetricsFollower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _follow(self) -> None:
+        seen = len(read_metrics(self.path))  # a resumed run has lines already
+        with Progress(self.name, self.total or 1, "steps") as progress:
+            while not self._stop.wait(2.0):
+                records = _safe_read(self.path)
+                steps = [r for r in records[seen:] if "event" not in r]
+                if steps:
+                    last = steps[-1]
+                    progress.update(last["global_step"], stage=last["stage"], loss=last["loss"],
+                                    **{"tokens/s": last["tokens_per_s"]})  # fmt: skip
+
+
+def _safe_read(path: Location) -> list[dict[str, Any]]:
+    """Complete lines only: the file may be mid-write."""
+    try:
+        lines = path.read_text().splitlines() if path.exists() else []
+    except OSError:
+        return []
+    return [json.loads(line) for line in lines if line.endswith("}")]
 
 
 def _fit(trainer: Any, name: str) -> Any:

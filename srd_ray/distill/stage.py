@@ -6,7 +6,6 @@ baseline (``curriculum: none``) and teacher SFT feed all training rows.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pyarrow as pa
@@ -16,7 +15,7 @@ from srd_ray.distill.losses import LossSettings
 from srd_ray.distill.worker import SIGNAL_DATASET, StagePlan, TrainingJob
 from srd_ray.errors import DataError
 from srd_ray.models import load_tokenizer
-from srd_ray.rank import bucket_dir
+from srd_ray.rank import bucket_dir, read_manifest
 from srd_ray.spec import DistillSpec, JobSpec, ModelSpec, StageSpec
 from srd_ray.storage import Location, Place
 from srd_ray.teacher_signal import SIGNAL_COLUMNS, check_signal, read_signal
@@ -53,12 +52,13 @@ def run_teacher_sft(spec: JobSpec, train_rows: pa.Table, stage_dir: Place) -> di
         spec, stage_dir, name="teacher_sft", training=sft, student=spec.models.teacher, teacher=None, plan=plan,
         loss=LossSettings("sft"),
     )  # fmt: skip
-    return run_training(job, {"all": ray.data.from_arrow(train_rows.select(TRAINING_COLUMNS))}, stage_dir)
+    datasets = {"all": ray.data.from_arrow(train_rows.select(TRAINING_COLUMNS))}
+    return run_training(job, datasets, stage_dir, rows={"all": train_rows.num_rows})
 
 
 def check_buckets(rank_dir: Location, used: range) -> None:
     """Every bucket a stage needs must exist and hold rows: fail before the first step, not in a worker."""
-    manifest = json.loads((rank_dir / "manifest.json").read_text())
+    manifest = read_manifest(rank_dir)
     rows = {bucket["bucket"]: bucket["rows"] for bucket in manifest["buckets"]}
     for bucket in used:
         if rows.get(bucket, 0) == 0:
@@ -119,7 +119,7 @@ def run_distill(
         teacher_dtype=distill.teacher_dtype, teacher_signal=distill.teacher_signal,
         heldout=tuple(zip(*(heldout[c].to_pylist() for c in TRAINING_COLUMNS), strict=True)),
     )  # fmt: skip
-    summary = run_training(job, datasets, stage_dir)
+    summary = run_training(job, datasets, stage_dir, rows={name: table.num_rows for name, table in tables.items()})
     summary["curriculum"] = distill.curriculum
     summary["loss"] = distill.loss
     summary["teacher_signal"] = distill.teacher_signal

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from srd_ray import storage
-from srd_ray.distill.batches import BatchLayout, MicroBatch, StepPlan, epoch_seed, plan_epoch
+from srd_ray.distill.batches import BatchLayout, MicroBatch, StepPlan, epoch_seed, plan_epoch, stage_steps
 from srd_ray.distill.losses import LossSettings, StageWeights
 from srd_ray.distill.parallel import (
     all_reduce_sum,
@@ -265,11 +265,12 @@ class Trainer:
         return Pool.of([row for name in stage.datasets for row in self.examples[name]])
 
     def _stage_steps(self, stage: StagePlan, pool: Pool) -> int:
-        rows = len(pool.examples)
-        per_epoch = self.layout.steps_per_epoch(rows)
-        if per_epoch == 0:
-            raise DataError(f"stage {stage.index} has {rows} training rows: too few for {self.host.world} workers")
-        return stage.settings.steps or per_epoch * stage.settings.epochs
+        steps = stage_steps(len(pool.examples), stage.settings, self.layout)
+        if steps == 0:
+            raise DataError(
+                f"stage {stage.index} has {len(pool.examples)} training rows: too few for {self.host.world} workers"
+            )
+        return steps
 
     def _heldout_batches(self) -> list[MicroBatch]:
         if self.job.teacher is None or not self.job.heldout:
@@ -328,7 +329,8 @@ class Trainer:
             self.state.tokens_seen += plans[within].num_items
             window.add(plans[within])
             stage_window.add(plans[within])
-            if self.state.global_step % self.training.log_every_steps == 0:
+            # Every log_every_steps, and the last step of each stage: a short stage still reports its losses.
+            if self.state.global_step % self.training.log_every_steps == 0 or stage_step + 1 == total:
                 self._log_step(stage, epoch, result, plans[within], window)
                 window = Window()
             every = self.training.checkpoint_every_steps

@@ -1,0 +1,38 @@
+"""One Ray Data actor-pool builder for every pass that runs an inference engine: reflection, the teacher's
+top-k pass and evaluation. Each actor loads its engine once (``actor(**actor_kwargs)``) and is then called
+with batches of rows; ``pool`` (a spec section) says how many actors and what each holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from srd_ray.spec import PoolSpec
+
+
+def map_with_engine_actors(
+    rows: pa.Table | list[pa.Table],
+    actor: type,
+    actor_kwargs: dict[str, Any],
+    pool: PoolSpec,
+    *,
+    batch_size: int | None,
+) -> Any:
+    """A Ray dataset of ``actor``'s outputs over ``rows`` (one block per table; ``batch_size=None``
+    hands each call one whole block, e.g. one shard)."""
+    import ray
+
+    blocks = rows if isinstance(rows, list) else [rows]
+    # Whole blocks per call: no more actors than blocks to hand out.
+    actors = min(pool.concurrency, len(blocks)) if batch_size is None else pool.concurrency
+    return ray.data.from_arrow(blocks).map_batches(
+        actor,
+        # Settings travel as pydantic objects (they pickle), never as dicts to re-validate.
+        fn_constructor_kwargs=actor_kwargs,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=max(1, actors)),
+        num_cpus=pool.num_cpus_per_actor,
+        num_gpus=pool.num_gpus_per_actor,
+    )

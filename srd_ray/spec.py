@@ -314,6 +314,15 @@ def _srd_release_stages() -> list[StageSpec]:
     ]
 
 
+class MetricsSpec(_Strict):
+    """Where training metrics also go; ``metrics.jsonl`` in the stage folder always gets them."""
+
+    tensorboard: bool = False  # event files in <stage dir>/tensorboard (local or shared run directories)
+    mlflow: bool = False  # an MLflow run per training stage, in the experiment named after run.name
+    # Default: an SQLite store in the run directory (mlflow/mlflow.db); or a server, e.g. http://mlflow:5000.
+    mlflow_tracking_uri: str | None = None
+
+
 class TrainingSpec(_Strict):
     """Optimisation settings shared by teacher SFT and distillation."""
 
@@ -348,6 +357,7 @@ class TrainingSpec(_Strict):
     keep_checkpoints: PositiveInt = 2
     # Times a failed worker group is restarted from the last checkpoint before the stage fails.
     max_failures: Annotated[int, Field(ge=0)] = 2
+    metrics: MetricsSpec = MetricsSpec()
 
 
 class TeacherSftSpec(TrainingSpec):

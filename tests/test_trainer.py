@@ -197,3 +197,32 @@ def test_fsdp_builds_on_meta_and_loads_weights_equal_to_from_pretrained(tmp_path
             assert result["buffers_equal"], (rank, role)  # rotary inv_freq and other non-persistent buffers
             assert result["tied"], (rank, role)
             assert 0.4 < result["local_fraction"] < 0.6, f"each worker holds about half of the {role}"
+
+
+def test_metrics_reach_tensorboard_and_mlflow_readers(tmp_path, tiny_models, rows):
+    """The libraries' own readers load what training wrote: TensorBoard's event accumulator and MLflow's
+    client, per step, with the held-out KD loss; a resumed stage continues the same MLflow run."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from srd_ray.spec import MetricsSpec
+
+    job = make_job(tmp_path, tiny_models, plan=(TWO_STAGES[0],), metrics=MetricsSpec(tensorboard=True, mlflow=True))
+    job = type(job)(**{**job.__dict__, "heldout": tuple((r["example_id"], r["prompt"], r["response"])
+                                                         for r in rows[:4])})  # fmt: skip
+    Trainer(job, LocalHost({"all": rows}, tmp_path / "ck", torch.device("cpu"))).run()
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("test/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4]
+    assert [e.value for e in losses] == pytest.approx(list(step_losses(tmp_path).values()), rel=1e-6)
+    assert {"test/lr", "test/tokens_per_s", "test/padding_fraction", "test/heldout_kd"} <= set(events.Tags()["scalars"])
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path.parent / 'mlflow' / 'mlflow.db').resolve()}")
+    (run,) = client.search_runs([client.get_experiment_by_name("srd").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert len(client.get_metric_history(run.info.run_id, "heldout_kd")) == 2  # before training, after the stage
+    Trainer(job, LocalHost({"all": rows}, tmp_path / "ck", torch.device("cpu"))).run()  # resumes: nothing left
+    assert len(client.search_runs([client.get_experiment_by_name("srd").experiment_id])) == 1

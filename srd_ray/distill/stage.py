@@ -39,7 +39,9 @@ def plan_curriculum(spec: DistillSpec) -> tuple[StagePlan, ...]:
 def training_job(spec: JobSpec, stage_dir: Place, **settings: Any) -> TrainingJob:
     """A job with the run's data settings and seed, logging to ``stage_dir/metrics.jsonl``."""
     metrics_path = str(Location.of(stage_dir) / "metrics.jsonl")
-    return TrainingJob(data=spec.data, seed=spec.run.seed, metrics_path=metrics_path, **settings)
+    return TrainingJob(
+        data=spec.data, seed=spec.run.seed, metrics_path=metrics_path, run_name=spec.run.name, **settings
+    )
 
 
 def run_teacher_sft(spec: JobSpec, train_rows: pa.Table, stage_dir: Place) -> dict[str, Any]:

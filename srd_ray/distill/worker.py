@@ -29,6 +29,7 @@ from torch import nn
 from srd_ray import storage
 from srd_ray.distill.batches import BatchLayout, MicroBatch, StepPlan, epoch_seed, plan_epoch, stage_steps
 from srd_ray.distill.losses import LossSettings, StageWeights
+from srd_ray.distill.metric_sinks import MetricSinks
 from srd_ray.distill.parallel import (
     all_reduce_sum,
     data_parallel,
@@ -58,6 +59,7 @@ from srd_ray.models import (
     load_tokenizer,
 )
 from srd_ray.spec import DataSpec, ModelSpec, StageSpec, TrainingSpec
+from srd_ray.storage import Location
 from srd_ray.teacher_signal import signals_by_id
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ class TrainingJob:
     teacher_dtype: str = "auto"  # auto: bfloat16 on GPU, the spec's dtype on CPU
     # online: the teacher model runs in every step. topk: the teacher_signal dataset replaces it.
     teacher_signal: str = "online"
+    run_name: str = "srd"  # the MLflow experiment, when metrics go there
     heldout: tuple[tuple[str, str, str], ...] = ()  # (example_id, prompt, response) for the held-out KD metric
 
     @property
@@ -167,6 +170,11 @@ class Trainer:
 
     def setup(self) -> None:
         setup_device_math(self.device)
+        metrics = self.training.metrics
+        self.sinks = None
+        if self.host.rank == 0 and (metrics.tensorboard or metrics.mlflow):
+            stage_dir = Location.of(self.job.metrics_path).parent
+            self.sinks = MetricSinks(metrics, stage_dir, self.job.name, self.job.run_name)
         with self.host.checkpoint() as folder:
             self.state = TrainState.load(folder) if folder else TrainState()
             self.model = self._build_model(folder)
@@ -302,8 +310,12 @@ class Trainer:
 
     def run(self) -> None:
         self.setup()
-        for stage in self.job.plan[self.state.stage :]:
-            self.run_stage(stage)
+        try:
+            for stage in self.job.plan[self.state.stage :]:
+                self.run_stage(stage)
+        finally:
+            if self.sinks is not None:
+                self.sinks.close()
 
     def run_stage(self, stage: StagePlan) -> None:
         pool = self._pool(stage)
@@ -375,6 +387,8 @@ class Trainer:
         if self.host.rank != 0:
             return
         storage.append_line(self.job.metrics_path, json.dumps(metrics))
+        if self.sinks is not None and metrics.get("event") != "stage_end":
+            self.sinks.log(metrics, metrics.get("global_step", self.state.global_step))
         if metrics.get("event") == "heldout":
             log.info("held-out KD loss after stage %d: %.4f", metrics["after_stage"], metrics["heldout_kd"])
         elif metrics.get("event") == "stage_end":

@@ -9,6 +9,7 @@ stage summary is read back from ``metrics.jsonl``.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import threading
@@ -23,6 +24,8 @@ from srd_ray.distill.state import MERGED_DIR, MODEL_DIR
 from srd_ray.distill.worker import TrainingJob, train_loop_per_worker
 from srd_ray.progress import Progress
 from srd_ray.storage import Location, Place
+
+log = logging.getLogger(__name__)
 
 
 def trained_model(stage_dir: Place) -> Location:
@@ -115,9 +118,16 @@ class MetricsFollower:
     def _follow(self) -> None:
         seen = len(read_metrics(self.path))  # a resumed run has lines already
         with Progress(self.name, self.total or 1, "steps") as progress:
-            while not self._stop.wait(2.0):
+            stopped = False
+            while not stopped:
+                stopped = self._stop.wait(2.0)  # then one last read
                 records = _safe_read(self.path)
-                steps = [r for r in records[seen:] if "event" not in r]
+                new, seen = records[seen:], max(seen, len(records))
+                for record in new:
+                    if record.get("event") == "resumed":  # the operator sees where a rerun picked up
+                        log.info("%s: resuming at stage %d, step %d of the stage (global step %d)", self.name,
+                                 record["stage"], record["stage_step"], record["global_step"])  # fmt: skip
+                steps = [r for r in new if "event" not in r]
                 if steps:
                     last = steps[-1]
                     progress.update(last["global_step"], stage=last["stage"], loss=last["loss"],

@@ -180,7 +180,8 @@ class Trainer:
             self.model = self._build_model(folder)
         if self.state.rng:
             restore_rng(self.state.rng[min(self.host.rank, len(self.state.rng) - 1)], self.device)
-            log.info("resuming at stage %d, step %d of the stage", self.state.stage, self.state.stage_step)
+            at = {"stage": self.state.stage, "stage_step": self.state.stage_step, "global_step": self.state.global_step}
+            self._append_metrics({"event": "resumed", **at})
         else:
             torch.manual_seed(self.job.seed + self.host.rank)
         if self.job.teacher_signal == "topk":
@@ -387,10 +388,12 @@ class Trainer:
         if self.host.rank != 0:
             return
         storage.append_line(self.job.metrics_path, json.dumps(metrics))
-        if self.sinks is not None and metrics.get("event") != "stage_end":
+        if self.sinks is not None and metrics.get("event") in (None, "heldout"):
             self.sinks.log(metrics, metrics.get("global_step", self.state.global_step))
         if metrics.get("event") == "heldout":
             log.info("held-out KD loss after stage %d: %.4f", metrics["after_stage"], metrics["heldout_kd"])
+        elif metrics.get("event") == "resumed":
+            log.info("resuming at stage %d, step %d of the stage", metrics["stage"], metrics["stage_step"])
         elif metrics.get("event") == "stage_end":
             log.info("stage %d done: %.1f%% of positions were padding", metrics["stage"],
                      100 * metrics["padding_fraction"])  # fmt: skip

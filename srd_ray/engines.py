@@ -12,9 +12,11 @@ and its outputs are decoded with the same tokenizer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
+import threading
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Protocol
@@ -28,6 +30,7 @@ from srd_ray.distill.losses import ScoredPositions, gather_scored
 from srd_ray.errors import ModelError, SpecError
 from srd_ray.models import (
     IGNORE_INDEX,
+    TrainingExample,
     collate,
     encode_example,
     encode_prompt,
@@ -75,6 +78,12 @@ class Engine(Protocol):
 
     def response_topk(self, prompts: list[str], responses: list[str], k: int) -> list[TopK]:
         """Teacher-forced top-k distribution at every response token (the tokens training scores)."""
+
+    def reflect(
+        self, prompts: list[str], responses: list[str] | None, settings: GenerationSpec | None, seeds: list[int]
+    ) -> tuple[Generations | None, CrossEntropies | None]:
+        """Answers (when ``settings``) and reference cross-entropies (when ``responses``), as the engine
+        does them best together."""
 
     @property
     def row_errors(self) -> tuple[type[BaseException], ...]:
@@ -150,6 +159,18 @@ class NoRepeatNGram(LogitsProcessor):
         return widened[:, :vocab]
 
 
+def _one_call_at_a_time(method: Any) -> Any:
+    """Calls from several threads (a reflect actor taking two shards at once for its vLLM student, with a
+    transformers teacher) take turns: two forward passes at once would only split the device."""
+
+    @functools.wraps(method)
+    def take_turns(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return take_turns
+
+
 class TransformersEngine:
     """Length-sorted, left-padded batches through ``generate`` and a forward pass, under inference mode."""
 
@@ -164,12 +185,20 @@ class TransformersEngine:
         self.model = load_model(model, self.device).eval()
         self.data = data
         self.batch_size = batch_size
+        self.lock = threading.Lock()
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:
         """Row indices in batches of similar length: less padding, and rows finish at similar times."""
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])
         return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
 
+    def reflect(
+        self, prompts: list[str], responses: list[str] | None, settings: GenerationSpec | None, seeds: list[int]
+    ) -> tuple[Generations | None, CrossEntropies | None]:
+        answers = self.generate(prompts, settings, seeds) if settings is not None else None
+        return answers, (self.response_cross_entropy(prompts, responses) if responses is not None else None)
+
+    @_one_call_at_a_time
     @torch.inference_mode()
     def generate(self, prompts: list[str], settings: GenerationSpec, seeds: list[int]) -> Generations:
         encoded = [encode_prompt(self.tokenizer, p, self.data.max_prompt_tokens) for p in prompts]
@@ -210,6 +239,7 @@ class TransformersEngine:
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [t.strip() for t in texts], counts
 
+    @_one_call_at_a_time
     @torch.inference_mode()
     def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> CrossEntropies:
         examples = [
@@ -232,6 +262,7 @@ class TransformersEngine:
                 means[i], counts[i] = mean, count
         return CrossEntropies(means, counts)
 
+    @_one_call_at_a_time
     @torch.inference_mode()
     def response_topk(self, prompts: list[str], responses: list[str], k: int) -> list[TopK]:
         """From final hidden states at response positions through the LM head, in chunks of rows (the
@@ -319,6 +350,7 @@ class VLLMEngine:
             )
         except Exception as error:  # vLLM raises many types at load; the user needs the path and the reason
             raise ModelError(f"vLLM cannot load {model.path}: {type(error).__name__}: {error}") from None
+        self.steps = SharedSteps(self.llm)
 
     @property
     def row_errors(self) -> tuple[type[BaseException], ...]:
@@ -327,45 +359,55 @@ class VLLMEngine:
         return (ValueError, VLLMClientError)
 
     def generate(self, prompts: list[str], settings: GenerationSpec, seeds: list[int]) -> Generations:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        encoded = [encode_prompt(self.tokenizer, p, self.data.max_prompt_tokens) for p in prompts]
-        extra = {"no_repeat_ngram_size": settings.no_repeat_ngram_size} if settings.no_repeat_ngram_size else None
-        params = [
-            SamplingParams(
-                n=1,
-                temperature=settings.temperature,
-                top_k=settings.top_k,
-                top_p=settings.top_p,
-                max_tokens=settings.max_new_tokens,
-                seed=seed,
-                stop_token_ids=[self.tokenizer.eos_token_id],
-                detokenize=False,
-                extra_args=extra,
-            )
-            for seed in seeds
-        ]
-        requests = [TokensPrompt(prompt_token_ids=e.ids) for e in encoded]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        token_ids = [list(output.outputs[0].token_ids) for output in outputs]
-        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
-        return Generations([t.strip() for t in texts], [len(ids) for ids in token_ids], [e.truncated for e in encoded])
+        return self.reflect(prompts, None, settings, seeds)[0]
 
     def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> CrossEntropies:
-        examples = [
-            encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
-            for p, r in zip(prompts, responses, strict=True)
-        ]
-        outputs = self._prompt_logprobs([e.input_ids for e in examples], 0)
-        means, counts = [], []
-        for example, output in zip(examples, outputs, strict=True):
-            # prompt_logprobs[t] holds log p(token t | tokens < t), always including the actual token t.
-            response_positions = [t for t, label in enumerate(example.labels) if label != IGNORE_INDEX]
-            log_probs = [output.prompt_logprobs[t][example.input_ids[t]].logprob for t in response_positions]
-            means.append(-sum(log_probs) / len(log_probs))
-            counts.append(len(log_probs))
-        return CrossEntropies(means, counts)
+        return self.reflect(prompts, responses, None, [])[1]
+
+    def reflect(
+        self, prompts: list[str], responses: list[str] | None, settings: GenerationSpec | None, seeds: list[int]
+    ) -> tuple[Generations | None, CrossEntropies | None]:
+        """Answers (with ``settings``) and reference cross-entropies (with ``responses``) in one engine call:
+        vLLM schedules the scoring requests among the generation ones, so neither waits for the other."""
+        from vllm.inputs import TokensPrompt
+
+        requests, params, encoded, examples = [], [], [], []
+        if settings is not None:
+            encoded = [encode_prompt(self.tokenizer, p, self.data.max_prompt_tokens) for p in prompts]
+            requests += [TokensPrompt(prompt_token_ids=e.ids) for e in encoded]
+            params += [self._sampling(settings, seed) for seed in seeds]
+        if responses is not None:
+            examples = [
+                encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
+                for p, r in zip(prompts, responses, strict=True)
+            ]
+            requests += [TokensPrompt(prompt_token_ids=e.input_ids) for e in examples]
+            params += [self._scoring(0)] * len(examples)
+        outputs = self.steps.run(requests, params)
+        answers, scored = outputs[: len(encoded)], outputs[len(encoded) :]
+        generations = None
+        if settings is not None:
+            token_ids = [list(output.outputs[0].token_ids) for output in answers]
+            texts = [t.strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+            generations = Generations(texts, [len(ids) for ids in token_ids], [e.truncated for e in encoded])
+        return generations, (_cross_entropies(examples, scored) if responses is not None else None)
+
+    def _sampling(self, settings: GenerationSpec, seed: int) -> Any:
+        from vllm import SamplingParams
+
+        extra = {"no_repeat_ngram_size": settings.no_repeat_ngram_size} if settings.no_repeat_ngram_size else None
+        return SamplingParams(
+            n=1, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+            max_tokens=settings.max_new_tokens, seed=seed, stop_token_ids=[self.tokenizer.eos_token_id],
+            detokenize=False, extra_args=extra,
+        )  # fmt: skip
+
+    @staticmethod
+    def _scoring(k: int) -> Any:
+        """Teacher-forced log-probs of a prompt's own tokens (the top ``k`` besides), one token generated."""
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
 
     def response_topk(self, prompts: list[str], responses: list[str], k: int) -> list[TopK]:
         """From ``prompt_logprobs=k``: at each position vLLM returns the k most likely tokens (ranks 1..k),
@@ -391,11 +433,59 @@ class VLLMEngine:
         return results
 
     def _prompt_logprobs(self, token_ids: list[list[int]], k: int) -> list:
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
-        return self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params, use_tqdm=False)
+        requests = [TokensPrompt(prompt_token_ids=ids) for ids in token_ids]
+        return self.steps.run(requests, [self._scoring(k)] * len(requests))
+
+
+class SharedSteps:
+    """One vLLM engine shared by the calls in flight in an actor (see :func:`calls_in_flight`): each call
+    adds its requests, then steps the engine (for every call's requests) until its own are finished. The
+    next shard's requests thus join the running batch while the previous shard's longest answers finish,
+    instead of the engine draining to a few sequences at the end of every shard. vLLM's engine is not
+    thread-safe: one lock covers adding and stepping."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.lock = threading.Lock()
+        self.finished: dict[str, Any] = {}  # outputs of any call's requests, until that call collects them
+
+    def run(self, requests: list, params: list) -> list:
+        """The finished outputs of ``requests`` (with ``params``, one each), in order."""
+        if not requests:
+            return []
+        with self.lock:
+            # A request the engine rejects raises here, with this call's earlier requests withdrawn. vLLM
+            # returns its internal ids ("<counter>-<8 random chars>"); outputs carry the counter part.
+            ids = [internal.split("-", 1)[0] for internal in self.llm.enqueue(requests, params, use_tqdm=False)]
+        while True:
+            with self.lock:
+                if all(i in self.finished for i in ids):
+                    return [self.finished.pop(i) for i in ids]
+                if not self.llm.llm_engine.has_unfinished_requests():
+                    raise RuntimeError(f"vLLM dropped {sum(i not in self.finished for i in ids)} requests")
+                for output in self.llm.llm_engine.step():
+                    if output.finished:
+                        self.finished[output.request_id] = output
+
+
+def calls_in_flight(engine: str) -> int:
+    """Calls an engine actor takes at once: two for vLLM, so the engine never waits between shards (see
+    :class:`SharedSteps`); one for transformers, whose calls each fill the device on their own."""
+    return 2 if engine == "vllm" else 1
+
+
+def _cross_entropies(examples: list[TrainingExample], outputs: list) -> CrossEntropies:
+    """Mean token CE of each example's response from vLLM's prompt log-probs (which always hold the
+    actual token t at position t)."""
+    means, counts = [], []
+    for example, output in zip(examples, outputs, strict=True):
+        positions = [t for t, label in enumerate(example.labels) if label != IGNORE_INDEX]
+        log_probs = [output.prompt_logprobs[t][example.input_ids[t]].logprob for t in positions]
+        means.append(-sum(log_probs) / len(log_probs))
+        counts.append(len(log_probs))
+    return CrossEntropies(means, counts)
 
 
 def engine_version(name: str) -> str:

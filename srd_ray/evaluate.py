@@ -139,7 +139,7 @@ def run_evaluate(
     work = expand_seeds(eval_sets, spec_evaluate.seeds, spec_evaluate.max_examples)
     actor_kwargs = {"model": model, "data": data, "evaluate": spec_evaluate, "engine": engine, "vllm": vllm}
     dataset = map_with_engine_actors(
-        work, EvalActor, actor_kwargs, spec_evaluate, batch_size=spec_evaluate.batch_size * 4
+        work, EvalActor, actor_kwargs, spec_evaluate, engine=engine, batch_size=spec_evaluate.batch_size * 4
     )
     parts = []
     with reraise_srd_error(), Progress(f"evaluate {Path(model.path).name}", work.num_rows, "answers") as progress:

@@ -17,11 +17,15 @@ def map_with_engine_actors(
     actor_kwargs: dict[str, Any],
     pool: PoolSpec,
     *,
+    engine: str,
     batch_size: int | None,
 ) -> Any:
     """A Ray dataset of ``actor``'s outputs over ``rows`` (one block per table; ``batch_size=None``
-    hands each call one whole block, e.g. one shard)."""
+    hands each call one whole block, e.g. one shard). ``engine`` (a resolved engine name) sets how many
+    calls an actor takes at once."""
     import ray
+
+    from srd_ray.engines import calls_in_flight
 
     blocks = rows if isinstance(rows, list) else [rows]
     # Whole blocks per call: no more actors than blocks to hand out.
@@ -32,7 +36,11 @@ def map_with_engine_actors(
         fn_constructor_kwargs=actor_kwargs,
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=max(1, actors)),
+        compute=ray.data.ActorPoolStrategy(
+            size=max(1, actors),
+            max_concurrent_calls_per_actor=calls_in_flight(engine),
+            enable_true_multi_threading=calls_in_flight(engine) > 1,
+        ),
         num_cpus=pool.num_cpus_per_actor,
         num_gpus=pool.num_gpus_per_actor,
     )

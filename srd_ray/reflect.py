@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from srd_ray.engines import Engine, build_engine, engine_version, row_seed
 from srd_ray.scoring import rouge_l
-from srd_ray.shards import ShardedPass, ShardScorer, split_into_shards
+from srd_ray.shards import ShardedPass, ShardEngine, ShardWriter, split_into_shards
 from srd_ray.spec import GenerationSpec, JobSpec, ModelSpec
 from srd_ray.storage import Location, Place
 
@@ -49,28 +49,40 @@ SIGNAL_FIELDS = [
 SETTINGS_KEY = b"srd_ray.reflect"
 
 
-def score_table(rows: pa.Table, engine: Engine, generation: GenerationSpec, teacher: Engine | None = None) -> pa.Table:
-    """Add the student's answer and the difficulty signals to every row (order kept)."""
+def engine_signals(rows: pa.Table, engine: Engine, generation: GenerationSpec, teacher: Engine | None) -> pa.Table:
+    """The engine's part: the student's answer and cross-entropies for every row (order kept)."""
     prompts = rows["prompt"].to_pylist()
     responses = rows["response"].to_pylist()
     seeds = [row_seed(generation.seed, example_id) for example_id in rows["example_id"].to_pylist()]
-    answers = engine.generate(prompts, generation, seeds)
-    student = engine.response_cross_entropy(prompts, responses)
+    answers, student = engine.reflect(prompts, responses, generation, seeds)
     teacher_ce = teacher.response_cross_entropy(prompts, responses).mean if teacher else [None] * rows.num_rows
-    references = rows["references"].to_pylist()
-    scores = [rouge_l(answer, refs) for answer, refs in zip(answers.texts, references, strict=True)]
-    signals = [
-        answers.texts,
-        scores,
-        student.mean,
-        teacher_ce,
-        student.tokens,
-        answers.generated_tokens,
-        answers.prompt_truncated,
-    ]
-    for field, values in zip(SIGNAL_FIELDS, signals, strict=True):
-        rows = rows.append_column(field, pa.array(values, field.type))
+    columns = {
+        "student_answer": answers.texts,
+        "student_ce": student.mean,
+        "teacher_ce": teacher_ce,
+        "response_tokens": student.tokens,
+        "generated_tokens": answers.generated_tokens,
+        "prompt_truncated": answers.prompt_truncated,
+    }
+    types = {field.name: field.type for field in SIGNAL_FIELDS}
+    for name, values in columns.items():
+        rows = rows.append_column(pa.field(name, types[name]), pa.array(values, types[name]))
     return rows
+
+
+def add_rouge(rows: pa.Table) -> pa.Table:
+    """The CPU part: ROUGE-L F of each answer against its best reference."""
+    references = rows["references"].to_pylist()
+    scores = [
+        rouge_l(answer, refs) for answer, refs in zip(rows["student_answer"].to_pylist(), references, strict=True)
+    ]
+    return rows.append_column(pa.field("rouge_l", pa.float64()), pa.array(scores, pa.float64()))
+
+
+def score_table(rows: pa.Table, engine: Engine, generation: GenerationSpec, teacher: Engine | None = None) -> pa.Table:
+    """Add the student's answer and the difficulty signals to every row (order kept): both parts at once."""
+    scored = add_rouge(engine_signals(rows, engine, generation, teacher))
+    return scored.select([*rows.column_names, *(f.name for f in SIGNAL_FIELDS)])
 
 
 def shard_columns(rows: pa.Table | None) -> pa.Schema:
@@ -100,24 +112,19 @@ def reflect_pass(spec: JobSpec, stage_dir: Place, engine: str, teacher: ModelSpe
     return ShardedPass("reflect", Location.of(stage_dir) / "shards", SETTINGS_KEY, settings)
 
 
-class ReflectActor:
-    """Engines are loaded once per actor; each call scores whole shards and writes them (idempotent)."""
+class ReflectEngine(ShardEngine):
+    """A reflect actor: the student's engine (and the teacher's, for teacher_ce), loaded once."""
 
-    def __init__(self, spec: JobSpec, sharded: ShardedPass, teacher: ModelSpec | None) -> None:
-        self.sharded = sharded
+    def __init__(self, spec: JobSpec, engine: str, teacher: ModelSpec | None) -> None:
         reflect = spec.reflect
         options = {"max_new_tokens": reflect.generation.max_new_tokens, "vllm": spec.engine.vllm}
-        engine = build_engine(sharded.settings["engine"], spec.models.student, spec.data, reflect, **options)
+        student = build_engine(engine, spec.models.student, spec.data, reflect, **options)
         # Teacher CE needs a forward pass only: transformers does that well on any device.
         teacher_engine = build_engine("transformers", teacher, spec.data, reflect, **options) if teacher else None
-        self.scorer = ShardScorer(
-            score=lambda rows: score_table(rows, engine, reflect.generation, teacher_engine),
-            row_errors=engine.row_errors, columns=shard_columns, tokens_column="generated_tokens",
-            on_bad_row=spec.data.on_bad_row,
+        super().__init__(
+            "reflect", lambda rows: engine_signals(rows, student, reflect.generation, teacher_engine),
+            student.row_errors, spec.data.on_bad_row,
         )  # fmt: skip
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.scorer(self.sharded, batch)
 
 
 def run_reflect(
@@ -132,8 +139,9 @@ def run_reflect(
         "reflect: %d rows in %d shards, %d already done; engine %s", table.num_rows, len(shards),
         len(shards) - len(todo), engine,
     )  # fmt: skip
-    actor_kwargs = {"spec": spec, "sharded": sharded, "teacher": teacher}
-    progress = sharded.score(todo, ReflectActor, actor_kwargs, spec.reflect, tokens_label="generated tokens")
+    writer = ShardWriter(sharded, add_rouge, shard_columns, "generated_tokens")
+    engine_kwargs = {"spec": spec, "engine": engine, "teacher": teacher}
+    progress = sharded.score(todo, ReflectEngine, engine_kwargs, spec.reflect, writer, "generated tokens")
     scored = sharded.read()
     sharded.check_complete(table["example_id"].to_pylist(), scored)
     wall = time.perf_counter() - started

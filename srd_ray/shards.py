@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,20 +119,36 @@ class ShardedPass:
         return found
 
     def score(
-        self, todo: list[pa.Table], actor: type, actor_kwargs: dict[str, Any], pool: PoolSpec, tokens_label: str
+        self,
+        todo: list[pa.Table],
+        engine: type,
+        engine_kwargs: dict[str, Any],
+        pool: PoolSpec,
+        writer: ShardWriter,
+        tokens_label: str,
     ) -> dict[str, Any]:
-        """Run ``actor`` (built once per actor with ``actor_kwargs``; called with whole shards, it writes them
-        and returns one summary row each) over the shards in ``todo``, logging progress. Our own errors
+        """The shards in ``todo`` through two Ray Data stages: ``engine`` actors (built once per actor with
+        ``engine_kwargs``; only the engine runs there), then ``writer`` tasks (CPU work and writing), so an
+        engine never waits for ROUGE or Parquet. Progress is logged as shards are written; our own errors
         raised in actors surface as themselves."""
+        import ray
+
         from srd_ray.failures import reraise_srd_error
         from srd_ray.pools import map_with_engine_actors
 
         if not todo:
             return {"rows": 0, "tokens": 0, "busy_s": 0.0}
-        dataset = map_with_engine_actors(todo, actor, actor_kwargs, pool, batch_size=None)
+        scored = map_with_engine_actors(
+            todo, engine, engine_kwargs, pool, engine=self.settings["engine"], batch_size=None
+        )
+        # Writers take no CPU from the pool: the engines hold the cores, and the writers' work is light. A
+        # few of them, reused: uncapped, Ray starts a fresh worker process (and its imports) per shard.
+        written = scored.map_batches(
+            writer, batch_size=None, batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(WRITERS)
+        )
         with reraise_srd_error():
             total = sum(shard.num_rows for shard in todo)
-            return follow_progress(self.stage, dataset.iter_rows(), total, tokens_label)
+            return follow_progress(self.stage, written.iter_rows(), total, tokens_label)
 
     def check_complete(self, expected_ids: Iterable[str], done: pa.Table) -> None:
         """Every input example_id done exactly once (or rejected): nothing lost, duplicated or foreign."""
@@ -191,28 +207,90 @@ def follow_progress(stage: str, summaries: Iterable[dict[str, Any]], total_rows:
     return done
 
 
-@dataclass(frozen=True)
-class ShardScorer:
-    """What an actor needs to turn shards into written, scored shards: the scoring function (Arrow in,
-    Arrow out), the errors meaning "this row is rejected" (vs the engine failing), the output columns."""
+WRITERS = 2  # concurrent writer tasks per pass: enough to keep up with the engines (one shard is ~ms of work)
 
+# Columns the engine stage adds for the writer stage (dropped before a shard is written).
+SHARD_INDEX, SHARD_ROWS, ENGINE_SECONDS, REJECTED = "shard_index", "shard_rows", "engine_seconds", "rejected_reason"
+PASS_COLUMNS = (SHARD_INDEX, SHARD_ROWS, ENGINE_SECONDS, REJECTED)
+
+
+def shards_in(batch: pa.Table) -> Iterator[tuple[int, pa.Table]]:
+    """A batch normally is one shard (one block); group anyway so shard files never mix."""
+    for index in sorted(set(batch[SHARD_INDEX].to_pylist())):
+        yield index, batch.filter(pc.equal(batch[SHARD_INDEX], index))
+
+
+def mark_rejected(rows: pa.Table, rejected: list[dict[str, str]]) -> pa.Table:
+    """The rejected rows as they came in, each with its reason (so they travel to the writer)."""
+    reasons = {r["example_id"]: r["reason"] for r in rejected}
+    aside = rows.filter(pc.is_in(rows["example_id"], pa.array(list(reasons), pa.string())))
+    return aside.append_column(REJECTED, pa.array([reasons[i] for i in aside["example_id"].to_pylist()], pa.string()))
+
+
+def split_rejected(shard: pa.Table) -> tuple[pa.Table, list[dict[str, str]]]:
+    """Undo ``mark_rejected``: the scored rows, and the rejected ones as ``{"example_id", "reason"}``."""
+    if REJECTED not in shard.column_names:
+        return shard, []
+    marked = pc.invert(pc.is_null(shard[REJECTED]))
+    aside = shard.filter(marked)
+    reasons = zip(aside["example_id"].to_pylist(), aside[REJECTED].to_pylist(), strict=True)
+    return shard.filter(pc.invert(marked)), [{"example_id": i, "reason": r} for i, r in reasons]
+
+
+def with_constants(table: pa.Table, values: dict[str, Any]) -> pa.Table:
+    for name, value in values.items():
+        table = table.append_column(name, pa.array([value] * table.num_rows))
+    return table
+
+
+@dataclass(frozen=True)
+class ShardEngine:
+    """The engine side of a pass, in an actor: score each shard's rows (``score``: Arrow in, Arrow out).
+    Rows the engine rejects (``row_errors``, its per-request validation errors) are kept, marked with
+    their reason, instead of failing the shard; under ``on_bad_row: error`` they stop the job."""
+
+    stage: str
     score: Callable[[pa.Table], pa.Table]
     row_errors: tuple[type[BaseException], ...]
-    columns: Callable[[pa.Table | None], pa.Schema]
-    tokens_column: str
     on_bad_row: str
 
-    def __call__(self, sharded: ShardedPass, batch: pa.Table) -> pa.Table:
-        """Score and write every shard in ``batch``; one summary row per shard."""
-        summaries = []
-        # A batch normally is one shard (one block); group anyway so shard files never mix.
-        for index in sorted(set(batch["shard_index"].to_pylist())):
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        parts = []
+        for index, shard in shards_in(batch):
             started = time.perf_counter()
-            rows = batch.filter(pc.equal(batch["shard_index"], index)).drop_columns(["shard_index"])
+            rows = shard.drop_columns([SHARD_INDEX])
             scored, rejected = score_isolating_rows(rows, self.score, self.row_errors)
-            check_rejected(sharded.stage, rejected, self.on_bad_row)
-            sharded.write(index, scored, self.columns(scored), rejected)
-            tokens = pc.sum(scored[self.tokens_column]).as_py() if scored is not None else 0
-            summaries.append({"shard_index": index, "rows": rows.num_rows, "tokens": tokens or 0,
-                              "seconds": time.perf_counter() - started})  # fmt: skip
+            check_rejected(self.stage, rejected, self.on_bad_row)
+            marks = {SHARD_INDEX: index, SHARD_ROWS: rows.num_rows, ENGINE_SECONDS: time.perf_counter() - started}
+            for table in (scored, mark_rejected(rows, rejected)):
+                if table is not None and table.num_rows:
+                    parts.append(with_constants(table, marks))
+        # Scored and rejected rows differ in columns: each side's missing ones are null.
+        return pa.concat_tables(parts, promote_options="permissive")
+
+
+@dataclass(frozen=True)
+class ShardWriter:
+    """The CPU side of a pass, in tasks beside the engine actors: finish each shard's scored rows
+    (``finish``, e.g. ROUGE-L), write it whole with the rows set aside, and return one summary row."""
+
+    sharded: ShardedPass
+    finish: Callable[[pa.Table], pa.Table]
+    columns: Callable[[pa.Table | None], pa.Schema]
+    tokens_column: str
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        summaries = []
+        for index, shard in shards_in(batch):
+            expected, engine_seconds = shard[SHARD_ROWS][0].as_py(), shard[ENGINE_SECONDS][0].as_py()
+            if shard.num_rows != expected:  # a block split between stages would write half a shard
+                raise RuntimeError(
+                    f"{self.sharded.stage}: shard {index} arrived with {shard.num_rows} of {expected} rows"
+                )
+            kept, rejected = split_rejected(shard)
+            kept = kept.drop_columns([c for c in PASS_COLUMNS if c in kept.column_names])
+            scored = self.finish(kept) if kept.num_rows else None
+            self.sharded.write(index, scored, self.columns(scored), rejected)
+            tokens = (pc.sum(scored[self.tokens_column]).as_py() or 0) if scored is not None else 0
+            summaries.append({"shard_index": index, "rows": expected, "tokens": tokens, "seconds": engine_seconds})
         return pa.Table.from_pylist(summaries)

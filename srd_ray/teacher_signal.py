@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from srd_ray.engines import Engine, TopK, build_engine, engine_version
 from srd_ray.errors import DataError
 from srd_ray.models import encode_example
-from srd_ray.shards import ShardedPass, ShardScorer, split_into_shards
+from srd_ray.shards import ShardedPass, ShardEngine, ShardWriter, split_into_shards
 from srd_ray.spec import DataSpec, JobSpec, ModelSpec
 from srd_ray.storage import Location, Place
 
@@ -88,24 +88,18 @@ def signal_pass(stage_dir: Place, settings: dict[str, Any]) -> ShardedPass:
     return ShardedPass("teacher_signal", Location.of(stage_dir) / "shards", SETTINGS_KEY, settings)
 
 
-class SignalActor:
-    """One teacher per actor; each call scores whole shards and writes them."""
+class SignalEngine(ShardEngine):
+    """A teacher-pass actor: one teacher, loaded once."""
 
-    def __init__(self, spec: JobSpec, teacher: ModelSpec, sharded: ShardedPass) -> None:
+    def __init__(self, spec: JobSpec, teacher: ModelSpec, engine: str) -> None:
         settings = spec.teacher_signal
-        self.sharded = sharded
-        engine = build_engine(
-            sharded.settings["engine"], teacher, spec.data, settings, max_new_tokens=1, vllm=spec.engine.vllm,
-            max_logprobs=settings.k,
+        model = build_engine(
+            engine, teacher, spec.data, settings, max_new_tokens=1, vllm=spec.engine.vllm, max_logprobs=settings.k
+        )
+        super().__init__(
+            "teacher_signal", lambda rows: score_signal(rows, model, settings.k, settings.logprob_dtype),
+            model.row_errors, spec.data.on_bad_row,
         )  # fmt: skip
-        self.scorer = ShardScorer(
-            score=lambda rows: score_signal(rows, engine, settings.k, settings.logprob_dtype),
-            row_errors=engine.row_errors, columns=lambda _: pa.schema(signal_fields(settings.logprob_dtype)),
-            tokens_column="num_tokens", on_bad_row=spec.data.on_bad_row,
-        )  # fmt: skip
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.scorer(self.sharded, batch)
 
 
 def run_teacher_signal(
@@ -125,8 +119,10 @@ def run_teacher_signal(
         "teacher_signal: %d rows in %d shards, %d already done; top-%d from %s with %s",
         rows.num_rows, len(shards), len(shards) - len(todo), settings.k, teacher.path, engine,
     )  # fmt: skip
-    actor_kwargs = {"spec": spec, "teacher": teacher, "sharded": sharded}
-    progress = sharded.score(todo, SignalActor, actor_kwargs, settings, tokens_label="response tokens")
+    columns = pa.schema(signal_fields(settings.logprob_dtype))
+    writer = ShardWriter(sharded, lambda rows: rows, lambda _: columns, "num_tokens")
+    engine_kwargs = {"spec": spec, "teacher": teacher, "engine": engine}
+    progress = sharded.score(todo, SignalEngine, engine_kwargs, settings, writer, "response tokens")
     done = sharded.read(columns=["example_id", "num_tokens"])
     sharded.check_complete(rows["example_id"].to_pylist(), done)
     tokens = pc.sum(done["num_tokens"]).as_py() or 0

@@ -169,6 +169,7 @@ def test_killed_reflect_actor_is_replaced_and_no_row_is_lost_or_doubled(cluster,
 reflect:
   concurrency: 2
   shard_rows: 5
+  batch_size: 2  # slow enough that the engines are still busy once the writers (new processes) start
   generation: {temperature: 1.0, max_new_tokens: 96}
 """,
         name="actor-killed",
@@ -177,8 +178,8 @@ reflect:
     shards = run_dir / "reflect" / "shards"
     job_id = cluster.submit(spec_path)
     wait_until(lambda: len(list(shards.glob("shard-*.parquet"))) >= 2, "2 reflect shards")
-    victims = cluster.alive_actors("ReflectActor")
-    assert victims, "no reflect actor alive"
+    victims = cluster.alive_actors("ReflectEngine")
+    assert victims, f"no reflect actor alive: {[a.class_name for a in cluster.alive_actors('')]}"
     shards_before = len(list(shards.glob("shard-*.parquet")))
     os.kill(victims[0].pid, signal.SIGKILL)
 

@@ -16,9 +16,17 @@ from srd_ray.data import LoadedData, drop_long_prompts, load_source
 from srd_ray.engines import NoRepeatNGram, TransformersEngine, check_context
 from srd_ray.errors import DataError, ModelError, RunDirError
 from srd_ray.models import check_model_path
-from srd_ray.reflect import INPUT_FIELDS, SETTINGS_KEY, SIGNAL_FIELDS, score_table, shard_columns
+from srd_ray.reflect import INPUT_FIELDS, SETTINGS_KEY, SIGNAL_FIELDS, add_rouge, score_table, shard_columns
 from srd_ray.scoring import rouge_l
-from srd_ray.shards import ShardedPass, check_rejected, score_isolating_rows, split_into_shards
+from srd_ray.shards import (
+    PASS_COLUMNS,
+    ShardedPass,
+    ShardEngine,
+    ShardWriter,
+    check_rejected,
+    score_isolating_rows,
+    split_into_shards,
+)
 from srd_ray.spec import DataSourceSpec, DataSpec, GenerationSpec, ModelSpec
 from srd_ray.storage import Location
 
@@ -226,3 +234,29 @@ def test_rows_the_engine_rejects_are_set_aside_not_the_shard(rows, tmp_path):
     sharded.write(1, None, scored.schema, [{"example_id": "all-rejected", "reason": "ValueError: x"}])
     assert {r["example_id"] for r in sharded.rejected()} == bad | {"all-rejected"}
     sharded.check_complete([*rows["example_id"].to_pylist(), "all-rejected"], sharded.read())
+
+
+def test_engine_and_writer_stages_write_whole_shards_with_rejected_rows(rows, tmp_path):
+    """The pass's two stages without Ray: the engine side scores shards and marks rejected rows, the
+    writer side finishes (ROUGE-L here), writes each shard whole and reports it; a shard that arrives
+    split is refused rather than half-written."""
+    shards = split_into_shards(rows.slice(0, 10), 4)
+    bad = rows["example_id"][5].as_py()
+
+    def score(batch: pa.Table) -> pa.Table:
+        if bad in batch["example_id"].to_pylist():
+            raise ValueError("rejected by the engine")
+        answered = batch.append_column("student_answer", batch["response"])
+        return answered.append_column("generated_tokens", pa.array([2] * batch.num_rows))
+
+    engine = ShardEngine("reflect", score, (ValueError,), "skip")
+    sharded = ShardedPass("reflect", Location.of(tmp_path), SETTINGS_KEY, {"engine": "x"})
+    writer = ShardWriter(sharded, add_rouge, lambda table: table.schema, "generated_tokens")
+    summaries = [writer(engine(shard)).to_pylist()[0] for shard in shards]
+    assert [s["rows"] for s in summaries] == [4, 4, 2] and [s["tokens"] for s in summaries] == [8, 6, 4]
+    assert [r["example_id"] for r in sharded.rejected()] == [bad]
+    written = sharded.read()
+    assert written.num_rows == 9 and written["rouge_l"].to_pylist() == [1.0] * 9  # answer == reference
+    assert not set(written.column_names) & set(PASS_COLUMNS)
+    with pytest.raises(RuntimeError, match="shard 0 arrived with 3 of 4 rows"):
+        writer(engine(shards[0]).slice(0, 3))

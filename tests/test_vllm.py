@@ -96,10 +96,30 @@ def test_reflect_stage_runs_vllm_in_ray_data_actors(ray_session, tiny_models, de
     )
 
 
+def test_calls_in_flight_share_the_engine_and_get_their_own_results(rows, vllm_engine):
+    """Two shards at once in one actor (two threads): each call gets exactly its own rows' results, equal
+    to what it gets alone (per-request seeds: a row's answer does not depend on its neighbours)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    generation = GenerationSpec(temperature=0.7, max_new_tokens=24)
+    halves = [rows.slice(0, 30), rows.slice(30, 30)]
+    alone = [score_table(half, vllm_engine, generation) for half in halves]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda half: score_table(half, vllm_engine, generation), halves))
+    for by_itself, in_flight in zip(alone, together, strict=True):
+        assert in_flight["example_id"].equals(by_itself["example_id"])
+        assert in_flight["student_answer"].equals(by_itself["student_answer"])
+        assert in_flight["student_ce"].to_pylist() == pytest.approx(by_itself["student_ce"].to_pylist(), rel=1e-5)
+    assert not vllm_engine.steps.finished, "no output left behind"
+
+
 @pytest.mark.slow
 def test_every_row_of_the_real_sets_reflects_with_both_engines(tmp_path, tiny_models):
     """Default token limits (256 prompt + 256 reference tokens) on every row of ../shared/data/eval: the
-    context budget leaves room for vLLM's scoring request, and neither engine rejects a row."""
+    context budget leaves room for vLLM's scoring request, and neither engine rejects a row.
+
+    Keep it last in this module: its second vLLM engine in the process resets vLLM's process-wide
+    parallel state, which the module's shared engine (``vllm_engine``) still needs."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from srd_ray.shards import score_isolating_rows

@@ -141,11 +141,13 @@ class ShardedPass:
         scored = map_with_engine_actors(
             todo, engine, engine_kwargs, pool, engine=self.settings["engine"], batch_size=None
         )
-        # Writers take no CPU from the pool: the engines hold the cores, and the writers' work is light. A
-        # few of them, reused: uncapped, Ray starts a fresh worker process (and its imports) per shard.
+        # One writer actor, taking no CPU from the engines (a shard's CPU work is milliseconds). An actor,
+        # not tasks: it starts with the engines, so shards are written as they come; tasks would each need a
+        # fresh worker process, whose imports (torch) wait behind the busy engines for as long as they run.
         written = scored.map_batches(
-            writer, batch_size=None, batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(WRITERS)
-        )
+            type(writer), fn_constructor_kwargs=vars(writer), batch_size=None, batch_format="pyarrow", num_cpus=0,
+            compute=ray.data.ActorPoolStrategy(size=1),
+        )  # fmt: skip
         with reraise_srd_error():
             total = sum(shard.num_rows for shard in todo)
             return follow_progress(self.stage, written.iter_rows(), total, tokens_label)
@@ -206,8 +208,6 @@ def follow_progress(stage: str, summaries: Iterable[dict[str, Any]], total_rows:
             progress.update(done["rows"], **{f"{tokens_label}/s": done["tokens"] / elapsed})
     return done
 
-
-WRITERS = 2  # concurrent writer tasks per pass: enough to keep up with the engines (one shard is ~ms of work)
 
 # Columns the engine stage adds for the writer stage (dropped before a shard is written).
 SHARD_INDEX, SHARD_ROWS, ENGINE_SECONDS, REJECTED = "shard_index", "shard_rows", "engine_seconds", "rejected_reason"
@@ -271,7 +271,7 @@ class ShardEngine:
 
 @dataclass(frozen=True)
 class ShardWriter:
-    """The CPU side of a pass, in tasks beside the engine actors: finish each shard's scored rows
+    """The CPU side of a pass, in an actor beside the engine actors: finish each shard's scored rows
     (``finish``, e.g. ROUGE-L), write it whole with the rows set aside, and return one summary row."""
 
     sharded: ShardedPass

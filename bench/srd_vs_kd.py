@@ -149,6 +149,19 @@ def compared_spec(base: dict[str, Any], settings: dict[str, Any], work: Path, lo
     return spec
 
 
+def prepare_base(settings: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The base run every compared run starts from: data prepared, teacher fine-tuned, and the teacher and
+    the untrained student evaluated once (a rerun skips what is done). Returns the base spec."""
+    base = base_spec(settings, work)
+    base_path = write_spec(base, work)
+    srd("run", str(base_path), "--stages", "prepare,teacher_sft")
+    for label, model in (("teacher", work / "base" / "teacher_sft" / "model"), ("student_before", None)):
+        if not (work / "base" / "evaluate" / label / "summary.json").exists():
+            path = model or Path(base["models"]["student"]["path"].replace("${run_dir}", str(work / "base")))
+            srd("evaluate", str(base_path), "--model", str(path), "--name", label)
+    return base
+
+
 def srd(*args: str) -> None:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "srd_ray.cli", *args], check=True, cwd=ROOT)
@@ -291,13 +304,7 @@ def main() -> None:
     settings = pair_settings(args.pair, ROOT / "bench" / ".cache")
 
     # Reruns skip finished runs (the run directory's manifest), so an interrupted experiment continues.
-    base = base_spec(settings, work)
-    base_path = write_spec(base, work)
-    srd("run", str(base_path), "--stages", "prepare,teacher_sft")
-    for label, model in (("teacher", work / "base" / "teacher_sft" / "model"), ("student_before", None)):
-        if not (work / "base" / "evaluate" / label / "summary.json").exists():
-            path = model or Path(base["models"]["student"]["path"].replace("${run_dir}", str(work / "base")))
-            srd("evaluate", str(base_path), "--model", str(path), "--name", label)
+    base = prepare_base(settings, work)
     for loss in losses:
         for seed in seeds:
             for curriculum in ("none", "srd"):

@@ -44,10 +44,10 @@ from srd_vs_kd import (  # noqa: E402  (the shared pair settings and run helpers
     RESULTS,
     SHARED_EVAL,
     base_scores,
-    base_spec,
     compared_spec,
     mean_std,
     pair_settings,
+    prepare_base,
     srd,
     write_spec,
 )
@@ -218,13 +218,7 @@ def run_pair(pair: str) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = (ROOT / "bench" / ".cache" / "teacher_signal" / pair).resolve()
     settings = {**pair_settings(pair, ROOT / "bench" / ".cache"), **EVAL[pair]}
-    base = base_spec(settings, work)
-    base_path = write_spec(base, work)
-    srd("run", str(base_path), "--stages", "prepare,teacher_sft")
-    for label, model in (("teacher", work / "base" / "teacher_sft" / "model"), ("student_before", None)):
-        if not (work / "base" / "evaluate" / label / "summary.json").exists():
-            path = model or Path(base["models"]["student"]["path"].replace("${run_dir}", str(work / "base")))
-            srd("evaluate", str(base_path), "--model", str(path), "--name", label)
+    base = prepare_base(settings, work)
     for seed in SEEDS:
         for signal in ("online", "topk"):
             srd("run", str(write_spec(run_spec(base, settings, work, signal, seed), work)))

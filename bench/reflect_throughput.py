@@ -153,21 +153,13 @@ def run_ours(train: str, model_path: str, rows: int, config: Config, settings, o
     return summary, scored.select(["example_id", "student_answer", "rouge_l", "student_ce", "generated_tokens"])
 
 
-def run_ray_data_llm(table: pa.Table, model_path: str, settings: dict) -> pa.Table:
-    """The same job written with ``ray.data.llm`` as its documentation suggests: one vLLM processor fed
-    token ids, a generation request and a CE request (``prompt_logprobs=0``) per row, ROUGE-L and the CE
-    in its postprocess. Engine settings match srd-ray's (eager, whole prefills, the n-gram ban)."""
-    import ray
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-    from transformers import AutoTokenizer
-
+def ray_data_llm_requests(table: pa.Table, tokenizer, settings: dict) -> tuple[list[dict], list[dict]]:
+    """Per row, a generation request (the answer) and a scoring request (the CE over the reference's
+    positions), tokenized exactly as srd-ray tokenizes."""
     from srd_ray.engines import row_seed
     from srd_ray.models import IGNORE_INDEX, encode_example, encode_prompt
-    from srd_ray.scoring import rouge_l
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    eos = tokenizer.eos_token_id
-    common = {"top_k": 0, "top_p": 1.0, "stop_token_ids": [eos], "detokenize": False}
+    common = {"top_k": 0, "top_p": 1.0, "stop_token_ids": [tokenizer.eos_token_id], "detokenize": False}
     answers, scorings = [], []
     for row in table.to_pylist():
         prompt_ids = encode_prompt(tokenizer, row["prompt"], settings["max_prompt_tokens"]).ids
@@ -183,6 +175,21 @@ def run_ray_data_llm(table: pa.Table, model_path: str, settings: dict) -> pa.Tab
         base = {"example_id": row["example_id"], "references": row["references"], "response_positions": responses}
         answers.append({**base, "kind": "answer", "tokenized_prompt": prompt_ids, "sampling_params": answer})
         scorings.append({**base, "kind": "ce", "tokenized_prompt": example.input_ids, "sampling_params": scoring})
+    return answers, scorings
+
+
+def run_ray_data_llm(table: pa.Table, model_path: str, settings: dict) -> pa.Table:
+    """The same job written with ``ray.data.llm`` as its documentation suggests: one vLLM processor fed
+    token ids, a generation request and a CE request (``prompt_logprobs=0``) per row, ROUGE-L and the CE
+    in its postprocess. Engine settings match srd-ray's (eager, whole prefills, the n-gram ban)."""
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    from transformers import AutoTokenizer
+
+    from srd_ray.scoring import rouge_l
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    answers, scorings = ray_data_llm_requests(table, tokenizer, settings)
 
     def postprocess(row: dict) -> dict:
         out = {"example_id": row["example_id"], "kind": row["kind"], "generated_tokens": row["num_generated_tokens"]}

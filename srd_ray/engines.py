@@ -377,10 +377,7 @@ class VLLMEngine:
             requests += [TokensPrompt(prompt_token_ids=e.ids) for e in encoded]
             params += [self._sampling(settings, seed) for seed in seeds]
         if responses is not None:
-            examples = [
-                encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
-                for p, r in zip(prompts, responses, strict=True)
-            ]
+            examples = self._examples(prompts, responses)
             requests += [TokensPrompt(prompt_token_ids=e.input_ids) for e in examples]
             params += [self._scoring(0)] * len(examples)
         outputs = self.steps.run(requests, params)
@@ -412,10 +409,7 @@ class VLLMEngine:
     def response_topk(self, prompts: list[str], responses: list[str], k: int) -> list[TopK]:
         """From ``prompt_logprobs=k``: at each position vLLM returns the k most likely tokens (ranks 1..k),
         plus the actual token when it ranks lower, which is left out here."""
-        examples = [
-            encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
-            for p, r in zip(prompts, responses, strict=True)
-        ]
+        examples = self._examples(prompts, responses)
         outputs = self._prompt_logprobs([e.input_ids for e in examples], k)
         results = []
         for example, output in zip(examples, outputs, strict=True):
@@ -431,6 +425,13 @@ class VLLMEngine:
                 tail = np.log1p(-np.minimum(mass, 1.0)).astype(np.float32)
             results.append(TopK(ids, logprobs, tail))
         return results
+
+    def _examples(self, prompts: list[str], responses: list[str]) -> list[TrainingExample]:
+        """Prompt + reference, tokenized exactly as training tokenizes them."""
+        return [
+            encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
 
     def _prompt_logprobs(self, token_ids: list[list[int]], k: int) -> list:
         from vllm.inputs import TokensPrompt

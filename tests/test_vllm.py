@@ -64,6 +64,39 @@ def test_engines_agree_on_the_top_k_teacher_signal(tiny_models, data, rows, vllm
     assert mismatched / tokens < 0.01, f"{mismatched} of {tokens} top-k ids differ (near-ties may swap)"
 
 
+def test_after_a_weight_sync_vllm_scores_a_sequence_as_the_trainer_does(tiny_models, vllm_engine):
+    """On-policy generation actors: the trained student's weights loaded through vLLM's own loader give
+    the trainer's log-probabilities (fp32 on CPU, within 1e-4 relative); sampled ids end at EOS."""
+    import torch
+
+    from srd_ray.distill.parallel import full_state_dict
+    from srd_ray.models import load_model
+
+    student = load_model(ModelSpec(path=tiny_models["student"]))
+    original = {name: tensor.clone() for name, tensor in full_state_dict(student).items()}
+    torch.manual_seed(0)
+    with torch.no_grad():  # weights moved as a few training steps would move them
+        for parameter in student.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    ids = vllm_engine.tokenizer("Where is the blue tower? It stands north of the lake.")["input_ids"]
+    with torch.no_grad():
+        logits = student(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+    before = np.array(vllm_engine.sequence_logprobs([ids])[0])
+    try:
+        vllm_engine.load_weights(full_state_dict(student))
+        after = np.array(vllm_engine.sequence_logprobs([ids])[0])
+        sampled = vllm_engine.sample_tokens([ids, ids[:5]], GenerationSpec(temperature=1.0, max_new_tokens=12,
+                                                                           no_repeat_ngram_size=0), [1, 2])  # fmt: skip
+    finally:
+        vllm_engine.load_weights(original)
+    assert np.abs(before - expected).max() > 1e-2  # the weights did change
+    np.testing.assert_allclose(after, expected, rtol=1e-4, atol=1e-6)
+    eos = vllm_engine.tokenizer.eos_token_id
+    assert all(0 < len(s) <= 12 and eos not in s[:-1] for s in sampled)
+    np.testing.assert_allclose(vllm_engine.sequence_logprobs([ids])[0], before, rtol=1e-5, atol=1e-6)
+
+
 def test_vllm_bans_repeated_ngrams(vllm_engine):
     """With no_repeat_ngram_size=2 no bigram of the answer may occur earlier in prompt + answer."""
     from vllm import SamplingParams
@@ -94,6 +127,35 @@ def test_reflect_stage_runs_vllm_in_ray_data_actors(ray_session, tiny_models, de
     assert sorted(read_scored(tmp_path / "reflect")["example_id"].to_pylist()) == sorted(
         table["example_id"].to_pylist()
     )
+
+
+def test_on_policy_ddp_workers_train_on_samples_from_vllm_actors(ray_session, tiny_models, rows, tmp_path):
+    """GKD-style on-policy distillation on Ray Train: 2 DDP workers, one vLLM generation actor that gets
+    the trained weights before every step's samples, and per-step generate / sync / train times."""
+    import json
+
+    from srd_ray.distill.driver import run_training
+    from srd_ray.distill.losses import LossSettings
+    from srd_ray.distill.worker import StagePlan, TrainingJob
+    from srd_ray.spec import DistillSpec, StageSpec, StudentModelSpec, TeacherModelSpec
+
+    generation = {"mode": "on", "engine": "vllm", "num_cpus_per_actor": 0.5, "batch_size": 8}
+    job = TrainingJob(
+        name="on_policy", training=DistillSpec(num_workers=2, num_cpus_per_worker=0.5, batch_size=4,
+                                               log_every_steps=1, loss="jsd", student_generation=generation),
+        data=DataSpec(train=DataSourceSpec(path="unused"), max_response_tokens=16),
+        student=StudentModelSpec(path=tiny_models["student"]), teacher=TeacherModelSpec(path=tiny_models["teacher"]),
+        plan=(StagePlan(0, ("all",), StageSpec(steps=3, kd_weight=0.5, temperature=1.0, lr=1e-3)),),
+        loss=LossSettings("jsd"), seed=0, metrics_path=str(tmp_path / "metrics.jsonl"), generation_engine="vllm",
+    )  # fmt: skip
+    datasets = {"all": ray_session.data.from_arrow(rows.slice(0, 32).select(["example_id", "prompt", "response"]))}
+    summary = run_training(job, datasets, tmp_path)
+    assert summary["optimizer_steps"] == 3
+    logged = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
+    assert [r["sources"] for r in logged] == [{"samples": 1}] * 3
+    assert all(r["generate_s"] > 0 and r["sync_s"] > 0 and r["train_s"] > 0 for r in logged)
+    # Every step's rows are samples of at most max_response_tokens tokens: 8 rows, <= 16 tokens each.
+    assert all(0 < r["tokens_seen"] <= 8 * 16 * r["global_step"] for r in logged)
 
 
 def test_calls_in_flight_share_the_engine_and_get_their_own_results(rows, vllm_engine):

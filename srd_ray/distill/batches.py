@@ -95,7 +95,7 @@ def plan_epoch(
     remainder = order[full:]
     if remainder and layout.steps_per_epoch(len(order)) > len(steps):
         steps.append(remainder)
-    return [_deal(rows, lengths, response_tokens, layout) for rows in steps]
+    return [deal_step(rows, lengths, response_tokens, layout) for rows in steps]
 
 
 def _split(items: list[int], parts: int) -> list[list[int]]:
@@ -105,7 +105,8 @@ def _split(items: list[int], parts: int) -> list[list[int]]:
     return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
 
 
-def _deal(rows: list[int], lengths: Sequence[int], response_tokens: Sequence[int], layout: BatchLayout) -> StepPlan:
+def deal_step(rows: list[int], lengths: Sequence[int], response_tokens: Sequence[int], layout: BatchLayout) -> StepPlan:
+    """One step over ``rows``: micro-batches of similar lengths, each split over the workers."""
     if layout.group_by_length:
         rows = sorted(rows, key=lambda i: -lengths[i])
     bands = _split(rows, layout._micro_batches(len(rows)))

@@ -86,7 +86,21 @@ def run_training(
         "model": str(trained_model(stage_dir)),
         "stages": stage_losses(records),
         "heldout_kd": heldout_losses(records),
+        **generation_totals(records),
     }
+
+
+def generation_totals(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """With student generation: steps per source and the seconds spent generating, syncing and training."""
+    steps = [r for r in records if "sources" in r]
+    if not steps:
+        return {}
+    sources: dict[str, int] = {}
+    for record in steps:
+        for name, count in record["sources"].items():
+            sources[name] = sources.get(name, 0) + count
+    seconds = {key: round(sum(r[key] for r in steps), 2) for key in ("generate_s", "sync_s", "train_s")}
+    return {"student_generation": {"steps_by_source": sources, **seconds}}
 
 
 def total_steps(job: TrainingJob, rows: dict[str, int]) -> int:

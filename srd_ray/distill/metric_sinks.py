@@ -19,7 +19,10 @@ from srd_ray.storage import Location
 log = logging.getLogger(__name__)
 
 # The per-step and per-event numbers worth a curve.
-KEYS = ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s", "padding_fraction", "heldout_kd")
+KEYS = (
+    "loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s", "padding_fraction", "heldout_kd",
+    "generate_s", "sync_s", "train_s",  # student generation: the window's split
+)  # fmt: skip
 
 
 class MetricSinks:

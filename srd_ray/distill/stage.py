@@ -13,7 +13,8 @@ import pyarrow as pa
 from srd_ray.distill.driver import run_training
 from srd_ray.distill.losses import LossSettings
 from srd_ray.distill.worker import SIGNAL_DATASET, StagePlan, TrainingJob
-from srd_ray.errors import DataError
+from srd_ray.engines import resolve_engine
+from srd_ray.errors import DataError, SpecError
 from srd_ray.models import load_tokenizer
 from srd_ray.rank import bucket_dir, read_manifest
 from srd_ray.spec import DistillSpec, JobSpec, ModelSpec, StageSpec
@@ -83,6 +84,21 @@ def training_rows(spec: JobSpec, rank_dir: Place | None, train_rows: pa.Table) -
     return pa.concat_tables(bucket_tables(Location.of(rank_dir), range(spec.rank.keep_buckets)).values())
 
 
+def generation_engine(spec: JobSpec) -> str:
+    """The engine of ``distill.student_generation``. Generation actors load plain weights, so a LoRA
+    student samples in the training workers (transformers)."""
+    settings = spec.distill.student_generation
+    if settings.mode == "off":
+        return "transformers"
+    lora = spec.models.student.lora is not None
+    if settings.engine == "vllm" and lora:
+        raise SpecError(
+            "distill.student_generation.engine is vllm, but a LoRA student (models.student.lora) samples in the "
+            "training workers: use engine transformers or auto"
+        )
+    return "transformers" if lora else resolve_engine(settings.engine, "distill.student_generation.engine")
+
+
 def run_distill(
     spec: JobSpec,
     teacher: ModelSpec,
@@ -120,6 +136,7 @@ def run_distill(
         plan=plan, loss=distill.loss_settings, reset_optimizer_each_stage=distill.reset_optimizer_each_stage,
         teacher_dtype=distill.teacher_dtype, teacher_signal=distill.teacher_signal,
         heldout=tuple(zip(*(heldout[c].to_pylist() for c in TRAINING_COLUMNS), strict=True)),
+        generation_engine=generation_engine(spec), vllm=spec.engine.vllm,
     )  # fmt: skip
     summary = run_training(job, datasets, stage_dir, rows={name: table.num_rows for name, table in tables.items()})
     summary["curriculum"] = distill.curriculum

@@ -29,6 +29,7 @@ class TrainState:
     scheduler: dict[str, Any] | None = None
     grad_scaler: dict[str, Any] | None = None  # fp16-mixed only
     rng: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per rank: CPU and (if any) CUDA state
+    replay: dict[str, Any] | None = None  # student generation's replay buffer (ReplayBuffer.state())
 
     def save(self, folder: Path) -> None:
         torch.save({f.name: getattr(self, f.name) for f in fields(self)}, folder / TRAINING_STATE)

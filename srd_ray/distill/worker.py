@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from srd_ray import storage
-from srd_ray.distill.batches import BatchLayout, MicroBatch, StepPlan, epoch_seed, plan_epoch, stage_steps
+from srd_ray.distill.batches import BatchLayout, MicroBatch, StepPlan, deal_step, epoch_seed, plan_epoch, stage_steps
 from srd_ray.distill.losses import LossSettings, StageWeights
 from srd_ray.distill.metric_sinks import MetricSinks
 from srd_ray.distill.parallel import (
@@ -45,6 +45,14 @@ from srd_ray.distill.parallel import (
 )
 from srd_ray.distill.state import MERGED_DIR, MODEL_DIR, TrainState, capture_rng, restore_rng
 from srd_ray.distill.step import DistillationModel, StepResult, StepSettings, heldout_kd, train_step
+from srd_ray.distill.student_generation import (
+    ReplayBuffer,
+    Source,
+    StepSourcePolicy,
+    StudentGeneration,
+    build_sampler,
+    prompt_ids,
+)
 from srd_ray.engines import TopK
 from srd_ray.errors import DataError, ModelError
 from srd_ray.models import (
@@ -58,7 +66,7 @@ from srd_ray.models import (
     load_model,
     load_tokenizer,
 )
-from srd_ray.spec import DataSpec, ModelSpec, StageSpec, TrainingSpec
+from srd_ray.spec import DataSpec, ModelSpec, StageSpec, StudentGenerationSpec, TrainingSpec, VllmSpec
 from srd_ray.storage import Location
 from srd_ray.teacher_signal import signals_by_id
 
@@ -95,6 +103,12 @@ class TrainingJob:
     teacher_signal: str = "online"
     run_name: str = "srd"  # the MLflow experiment, when metrics go there
     heldout: tuple[tuple[str, str, str], ...] = ()  # (example_id, prompt, response) for the held-out KD metric
+    generation_engine: str = "transformers"  # student_generation's engine, resolved by the driver
+    vllm: VllmSpec = field(default_factory=VllmSpec)
+
+    @property
+    def student_generation(self) -> StudentGenerationSpec:
+        return getattr(self.training, "student_generation", None) or StudentGenerationSpec()
 
     @property
     def uses_teacher_model(self) -> bool:
@@ -144,7 +158,10 @@ class Window:
     positions: int = 0
     padding: int = 0
 
-    def add(self, plan: StepPlan) -> None:
+    sources: dict[str, int] = field(default_factory=dict)  # steps per source (student generation only)
+
+    def add(self, plan: StepPlan, source: Source = Source.REFERENCE) -> None:
+        self.sources[source.value] = self.sources.get(source.value, 0) + 1
         self.tokens += plan.num_items
         self.positions += plan.positions
         self.padding += plan.padding
@@ -164,6 +181,7 @@ class Trainer:
         self.examples: dict[str, list[tuple[TrainingExample, TopK | None]]] = {}
         self.signals: dict[str, TopK] | None = None  # the stored teacher signal, by example_id
         self.latest_metrics: dict[str, float] = {}  # rides along with each checkpoint report
+        self.generation: StudentGeneration | None = None
 
     # ----------------------------------------------------------------------------------------------------
     # Setup
@@ -189,11 +207,30 @@ class Trainer:
         self.scaler = self.precision.grad_scaler(self.device)
         self.optimizer = self.scheduler = None
         if not self.job.reset_optimizer_each_stage:  # one schedule over every stage: count all steps first
-            total = sum(self._stage_steps(stage, self._pool(stage)) for stage in self.job.plan)
-            self._new_optimizer(self.job.plan[0].settings.lr, total)
+            self._new_optimizer(self.job.plan[0].settings.lr, self._total_steps())
+        if self.job.student_generation.mode != "off":
+            self.generation = self._student_generation()
         self.heldout = self._heldout_batches()
         if self.state.global_step == 0 and self.state.stage == 0:
             self._record_heldout(after_stage=-1)
+
+    def _total_steps(self) -> int:
+        return sum(self._stage_steps(stage, self._pool(stage)) for stage in self.job.plan)
+
+    def _student_generation(self) -> StudentGeneration:
+        settings, job = self.job.student_generation, self.job
+        if settings.mode in ("mixed", "adaptive") and settings.replay_capacity < self.layout.rows_per_step:
+            raise DataError(
+                f"distill.student_generation.replay_capacity ({settings.replay_capacity}) is smaller than one "
+                f"step's rows ({self.layout.rows_per_step}): a step could not be drawn from the buffer"
+            )
+        sampler = build_sampler(
+            settings, job.generation_engine, job.student, job.data, job.vllm, tokenizer=self.tokenizer,
+            rank=self.host.rank, world=self.host.world, sharded=self.sharded,
+        )  # fmt: skip
+        buffer = ReplayBuffer.from_state(self.state.replay, settings.replay_capacity)
+        policy = StepSourcePolicy(settings, self.job.seed)
+        return StudentGeneration(policy, buffer, sampler, settings.sync_every_steps, total_steps=self._total_steps())
 
     def _build_model(self, checkpoint: Path | None) -> nn.Module:
         """Student (from the spec or the checkpoint) and frozen teacher, wrapped for data parallelism."""
@@ -317,6 +354,8 @@ class Trainer:
         finally:
             if self.sinks is not None:
                 self.sinks.close()
+            if self.generation is not None:
+                self.generation.sampler.close()
 
     def run_stage(self, stage: StagePlan) -> None:
         pool = self._pool(stage)
@@ -337,14 +376,15 @@ class Trainer:
             if plans is None or within == 0:
                 seed = epoch_seed(self.job.seed, stage.index, epoch)
                 plans = plan_epoch(pool.lengths, pool.scored_tokens, self.layout, seed)
-            result = self._step(pool, plans[within], settings)
+            step_pool, plan, source = self._step_rows(pool, plans[within])
+            result = self._step(step_pool, plan, settings)
             self.state.stage_step, self.state.global_step = stage_step + 1, self.state.global_step + 1
-            self.state.tokens_seen += plans[within].num_items
-            window.add(plans[within])
-            stage_window.add(plans[within])
+            self.state.tokens_seen += plan.num_items
+            window.add(plan, source)
+            stage_window.add(plan, source)
             # Every log_every_steps, and the last step of each stage: a short stage still reports its losses.
             if self.state.global_step % self.training.log_every_steps == 0 or stage_step + 1 == total:
-                self._log_step(stage, epoch, result, plans[within], window)
+                self._log_step(stage, epoch, result, plan, window)
                 window = Window()
             every = self.training.checkpoint_every_steps
             if every and self.state.global_step % every == 0 and stage_step + 1 < total:
@@ -354,6 +394,20 @@ class Trainer:
         self._record_heldout(after_stage=stage.index)
         self.state.stage, self.state.stage_step = stage.index + 1, 0
         self.save_checkpoint(final=stage.index == self.job.plan[-1].index)
+
+    def _step_rows(self, pool: Pool, plan: StepPlan) -> tuple[Pool, StepPlan, Source]:
+        """The step's rows: the planned references, or (student generation) the student's samples of the
+        planned rows' prompts or a draw from the replay buffer, dealt to workers like planned rows."""
+        if self.generation is None:
+            return pool, plan, Source.REFERENCE
+        source = self.generation.choose(self.state.global_step)
+        if source.train_on is Source.REFERENCE:
+            return pool, plan, source.train_on
+        prompts = [prompt_ids(pool.examples[i]) for micro in plan.groups for part in micro for i in part]
+        rows = self.generation.rows_for(source, self.state.global_step, prompts, self.model)
+        generated = Pool.of([(row, None) for row in rows])
+        return generated, deal_step(list(range(len(rows))), generated.lengths, generated.scored_tokens,
+                                    self.layout), source.train_on  # fmt: skip
 
     def _step(self, pool: Pool, plan: StepPlan, settings: StepSettings) -> StepResult:
         pad = self.tokenizer.pad_token_id
@@ -379,6 +433,8 @@ class Trainer:
             "tokens_seen": self.state.tokens_seen, "tokens_per_s": window.tokens / max(elapsed, 1e-9),
             "padding_fraction": window.padding / max(window.positions, 1),
         }  # fmt: skip
+        if self.generation is not None:
+            metrics.update(self.generation.times.take(elapsed), sources=window.sources)
         self.latest_metrics = {k: metrics[k] for k in ("loss", "ce", "kd", "lr", "tokens_per_s")}
         self._append_metrics(metrics)
         if self.training.report_every_log_step:
@@ -399,9 +455,10 @@ class Trainer:
                      100 * metrics["padding_fraction"])  # fmt: skip
         else:
             log.info(
-                "stage %d epoch %d step %d: loss %.4f (ce %.4f, kd %.4f), lr %.2e, %.0f tokens/s, %.0f%% padding",
+                "stage %d epoch %d step %d: loss %.4f (ce %.4f, kd %.4f), lr %.2e, %.0f tokens/s, %.0f%% padding%s",
                 metrics["stage"], metrics["epoch"], metrics["global_step"], metrics["loss"], metrics["ce"],
                 metrics["kd"], metrics["lr"], metrics["tokens_per_s"], 100 * metrics["padding_fraction"],
+                _generation_note(metrics),
             )  # fmt: skip
 
     def _log_stage_start(self, stage: StagePlan, pool: Pool, total: int, per_epoch: int) -> None:
@@ -437,6 +494,7 @@ class Trainer:
             scheduler=self.scheduler.state_dict(),
             grad_scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
             rng=gather_objects(capture_rng(self.device)),
+            replay=self.generation.buffer.state() if self.generation is not None else None,
         )  # fmt: skip
         metrics = {"stage": state.stage, "stage_step": state.stage_step, "global_step": state.global_step,
                    "tokens_seen": state.tokens_seen, **self.latest_metrics, "checkpoint": True}  # fmt: skip
@@ -457,6 +515,15 @@ class Trainer:
         merged = load_adapter(load_model(self.job.student, "cpu"), str(folder / MODEL_DIR)).merge_and_unload()
         merged.save_pretrained(folder / MERGED_DIR, safe_serialization=True)
         self.tokenizer.save_pretrained(folder / MERGED_DIR)
+
+
+def _generation_note(metrics: dict[str, Any]) -> str:
+    """Student generation's share of the window, for the log line."""
+    if "generate_s" not in metrics:
+        return ""
+    sources = ", ".join(f"{count} {name}" for name, count in sorted(metrics["sources"].items()))
+    return (f"; steps: {sources}; generate {metrics['generate_s']:.1f}s, sync {metrics['sync_s']:.1f}s, "
+            f"train {metrics['train_s']:.1f}s")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,0 +1,341 @@
+"""Student-generated responses during distillation: GKD's on-policy and mixed modes and DistiLLM's adaptive
+mode, on the SRD curriculum's prompts.
+
+Per optimizer step, ``StepSourcePolicy`` picks what the step trains on: the references (as off-policy KD),
+fresh samples of the current student, or a batch drawn from the ``ReplayBuffer`` of earlier samples. The
+draw comes from (seed, global step) alone, so every worker takes the same branch at every step and a
+resumed run takes the branches the uninterrupted one would have.
+
+Samples come from a ``Sampler``:
+
+- ``ActorSampler`` (engine vllm): a pool of Ray actors, each holding an inference engine (the same
+  :mod:`srd_ray.engines` that reflection and evaluation use) with a copy of the student. Every
+  ``sync_every_steps`` optimizer steps the trained weights are gathered (FSDP shards included), put into
+  the object store once, and loaded by every actor through the engine's own weight loader. Worker 0 sends
+  a step's prompts in one call per actor and shares the samples with the other workers.
+- ``InWorkerSampler`` (engine transformers): each worker samples its share of the step's prompts with
+  ``generate`` on the model it trains (the SRD release's way); the workers then exchange their samples.
+
+A generated row is the prompt's training tokens followed by the sampled tokens, which are also its labels:
+the CE and the KD terms are both computed on the student's own samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from srd_ray.distill.parallel import broadcast_object, full_state_dict, gather_objects, unwrap
+from srd_ray.models import IGNORE_INDEX, TrainingExample
+from srd_ray.spec import DataSpec, GenerationSpec, ModelSpec, StudentGenerationSpec, VllmSpec
+
+log = logging.getLogger(__name__)
+
+
+class Source(Enum):
+    """What one optimizer step trains on."""
+
+    REFERENCE = "reference"  # the pool's reference responses
+    SAMPLES = "samples"  # the current student's samples of the step's prompts
+    BUFFER = "buffer"  # a batch drawn from the replay buffer
+
+
+@dataclass(frozen=True)
+class StepSource:
+    train_on: Source
+    generate: bool = False  # sample the step's prompts first
+    push: bool = False  # and add the samples to the replay buffer
+
+
+REFERENCE = StepSource(Source.REFERENCE)
+
+
+def step_uniform(seed: int, global_step: int) -> float:
+    """The step's draw r ~ U(0, 1): a function of (seed, step) only, the same on every worker."""
+    return float(np.random.default_rng([seed, global_step, 0x5EED]).random())
+
+
+@dataclass(frozen=True)
+class StepSourcePolicy:
+    """Which source each step trains on, per ``student_generation.mode`` (see the spec section)."""
+
+    settings: StudentGenerationSpec
+    seed: int
+
+    def threshold(self, step: int, total_steps: int) -> float:
+        """DistiLLM's adaptive threshold after ``step`` of ``total_steps`` optimizer steps."""
+        init, progress = self.settings.init_threshold, step / max(total_steps, 1)
+        if self.settings.replay_ratio == "constant":
+            return 0.5 * init
+        if self.settings.replay_ratio == "increasing":
+            return init * progress
+        return init * (1 - progress)
+
+    def choose(self, step: int, total_steps: int, buffer_full: bool) -> StepSource:
+        return self.choose_for_draw(step_uniform(self.seed, step), step, total_steps, buffer_full)
+
+    def choose_for_draw(self, r: float, step: int, total_steps: int, buffer_full: bool) -> StepSource:
+        settings = self.settings
+        if settings.mode == "on":
+            return StepSource(Source.SAMPLES, generate=True)
+        if settings.mode == "mixed":
+            return StepSource(Source.BUFFER, generate=True, push=True) if r < settings.mixed_alpha else REFERENCE
+        if settings.mode == "adaptive":
+            init = settings.init_threshold
+            if r < self.threshold(step, total_steps) or (r < init and not buffer_full):
+                return StepSource(Source.SAMPLES, generate=True, push=True)
+            return StepSource(Source.BUFFER) if r < init else REFERENCE
+        return REFERENCE
+
+
+@dataclass
+class ReplayBuffer:
+    """The newest ``capacity`` generated rows, as (prompt ids, sampled ids); drawn from without replacement
+    with a (seed, step) generator, so every worker draws the same rows."""
+
+    capacity: int
+    prompts: list[list[int]] = field(default_factory=list)
+    responses: list[list[int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def full(self) -> bool:
+        return len(self) >= self.capacity
+
+    def push(self, prompts: list[list[int]], responses: list[list[int]]) -> None:
+        self.prompts += prompts
+        self.responses += responses
+        overflow = len(self) - self.capacity
+        if overflow > 0:  # first in, first out
+            del self.prompts[:overflow], self.responses[:overflow]
+
+    def draw(self, rows: int, seed: int, step: int) -> tuple[list[list[int]], list[list[int]]]:
+        if rows > len(self):
+            raise ValueError(f"the replay buffer holds {len(self)} rows; a step needs {rows}")
+        chosen = np.random.default_rng([seed, step, 0xB0FF]).choice(len(self), size=rows, replace=False)
+        return [self.prompts[i] for i in chosen], [self.responses[i] for i in chosen]
+
+    def state(self) -> dict[str, Any]:
+        """Plain lists: a checkpoint's training state loads with ``weights_only=True``."""
+        return {"capacity": self.capacity, "prompts": self.prompts, "responses": self.responses}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None, capacity: int) -> ReplayBuffer:
+        if not state:
+            return cls(capacity)
+        buffer = cls(capacity, list(state["prompts"]), list(state["responses"]))
+        buffer.push([], [])  # a smaller capacity than the checkpoint's keeps the newest rows
+        return buffer
+
+
+def prompt_ids(example: TrainingExample) -> list[int]:
+    """A training row's prompt tokens: those before its first label."""
+    first = next(t for t, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    return example.input_ids[:first]
+
+
+def generated_example(prompt: list[int], sampled: list[int]) -> TrainingExample:
+    """A row whose response (and labels) are the sampled tokens."""
+    if not sampled:
+        raise ValueError("a sample has no tokens")
+    return TrainingExample(prompt + sampled, [IGNORE_INDEX] * len(prompt) + sampled, prompt_truncated=False)
+
+
+def sampling_settings(settings: StudentGenerationSpec, data: DataSpec) -> GenerationSpec:
+    """The samples' settings: the issue's (and GKD's) plain sampling, up to a reference's length."""
+    return GenerationSpec(
+        temperature=settings.generation_temperature, top_k=0, top_p=1.0, no_repeat_ngram_size=0,
+        max_new_tokens=data.max_response_tokens,
+    )  # fmt: skip
+
+
+def sample_seeds(seed: int, step: int, rows: int) -> list[int]:
+    return np.random.default_rng([seed, step, 0x5A3]).integers(0, 2**31 - 1, size=rows).tolist()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Samplers
+
+
+class Sampler(Protocol):
+    def sync(self, model: nn.Module) -> None:
+        """Bring the generator to the trained weights (collective: every worker calls it)."""
+
+    def sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        """Sampled ids for every prompt of the step (collective; every worker gets all of them)."""
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class GenerationTimes:
+    """Seconds spent generating and syncing since the last log line."""
+
+    generate_s: float = 0.0
+    sync_s: float = 0.0
+
+    def take(self, elapsed_s: float) -> dict[str, float]:
+        """The window's split of ``elapsed_s`` into generating, syncing and training; starts a new window."""
+        split = {"generate_s": self.generate_s, "sync_s": self.sync_s,
+                 "train_s": max(elapsed_s - self.generate_s - self.sync_s, 0.0)}  # fmt: skip
+        self.generate_s = self.sync_s = 0.0
+        return split
+
+
+class InWorkerSampler:
+    """Each worker samples its contiguous share of the prompts with the model it trains."""
+
+    def __init__(self, settings: GenerationSpec, tokenizer: Any, rank: int, world: int, sharded: bool) -> None:
+        self.settings, self.tokenizer = settings, tokenizer
+        self.rank, self.world, self.sharded = rank, world, sharded
+        self.model: nn.Module | None = None
+
+    def sync(self, model: nn.Module) -> None:
+        self.model = model  # the live model: nothing to copy
+
+    def sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        from srd_ray.engines import generate_tokens
+
+        share = np.array_split(np.arange(len(prompts)), self.world)[self.rank].tolist()
+        student = unwrap(self.model).student
+        was_training = student.training
+        student.eval()
+        with torch.no_grad():
+            mine = generate_tokens(
+                student, [prompts[i] for i in share], self.settings, seed + self.rank, self.tokenizer,
+                synced_gpus=self.sharded,
+            ) if share else []  # fmt: skip
+        student.train(was_training)
+        return [ids for part in gather_objects(mine) for ids in part]
+
+    def close(self) -> None:
+        pass
+
+
+class GenerationActor:
+    """A Ray actor holding one inference engine loaded with the student."""
+
+    def __init__(self, engine: str, model: ModelSpec, data: DataSpec, settings: StudentGenerationSpec,
+                 vllm: VllmSpec) -> None:  # fmt: skip
+        from srd_ray.engines import build_engine
+
+        self.engine = build_engine(
+            engine, model, data, settings, max_new_tokens=data.max_response_tokens, vllm=vllm, max_logprobs=0
+        )
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.engine.load_weights(weights)
+
+    def sample_tokens(self, prompts: list[list[int]], settings: GenerationSpec, seeds: list[int]) -> list[list[int]]:
+        return self.engine.sample_tokens(prompts, settings, seeds)
+
+    def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        return self.engine.sequence_logprobs(token_ids)
+
+
+class ActorSampler:
+    """Worker 0 drives a pool of ``GenerationActor``; the other workers receive its samples."""
+
+    def __init__(
+        self, engine: str, student: ModelSpec, data: DataSpec, settings: StudentGenerationSpec, vllm: VllmSpec,
+        rank: int,
+    ) -> None:  # fmt: skip
+        self.rank, self.actors = rank, []
+        self.sampling = sampling_settings(settings, data)
+        if rank == 0:
+            import ray
+
+            # Outside the training workers' placement group: the actors bring their own resources.
+            remote = ray.remote(GenerationActor).options(
+                num_cpus=settings.num_cpus_per_actor,
+                num_gpus=settings.num_gpus_per_actor,
+                scheduling_strategy="DEFAULT",
+            )
+            self.actors = [remote.remote(engine, student, data, settings, vllm) for _ in range(settings.concurrency)]
+
+    def sync(self, model: nn.Module) -> None:
+        weights = full_state_dict(unwrap(model).student)  # collective under FSDP
+        if self.rank == 0:
+            import ray
+
+            reference = ray.put(weights)  # one copy in the object store, read by every actor
+            ray.get([actor.load_weights.remote(reference) for actor in self.actors])
+        broadcast_object(None)  # the others wait until the actors hold the new weights
+
+    def sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        samples = None
+        if self.rank == 0:
+            import ray
+
+            seeds = sample_seeds(seed, 0, len(prompts))
+            parts = np.array_split(np.arange(len(prompts)), len(self.actors))
+            calls = [
+                actor.sample_tokens.remote([prompts[i] for i in part], self.sampling, [seeds[i] for i in part])
+                for actor, part in zip(self.actors, parts, strict=True)
+                if len(part)
+            ]
+            samples = [ids for result in ray.get(calls) for ids in result]
+        return broadcast_object(samples)
+
+    def close(self) -> None:
+        if self.actors:
+            import ray
+
+            for actor in self.actors:
+                ray.kill(actor)
+            self.actors = []
+
+
+def build_sampler(
+    settings: StudentGenerationSpec, engine: str, student: ModelSpec, data: DataSpec, vllm: VllmSpec, *,
+    tokenizer: Any, rank: int, world: int, sharded: bool,
+) -> Sampler:  # fmt: skip
+    """``engine`` is resolved (see :func:`srd_ray.engines.resolve_engine`)."""
+    if engine == "transformers":
+        return InWorkerSampler(sampling_settings(settings, data), tokenizer, rank, world, sharded)
+    return ActorSampler(engine, student, data, settings, vllm, rank)
+
+
+@dataclass
+class StudentGeneration:
+    """A trainer's on-policy machinery: the policy, the buffer, the sampler, and the time they take."""
+
+    policy: StepSourcePolicy
+    buffer: ReplayBuffer
+    sampler: Sampler
+    sync_every_steps: int
+    total_steps: int  # over all stages: the adaptive threshold's schedule
+    times: GenerationTimes = field(default_factory=GenerationTimes)
+    synced_at: int | None = None  # the global step whose weights the sampler holds
+
+    def choose(self, step: int) -> StepSource:
+        return self.policy.choose(step, self.total_steps, self.buffer.full)
+
+    def rows_for(
+        self, source: StepSource, step: int, prompts: list[list[int]], model: nn.Module
+    ) -> list[TrainingExample]:
+        """The step's training rows for a generated or replayed source (``prompts``: the step's rows'
+        prompts, in plan order)."""
+        if source.generate:
+            if self.synced_at is None or step - self.synced_at >= self.sync_every_steps:
+                started = time.perf_counter()
+                self.sampler.sync(model)
+                self.synced_at = step
+                self.times.sync_s += time.perf_counter() - started
+            started = time.perf_counter()
+            sampled = self.sampler.sample(prompts, self.policy.seed * 1_000_003 + step)
+            self.times.generate_s += time.perf_counter() - started
+            if source.push:
+                self.buffer.push(prompts, sampled)
+        if source.train_on is Source.BUFFER:
+            prompts, sampled = self.buffer.draw(len(prompts), self.policy.seed, step)
+        return [generated_example(p, s) for p, s in zip(prompts, sampled, strict=True)]

@@ -1,0 +1,206 @@
+"""On-policy distillation (student generation): how fast the student's samples come, and what GKD gives
+with and without the SRD curriculum.
+
+Protocol, fixed before running (results in bench/results/on_policy.{json,md}):
+
+1. **Generation speed.** ``student_generation.mode: on`` (every step trains on fresh samples), jsd, one
+   training stage of ``--speed-steps`` steps on the pair's training rows, batch and token limits as in
+   ``bench/srd_vs_kd.py``. Two engines at equal settings (temperature 1, up to ``max_response_tokens``)
+   and equal CPUs (the whole machine):
+   - ``vllm``: one vLLM generation actor (1 CPU) fed the trained weights before every step, the training
+     worker on the other CPU;
+   - ``transformers``: the release's way, ``generate`` inside the training worker (2 CPUs).
+   Reported: steps/s over the training loop (setup excluded), and the loop's split into generating,
+   syncing weights and training, from the per-step metrics.
+2. **Method results.** GKD (``mixed``, mixed_alpha 0.5, generalised JSD with jsd_beta 0.9, replay buffer of
+   1000 rows) as KD (``curriculum: none``, epochs as the KD baseline) and as SRD (3 stages over 1/4, 2/4,
+   3/4 of the rows), training seeds 0, 1, 2, on the tiny pair; ROUGE-L x100 on the demo's held-out split
+   and the real sets, wall times; next to the off-policy fkl rows of bench/results/srd_vs_kd_tiny.json.
+
+    python bench/on_policy.py                 # both parts, tiny pair: about 30 minutes on 2 cores
+    python bench/on_policy.py --parts speed   # only the generation speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from srd_vs_kd import (  # noqa: E402  (the shared pair settings and run helpers)
+    RESULTS,
+    base_scores,
+    compared_spec,
+    mean_std,
+    pair_settings,
+    prepare_base,
+    run_record,
+    srd,
+    write_spec,
+)
+
+SEEDS = [0, 1, 2]
+GKD = {"mode": "mixed", "mixed_alpha": 0.5, "replay_capacity": 1000, "generation_temperature": 1.0}
+
+
+def metric_rows(run_dir: Path) -> list[dict[str, Any]]:
+    lines = (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if "event" not in row]
+
+
+# --------------------------------------------------------------------------------------------------------
+# 1. Generation speed
+
+
+def speed_spec(base: dict, settings: dict, work: Path, engine: str, steps: int) -> dict[str, Any]:
+    spec = compared_spec(base, settings, work, "jsd", 0, "none")
+    spec["run"]["name"] = f"speed-{engine}"
+    distill = spec["distill"]
+    distill["stages"] = [{"steps": steps, "kd_weight": 1.0, "temperature": 1.0, "lr": settings["distill"]["lr"]}]
+    distill["log_every_steps"] = 1
+    distill["num_cpus_per_worker"] = 1 if engine == "vllm" else 2
+    distill["student_generation"] = {"mode": "on", "engine": engine, "num_cpus_per_actor": 1}
+    return spec
+
+
+def speed(base: dict, settings: dict, work: Path, steps: int) -> dict[str, Any]:
+    results = {}
+    for engine in ("vllm", "transformers"):
+        path = write_spec(speed_spec(base, settings, work, engine, steps), work)
+        srd("run", str(path), "--stages", "distill")
+        rows = metric_rows(work / f"speed-{engine}")
+        # Each logged step's window covers that one step (log_every_steps 1); the first step also pays
+        # the generation actor's start-up wait and the first sync, so it is reported apart.
+        split = {key: sum(row[key] for row in rows[1:]) for key in ("generate_s", "sync_s", "train_s")}
+        loop_s = sum(split.values())
+        results[engine] = {
+            "steps": len(rows),
+            "steps_per_s": (len(rows) - 1) / loop_s,
+            "loop_s": loop_s,
+            **split,
+            "first_step_s": rows[0]["generate_s"] + rows[0]["sync_s"] + rows[0]["train_s"],
+            "tokens_per_step": rows[-1]["tokens_seen"] / len(rows),
+        }
+        print(f"[on_policy] {engine}: {results[engine]}", flush=True)
+    results["vllm_over_transformers"] = results["vllm"]["steps_per_s"] / results["transformers"]["steps_per_s"]
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2. Method results
+
+
+def gkd_spec(base: dict, settings: dict, work: Path, seed: int, curriculum: str) -> dict[str, Any]:
+    spec = compared_spec(base, settings, work, "jsd", seed, curriculum)
+    spec["run"]["name"] = f"gkd-{'srd' if curriculum == 'srd' else 'kd'}-seed{seed}"
+    spec["distill"]["student_generation"] = {**GKD, "engine": "auto"}
+    return spec
+
+
+def method_record(run_dir: Path) -> dict[str, Any]:
+    record = run_record(run_dir)
+    record["average"] = statistics.fmean(record["scores"].values())
+    sources: dict[str, int] = {}
+    for row in metric_rows(run_dir):
+        for name, count in row.get("sources", {}).items():
+            sources[name] = sources.get(name, 0) + count
+    record["sources"] = sources
+    record["generate_s"] = sum(row.get("generate_s", 0.0) for row in metric_rows(run_dir))
+    return record
+
+
+def methods(base: dict, settings: dict, work: Path) -> dict[str, Any]:
+    for seed in SEEDS:
+        for curriculum in ("none", "srd"):
+            srd("run", str(write_spec(gkd_spec(base, settings, work, seed, curriculum), work)))
+    runs = {method: [method_record(work / f"gkd-{method}-seed{seed}") for seed in SEEDS] for method in ("kd", "srd")}
+    off_policy = RESULTS / "srd_vs_kd_tiny.json"
+    return {"gkd": runs, "off_policy_fkl": json.loads(off_policy.read_text())["losses"]["fkl"]}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Report
+
+
+def speed_markdown(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Generation speed (`mode: on`, jsd)",
+        "",
+        "| engine | steps/s | loop s | generate s | sync s | train s | first step s | tokens/step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for engine in ("vllm", "transformers"):
+        r = results[engine]
+        lines.append(
+            f"| {engine} | {r['steps_per_s']:.3f} | {r['loop_s']:.1f} | {r['generate_s']:.1f} | {r['sync_s']:.2f} "
+            f"| {r['train_s']:.1f} | {r['first_step_s']:.1f} | {r['tokens_per_step']:.0f} |"
+        )
+    lines += ["", f"vLLM actor over in-worker `generate`: **{results['vllm_over_transformers']:.2f}x** steps/s.", ""]
+    return lines
+
+
+def methods_markdown(results: dict[str, Any], sets: list[str]) -> list[str]:
+    lines = [
+        "## GKD (mixed, jsd) with and without the SRD curriculum, next to off-policy fkl",
+        "",
+        "| model | " + " | ".join(sets) + " | average | train s | end-to-end s | steps | sampled steps |",
+        "|---|" + "---|" * (len(sets) + 5),
+    ]
+    rows = [(f"GKD {m.upper()}", results["gkd"][m]) for m in ("kd", "srd")]
+    rows += [(f"off-policy {m.upper()} fkl", results["off_policy_fkl"][m]) for m in ("kd", "srd")]
+    for label, runs in rows:
+        cells = []
+        for name in [*sets, "average"]:
+            mean, std = mean_std([run["scores"][name] if name != "average" else run["average"] for run in runs])
+            cells.append(f"{mean:.2f} ± {std:.2f}")
+        timings = [statistics.fmean(run[key] for run in runs) for key in ("train_wall_s", "end_to_end_s")]
+        sampled = runs[0].get("sources", {}).get("buffer", "")
+        lines.append(
+            f"| {label} | " + " | ".join(cells)
+            + f" | {timings[0]:.1f} | {timings[1]:.1f} | {runs[0]['optimizer_steps']} | {sampled} |"
+        )  # fmt: skip
+    return [*lines, ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--parts", default="speed,methods")
+    parser.add_argument("--speed-steps", type=int, default=30)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parts = args.parts.split(",")
+    work = (ROOT / "bench" / ".cache" / "on_policy" / args.pair).resolve()
+    settings = pair_settings(args.pair, ROOT / "bench" / ".cache")
+    base = prepare_base(settings, work)
+    path = RESULTS / "on_policy.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update({"pair": args.pair, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"})
+    results["reference"] = base_scores(work)
+    if "speed" in parts:
+        results["speed"] = speed(base, settings, work, args.speed_steps)
+    if "methods" in parts:
+        results["methods"] = methods(base, settings, work)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    sets = sorted(results["reference"]["teacher"])
+    lines = [f"# On-policy distillation: {results['pair']} pair", "", f"Machine: {results['machine']}.", ""]
+    if "speed" in results:
+        lines += speed_markdown(results["speed"])
+    if "methods" in results:
+        lines += methods_markdown(results["methods"], sets)
+    (RESULTS / "on_policy.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

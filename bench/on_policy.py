@@ -6,15 +6,17 @@ Protocol, fixed before running (results in bench/results/on_policy.{json,md}):
 1. **Generation speed.** ``student_generation.mode: on`` (every step trains on fresh samples), jsd, one
    training stage of ``--speed-steps`` steps on the pair's training rows, batch and token limits as in
    ``bench/srd_vs_kd.py``. Two engines at equal settings (temperature 1, up to ``max_response_tokens``)
-   and equal CPUs (the whole machine):
-   - ``vllm``: one vLLM generation actor (1 CPU) fed the trained weights before every step, the training
-     worker on the other CPU;
+   and equal CPUs (the whole machine for each phase of a step):
+   - ``vllm``: one vLLM generation actor fed the trained weights before every step. Generating and
+     training take turns within a step, so the actor and the training worker are each given both cores
+     (Ray is told of 4 logical CPUs: 2 for the worker, 2 for the actor);
    - ``transformers``: the release's way, ``generate`` inside the training worker (2 CPUs).
    Reported: steps/s over the training loop (setup excluded), and the loop's split into generating,
    syncing weights and training, from the per-step metrics.
 2. **Method results.** GKD (``mixed``, mixed_alpha 0.5, generalised JSD with jsd_beta 0.9, replay buffer of
-   1000 rows) as KD (``curriculum: none``, epochs as the KD baseline) and as SRD (3 stages over 1/4, 2/4,
-   3/4 of the rows), training seeds 0, 1, 2, on the tiny pair; ROUGE-L x100 on the demo's held-out split
+   1000 rows; vLLM generation actors where vLLM is installed, given CPUs as above) as KD (``curriculum:
+   none``, epochs as the KD baseline) and as SRD (3 stages over 1/4, 2/4, 3/4 of the rows), training
+   seeds 0, 1, 2, on the tiny pair; ROUGE-L x100 on the demo's held-out split
    and the real sets, wall times; next to the off-policy fkl rows of bench/results/srd_vs_kd_tiny.json.
 
     python bench/on_policy.py                 # both parts, tiny pair: about 30 minutes on 2 cores
@@ -66,8 +68,18 @@ def speed_spec(base: dict, settings: dict, work: Path, engine: str, steps: int) 
     distill = spec["distill"]
     distill["stages"] = [{"steps": steps, "kd_weight": 1.0, "temperature": 1.0, "lr": settings["distill"]["lr"]}]
     distill["log_every_steps"] = 1
-    distill["num_cpus_per_worker"] = 1 if engine == "vllm" else 2
-    distill["student_generation"] = {"mode": "on", "engine": engine, "num_cpus_per_actor": 1}
+    distill["student_generation"] = {"mode": "on", "engine": engine}
+    return with_generation_cpus(spec)
+
+
+def with_generation_cpus(spec: dict[str, Any]) -> dict[str, Any]:
+    """The training worker and a vLLM generation actor take turns within a step: 2 logical CPUs each, on
+    the machine's 2 cores (the in-worker engine needs nothing extra)."""
+    generation = spec["distill"]["student_generation"]
+    if generation["engine"] != "transformers":
+        spec["ray"] = {**spec.get("ray", {}), "num_cpus": 4}
+        generation["num_cpus_per_actor"] = 2
+    spec["distill"]["num_cpus_per_worker"] = 2
     return spec
 
 
@@ -102,7 +114,7 @@ def gkd_spec(base: dict, settings: dict, work: Path, seed: int, curriculum: str)
     spec = compared_spec(base, settings, work, "jsd", seed, curriculum)
     spec["run"]["name"] = f"gkd-{'srd' if curriculum == 'srd' else 'kd'}-seed{seed}"
     spec["distill"]["student_generation"] = {**GKD, "engine": "auto"}
-    return spec
+    return with_generation_cpus(spec)
 
 
 def method_record(run_dir: Path) -> dict[str, Any]:

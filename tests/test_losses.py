@@ -135,3 +135,16 @@ def test_training_sums_cut_padded_vocab_and_skip_prompt_tokens():
     assert ce_sum.item() == pytest.approx(ce.item(), rel=1e-6)
     kd = kd_loss(student[:, 1:3, :vocab], teacher[:, 1:3, :vocab], torch.ones(1, 2, dtype=torch.bool), fkl) * 2
     assert kd_sum.item() == pytest.approx(kd.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_is_gkds_generalised_jsd_of_student_and_teacher(beta):
+    """GKD's D_JSD(β)(S‖T) = β·KL(S‖M) + (1−β)·KL(T‖M), M = β·S + (1−β)·T (S student Q, T teacher P); at
+    β = 0.5 the symmetric JSD. The on-policy modes use the registry's jsd as it is."""
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    value = kd_loss(logits_of(Q), logits_of(P), mask, LossSettings("jsd", jsd_beta=beta)).item()
+    m = mix(beta, Q, P)
+    assert value == pytest.approx(beta * kl(Q, m) + (1 - beta) * kl(P, m), rel=1e-5)
+    if beta == 0.5:
+        half = mix(0.5, P, Q)
+        assert value == pytest.approx(0.5 * kl(P, half) + 0.5 * kl(Q, half), rel=1e-5)

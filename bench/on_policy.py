@@ -21,6 +21,7 @@ Protocol, fixed before running (results in bench/results/on_policy.{json,md}):
 
     python bench/on_policy.py                 # both parts, tiny pair: about 30 minutes on 2 cores
     python bench/on_policy.py --parts speed   # only the generation speed
+    python bench/on_policy.py --pair smollm2 --parts speed --speed-steps 20   # about 8 minutes
 """
 
 from __future__ import annotations
@@ -142,26 +143,35 @@ def methods(base: dict, settings: dict, work: Path) -> dict[str, Any]:
 # Report
 
 
-def speed_markdown(results: dict[str, Any]) -> list[str]:
+def speed_markdown(by_pair: dict[str, Any]) -> list[str]:
     lines = [
         "## Generation speed (`mode: on`, jsd)",
         "",
-        "| engine | steps/s | loop s | generate s | sync s | train s | first step s | tokens/step |",
-        "|---|---|---|---|---|---|---|---|",
+        "Loop and its split: every step but the first (which also waits for the generation actor to start).",
+        "",
+        "| pair | engine | steps/s | loop s | generate s | sync s | train s | first step s | tokens/step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for engine in ("vllm", "transformers"):
-        r = results[engine]
-        lines.append(
-            f"| {engine} | {r['steps_per_s']:.3f} | {r['loop_s']:.1f} | {r['generate_s']:.1f} | {r['sync_s']:.2f} "
-            f"| {r['train_s']:.1f} | {r['first_step_s']:.1f} | {r['tokens_per_step']:.0f} |"
-        )
-    lines += ["", f"vLLM actor over in-worker `generate`: **{results['vllm_over_transformers']:.2f}x** steps/s.", ""]
-    return lines
+    for pair, results in by_pair.items():
+        for engine in ("vllm", "transformers"):
+            r = results[engine]
+            lines.append(
+                f"| {pair} | {engine} | {r['steps_per_s']:.3f} | {r['loop_s']:.1f} | {r['generate_s']:.1f} "
+                f"| {r['sync_s']:.2f} | {r['train_s']:.1f} | {r['first_step_s']:.1f} | {r['tokens_per_step']:.0f} |"
+            )
+    lines.append("")
+    for pair, results in by_pair.items():
+        ratio = results["vllm_over_transformers"]
+        lines.append(f"- {pair}: vLLM actor over in-worker `generate`: **{ratio:.2f}x** steps/s.")
+    return [*lines, ""]
 
 
-def methods_markdown(results: dict[str, Any], sets: list[str]) -> list[str]:
+def methods_markdown(results: dict[str, Any]) -> list[str]:
+    sets = sorted(results["reference"]["teacher"])
     lines = [
-        "## GKD (mixed, jsd) with and without the SRD curriculum, next to off-policy fkl",
+        f"## GKD (mixed, jsd) with and without the SRD curriculum, next to off-policy fkl ({results['pair']} pair)",
+        "",
+        "ROUGE-L x100, mean ± std over training seeds; off-policy rows from bench/results/srd_vs_kd_tiny.json.",
         "",
         "| model | " + " | ".join(sets) + " | average | train s | end-to-end s | steps | sampled steps |",
         "|---|" + "---|" * (len(sets) + 5),
@@ -196,20 +206,18 @@ def main() -> None:
     base = prepare_base(settings, work)
     path = RESULTS / "on_policy.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results.update({"pair": args.pair, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"})
-    results["reference"] = base_scores(work)
-    if "speed" in parts:
-        results["speed"] = speed(base, settings, work, args.speed_steps)
+    results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"
+    if "speed" in parts:  # per pair
+        results["speed"] = {**results.get("speed", {}), args.pair: speed(base, settings, work, args.speed_steps)}
     if "methods" in parts:
-        results["methods"] = methods(base, settings, work)
+        results["methods"] = {"pair": args.pair, **methods(base, settings, work), "reference": base_scores(work)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
-    sets = sorted(results["reference"]["teacher"])
-    lines = [f"# On-policy distillation: {results['pair']} pair", "", f"Machine: {results['machine']}.", ""]
+    lines = ["# On-policy distillation", "", f"Machine: {results['machine']}. Protocol: `bench/on_policy.py`.", ""]
     if "speed" in results:
         lines += speed_markdown(results["speed"])
     if "methods" in results:
-        lines += methods_markdown(results["methods"], sets)
+        lines += methods_markdown(results["methods"])
     (RESULTS / "on_policy.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -212,34 +212,29 @@ class TransformersEngine:
     @torch.inference_mode()
     def generate(self, prompts: list[str], settings: GenerationSpec, seeds: list[int]) -> Generations:
         encoded = [encode_prompt(self.tokenizer, p, self.data.max_prompt_tokens) for p in prompts]
-        texts: list[str] = [""] * len(prompts)
-        counts: list[int] = [0] * len(prompts)
-        for rows in self._batches([len(e.ids) for e in encoded]):
-            batch_texts, batch_counts = self._generate_batch([encoded[i].ids for i in rows], settings, seeds[rows[0]])
-            for i, text, count in zip(rows, batch_texts, batch_counts, strict=True):
-                texts[i], counts[i] = text, count
-        return Generations(texts, counts, [e.truncated for e in encoded])
-
-    def _generate_batch(self, prompts: list[list[int]], settings: GenerationSpec, seed: int) -> tuple[list, list]:
-        tokens = generate_tokens(self.model, prompts, settings, seed, self.tokenizer)
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return [t.strip() for t in texts], [len(ids) for ids in tokens]
+        tokens = self._sample([e.ids for e in encoded], settings, seeds)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        return Generations(texts, [len(ids) for ids in tokens], [e.truncated for e in encoded])
 
     @_one_call_at_a_time
     @torch.inference_mode()
     def sample_tokens(self, prompts: list[list[int]], settings: GenerationSpec, seeds: list[int]) -> list[list[int]]:
         """The sampled token ids of each prompt (token ids in), up to and including the first EOS."""
+        return self._sample(prompts, settings, seeds)
+
+    def _sample(self, prompts: list[list[int]], settings: GenerationSpec, seeds: list[int]) -> list[list[int]]:
+        """In batches of similar length, each seeded with its first row's seed."""
         tokens: list[list[int]] = [[] for _ in prompts]
         for rows in self._batches([len(ids) for ids in prompts]):
-            for i, ids in zip(rows, generate_tokens(self.model, [prompts[i] for i in rows], settings, seeds[rows[0]],
-                                                     self.tokenizer), strict=True):  # fmt: skip
+            batch = generate_tokens(self.model, [prompts[i] for i in rows], settings, seeds[rows[0]], self.tokenizer)
+            for i, ids in zip(rows, batch, strict=True):
                 tokens[i] = ids
         return tokens
 
     @_one_call_at_a_time
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Replace the model's weights (a full state dict with the model's own names)."""
-        self.model.load_state_dict(weights, strict=False)
+        self.model.load_state_dict(weights)
 
     @_one_call_at_a_time
     @torch.inference_mode()

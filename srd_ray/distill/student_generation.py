@@ -22,7 +22,6 @@ the CE and the KD terms are both computed on the student's own samples.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -35,8 +34,6 @@ from torch import nn
 from srd_ray.distill.parallel import broadcast_object, full_state_dict, gather_objects, unwrap
 from srd_ray.models import IGNORE_INDEX, TrainingExample
 from srd_ray.spec import DataSpec, GenerationSpec, ModelSpec, StudentGenerationSpec, VllmSpec
-
-log = logging.getLogger(__name__)
 
 
 class Source(Enum):
@@ -126,7 +123,7 @@ class ReplayBuffer:
 
     def state(self) -> dict[str, Any]:
         """Plain lists: a checkpoint's training state loads with ``weights_only=True``."""
-        return {"capacity": self.capacity, "prompts": self.prompts, "responses": self.responses}
+        return {"prompts": self.prompts, "responses": self.responses}
 
     @classmethod
     def from_state(cls, state: dict[str, Any] | None, capacity: int) -> ReplayBuffer:
@@ -158,8 +155,9 @@ def sampling_settings(settings: StudentGenerationSpec, data: DataSpec) -> Genera
     )  # fmt: skip
 
 
-def sample_seeds(seed: int, step: int, rows: int) -> list[int]:
-    return np.random.default_rng([seed, step, 0x5A3]).integers(0, 2**31 - 1, size=rows).tolist()
+def sample_seeds(seed: int, rows: int) -> list[int]:
+    """One vLLM sampling seed per row, from the step's seed."""
+    return np.random.default_rng([seed, 0x5A3]).integers(0, 2**31 - 1, size=rows).tolist()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -276,7 +274,7 @@ class ActorSampler:
         if self.rank == 0:
             import ray
 
-            seeds = sample_seeds(seed, 0, len(prompts))
+            seeds = sample_seeds(seed, len(prompts))
             parts = np.array_split(np.arange(len(prompts)), len(self.actors))
             calls = [
                 actor.sample_tokens.remote([prompts[i] for i in part], self.sampling, [seeds[i] for i in part])

@@ -206,18 +206,18 @@ class Trainer:
             self.signals = signals_by_id(self.host.table(SIGNAL_DATASET))
         self.scaler = self.precision.grad_scaler(self.device)
         self.optimizer = self.scheduler = None
-        if not self.job.reset_optimizer_each_stage:  # one schedule over every stage: count all steps first
-            self._new_optimizer(self.job.plan[0].settings.lr, self._total_steps())
-        if self.job.student_generation.mode != "off":
-            self.generation = self._student_generation()
+        generating = self.job.student_generation.mode != "off"
+        if generating or not self.job.reset_optimizer_each_stage:  # these plan over every stage's steps
+            total_steps = sum(self._stage_steps(stage, self._pool(stage)) for stage in self.job.plan)
+        if not self.job.reset_optimizer_each_stage:
+            self._new_optimizer(self.job.plan[0].settings.lr, total_steps)
+        if generating:
+            self.generation = self._student_generation(total_steps)
         self.heldout = self._heldout_batches()
         if self.state.global_step == 0 and self.state.stage == 0:
             self._record_heldout(after_stage=-1)
 
-    def _total_steps(self) -> int:
-        return sum(self._stage_steps(stage, self._pool(stage)) for stage in self.job.plan)
-
-    def _student_generation(self) -> StudentGeneration:
+    def _student_generation(self, total_steps: int) -> StudentGeneration:
         settings, job = self.job.student_generation, self.job
         if settings.mode in ("mixed", "adaptive") and settings.replay_capacity < self.layout.rows_per_step:
             raise DataError(
@@ -230,7 +230,7 @@ class Trainer:
         )  # fmt: skip
         buffer = ReplayBuffer.from_state(self.state.replay, settings.replay_capacity)
         policy = StepSourcePolicy(settings, self.job.seed)
-        return StudentGeneration(policy, buffer, sampler, settings.sync_every_steps, total_steps=self._total_steps())
+        return StudentGeneration(policy, buffer, sampler, settings.sync_every_steps, total_steps)
 
     def _build_model(self, checkpoint: Path | None) -> nn.Module:
         """Student (from the spec or the checkpoint) and frozen teacher, wrapped for data parallelism."""

@@ -22,6 +22,15 @@ Protocol, fixed before running (results in bench/results/teacher_signal.{json,md
     python bench/teacher_signal.py --pair tiny        # about 20 minutes on 2 cores
     python bench/teacher_signal.py --pair smollm2     # about 90 minutes on 2 cores
     python bench/teacher_signal.py --summarize        # the markdown from both pairs' JSON
+
+4. **More evaluation seeds on the demo held-out split** (added after the first SmolLM2 run, whose 60-row,
+   2-seed paired difference there had a std of 2.45): each of the 6 trained students is evaluated again on
+   all 60 held-out rows with the 10 sampling seeds 10, 20, ..., 100 (the first two repeat the run's own),
+   same generation settings. Reported next to the run's table: mean ± std over training seeds of the
+   10-seed means, the paired topk - online difference, and the eval-seed noise (the std over the 10 seeds
+   of one student's per-seed mean, averaged over students).
+
+    python bench/teacher_signal.py --pair smollm2 --more-demo-seeds   # about 10 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ KS = [8, 32, 64, 128]
 K = 64
 APPROXIMATION_ROWS = 32
 EVAL = {"tiny": {"eval_rows": 100, "eval_seeds": [10, 20, 30]}, "smollm2": {"eval_rows": 60, "eval_seeds": [10, 20]}}
+MORE_DEMO_SEEDS = list(range(10, 101, 10))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -163,6 +173,49 @@ def run_record(run_dir: Path) -> dict[str, Any]:
         "signal": stages.get("teacher_signal", {}).get("summary"),
         "heldout_kd": distill["heldout_kd"],
     }
+
+
+def more_demo_seeds(pair: str) -> dict[str, Any]:
+    """Part 4: every trained student on the demo held-out split again, with ``MORE_DEMO_SEEDS``."""
+    import yaml
+
+    work = (ROOT / "bench" / ".cache" / "teacher_signal" / pair).resolve()
+    label = f"demo_heldout_{len(MORE_DEMO_SEEDS)}_seeds"
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for signal in ("online", "topk"):
+        for seed in SEEDS:
+            spec = yaml.safe_load((work / "specs" / f"{signal}-seed{seed}.yaml").read_text())
+            spec["data"]["eval_sets"] = {"demo_heldout": spec["data"]["eval_sets"]["demo_heldout"]}
+            spec["evaluate"].update(seeds=MORE_DEMO_SEEDS, max_examples=None)
+            model = work / f"{signal}-seed{seed}" / "distill" / "model"
+            spec["models"]["student"]["path"] = str(model)  # the run's own may point into a removed worktree
+            path = work / "specs" / f"{signal}-seed{seed}-{label}.yaml"
+            path.write_text(yaml.safe_dump(spec, sort_keys=False))
+            srd("evaluate", str(path), "--model", str(model), "--name", label)
+            summary = json.loads((work / f"{signal}-seed{seed}" / "evaluate" / label / "summary.json").read_text())
+            result = summary["demo_heldout"]
+            runs.setdefault(signal, []).append(
+                {"rouge_l": result["rouge_l"], "eval_seed_std": result["rouge_l_std"], "rows": result["examples"]}
+            )
+    return {"eval_seeds": MORE_DEMO_SEEDS, "runs": runs}
+
+
+def more_seeds_lines(more: dict[str, Any]) -> list[str]:
+    runs = more["runs"]
+    rows = runs["online"][0]["rows"]
+    lines = [f"Demo held-out split again, all {rows} rows x {len(more['eval_seeds'])} sampling seeds "
+             f"{more['eval_seeds'][0]}..{more['eval_seeds'][-1]} per trained student (protocol part 4):", "",
+             "| signal | per training seed | mean ± std | eval-seed std of one student |",
+             "|---|---|---|---|"]  # fmt: skip
+    for signal in ("online", "topk"):
+        scores = [r["rouge_l"] for r in runs[signal]]
+        noise = statistics.fmean(r["eval_seed_std"] for r in runs[signal])
+        lines.append(f"| {signal} | " + ", ".join(f"{x:.2f}" for x in scores)
+                     + " | {:.2f} ± {:.2f} | {:.2f} |".format(*mean_std(scores), noise))  # fmt: skip
+    differences = [t["rouge_l"] - o["rouge_l"] for t, o in zip(runs["topk"], runs["online"], strict=True)]
+    lines.append("| topk - online (paired) | " + ", ".join(f"{x:+.2f}" for x in differences)
+                 + " | {:+.2f} ± {:.2f} | |".format(*mean_std(differences)))  # fmt: skip
+    return [*lines, ""]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -294,6 +347,8 @@ def run_table(pair: str, result: dict[str, Any]) -> list[str]:
     lines.append("| topk - online (paired) | " + " | ".join(differences) +
                  " | {:.2f}x | {:.2f}x | {:.2f}x | | |".format(*ratio))  # fmt: skip
     signal = runs["topk"][0]["signal"]
+    if "more_demo_seeds" in result:
+        lines += ["", *more_seeds_lines(result["more_demo_seeds"])]
     lines += ["", f"Teacher pass: {signal['rows']} rows, {signal['response_tokens']} response tokens, "
               f"{signal['stored_bytes'] / 2**20:.1f} MB stored ({signal['stored_bytes_per_token']} bytes per token; "
               f"{signal['raw_bytes_per_token']} uncompressed), engine {signal['engine']}.", ""]  # fmt: skip
@@ -320,9 +375,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", choices=["tiny", "smollm2"])
     parser.add_argument("--summarize", action="store_true", help="only rewrite the markdown from the JSON files")
+    parser.add_argument("--more-demo-seeds", action="store_true", help="part 4 only, on --pair's trained students")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.pair:
+    if args.pair and args.more_demo_seeds:
+        path = RESULTS / f"teacher_signal_{args.pair}.json"
+        result = json.loads(path.read_text())
+        result["more_demo_seeds"] = more_demo_seeds(args.pair)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    elif args.pair:
         result = run_pair(args.pair)
         (RESULTS / f"teacher_signal_{args.pair}.json").write_text(json.dumps(result, indent=2) + "\n")
     results = {pair: json.loads(path.read_text()) for pair in ("tiny", "smollm2")

@@ -193,7 +193,7 @@ def more_demo_seeds(pair: str) -> dict[str, Any]:
             path.write_text(yaml.safe_dump(spec, sort_keys=False))
             srd("evaluate", str(path), "--model", str(model), "--name", label)
             summary = json.loads((work / f"{signal}-seed{seed}" / "evaluate" / label / "summary.json").read_text())
-            result = summary["demo_heldout"]
+            result = summary["sets"]["demo_heldout"]
             runs.setdefault(signal, []).append(
                 {"rouge_l": result["rouge_l"], "eval_seed_std": result["rouge_l_std"], "rows": result["examples"]}
             )

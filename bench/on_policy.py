@@ -12,7 +12,13 @@ Protocol, fixed before running (results in bench/results/on_policy.{json,md}):
      (Ray is told of 4 logical CPUs: 2 for the worker, 2 for the actor);
    - ``transformers``: the release's way, ``generate`` inside the training worker (2 CPUs).
    Reported: steps/s over the training loop (setup excluded), and the loop's split into generating,
-   syncing weights and training, from the per-step metrics.
+   syncing weights and training, from the per-step metrics. ``--speed-response-tokens N`` runs the same
+   comparison with up to N sampled tokens (the SRD release samples up to 256).
+1b. **Weight sync, piece by piece** (``--parts sync``): the pair's student, one vLLM generation actor (2
+   CPUs), ``--sync-repeats`` syncs per transport after one warm-up: gathering the state dict, ``ray.put``,
+   and the actor's call split into the engine's own loading and the rest (transport: fetching and
+   deserialising). Transports: the state dict of torch tensors as is (pickled) and ``PackedWeights``
+   (NumPy arrays, mapped from the object store without a copy).
 2. **Method results.** GKD (``mixed``, mixed_alpha 0.5, generalised JSD with jsd_beta 0.9, replay buffer of
    1000 rows; vLLM generation actors where vLLM is installed, given CPUs as above) as KD (``curriculum:
    none``, epochs as the KD baseline) and as SRD (3 stages over 1/4, 2/4, 3/4 of the rows), training
@@ -22,6 +28,7 @@ Protocol, fixed before running (results in bench/results/on_policy.{json,md}):
     python bench/on_policy.py                 # both parts, tiny pair: about 30 minutes on 2 cores
     python bench/on_policy.py --parts speed   # only the generation speed
     python bench/on_policy.py --pair smollm2 --parts speed --speed-steps 20   # about 8 minutes
+    python bench/on_policy.py --pair smollm2 --parts sync                      # about 2 minutes
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +115,53 @@ def speed(base: dict, settings: dict, work: Path, steps: int) -> dict[str, Any]:
     return results
 
 
+def sync_breakdown(work: Path, repeats: int) -> dict[str, Any]:
+    import ray
+
+    from srd_ray.distill.parallel import full_state_dict
+    from srd_ray.distill.student_generation import GenerationActor, PackedWeights
+    from srd_ray.models import load_model
+    from srd_ray.spec import load_spec
+
+    class TensorDictActor(GenerationActor):
+        def load_tensors(self, weights: dict) -> float:
+            started = time.perf_counter()
+            self.engine.load_weights(weights)
+            return time.perf_counter() - started
+
+    spec = load_spec(work / "specs" / "speed-vllm.yaml")
+    student = load_model(spec.models.student)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        actor = (
+            ray.remote(TensorDictActor)
+            .options(num_cpus=2)
+            .remote("vllm", spec.models.student, spec.data, spec.distill.student_generation, spec.engine.vllm)
+        )
+        ray.get(actor.__ray_ready__.remote())
+        results = {}
+        for transport in ("torch", "numpy"):
+            samples = []
+            for _ in range(repeats + 1):  # the first warms up
+                started = time.perf_counter()
+                weights = full_state_dict(student)
+                gathered = time.perf_counter()
+                reference = ray.put(PackedWeights.of(weights) if transport == "numpy" else weights)
+                put = time.perf_counter()
+                call = actor.load_weights if transport == "numpy" else actor.load_tensors
+                load_s = ray.get(call.remote(reference))
+                done = time.perf_counter()
+                del reference
+                samples.append({"gather_s": gathered - started, "put_s": put - gathered, "load_s": load_s,
+                                "transport_s": done - put - load_s, "total_s": done - started})  # fmt: skip
+            results[transport] = {key: statistics.fmean(s[key] for s in samples[1:]) for key in samples[0]}
+            print(f"[on_policy] sync via {transport}: {results[transport]}", flush=True)
+    finally:
+        ray.shutdown()
+    megabytes = sum(t.numel() * t.element_size() for t in weights.values()) / 2**20
+    return {"repeats": repeats, "state_dict_mb": megabytes, **results}
+
+
 # --------------------------------------------------------------------------------------------------------
 # 2. Method results
 
@@ -166,6 +221,19 @@ def speed_markdown(by_pair: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def sync_markdown(by_pair: dict[str, Any]) -> list[str]:
+    lines = ["## Weight sync, piece by piece (one vLLM actor; mean of the repeats after a warm-up)", "",
+             "| pair | state dict MB | transport | gather s | ray.put s | fetch + deserialise s | engine load s "
+             "| total s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for pair, result in by_pair.items():
+        for transport in ("torch", "numpy"):
+            r = result[transport]
+            cells = [r[key] for key in ("gather_s", "put_s", "transport_s", "load_s", "total_s")]
+            lines.append(f"| {pair} | {result['state_dict_mb']:.0f} | {transport} | "
+                         + " | ".join(f"{cell:.3f}" for cell in cells) + " |")  # fmt: skip
+    return [*lines, ""]
+
+
 def methods_markdown(results: dict[str, Any]) -> list[str]:
     sets = sorted(results["reference"]["teacher"])
     lines = [
@@ -197,6 +265,8 @@ def main() -> None:
     parser.add_argument("--pair", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--parts", default="speed,methods")
     parser.add_argument("--speed-steps", type=int, default=30)
+    parser.add_argument("--speed-response-tokens", type=int, help="sample up to this many tokens (default: the pair's)")
+    parser.add_argument("--sync-repeats", type=int, default=5)
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -207,8 +277,14 @@ def main() -> None:
     path = RESULTS / "on_policy.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"
-    if "speed" in parts:  # per pair
-        results["speed"] = {**results.get("speed", {}), args.pair: speed(base, settings, work, args.speed_steps)}
+    if "speed" in parts:  # per pair and response length
+        key = args.pair
+        if args.speed_response_tokens:
+            settings["data"]["max_response_tokens"] = args.speed_response_tokens
+            key = f"{args.pair}, {args.speed_response_tokens} tokens"
+        results["speed"] = {**results.get("speed", {}), key: speed(base, settings, work, args.speed_steps)}
+    if "sync" in parts:
+        results["sync"] = {**results.get("sync", {}), args.pair: sync_breakdown(work, args.sync_repeats)}
     if "methods" in parts:
         results["methods"] = {"pair": args.pair, **methods(base, settings, work), "reference": base_scores(work)}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -216,6 +292,8 @@ def main() -> None:
     lines = ["# On-policy distillation", "", f"Machine: {results['machine']}. Protocol: `bench/on_policy.py`.", ""]
     if "speed" in results:
         lines += speed_markdown(results["speed"])
+    if "sync" in results:
+        lines += sync_markdown(results["sync"])
     if "methods" in results:
         lines += methods_markdown(results["methods"])
     (RESULTS / "on_policy.md").write_text("\n".join(lines))

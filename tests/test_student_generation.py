@@ -13,6 +13,7 @@ import torch
 
 from srd_ray.distill.student_generation import (
     InWorkerSampler,
+    PackedWeights,
     ReplayBuffer,
     Source,
     StepSourcePolicy,
@@ -186,6 +187,24 @@ def test_in_worker_sampler_samples_exactly_what_generate_samples(tiny_models):
 
 # --------------------------------------------------------------------------------------------------------
 # Spec
+
+
+def test_packed_weights_travel_out_of_band_and_come_back_bit_exact():
+    import pickle
+
+    weights = {
+        "fp32": torch.randn(3, 4),
+        "bf16": torch.randn(5).to(torch.bfloat16),
+        "fp16": torch.randn(2, 2).half(),
+        "transposed": torch.randn(4, 3).t(),
+    }
+    buffers: list[pickle.PickleBuffer] = []
+    payload = pickle.dumps(PackedWeights.of(weights), protocol=5, buffer_callback=buffers.append)
+    # What Ray does with NumPy arrays: the bytes go beside the pickle, which stays small.
+    assert len(buffers) == len(weights) and len(payload) < 2000
+    back = pickle.loads(payload, buffers=buffers).tensors()
+    for name, tensor in weights.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
 
 
 def test_spec_refuses_generation_without_a_teacher_signal_per_sample():

@@ -11,7 +11,8 @@ Samples come from a ``Sampler``:
 - ``ActorSampler`` (engine vllm): a pool of Ray actors, each holding an inference engine (the same
   :mod:`srd_ray.engines` that reflection and evaluation use) with a copy of the student. Every
   ``sync_every_steps`` optimizer steps the trained weights are gathered (FSDP shards included), put into
-  the object store once, and loaded by every actor through the engine's own weight loader. Worker 0 sends
+  the object store once as NumPy arrays (``PackedWeights``: every actor maps them without a copy), and
+  loaded by every actor through the engine's own weight loader. Worker 0 sends
   a step's prompts in one call per actor and shares the samples with the other workers.
 - ``InWorkerSampler`` (engine transformers): each worker samples its share of the step's prompts with
   ``generate`` on the model it trains (the SRD release's way); the workers then exchange their samples.
@@ -23,6 +24,7 @@ the CE and the KD terms are both computed on the student's own samples.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -219,6 +221,32 @@ class InWorkerSampler:
         pass
 
 
+@dataclass(frozen=True)
+class PackedWeights:
+    """A state dict as NumPy arrays. Ray stores NumPy arrays out of band and every reader maps them from
+    the object store without a copy; torch tensors would be pickled whole, one more serialisation and copy
+    per reader (``bench/on_policy.py --parts sync`` measures both). bfloat16, which NumPy lacks, travels
+    as its int16 bits."""
+
+    arrays: dict[str, np.ndarray]
+    dtypes: dict[str, torch.dtype]
+
+    @classmethod
+    def of(cls, weights: dict[str, torch.Tensor]) -> PackedWeights:
+        as_bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+        arrays = {
+            name: tensor.contiguous().view(as_bits.get(tensor.dtype, tensor.dtype)).numpy()
+            for name, tensor in weights.items()
+        }
+        return cls(arrays, {name: tensor.dtype for name, tensor in weights.items()})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors over the same (read-only) memory: the engines' loaders copy them into their own."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return {name: torch.from_numpy(array).view(self.dtypes[name]) for name, array in self.arrays.items()}
+
+
 class GenerationActor:
     """A Ray actor holding one inference engine loaded with the student."""
 
@@ -230,8 +258,11 @@ class GenerationActor:
             engine, model, data, settings, max_new_tokens=data.max_response_tokens, vllm=vllm, max_logprobs=0
         )
 
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self.engine.load_weights(weights)
+    def load_weights(self, weights: PackedWeights) -> float:
+        """Load ``weights``; returns the engine's own loading time (the rest of the call is transport)."""
+        started = time.perf_counter()
+        self.engine.load_weights(weights.tensors())
+        return time.perf_counter() - started
 
     def sample_tokens(self, prompts: list[list[int]], settings: GenerationSpec, seeds: list[int]) -> list[list[int]]:
         return self.engine.sample_tokens(prompts, settings, seeds)
@@ -265,7 +296,7 @@ class ActorSampler:
         if self.rank == 0:
             import ray
 
-            reference = ray.put(weights)  # one copy in the object store, read by every actor
+            reference = ray.put(PackedWeights.of(weights))  # one copy in the object store, read by every actor
             ray.get([actor.load_weights.remote(reference) for actor in self.actors])
         broadcast_object(None)  # the others wait until the actors hold the new weights
 

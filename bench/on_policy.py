@@ -73,7 +73,7 @@ def metric_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 def speed_spec(base: dict, settings: dict, work: Path, engine: str, steps: int) -> dict[str, Any]:
     spec = compared_spec(base, settings, work, "jsd", 0, "none")
-    spec["run"]["name"] = f"speed-{engine}"
+    spec["run"]["name"] = speed_run(settings, engine)
     distill = spec["distill"]
     distill["stages"] = [{"steps": steps, "kd_weight": 1.0, "temperature": 1.0, "lr": settings["distill"]["lr"]}]
     distill["log_every_steps"] = 1
@@ -92,12 +92,16 @@ def with_generation_cpus(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def speed_run(settings: dict, engine: str) -> str:
+    return f"speed-{engine}-{settings['data']['max_response_tokens']}-tokens"
+
+
 def speed(base: dict, settings: dict, work: Path, steps: int) -> dict[str, Any]:
     results = {}
     for engine in ("vllm", "transformers"):
         path = write_spec(speed_spec(base, settings, work, engine, steps), work)
         srd("run", str(path), "--stages", "distill")
-        rows = metric_rows(work / f"speed-{engine}")
+        rows = metric_rows(work / speed_run(settings, engine))
         # Each logged step's window covers that one step (log_every_steps 1); the first step also pays
         # the generation actor's start-up wait and the first sync, so it is reported apart.
         split = {key: sum(row[key] for row in rows[1:]) for key in ("generate_s", "sync_s", "train_s")}
@@ -129,7 +133,7 @@ def sync_breakdown(work: Path, repeats: int) -> dict[str, Any]:
             self.engine.load_weights(weights)
             return time.perf_counter() - started
 
-    spec = load_spec(work / "specs" / "speed-vllm.yaml")
+    spec = load_spec(next((work / "specs").glob("speed-vllm*.yaml")))
     student = load_model(spec.models.student)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:

@@ -74,6 +74,7 @@ def metric_rows(run_dir: Path) -> list[dict[str, Any]]:
 def speed_spec(base: dict, settings: dict, work: Path, engine: str, steps: int) -> dict[str, Any]:
     spec = compared_spec(base, settings, work, "jsd", 0, "none")
     spec["run"]["name"] = speed_run(settings, engine)
+    spec["data"]["max_response_tokens"] = settings["data"]["max_response_tokens"]  # --speed-response-tokens
     distill = spec["distill"]
     distill["stages"] = [{"steps": steps, "kd_weight": 1.0, "temperature": 1.0, "lr": settings["distill"]["lr"]}]
     distill["log_every_steps"] = 1

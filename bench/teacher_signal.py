@@ -380,7 +380,7 @@ def main() -> None:
     parser.add_argument("--pair", choices=["tiny", "smollm2"])
     parser.add_argument("--summarize", action="store_true", help="only rewrite the markdown from the JSON files")
     parser.add_argument("--more-demo-seeds", action="store_true", help="part 4 only, on --pair's trained students")
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="training seeds (runs already done are reused)")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="training seeds (finished runs are reused)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.pair and args.more_demo_seeds:

@@ -234,8 +234,11 @@ def _teacher_signal(run: Run) -> dict[str, Any]:
 
 
 def _distill(run: Run) -> dict[str, Any]:
+    from srd_ray.distill.refresh import Reflector
     from srd_ray.distill.stage import run_distill
 
+    spec = run.spec
+    reflector = Reflector(spec, run.engine, run.teacher if spec.reflect.teacher_ce else None)
     signal_dir = run.run_dir.stage_dir("teacher_signal") if run.spec.distill.teacher_signal == "topk" else None
     return run_distill(
         run.spec,
@@ -245,6 +248,7 @@ def _distill(run: Run) -> dict[str, Any]:
         train_rows=run.train.table,
         heldout_rows=heldout_rows(run),
         signal_dir=signal_dir,
+        reflector=reflector,
     )
 
 
@@ -350,7 +354,7 @@ STAGES: tuple[Stage, ...] = (
     # Which rows (the kept buckets, or all rows without a curriculum, plus the held-out KD rows) and how.
     Stage(
         "teacher_signal",
-        ("teacher_signal", "engine", "models.teacher", "rank.keep_buckets", "distill.curriculum",
+        ("teacher_signal", "engine", "models.teacher", "rank.keep_buckets", "rank.refresh", "distill.curriculum",
          "distill.heldout_eval_set", "distill.heldout_rows", "data.eval_sets", *TRAINING_DATA),
         ("prepare", "teacher_sft", "rank"), "the teacher's top-k signal", _teacher_signal,
         off=_off_unless(lambda spec: spec.distill.teacher_signal == "topk", "distill.teacher_signal is online"),
@@ -358,6 +362,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "distill", ("distill", "models", "run.seed", *TRAINING_DATA),
         ("prepare", "teacher_sft", "rank", "teacher_signal"), "the distilled student", _distill,
+        # A refresh reflects again between stages, with the reflect stage's settings.
+        extra=lambda spec: (("reflect", "engine"), ()) if spec.rank.refresh == "every_stage" else ((), ()),
     ),
     Stage(
         "evaluate", ("evaluate", "engine", "models", "data.eval_sets", "data.max_prompt_tokens"),

@@ -170,3 +170,83 @@ def _write_buckets(spec: RankSpec, scored: pa.Table, folder: Path, seed: int) ->
         "dropped_rows": sum(e["rows"] for e in buckets if not e["kept"]),
         "buckets": buckets,
     }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Refresh (rank.refresh: every_stage): the rows not yet admitted, ranked again by the current student
+
+
+def read_ranked(stage_dir: Location | Path) -> pa.Table:
+    """Every row of a rank stage (kept and dropped buckets), with its rank columns."""
+    manifest = read_manifest(stage_dir)
+    folder = Location.of(stage_dir)
+    return pa.concat_tables(bucket_dir(folder, b["bucket"]).read_parquet() for b in manifest["buckets"])
+
+
+def refresh_rows(candidates: pa.Table, spec: RankSpec, bucket: int, size: int) -> pa.Table:
+    """``candidates`` (the rows not yet admitted, scored again) ranked easy → hard by the same fusion. The
+    easiest ``size`` rows form ``bucket``; the rest are laid out over the later buckets in the same way
+    (the last taking the remainder), which only the report uses: the next refresh ranks them again."""
+    ranked = rank_rows(candidates, spec.model_copy(update={"num_buckets": 1}))
+    later = np.minimum(np.arange(ranked.num_rows) // size, spec.num_buckets - 1 - bucket)
+    column = ranked.column_names.index("bucket")
+    return ranked.set_column(column, "bucket", pa.array((bucket + later).astype(np.int32)))
+
+
+def refresh_summary(refreshed: pa.Table, initial: pa.Table, bucket: int) -> dict[str, Any]:
+    """How the refresh changed the order of the rows not yet admitted: Spearman's rank correlation with
+    their initial order, how many moved to another bucket, and the new bucket's signal means as measured
+    now, as measured initially, and those of the initial ``bucket``."""
+    where = {example_id: i for i, example_id in enumerate(initial["example_id"].to_pylist())}
+    rows = np.array([where[example_id] for example_id in refreshed["example_id"].to_pylist()], np.int64)
+    n = len(rows)
+    initial_order = np.argsort(np.argsort(initial["difficulty_rank"].to_numpy()[rows], kind="stable"))
+    moved = initial_order - np.arange(n)
+    spearman = 1.0 - 6.0 * float(np.sum(moved**2)) / (n * (n * n - 1)) if n > 1 else 1.0
+    initial_bucket = initial["bucket"].to_numpy()[rows]
+    new_bucket = refreshed["bucket"].to_numpy()
+    admitted = new_bucket == bucket
+    signals = {}
+    for name in ("rouge_l", "student_ce"):
+        now, before = refreshed[name].to_numpy(), initial[name].to_numpy()
+        signals[name] = {
+            "admitted_now": float(now[admitted].mean()),
+            "admitted_initially": float(before[rows][admitted].mean()),
+            "initial_bucket": float(before[initial["bucket"].to_numpy() == bucket].mean()),
+        }
+    sources = np.unique(initial_bucket[admitted], return_counts=True)
+    return {
+        "bucket": bucket,
+        "candidates": n,
+        "admitted": int(admitted.sum()),
+        "spearman_with_initial": spearman,
+        "changed_bucket": int(np.sum(initial_bucket != new_bucket)),
+        "admitted_by_initial_bucket": {str(b): int(c) for b, c in zip(*sources, strict=True)},
+        "signals": signals,
+    }
+
+
+def run_refresh_rank(
+    spec: RankSpec,
+    rescored: pa.Table,
+    initial: pa.Table,
+    stage_dir: Location | Path,
+    bucket: int,
+    size: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the refreshed ``bucket`` (``stage_dir/bucket=<b>/``) and its manifest (the summary, plus
+    ``extra``), appearing at once."""
+    refreshed = refresh_rows(rescored, spec, bucket, size)
+    summary = {**refresh_summary(refreshed, initial, bucket), **(extra or {})}
+    log.info(
+        "refresh: bucket %d from %d rows not yet admitted; Spearman with the initial order %.3f, %d rows changed "
+        "bucket, rouge_l mean %.3f (initially %.3f)", bucket, summary["candidates"], summary["spearman_with_initial"],
+        summary["changed_bucket"], summary["signals"]["rouge_l"]["admitted_now"],
+        summary["signals"]["rouge_l"]["admitted_initially"],
+    )  # fmt: skip
+    with storage.directory(stage_dir) as scratch:
+        rows = refreshed.filter(pc.equal(refreshed["bucket"], bucket))
+        storage.write_parquet(bucket_dir(scratch, bucket) / "part-00000.parquet", rows)
+        storage.write_json(scratch / MANIFEST, summary)
+    return summary

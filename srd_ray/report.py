@@ -58,6 +58,8 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
                 f"ROUGE-L {bucket['rouge_l']['mean']:.3f}, CE {bucket['student_ce']['mean']:.3f}"
                 + (f", true difficulty {truth:.2f}" if truth is not None else "")
             )
+    for refresh in (stages.get("distill", {}).get("summary") or {}).get("refresh", []):
+        lines.append("  " + refresh_line(refresh))
     for name in ("teacher_sft", "distill"):
         summary = stages.get(name, {}).get("summary")
         if summary:
@@ -190,6 +192,8 @@ def _write_report_files(manifest: dict[str, Any], run_dir: Place, out: Path) -> 
     distill = stage_summary(manifest, "distill")
     if rank and distill.get("curriculum") == "srd":
         sections.append(_figure(out, "stage_rows.png", _plot_stage_rows(manifest, rank), "Rows per curriculum stage"))
+    if distill.get("refresh"):
+        sections.append(refresh_section(distill))
     if distill:
         sections.append(teacher_signal_section(distill, manifest["stages"].get("teacher_signal", {})))
     metrics = read_metrics(run_dir)
@@ -322,6 +326,43 @@ def teacher_signal_section(distill: dict[str, Any], signal_record: dict[str, Any
         f"</td><td>{signal.get('response_tokens')}</td><td>{size_mb:.1f}</td>"
         f"<td>{signal.get('stored_bytes_per_token')}</td><td>{signal_record.get('wall_s', '-')}</td></tr></table>"
         "<p>Held-out KD losses of this run are measured against the stored top-k signal.</p>"
+    )
+
+
+def refresh_line(refresh: dict[str, Any]) -> str:
+    """One refresh (rank.refresh: every_stage) in words: how the order of the rows left changed."""
+    rouge, ce = refresh["signals"]["rouge_l"], refresh["signals"]["student_ce"]
+    return (
+        f"refresh before stage {refresh['bucket']} (student after stage {refresh['after_stage']}): "
+        f"{refresh['candidates']} rows left, Spearman with the initial order {refresh['spearman_with_initial']:.3f}, "
+        f"{refresh['changed_bucket']} changed bucket; admitted ROUGE-L {rouge['admitted_now']:.3f} "
+        f"(initially {rouge['admitted_initially']:.3f}), CE {ce['admitted_now']:.3f} "
+        f"(initially {ce['admitted_initially']:.3f}); {refresh['generated_tokens']} tokens in "
+        f"{refresh['reflect_wall_s']:.1f}s"
+    )
+
+
+def refresh_section(distill: dict[str, Any]) -> str:
+    """How each refresh changed the order, and what the refreshes cost."""
+    rows = ""
+    for r in distill["refresh"]:
+        rouge, ce = r["signals"]["rouge_l"], r["signals"]["student_ce"]
+        rows += (
+            f"<tr><td>{r['bucket']}</td><td>{r['after_stage']}</td><td>{r['candidates']}</td>"
+            f"<td>{r['spearman_with_initial']:.3f}</td><td>{r['changed_bucket']}</td>"
+            f"<td>{rouge['admitted_now']:.3f} / {rouge['admitted_initially']:.3f} / {rouge['initial_bucket']:.3f}</td>"
+            f"<td>{ce['admitted_now']:.3f} / {ce['admitted_initially']:.3f} / {ce['initial_bucket']:.3f}</td>"
+            f"<td>{r['generated_tokens']}</td><td>{r['reflect_wall_s']:.1f}</td></tr>"
+        )
+    cost = distill["refresh_cost"]
+    return (
+        "<h2>Refreshes (rank.refresh: every_stage)</h2><p>Before each stage but the first, the student as trained "
+        "so far re-reflected the rows not yet admitted. Signal means of the admitted bucket: as measured now / "
+        "as measured initially / the initial bucket of that index.</p><table><tr><th>bucket</th><th>scored by "
+        "the student after stage</th><th>rows left</th><th>Spearman with the initial order</th><th>rows that "
+        "changed bucket</th><th>ROUGE-L</th><th>CE</th><th>generated tokens</th><th>reflect s</th></tr>"
+        f"{rows}</table><p>Extra generation: {cost['rows_scored']} rows, {cost['generated_tokens']} tokens, "
+        f"{cost['reflect_wall_s']:.1f}s.</p>"
     )
 
 

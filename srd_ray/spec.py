@@ -289,11 +289,20 @@ class RankSpec(_Strict):
     order: Literal["easy_to_hard", "hard_to_easy", "random"] = "easy_to_hard"
     num_buckets: PositiveInt = 4
     keep_buckets: PositiveInt = 3
+    # once: difficulty is measured by the untrained student only (the release). every_stage: after each
+    # distill stage but the last, the student as trained so far re-reflects the rows not yet admitted, and
+    # the next bucket is the easiest 1/num_buckets of all rows among them (see srd_ray.distill.refresh).
+    refresh: Literal["once", "every_stage"] = "once"
 
     @model_validator(mode="after")
     def _keep_fits(self) -> RankSpec:
         if self.keep_buckets > self.num_buckets:
             raise ValueError(f"keep_buckets ({self.keep_buckets}) must be <= num_buckets ({self.num_buckets})")
+        if self.refresh == "every_stage" and self.order != "easy_to_hard":
+            raise ValueError(
+                f"refresh every_stage admits the easiest rows left at each stage; order {self.order} has no "
+                "easiest rows to admit: use order easy_to_hard or refresh once"
+            )
         return self
 
 
@@ -484,6 +493,14 @@ class JobSpec(_Strict):
     def _teacher_ce_is_reflected(self) -> JobSpec:
         if any(signal.name == "teacher_ce" for signal in self.rank.signals) and not self.reflect.teacher_ce:
             raise ValueError("rank.signals uses teacher_ce, which reflect computes only with reflect.teacher_ce: true")
+        return self
+
+    @model_validator(mode="after")
+    def _refresh_has_a_curriculum(self) -> JobSpec:
+        if self.rank.refresh == "every_stage" and self.distill.curriculum != "srd":
+            raise ValueError(
+                "rank.refresh every_stage re-ranks between curriculum stages: it needs distill.curriculum srd"
+            )
         return self
 
     @model_validator(mode="after")

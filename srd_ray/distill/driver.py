@@ -34,10 +34,14 @@ def trained_model(stage_dir: Place) -> Location:
 
 
 def run_training(
-    job: TrainingJob, datasets: dict[str, Any], stage_dir: Place, rows: dict[str, int] | None = None
+    job: TrainingJob,
+    datasets: dict[str, Any],
+    stage_dir: Place,
+    rows: dict[str, int] | None = None,
+    model_dir: Place | None = None,
 ) -> dict[str, Any]:
-    """Train with Ray Train and save the final model to ``stage_dir/model``. ``rows`` (per dataset) lets
-    the progress display know the total number of steps."""
+    """Train with Ray Train and save the final model to ``model_dir`` (default ``stage_dir/model``).
+    ``rows`` (per dataset) lets the progress display know the total number of steps."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -70,11 +74,12 @@ def run_training(
     if result.checkpoint is None:
         raise RuntimeError(f"{job.name}: training finished without a checkpoint")
     final = result.metrics or {}
-    if final.get("stage") != len(job.plan):
+    if final.get("stage") != job.stages_to_run:
         # An aborted run also returns a result; only the checkpoint taken after the last stage is the end.
         raise KeyboardInterrupt(f"{job.name} stopped at stage {final.get('stage')} before its last stage ended")
     _prune_checkpoints(result, stage_dir / "ray_train" / job.name)
-    with result.checkpoint.as_directory() as folder, storage.directory(trained_model(stage_dir)) as scratch:
+    model_dir = Location.of(model_dir) if model_dir is not None else trained_model(stage_dir)
+    with result.checkpoint.as_directory() as folder, storage.directory(model_dir) as scratch:
         source = Path(folder) / MERGED_DIR
         for item in (source if source.exists() else Path(folder) / MODEL_DIR).iterdir():
             shutil.copy2(item, scratch / item.name)
@@ -83,7 +88,7 @@ def run_training(
         "train_wall_s": round(wall, 2),
         "optimizer_steps": final.get("global_step"),
         "tokens_seen": final.get("tokens_seen"),
-        "model": str(trained_model(stage_dir)),
+        "model": str(model_dir),
         "stages": stage_losses(records),
         "heldout_kd": heldout_losses(records),
         **generation_totals(records),

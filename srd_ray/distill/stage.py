@@ -6,7 +6,7 @@ baseline (``curriculum: none``) and teacher SFT feed all training rows.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -20,6 +20,9 @@ from srd_ray.rank import bucket_dir, read_manifest
 from srd_ray.spec import DistillSpec, JobSpec, ModelSpec, StageSpec
 from srd_ray.storage import Location, Place
 from srd_ray.teacher_signal import SIGNAL_COLUMNS, check_signal, read_signal
+
+if TYPE_CHECKING:
+    from srd_ray.distill.refresh import Reflector
 
 TRAINING_COLUMNS = ["example_id", "prompt", "response"]
 
@@ -78,8 +81,9 @@ def bucket_tables(rank_dir: Location, buckets: range) -> dict[int, pa.Table]:
 
 
 def training_rows(spec: JobSpec, rank_dir: Place | None, train_rows: pa.Table) -> pa.Table:
-    """Every row distillation may train on: the kept buckets (SRD), or all rows (``curriculum: none``)."""
-    if rank_dir is None:
+    """Every row distillation may train on: the kept buckets (SRD), or all rows (``curriculum: none``, and
+    ``rank.refresh: every_stage``, whose later buckets are chosen during training)."""
+    if rank_dir is None or spec.rank.refresh == "every_stage":
         return train_rows.select(TRAINING_COLUMNS)
     return pa.concat_tables(bucket_tables(Location.of(rank_dir), range(spec.rank.keep_buckets)).values())
 
@@ -108,27 +112,31 @@ def run_distill(
     train_rows: pa.Table,
     heldout_rows: pa.Table,
     signal_dir: Place | None = None,
+    reflector: Reflector | None = None,
 ) -> dict[str, Any]:
     """Curriculum KD from the rank stage's buckets (SRD) or from all rows (``curriculum: none``); with a
-    ``signal_dir`` the teacher's stored top-k signal replaces the teacher model."""
+    ``signal_dir`` the teacher's stored top-k signal replaces the teacher model. With ``rank.refresh:
+    every_stage`` the ``reflector`` scores the rows left between stages (see ``srd_ray.distill.refresh``)."""
     import ray
 
     distill = spec.distill
     plan = plan_curriculum(distill)
+    refreshing = rank_dir is not None and spec.rank.refresh == "every_stage"
     if rank_dir is None:
         tables = {"all": train_rows.select(TRAINING_COLUMNS)}
+    elif refreshing:
+        tables = {}  # the buckets come one stage at a time
     else:
         buckets = bucket_tables(Location.of(rank_dir), range(len(distill.stages)))
         tables = {bucket_name(b): table for b, table in buckets.items()}
-    # In the object store before training: the workers pull blocks without needing CPUs for read tasks.
-    datasets = {name: ray.data.from_arrow(table) for name, table in tables.items()}
     heldout = heldout_rows.slice(0, distill.heldout_rows)
+    signals = {}
     if signal_dir is not None:
         signal = Location.of(signal_dir) / "shards"
         counts = read_signal(signal_dir, ["example_id", "num_tokens"])
-        used = pa.concat_tables([*tables.values(), heldout])
+        used = pa.concat_tables([*(tables.values() or [training_rows(spec, rank_dir, train_rows)]), heldout])
         check_signal(used, counts, load_tokenizer(spec.models.student), spec.data)
-        datasets[SIGNAL_DATASET] = ray.data.read_parquet(
+        signals[SIGNAL_DATASET] = ray.data.read_parquet(
             signal.path, filesystem=signal.filesystem, columns=SIGNAL_COLUMNS
         ).materialize()
     job = training_job(
@@ -138,7 +146,17 @@ def run_distill(
         heldout=tuple(zip(*(heldout[c].to_pylist() for c in TRAINING_COLUMNS), strict=True)),
         generation_engine=generation_engine(spec), vllm=spec.engine.vllm,
     )  # fmt: skip
-    summary = run_training(job, datasets, stage_dir, rows={name: table.num_rows for name, table in tables.items()})
+    if refreshing:
+        from srd_ray.distill.refresh import train_with_refresh
+
+        if reflector is None:
+            raise ValueError("rank.refresh every_stage needs a reflector")
+        summary = train_with_refresh(job, reflector, Location.of(rank_dir), train_rows, signals, Location.of(stage_dir))
+    else:
+        # In the object store before training: the workers pull blocks without needing CPUs for read tasks.
+        datasets = {name: ray.data.from_arrow(table) for name, table in tables.items()}
+        rows = {name: table.num_rows for name, table in tables.items()}
+        summary = run_training(job, {**datasets, **signals}, stage_dir, rows=rows)
     summary["curriculum"] = distill.curriculum
     summary["loss"] = distill.loss
     summary["teacher_signal"] = distill.teacher_signal

@@ -105,6 +105,10 @@ class TrainingJob:
     heldout: tuple[tuple[str, str, str], ...] = ()  # (example_id, prompt, response) for the held-out KD metric
     generation_engine: str = "transformers"  # student_generation's engine, resolved by the driver
     vllm: VllmSpec = field(default_factory=VllmSpec)
+    # Train through this stage, then stop (rank.refresh trains one stage per job; later stages' rows do not
+    # exist yet). Their planned row counts, by dataset, stand in for them where all stages are planned.
+    last_stage: int | None = None
+    planned_rows: tuple[tuple[str, int], ...] = ()
 
     @property
     def student_generation(self) -> StudentGenerationSpec:
@@ -113,6 +117,11 @@ class TrainingJob:
     @property
     def uses_teacher_model(self) -> bool:
         return self.teacher is not None and self.teacher_signal == "online"
+
+    @property
+    def stages_to_run(self) -> int:
+        """The stage count after which this job is done."""
+        return len(self.plan) if self.last_stage is None else self.last_stage + 1
 
 
 class Host(Protocol):
@@ -208,7 +217,7 @@ class Trainer:
         self.optimizer = self.scheduler = None
         generating = self.job.student_generation.mode != "off"
         if generating or not self.job.reset_optimizer_each_stage:  # these plan over every stage's steps
-            total_steps = sum(self._stage_steps(stage, self._pool(stage)) for stage in self.job.plan)
+            total_steps = self._planned_steps()
         if not self.job.reset_optimizer_each_stage:
             self._new_optimizer(self.job.plan[0].settings.lr, total_steps)
         if generating:
@@ -310,6 +319,17 @@ class Trainer:
                 self.examples[name] = [self._encode(*row) for row in zip(*columns, strict=True)]
         return Pool.of([row for name in stage.datasets for row in self.examples[name]])
 
+    def _planned_steps(self) -> int:
+        """Every stage's optimizer steps; a stage whose rows are not known yet counts its planned rows."""
+        planned = dict(self.job.planned_rows)
+        total = 0
+        for stage in self.job.plan:
+            if all(name in planned for name in stage.datasets):
+                total += stage_steps(sum(planned[name] for name in stage.datasets), stage.settings, self.layout)
+            else:
+                total += self._stage_steps(stage, self._pool(stage))
+        return total
+
     def _stage_steps(self, stage: StagePlan, pool: Pool) -> int:
         steps = stage_steps(len(pool.examples), stage.settings, self.layout)
         if steps == 0:
@@ -349,7 +369,7 @@ class Trainer:
     def run(self) -> None:
         self.setup()
         try:
-            for stage in self.job.plan[self.state.stage :]:
+            for stage in self.job.plan[self.state.stage : self.job.stages_to_run]:
                 self.run_stage(stage)
         finally:
             if self.sinks is not None:
@@ -393,7 +413,7 @@ class Trainer:
                               "padding_fraction": stage_window.padding / max(stage_window.positions, 1)})  # fmt: skip
         self._record_heldout(after_stage=stage.index)
         self.state.stage, self.state.stage_step = stage.index + 1, 0
-        self.save_checkpoint(final=stage.index == self.job.plan[-1].index)
+        self.save_checkpoint(final=stage.index + 1 == self.job.stages_to_run)
 
     def _step_rows(self, pool: Pool, plan: StepPlan) -> tuple[Pool, StepPlan, Source]:
         """The step's rows: the planned references, or (student generation) the student's samples of the

@@ -1,0 +1,138 @@
+"""Dynamic reflection (rank.refresh: every_stage): the re-ranking core, the spec, and a whole run killed
+during a refresh and rerun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from srd_ray.rank import rank_rows, refresh_rows, refresh_summary
+from srd_ray.report import load_manifest, summary_lines, write_report
+from srd_ray.spec import RankSpec, load_spec
+from tests.processes import demo_data_yaml, kill_job, rerun_job, start_job, step_metrics, wait_for_files, write_spec
+
+
+def scored(ids: list[str], rouge: list[float], ce: list[float]) -> pa.Table:
+    return pa.table({"example_id": ids, "input_position": list(range(len(ids))), "rouge_l": rouge, "student_ce": ce})
+
+
+def initial_ranking(n: int = 12) -> pa.Table:
+    """e0 easiest ... e{n-1} hardest: ROUGE falls and CE rises with the index."""
+    ids = [f"e{i}" for i in range(n)]
+    return rank_rows(scored(ids, [1 - i / n for i in range(n)], [float(i) for i in range(n)]), RankSpec())
+
+
+def test_refresh_admits_the_easiest_rows_left_and_lays_out_the_rest():
+    initial = initial_ranking()  # 4 buckets of 3: e0-e2, e3-e5, e6-e8, e9-e11
+    left = [f"e{i}" for i in range(3, 12)]
+    # The trained student now finds the rows the other way round: e11 easiest.
+    rescored = scored(left, [i / 12 for i in range(3, 12)], [float(12 - i) for i in range(3, 12)])
+    refreshed = refresh_rows(rescored, RankSpec(), bucket=1, size=3)
+    assert refreshed["example_id"].to_pylist() == [f"e{i}" for i in range(11, 2, -1)]
+    assert refreshed["bucket"].to_pylist() == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    summary = refresh_summary(refreshed, initial, bucket=1)
+    assert summary["candidates"] == 9 and summary["admitted"] == 3
+    assert summary["spearman_with_initial"] == pytest.approx(-1.0)
+    assert summary["changed_bucket"] == 6  # all but the middle three (bucket 2 both times)
+    assert summary["admitted_by_initial_bucket"] == {"3": 3}
+    assert summary["signals"]["rouge_l"]["admitted_now"] == pytest.approx(np.mean([9 / 12, 10 / 12, 11 / 12]))
+    assert summary["signals"]["rouge_l"]["admitted_initially"] == pytest.approx(
+        np.mean([1 - i / 12 for i in (9, 10, 11)])
+    )
+
+
+def test_refresh_that_agrees_with_the_initial_order_changes_nothing():
+    initial = initial_ranking()
+    left = initial.filter(pa.compute.greater_equal(initial["bucket"], 2))  # after stage 1: buckets 2 and 3 left
+    refreshed = refresh_rows(left.select(["example_id", "input_position", "rouge_l", "student_ce"]), RankSpec(), 2, 3)
+    summary = refresh_summary(refreshed, initial, bucket=2)
+    assert summary["spearman_with_initial"] == pytest.approx(1.0) and summary["changed_bucket"] == 0
+    assert refreshed["bucket"].to_pylist() == [2, 2, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ("rank: {refresh: every_stage, order: random}", "order random has no easiest rows"),
+        ("rank: {refresh: every_stage}\ndistill: {curriculum: none}", "needs distill.curriculum srd"),
+    ],
+)
+def test_spec_refuses_refresh_without_an_easy_to_hard_curriculum(tmp_path, sections, message):
+    from srd_ray.errors import SpecError
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(f"run: {{name: r}}\nmodels: {{teacher: {{path: t}}, student: {{path: s}}}}\n"
+                    f"data: {{train: {{path: d.jsonl}}}}\n{sections}\n")  # fmt: skip
+    with pytest.raises(SpecError, match=message):
+        load_spec(path)
+
+
+def bucket_ids(folder: Path) -> list[str]:
+    return [i for path in sorted(folder.glob("*.parquet")) for i in pq.read_table(path)["example_id"].to_pylist()]
+
+
+@pytest.mark.slow
+def test_run_killed_during_a_refresh_resumes_it_and_admits_every_row_once(tmp_path, tiny_models, demo_data):
+    """160 rows, 4 buckets of 40, 3 stages of 1 epoch, the stored top-k teacher signal; SIGKILL while the
+    student after stage 0 re-reflects the 120 rows left, rerun."""
+    spec_path = write_spec(
+        tmp_path, tiny_models, demo_data_yaml(demo_data) + """engine: {name: transformers}
+reflect: {concurrency: 1, batch_size: 10, shard_rows: 5, generation: {max_new_tokens: 8}}
+rank: {refresh: every_stage}
+teacher_signal: {k: 8}
+distill:
+  teacher_signal: topk
+  num_workers: 1
+  batch_size: 8
+  log_every_steps: 1
+  stages:
+    - {epochs: 1, kd_weight: 0.8, temperature: 1.0, lr: 1.0e-3}
+    - {epochs: 1, kd_weight: 0.9, temperature: 1.5, lr: 1.0e-3}
+    - {epochs: 1, kd_weight: 1.0, temperature: 2.0, lr: 1.0e-3}
+""", name="refresh")  # fmt: skip
+    distill = Path(load_spec(spec_path).run_dir) / "distill"
+    stages = ("--stages", "reflect,rank,teacher_signal,distill")
+    job = start_job(spec_path, *stages)
+    wait_for_files(distill / "refresh_1" / "shards", "shard-*.parquet", 2, job, timeout=400)
+    kill_job(job)
+    assert not (distill / "refresh_1" / "rank").exists(), "the kill should land mid-refresh"
+
+    rerun = rerun_job(spec_path, *stages)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "stage 0 already trained" in rerun.stderr
+    buckets = [
+        bucket_ids(distill.parent / "rank" / "bucket=0"),
+        bucket_ids(distill / "refresh_1" / "rank" / "bucket=1"),
+        bucket_ids(distill / "refresh_2" / "rank" / "bucket=2"),
+    ]
+    admitted = [i for bucket in buckets for i in bucket]
+    assert [len(b) for b in buckets] == [40, 40, 40] and len(set(admitted)) == 120
+    initial = {i for b in range(4) for i in bucket_ids(distill.parent / "rank" / f"bucket={b}")}
+    assert len(initial) == 160 and set(admitted) <= initial
+    # The rerun scored only the shards the kill left undone; stage 1 then trained on what refresh 1 admitted.
+    manifests = [json.loads((distill / f"refresh_{s}" / "rank" / "manifest.json").read_text()) for s in (1, 2)]
+    assert manifests[0]["shards_reused"] >= 2 and manifests[0]["candidates"] == 120
+    assert manifests[1]["shards_reused"] == 0 and manifests[1]["candidates"] == 80
+    assert [m["after_stage"] for m in manifests] == [0, 1]
+    # Global steps run on from stage to stage: 40 / 80 / 120 rows at 8 a step.
+    steps = step_metrics(distill.parent)
+    assert sorted({r["global_step"] for r in steps}) == list(range(1, 5 + 10 + 15 + 1))
+    assert sorted({r["stage"] for r in steps}) == [0, 1, 2]
+    run = json.loads((distill.parent / "run.json").read_text())["stages"]
+    # The later buckets are chosen during training: the teacher pass covered every training row.
+    assert run["teacher_signal"]["summary"]["rows"] >= 160
+    summary = run["distill"]["summary"]
+    assert [r["bucket"] for r in summary["refresh"]] == [1, 2]
+    assert summary["refresh_cost"]["refreshes"] == 2 and summary["refresh_cost"]["generated_tokens"] > 0
+    assert summary["optimizer_steps"] == 30
+    for folder in ("after_stage_0", "after_stage_1", "model"):
+        assert (distill / folder / "config.json").exists(), folder
+    # The operator sees each refresh: in the run summary and in the report.
+    lines = summary_lines(load_manifest(distill.parent))
+    assert sum("refresh before stage" in line and "Spearman" in line for line in lines) == 2
+    assert "Refreshes (rank.refresh: every_stage)" in Path(write_report(distill.parent).path).read_text()

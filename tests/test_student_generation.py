@@ -185,6 +185,48 @@ def test_in_worker_sampler_samples_exactly_what_generate_samples(tiny_models):
     assert all(tokenizer.eos_token_id not in ids[:-1] for ids in sampled)  # ends at the first EOS
 
 
+def _sample_sharded(rank: int, port: int, tiny_models: dict, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    trainer = Trainer(make_job(Path(out), tiny_models, strategy="fsdp", num_workers=2),
+                      LocalHost({}, Path(out) / "ck", torch.device("cpu")))  # fmt: skip
+    settings = sampling_settings(StudentGenerationSpec(mode="on"), DataSpec(train={"path": "x"}, **DATA))
+    sampler = InWorkerSampler(settings, trainer.tokenizer, rank=rank, world=2, sharded=True)
+    sampler.sync(trainer._build_model(None))
+    prompts = [trainer.tokenizer(text)["input_ids"] for text in SHARDED_PROMPTS]
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(sampler.sample(prompts, seed=42)))
+    dist.destroy_process_group()
+
+
+SHARDED_PROMPTS = ["Where is the blue tower?", "Name a colour.", "Count to three."]
+
+
+@pytest.mark.slow
+def test_fsdp_workers_sample_their_shares_in_step_and_share_them(tmp_path, tiny_models):
+    """Two FSDP workers (gloo) each sample their share of 3 prompts with the sharded student (synced_gpus:
+    a worker that is done keeps stepping while the other samples), then all-gather: both get exactly what
+    the unsharded student samples for each share with that worker's seed."""
+    import torch.multiprocessing as mp
+
+    from srd_ray.engines import generate_tokens
+    from srd_ray.models import load_model
+    from tests.processes import free_port
+
+    mp.spawn(_sample_sharded, args=(free_port(), tiny_models, str(tmp_path)), nprocs=2)
+    spec = ModelSpec(path=tiny_models["student"])
+    tokenizer, student = load_tokenizer(spec), load_model(spec).eval()
+    settings = sampling_settings(StudentGenerationSpec(mode="on"), DataSpec(train={"path": "x"}, **DATA))
+    prompts = [tokenizer(text)["input_ids"] for text in SHARDED_PROMPTS]
+    expected = generate_tokens(student, prompts[:2], settings, 42, tokenizer)  # worker 0's share, seed + 0
+    expected += generate_tokens(student, prompts[2:], settings, 43, tokenizer)  # worker 1's share, seed + 1
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected, rank
+
+
 # --------------------------------------------------------------------------------------------------------
 # Spec
 

@@ -206,14 +206,22 @@ class InWorkerSampler:
         from srd_ray.engines import generate_tokens
 
         share = np.array_split(np.arange(len(prompts)), self.world)[self.rank].tolist()
-        student = unwrap(self.model).student
+        pair = unwrap(self.model)
+        student = pair.student
         was_training = student.training
         student.eval()
+        if self.sharded:
+            # generate() calls the student, not the FSDP root: gather the root unit (embeddings, norms,
+            # heads) by hand; each decoder layer gathers itself in its forward (every worker steps
+            # together: synced_gpus).
+            pair.unshard()
         with torch.no_grad():
             mine = generate_tokens(
                 student, [prompts[i] for i in share], self.settings, seed + self.rank, self.tokenizer,
                 synced_gpus=self.sharded,
             ) if share else []  # fmt: skip
+        if self.sharded:
+            pair.reshard()
         student.train(was_training)
         return [ids for part in gather_objects(mine) for ids in part]
 

@@ -156,6 +156,13 @@ def run_spec(base: dict, settings: dict, work: Path, signal: str, seed: int) -> 
     return spec
 
 
+def evaluated(run_dir: Path) -> bool:
+    """A finished run is reused as it is, even if the spec has since gained settings (its run.json says
+    what made it)."""
+    path = run_dir / "run.json"
+    return path.exists() and json.loads(path.read_text())["stages"].get("evaluate", {}).get("status") == "complete"
+
+
 def run_record(run_dir: Path) -> dict[str, Any]:
     stages = json.loads((run_dir / "run.json").read_text())["stages"]
     distill = stages["distill"]["summary"]
@@ -277,7 +284,8 @@ def run_pair(pair: str, seeds: list[int]) -> dict[str, Any]:
     base = prepare_base(settings, work)
     for seed in seeds:
         for signal in ("online", "topk"):
-            srd("run", str(write_spec(run_spec(base, settings, work, signal, seed), work)))
+            if not evaluated(work / f"{signal}-seed{seed}"):
+                srd("run", str(write_spec(run_spec(base, settings, work, signal, seed), work)))
     teacher = str(work / "base" / "teacher_sft" / "model")
     student = settings["models"]["student"].replace("${run_dir}", str(work / "base"))
     n_teacher, n_student = matmul_parameters(teacher), matmul_parameters(student)

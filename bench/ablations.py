@@ -84,13 +84,20 @@ def paired_differences(runs: list[dict], baseline: list[dict], sets: list[str]) 
     return differences | {"average": mean_std([r["average"] - b["average"] for r, b in pairs])}
 
 
+def finished(run_dir: Path) -> bool:
+    path = run_dir / "run.json"
+    return path.exists() and json.loads(path.read_text())["stages"].get("evaluate", {}).get("status") == "complete"
+
+
 def summarise(work: Path) -> dict[str, Any]:
-    runs = {variant: [record(work / f"{variant}-seed{seed}") for seed in SEEDS] for variant in VARIANTS}
+    """Over the seeds whose every variant finished (all of SEEDS unless a run was cut short)."""
+    seeds = [seed for seed in SEEDS if all(finished(work / f"{variant}-seed{seed}") for variant in VARIANTS)]
+    runs = {variant: [record(work / f"{variant}-seed{seed}") for seed in seeds] for variant in VARIANTS}
     sets = sorted(runs["srd"][0]["scores"])
     differences = {variant: paired_differences(runs[variant], runs["srd"], sets) for variant in VARIANTS}
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-        "seeds": SEEDS,
+        "seeds": seeds,
         "eval_sets": sets,
         "reference": base_scores(work),
         "runs": runs,

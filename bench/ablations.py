@@ -41,6 +41,7 @@ from srd_vs_kd import (  # noqa: E402  (the shared pair settings and run helpers
     RESULTS,
     base_scores,
     compared_spec,
+    evaluated,
     mean_std,
     pair_settings,
     prepare_base,
@@ -84,14 +85,9 @@ def paired_differences(runs: list[dict], baseline: list[dict], sets: list[str]) 
     return differences | {"average": mean_std([r["average"] - b["average"] for r, b in pairs])}
 
 
-def finished(run_dir: Path) -> bool:
-    path = run_dir / "run.json"
-    return path.exists() and json.loads(path.read_text())["stages"].get("evaluate", {}).get("status") == "complete"
-
-
 def summarise(work: Path) -> dict[str, Any]:
     """Over the seeds whose every variant finished (all of SEEDS unless a run was cut short)."""
-    seeds = [seed for seed in SEEDS if all(finished(work / f"{variant}-seed{seed}") for variant in VARIANTS)]
+    seeds = [seed for seed in SEEDS if all(evaluated(work / f"{variant}-seed{seed}") for variant in VARIANTS)]
     runs = {variant: [record(work / f"{variant}-seed{seed}") for seed in seeds] for variant in VARIANTS}
     sets = sorted(runs["srd"][0]["scores"])
     differences = {variant: paired_differences(runs[variant], runs["srd"], sets) for variant in VARIANTS}

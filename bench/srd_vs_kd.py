@@ -175,6 +175,13 @@ def write_spec(spec: dict[str, Any], work: Path) -> Path:
     return path
 
 
+def evaluated(run_dir: Path) -> bool:
+    """The run got as far as evaluation. A finished run is reused as it is, even if the spec has since
+    gained settings (its run.json says what made it)."""
+    path = run_dir / "run.json"
+    return path.exists() and json.loads(path.read_text())["stages"].get("evaluate", {}).get("status") == "complete"
+
+
 def run_record(run_dir: Path) -> dict[str, Any]:
     """What the tables need from one finished run's manifest."""
     stages = json.loads((run_dir / "run.json").read_text())["stages"]
@@ -193,11 +200,11 @@ def run_record(run_dir: Path) -> dict[str, Any]:
 
 
 def base_scores(work: Path) -> dict[str, dict[str, float]]:
-    evaluated = {}
+    scores = {}
     for label in ("teacher", "student_before"):
         summary = json.loads((work / "base" / "evaluate" / label / "summary.json").read_text())
-        evaluated[label] = {name: result["rouge_l"] for name, result in summary["sets"].items()}
-    return evaluated
+        scores[label] = {name: result["rouge_l"] for name, result in summary["sets"].items()}
+    return scores
 
 
 def mean_of(runs: list[dict[str, Any]], key: str) -> float:

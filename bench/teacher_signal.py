@@ -57,6 +57,7 @@ from srd_vs_kd import (  # noqa: E402  (the shared pair settings and run helpers
     SHARED_EVAL,
     base_scores,
     compared_spec,
+    evaluated,
     mean_std,
     pair_settings,
     prepare_base,
@@ -154,13 +155,6 @@ def run_spec(base: dict, settings: dict, work: Path, signal: str, seed: int) -> 
     spec["distill"]["teacher_signal"] = signal
     spec["teacher_signal"] = {"k": K, "concurrency": 2, "batch_size": 16}
     return spec
-
-
-def evaluated(run_dir: Path) -> bool:
-    """A finished run is reused as it is, even if the spec has since gained settings (its run.json says
-    what made it)."""
-    path = run_dir / "run.json"
-    return path.exists() and json.loads(path.read_text())["stages"].get("evaluate", {}).get("status") == "complete"
 
 
 def run_record(run_dir: Path) -> dict[str, Any]:

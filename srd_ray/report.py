@@ -159,9 +159,11 @@ def _ratio(value: Any, base: Any) -> str:
 
 
 def read_ranked(run_dir: Place) -> pa.Table | None:
-    buckets = [b for b in (Location.of(run_dir) / "rank").children() if b.name.startswith("bucket=")]
-    parts = [part.read_parquet() for bucket in buckets for part in bucket.children() if part.name.endswith(".parquet")]
-    return pa.concat_tables(parts, promote_options="permissive") if parts else None
+    """The rank stage's rows, if the run has ranked."""
+    from srd_ray import rank
+
+    rank_dir = Location.of(run_dir) / "rank"
+    return rank.read_ranked(rank_dir) if (rank_dir / rank.MANIFEST).exists() else None
 
 
 def read_metrics(run_dir: Place) -> list[dict[str, Any]]:

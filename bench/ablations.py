@@ -85,29 +85,31 @@ def paired_differences(runs: list[dict], baseline: list[dict], sets: list[str]) 
     return differences | {"average": mean_std([r["average"] - b["average"] for r, b in pairs])}
 
 
-def summarise(work: Path) -> dict[str, Any]:
-    """Over the seeds whose every variant finished (all of SEEDS unless a run was cut short)."""
-    seeds = [seed for seed in SEEDS if all(evaluated(work / f"{variant}-seed{seed}") for variant in VARIANTS)]
-    runs = {variant: [record(work / f"{variant}-seed{seed}") for seed in seeds] for variant in VARIANTS}
-    sets = sorted(runs["srd"][0]["scores"])
-    differences = {variant: paired_differences(runs[variant], runs["srd"], sets) for variant in VARIANTS}
+def summarise(work: Path, variants: list[str], seeds: list[int], comparisons: list[tuple[str, str]]) -> dict:
+    """Over the seeds whose every variant finished (all of ``seeds`` unless a run was cut short), with the
+    paired differences of each (variant, baseline) in ``comparisons``."""
+    seeds = [seed for seed in seeds if all(evaluated(work / f"{variant}-seed{seed}") for variant in variants)]
+    runs = {variant: [record(work / f"{variant}-seed{seed}") for seed in seeds] for variant in variants}
+    sets = sorted(runs[variants[0]][0]["scores"])
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
         "seeds": seeds,
         "eval_sets": sets,
         "reference": base_scores(work),
         "runs": runs,
-        "difference_from_srd": differences,
+        "differences": [
+            {"variant": v, "baseline": b, "difference": paired_differences(runs[v], runs[b], sets)}
+            for v, b in comparisons
+        ],
     }
 
 
-def markdown(results: dict[str, Any]) -> str:
+def markdown(results: dict[str, Any], title: str, protocol: str) -> str:
     sets = results["eval_sets"]
     lines = [
-        "# SRD ablations: tiny pair", "",
-        f"Machine: {results['machine']}. Protocol: `bench/ablations.py` docstring. fkl, training seeds "
-        f"{results['seeds']}; ROUGE-L x100, mean ± std over training seeds. Second row of each variant: paired "
-        "difference from `srd` (variant - srd, mean ± std over seeds).", "",
+        f"# {title}", "",
+        f"Machine: {results['machine']}. Protocol: {protocol}. Training seeds {results['seeds']}; ROUGE-L x100, "
+        "mean ± std over training seeds.", "",
         "| variant | " + " | ".join(sets) + " | average | steps | train s | end-to-end s |",
         "|---|" + "---|" * (len(sets) + 4),
     ]  # fmt: skip
@@ -120,10 +122,11 @@ def markdown(results: dict[str, Any]) -> str:
         timing = [statistics.fmean(run[key] for run in runs) for key in ("train_wall_s", "end_to_end_s")]
         lines.append(f"| {variant} | " + " | ".join("{:.2f} ± {:.2f}".format(*c) for c in cells)
                      + f" | {runs[0]['optimizer_steps']} | {timing[0]:.1f} | {timing[1]:.1f} |")  # fmt: skip
-        if variant != "srd":
-            difference = results["difference_from_srd"][variant]
-            lines.append("| vs srd | " + " | ".join("{:+.2f} ± {:.2f}".format(*difference[name])
-                                                     for name in [*sets, "average"]) + " | | | |")  # fmt: skip
+    lines += ["", "Paired differences (variant - baseline of the same training seed, mean ± std over seeds):", ""]
+    lines += ["| variant - baseline | " + " | ".join(sets) + " | average |", "|---|" + "---|" * (len(sets) + 1)]
+    for comparison in results["differences"]:
+        cells = ["{:+.2f} ± {:.2f}".format(*comparison["difference"][name]) for name in [*sets, "average"]]
+        lines.append(f"| {comparison['variant']} - {comparison['baseline']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -140,10 +143,10 @@ def main() -> None:
         for seed in SEEDS:  # seed-major: an interrupted run still leaves whole seeds to compare
             for variant in VARIANTS:
                 srd("run", str(write_spec(variant_spec(base, settings, work, variant, seed), work)))
-    results = summarise(work)
+    results = summarise(work, VARIANTS, SEEDS, [(variant, "srd") for variant in VARIANTS[1:]])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ablations_tiny.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
+    table = markdown(results, "SRD ablations: tiny pair", "the `bench/ablations.py` docstring; fkl")
     (RESULTS / "ablations_tiny.md").write_text(table)
     print(table)
 

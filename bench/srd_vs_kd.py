@@ -71,10 +71,15 @@ def pair_settings(pair: str, cache: Path) -> dict[str, Any]:
             "eval_seeds": [10, 20, 30],
         }
     sys.path.insert(0, str(ROOT / "bench"))
+    from heal_student import healed_student
     from smollm2 import materialize, prune_layers
 
     teacher = materialize(cache)
-    student = prune_layers(teacher, cache / "SmolLM2-6-layers", keep=6)
+    if pair == "smollm2_healed":  # 12 of 30 layers, healed on the original model's free text (#17 a)
+        student = healed_student(cache)
+    else:
+        student = prune_layers(teacher, cache / "SmolLM2-6-layers", keep=6)
+    healed = pair == "smollm2_healed"
     return {
         # 240 training rows keep a 135M teacher + 50M student affordable on 2 CPU cores.
         "prepare": {"demo_data": {"train_rows": 240, "heldout_rows": 60, "pretrain_rows": 1, "seed": 0}},
@@ -86,25 +91,27 @@ def pair_settings(pair: str, cache: Path) -> dict[str, Any]:
         "kd_epochs": [2, 2, 1],
         "srd_epochs": [2, 2, 2],
         "max_new_tokens": 32,
-        "eval_rows": 30,
-        "eval_seeds": [10],
+        "eval_rows": 60 if healed else 30,
+        "eval_seeds": [10, 20] if healed else [10],
     }
 
 
 def base_spec(settings: dict[str, Any], work: Path) -> dict[str, Any]:
     """Prepare the inputs and fine-tune the teacher once; every compared run reuses them."""
     models = settings["models"]
+    sft = settings["teacher_sft"]  # None: models.teacher is already fine-tuned on these training rows
+    teacher_sft = {"enabled": True, "num_workers": 1, "num_cpus_per_worker": 2, **sft} if sft else {"enabled": False}
     return {
         "run": {"name": "base", "output_dir": str(work), "seed": 0},
         "ray": {"num_cpus": 2},
-        "prepare": settings["prepare"],
+        **({"prepare": settings["prepare"]} if "prepare" in settings else {}),
         "models": {"teacher": {"path": models["teacher"]}, "student": {"path": models["student"]}},
         "data": {
-            "train": {"path": "${run_dir}/prepare/demo_train.jsonl"},
-            "eval_sets": eval_sets(work / "base" / "prepare"),
+            "train": {"path": settings.get("train_file", "${run_dir}/prepare/demo_train.jsonl")},
+            "eval_sets": settings.get("eval_files") or eval_sets(work / "base" / "prepare"),
             **settings["data"],
         },
-        "teacher_sft": {"enabled": True, "num_workers": 1, "num_cpus_per_worker": 2, **settings["teacher_sft"]},
+        "teacher_sft": teacher_sft,
         "reflect": {"concurrency": 2, "batch_size": 32, "generation": {"max_new_tokens": settings["max_new_tokens"]}},
         "evaluate": {
             "seeds": settings["eval_seeds"],
@@ -129,10 +136,10 @@ def compared_spec(base: dict[str, Any], settings: dict[str, Any], work: Path, lo
     lr = settings["distill"]["lr"]
     spec["run"] = {"name": f"{'srd' if curriculum == 'srd' else 'kd'}-{loss}-seed{seed}", "output_dir": str(work)}
     spec["run"]["seed"] = seed
-    spec.pop("prepare")
-    spec["models"]["teacher"]["path"] = str(base_dir / "teacher_sft" / "model")
+    spec.pop("prepare", None)
+    spec["models"]["teacher"]["path"] = teacher_of(settings, work)
     spec["models"]["student"]["path"] = spec["models"]["student"]["path"].replace("${run_dir}", str(base_dir))
-    spec["data"]["train"]["path"] = str(base_dir / "prepare" / "demo_train.jsonl")
+    spec["data"]["train"]["path"] = spec["data"]["train"]["path"].replace("${run_dir}", str(base_dir))
     spec["teacher_sft"] = {"enabled": False}
     spec["distill"] = {
         "loss": loss,
@@ -149,13 +156,20 @@ def compared_spec(base: dict[str, Any], settings: dict[str, Any], work: Path, lo
     return spec
 
 
+def teacher_of(settings: dict[str, Any], work: Path) -> str:
+    """The task fine-tuned teacher: the base run's fine-tune, or one given as already fine-tuned."""
+    if settings["teacher_sft"] is None:
+        return settings["models"]["teacher"]
+    return str(work / "base" / "teacher_sft" / "model")
+
+
 def prepare_base(settings: dict[str, Any], work: Path) -> dict[str, Any]:
     """The base run every compared run starts from: data prepared, teacher fine-tuned, and the teacher and
     the untrained student evaluated once (a rerun skips what is done). Returns the base spec."""
     base = base_spec(settings, work)
     base_path = write_spec(base, work)
     srd("run", str(base_path), "--stages", "prepare,teacher_sft")
-    for label, model in (("teacher", work / "base" / "teacher_sft" / "model"), ("student_before", None)):
+    for label, model in (("teacher", Path(teacher_of(settings, work))), ("student_before", None)):
         if not (work / "base" / "evaluate" / label / "summary.json").exists():
             path = model or Path(base["models"]["student"]["path"].replace("${run_dir}", str(work / "base")))
             srd("evaluate", str(base_path), "--model", str(path), "--name", label)

@@ -1,0 +1,119 @@
+"""SRD evidence with a competent student: KD vs SRD vs SRD + dynamic reflection (#17 a and b).
+
+Protocol, fixed before running (results in bench/results/srd_evidence_<experiment>.{json,md}):
+
+- **Student:** SmolLM2-135M-Instruct pruned to 12 of 30 layers and healed on the original model's free
+  text (``bench/heal_student.py``), so it is competent but untuned for every task scored here. Its
+  ROUGE-L before distillation is the ``student_before`` row.
+- **Teacher:** SmolLM2-135M-Instruct fine-tuned on the experiment's training rows (2 epochs, lr 1e-4,
+  batch 8), as in ``bench/srd_vs_kd.py --pair smollm2``.
+- **Experiments:**
+  - ``healed`` (a): the demo task, 240 training rows; scored on the demo's held-out split and the full
+    real sets of ../shared/data/eval (none of which is trained on).
+  - ``real`` (b): real instruction data. ``bench/real_split.py`` splits the real sets: a seeded 80 % of
+    Dolly and S-NI is the training pool, whose first 240 rows after a seeded shuffle are trained on; the
+    other 20 % of each plus all of Self-Instruct and Vicuna are the test sets. No example is in both
+    (``tests/test_real_split.py``).
+- **Variants**, each a plain ``srd run``, fkl, batch 8, lr 1e-4, the release's kd_weight / T per stage
+  (0.8 / 1, 0.9 / 1.5, 1.0 / 2):
+  - ``kd``: all rows, 2 + 2 + 1 epochs;
+  - ``srd``: 4 buckets, hardest dropped, 2 epochs per stage over 1/4, 2/4, 3/4 of the rows;
+  - ``srd_refresh``: ``srd`` with ``rank.refresh: every_stage``.
+
+  The release's budget is KD 20 epochs vs SRD 8 x (1/4 + 1/2 + 3/4) = 12. It is scaled to 5 vs 3 to fit
+  2 CPU cores; the ratio stays 0.6.
+- **Seeds and scoring:** training seeds 0, 1, 2. ROUGE-L x100 of sampled answers (T 1, up to 32 new
+  tokens) on 60 rows per set, sampling seeds 10 and 20. Responses are truncated to 32 tokens for
+  training too.
+- **Reported:** per variant, ROUGE-L per set and the average (mean ± std over training seeds), optimizer
+  steps, train wall and end-to-end wall. For the refresh runs, end-to-end includes the re-reflection.
+  Also the paired differences (same training seed) srd - kd, srd_refresh - kd and srd_refresh - srd.
+
+    python bench/srd_evidence.py --experiment healed     # about 90 minutes on 2 cores (+25 to heal the student)
+    python bench/srd_evidence.py --experiment real
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from ablations import markdown, summarise  # noqa: E402  (the shared tables)
+from real_split import read_rows, write_split  # noqa: E402
+from srd_vs_kd import RESULTS, compared_spec, pair_settings, prepare_base, srd, write_spec  # noqa: E402
+
+SEEDS = [0, 1, 2]
+VARIANTS = ["kd", "srd", "srd_refresh"]
+COMPARISONS = [("srd", "kd"), ("srd_refresh", "kd"), ("srd_refresh", "srd")]
+TRAIN_ROWS = 240
+EVAL_ROWS, EVAL_SEEDS = 60, [10, 20]
+
+
+def experiment_settings(experiment: str, work: Path, teacher: Path | None) -> dict[str, Any]:
+    settings = pair_settings("smollm2_healed", ROOT / "bench" / ".cache")
+    settings.update(eval_rows=EVAL_ROWS, eval_seeds=EVAL_SEEDS)
+    if experiment == "real":
+        settings.pop("prepare")
+        files = write_split(work / "split")
+        settings["train_file"] = str(training_rows(files["train"], work / "split" / f"train_{TRAIN_ROWS}.jsonl"))
+        settings["eval_files"] = {name: str(path) for name, path in files.items() if name != "train"}
+    if teacher is not None:  # already fine-tuned on exactly these training rows: skip the base fine-tune
+        settings["models"]["teacher"], settings["teacher_sft"] = str(teacher), None
+    return settings
+
+
+def training_rows(pool: Path, out: Path) -> Path:
+    """A seeded sample of the training pool, written once."""
+    if not out.exists():
+        rows = read_rows(pool)
+        random.Random(0).shuffle(rows)
+        out.write_text("".join(json.dumps(row) + "\n" for row in rows[:TRAIN_ROWS]))
+    return out
+
+
+def variant_spec(base: dict, settings: dict, work: Path, variant: str, seed: int) -> dict[str, Any]:
+    spec = compared_spec(base, settings, work, "fkl", seed, "none" if variant == "kd" else "srd")
+    spec["run"]["name"] = f"{variant}-seed{seed}"
+    if variant == "srd_refresh":
+        spec["rank"] = {"refresh": "every_stage"}
+    return spec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", choices=["healed", "real"], required=True)
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="training seeds (finished runs are reused)")
+    parser.add_argument("--teacher", type=Path, help="a teacher already fine-tuned on the same training rows")
+    parser.add_argument("--summarize", action="store_true", help="only rewrite the results from finished runs")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = (ROOT / "bench" / ".cache" / "srd_evidence" / args.experiment).resolve()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    settings = experiment_settings(args.experiment, work, args.teacher)
+    if not args.summarize:
+        base = prepare_base(settings, work)
+        for seed in seeds:  # seed-major: an interrupted run still leaves whole seeds to compare
+            for variant in VARIANTS:
+                srd("run", str(write_spec(variant_spec(base, settings, work, variant, seed), work)))
+    results = summarise(work, VARIANTS, seeds, COMPARISONS)
+    results["experiment"] = args.experiment
+    name = f"srd_evidence_{args.experiment}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    title = f"SRD evidence ({args.experiment}): KD vs SRD vs SRD + refresh, healed 12-layer SmolLM2 student"
+    table = markdown(results, title, "the `bench/srd_evidence.py` docstring")
+    (RESULTS / f"{name}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

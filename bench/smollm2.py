@@ -45,15 +45,18 @@ def materialize(out_dir: str | Path) -> Path:
     return target
 
 
-def prune_layers(source: Path, target: Path, keep: int) -> Path:
-    """Save a copy of ``source`` with ``keep`` of its decoder layers (a Llama-family model)."""
+def prune_layers(source: Path, target: Path, keep: int | list[int]) -> Path:
+    """Save a copy of ``source`` with some of its decoder layers (a Llama-family model): ``keep`` evenly
+    spaced ones, or exactly the listed ones."""
     if (target / "config.json").exists():
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(source)
     total = config.num_hidden_layers
-    kept = sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+    kept = (
+        sorted(keep) if isinstance(keep, list) else sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+    )
     full = AutoModelForCausalLM.from_pretrained(source)
     renumber = {f"model.layers.{old}.": f"model.layers.{new}." for new, old in enumerate(kept)}
     state = {}

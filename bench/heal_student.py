@@ -179,6 +179,42 @@ def heal(cache: Path, target: Path) -> None:
     print(json.dumps(record, indent=2))
 
 
+def markdown(record: dict, competence_dir: Path) -> str:
+    """The healing record, with the ROUGE-L before distillation from ``bench/srd_evidence.py``'s base run."""
+    ce, kept = record["validation_ce"], record["kept_layers"]
+    first = next(i for i, layer in enumerate(kept) if layer != i)
+    sampling = record.get("sampling_note") or f"{record['sampling_s']:.0f} s"
+    lines = [
+        "# A healed 12-layer SmolLM2 student", "",
+        f"Machine: {record['machine']}. Protocol: the `bench/heal_student.py` docstring.", "",
+        f"- Kept layers: {kept} (the first {first} and the last {KEEP_LAYERS - first}; validation CE before "
+        "healing by how many first layers are kept: "
+        + ", ".join(f"{first}: {value:.2f}" for first, value in record["validation_ce_by_first_layers_kept"].items())
+        + ").",
+        f"- Healing: {record['steps']} steps, {record['train_tokens']} tokens of the original model's free samples, "
+        f"{record['healing_s']:.0f} s (sampling the corpus: {sampling}).",
+        f"- Validation CE per token: original 30 layers {ce['original']:.2f}, pruned {ce['pruned']:.2f}, "
+        f"healed {ce['healed']:.2f}.", "",
+    ]  # fmt: skip
+    summaries = {label: competence_dir / label / "summary.json" for label in ("teacher", "student_before")}
+    if all(path.exists() for path in summaries.values()):
+        scores = {label: json.loads(path.read_text())["sets"] for label, path in summaries.items()}
+        sets = sorted(scores["student_before"])
+        lines += [
+            "ROUGE-L x100 before any distillation (sampled at T 1, mean ± std over sampling seeds; "
+            "the 6-of-30-layer evenly pruned student of `srd_vs_kd_smollm2.md` scored 0.00 on every set):", "",
+            "| model | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets),
+        ]  # fmt: skip
+        for label, by_set in scores.items():
+            cells = " | ".join(f"{by_set[name]['rouge_l']:.2f} ± {by_set[name]['rouge_l_std']:.2f}" for name in sets)
+            lines.append(f"| {'task fine-tuned teacher' if label == 'teacher' else 'healed student'} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(healed_student())
+    record = json.loads((RESULTS / "healed_student.json").read_text())
+    table = markdown(record, CACHE / "srd_evidence" / "healed" / "base" / "evaluate")
+    (RESULTS / "healed_student.md").write_text(table)
+    print(table)

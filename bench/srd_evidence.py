@@ -19,6 +19,9 @@ Protocol, fixed before running (results in bench/results/srd_evidence_<experimen
   - ``kd``: all rows, 2 + 2 + 1 epochs;
   - ``srd``: 4 buckets, hardest dropped, 2 epochs per stage over 1/4, 2/4, 3/4 of the rows;
   - ``srd_refresh``: ``srd`` with ``rank.refresh: every_stage``.
+  - ``srd_topk`` (``--variants srd_topk``, healed only; added after the three above had started, before
+    any of its runs): ``srd`` with ``distill.teacher_signal: topk`` (k 64, float16), #14's online vs
+    top-k comparison on this student, paired with the ``srd`` runs.
 
   The release's budget is KD 20 epochs vs SRD 8 x (1/4 + 1/2 + 3/4) = 12. It is scaled to 5 vs 3 to fit
   2 CPU cores; the ratio stays 0.6.
@@ -27,7 +30,8 @@ Protocol, fixed before running (results in bench/results/srd_evidence_<experimen
   training too.
 - **Reported:** per variant, ROUGE-L per set and the average (mean ± std over training seeds), optimizer
   steps, train wall and end-to-end wall. For the refresh runs, end-to-end includes the re-reflection.
-  Also the paired differences (same training seed) srd - kd, srd_refresh - kd and srd_refresh - srd.
+  Also the paired differences (same training seed) srd - kd, srd_refresh - kd, srd_refresh - srd and
+  srd_topk - srd.
 
     python bench/srd_evidence.py --experiment healed     # about 90 minutes on 2 cores (+25 to heal the student)
     python bench/srd_evidence.py --experiment real
@@ -48,11 +52,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from ablations import markdown, summarise  # noqa: E402  (the shared tables)
 from real_split import read_rows, write_split  # noqa: E402
-from srd_vs_kd import RESULTS, compared_spec, pair_settings, prepare_base, srd, write_spec  # noqa: E402
+from srd_vs_kd import RESULTS, compared_spec, evaluated, pair_settings, prepare_base, srd, write_spec  # noqa: E402
 
 SEEDS = [0, 1, 2]
 VARIANTS = ["kd", "srd", "srd_refresh"]
-COMPARISONS = [("srd", "kd"), ("srd_refresh", "kd"), ("srd_refresh", "srd")]
+COMPARISONS = [("srd", "kd"), ("srd_refresh", "kd"), ("srd_refresh", "srd"), ("srd_topk", "srd")]
 TRAIN_ROWS = 240
 EVAL_ROWS, EVAL_SEEDS = 60, [10, 20]
 
@@ -84,13 +88,22 @@ def variant_spec(base: dict, settings: dict, work: Path, variant: str, seed: int
     spec["run"]["name"] = f"{variant}-seed{seed}"
     if variant == "srd_refresh":
         spec["rank"] = {"refresh": "every_stage"}
+    elif variant == "srd_topk":
+        spec["distill"]["teacher_signal"] = "topk"
+        spec["teacher_signal"] = {"k": 64, "concurrency": 2, "batch_size": 16}
     return spec
+
+
+def finished_variants(work: Path, seeds: list[int]) -> list[str]:
+    """The variants evaluated for every one of ``seeds``: what the tables can compare."""
+    return [v for v in [*VARIANTS, "srd_topk"] if all(evaluated(work / f"{v}-seed{seed}") for seed in seeds)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", choices=["healed", "real"], required=True)
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="training seeds (finished runs are reused)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="which variants to run")
     parser.add_argument("--teacher", type=Path, help="a teacher already fine-tuned on the same training rows")
     parser.add_argument("--summarize", action="store_true", help="only rewrite the results from finished runs")
     args = parser.parse_args()
@@ -102,9 +115,11 @@ def main() -> None:
     if not args.summarize:
         base = prepare_base(settings, work)
         for seed in seeds:  # seed-major: an interrupted run still leaves whole seeds to compare
-            for variant in VARIANTS:
+            for variant in args.variants.split(","):
                 srd("run", str(write_spec(variant_spec(base, settings, work, variant, seed), work)))
-    results = summarise(work, VARIANTS, seeds, COMPARISONS)
+    variants = finished_variants(work, seeds)
+    comparisons = [(v, b) for v, b in COMPARISONS if v in variants and b in variants]
+    results = summarise(work, variants, seeds, comparisons)
     results["experiment"] = args.experiment
     name = f"srd_evidence_{args.experiment}"
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -99,6 +99,58 @@ def finished_variants(work: Path, seeds: list[int]) -> list[str]:
     return [v for v in [*VARIANTS, "srd_topk"] if all(evaluated(work / f"{v}-seed{seed}") for seed in seeds)]
 
 
+def trained_prompts(run: Path, variant: str) -> list[str] | None:
+    """The prompts of the rows a run ever trained on (None: every training row, as KD does)."""
+    import pyarrow.parquet as pq
+
+    if variant == "kd":
+        return None
+    globs = ["rank/bucket=0", "distill/refresh_*/rank/bucket=*"] if variant == "srd_refresh" else ["rank/bucket=[012]"]
+    files = [file for pattern in globs for file in run.glob(f"{pattern}/*.parquet")]
+    return [prompt for file in files for prompt in pq.read_table(file, columns=["prompt"])["prompt"].to_pylist()]
+
+
+def by_task(work: Path, variants: list[str], seeds: list[int]) -> dict[str, Any]:
+    """Post-hoc (not in the fixed protocol): per demo task, the held-out ROUGE-L (mean over seeds and
+    sampling seeds) and how many of its training rows each variant ever trained on (mean over seeds)."""
+    import pyarrow.parquet as pq
+
+    heldout = {row["prompt"]: row["task"] for row in read_rows(work / "base/prepare/demo_heldout.jsonl")}
+    train = {row["prompt"]: row["task"] for row in read_rows(work / "base/prepare/demo_train.jsonl")}
+    result: dict[str, Any] = {}
+    for variant in variants:
+        scores: dict[str, list[float]] = {}
+        trained = dict.fromkeys(sorted(set(train.values())), 0)
+        for seed in seeds:
+            run = work / f"{variant}-seed{seed}"
+            for row in pq.read_table(run / "evaluate/student_after/predictions.parquet").to_pylist():
+                if row["eval_set"] == "demo_heldout":
+                    scores.setdefault(heldout[row["prompt"]], []).append(row["rouge_l"])
+            for prompt in trained_prompts(run, variant) or train:
+                trained[train[prompt]] += 1
+        result[variant] = {
+            "heldout_rouge_l": {task: sum(values) / len(values) for task, values in sorted(scores.items())},
+            "trained_rows": {task: count / len(seeds) for task, count in trained.items()},
+        }
+    return result
+
+
+def by_task_markdown(tasks: dict[str, Any]) -> str:
+    names = list(next(iter(tasks.values()))["heldout_rouge_l"])
+    lines = [
+        "",
+        "Post-hoc, not in the fixed protocol: demo held-out ROUGE-L per task (training rows of that task "
+        "ever trained on, of 60, mean over seeds):",
+        "",
+        "| variant | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for variant, result in tasks.items():
+        cells = [f"{result['heldout_rouge_l'][t]:.1f} ({result['trained_rows'][t]:.0f})" for t in names]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", choices=["healed", "real"], required=True)
@@ -121,11 +173,15 @@ def main() -> None:
     comparisons = [(v, b) for v, b in COMPARISONS if v in variants and b in variants]
     results = summarise(work, variants, seeds, comparisons)
     results["experiment"] = args.experiment
+    if args.experiment == "healed":
+        results["by_task"] = by_task(work, variants, results["seeds"])
     name = f"srd_evidence_{args.experiment}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     title = f"SRD evidence ({args.experiment}): KD vs SRD vs SRD + refresh, healed 12-layer SmolLM2 student"
     table = markdown(results, title, "the `bench/srd_evidence.py` docstring")
+    if "by_task" in results:
+        table += by_task_markdown(results["by_task"])
     (RESULTS / f"{name}.md").write_text(table)
     print(table)
 

@@ -34,6 +34,13 @@ Protocol, fixed before running (results in bench/results/teacher_signal.{json,md
    of one student's per-seed mean, averaged over students).
 
     python bench/teacher_signal.py --pair smollm2 --more-demo-seeds   # about 10 minutes on 2 cores
+
+5. **Where the tail is heavy** (added after ``bench/srd_evidence.py``'s ``srd_topk`` runs put the demo
+   held-out gap in two of its four tasks): per demo task, on all 60 held-out rows with the fine-tuned
+   SmolLM2 teacher and the healed 12-layer student, the teacher's mean mass outside its top 64 and top
+   256 at T 1, and the relative error sum|KD_topk - KD_exact| / sum|KD_exact| of fkl at k 64, T 1 and 2.
+
+    python bench/teacher_signal.py --tail-by-task     # about 3 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -142,6 +149,28 @@ def approximation(pair: str, work: Path, settings: dict[str, Any]) -> list[dict[
                                                 / exact_input.grad.norm()).item(),
                 })  # fmt: skip
     print(f"[teacher_signal] approximation on {pair}: {len(teacher_logits)} tokens", flush=True)
+    return results
+
+
+def tail_by_task(heldout: Path, teacher: Path, student: Path) -> dict[str, dict[str, float]]:
+    """Part 5: per task of the demo held-out rows (over all their response tokens), the teacher's mean
+    tail mass and fkl's relative top-k error."""
+    from srd_ray.distill.losses import LossSettings, token_kd
+
+    by_task: dict[str, list[tuple[str, str]]] = {}
+    for line in heldout.read_text().splitlines():
+        row = json.loads(line)
+        by_task.setdefault(row["task"], []).append((row["prompt"], row["output"]))
+    results = {}
+    for task, rows in sorted(by_task.items()):
+        teacher_logits, student_logits = scored_logits(str(teacher), rows, 32), scored_logits(str(student), rows, 32)
+        log_probs = torch.log_softmax(teacher_logits, -1)
+        values = {f"tail_mass_k{k}": (1 - log_probs.topk(k, -1).values.exp().sum(-1)).mean().item() for k in (64, 256)}
+        for temperature in (1.0, 2.0):
+            exact = token_kd(student_logits, teacher_logits, LossSettings("fkl"), temperature)
+            sparse = stored_topk(teacher_logits, K).kd(student_logits, slice(None), LossSettings("fkl"), temperature)
+            values[f"fkl_k{K}_T{temperature:g}_relative_error"] = ((sparse - exact).abs().sum() / exact.sum()).item()
+        results[task] = values
     return results
 
 
@@ -383,8 +412,23 @@ def main() -> None:
     parser.add_argument("--summarize", action="store_true", help="only rewrite the markdown from the JSON files")
     parser.add_argument("--more-demo-seeds", action="store_true", help="part 4 only, on --pair's trained students")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="training seeds (finished runs are reused)")
+    parser.add_argument("--tail-by-task", action="store_true", help="part 5 only")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.tail_by_task:
+        work, cache = ROOT / "bench" / ".cache" / "srd_evidence" / "healed", ROOT / "bench" / ".cache"
+        tails = tail_by_task(
+            work / "base" / "prepare" / "demo_heldout.jsonl",
+            cache / "teacher_signal" / "smollm2" / "base" / "teacher_sft" / "model",
+            cache / "SmolLM2-12-layers-healed",
+        )
+        (RESULTS / "teacher_signal_tail_by_task.json").write_text(json.dumps(tails, indent=2) + "\n")
+        names = list(next(iter(tails.values())))
+        lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {task} | " + " | ".join(f"{v[n]:.4f}" for n in names) + " |" for task, v in tails.items()]
+        (RESULTS / "teacher_signal_tail_by_task.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     if args.pair and args.more_demo_seeds:
         path = RESULTS / f"teacher_signal_{args.pair}.json"
         result = json.loads(path.read_text())

@@ -108,22 +108,33 @@ def validation_ce(model, sequences: list[list[int]]) -> float:
     return sum(losses) / len(losses)
 
 
+def middle_cut(first: int, total: int) -> list[int]:
+    """The first ``first`` layers and the last KEEP_LAYERS - ``first``: one contiguous middle block dropped."""
+    return [*range(first), *range(total - KEEP_LAYERS + first, total)]
+
+
+def leading_layers(kept: list[int]) -> int:
+    """How many of the first layers ``kept`` keeps in a row (the ``first`` of its middle cut)."""
+    return next(i for i, layer in enumerate(kept) if layer != i)
+
+
+def use_layers(model, layers) -> None:
+    """Run ``model`` with these decoder layers, each writing its own KV-cache slot."""
+    model.model.layers = torch.nn.ModuleList(layers)
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = index
+
+
 def best_middle_cut(original, validation: list[list[int]]) -> tuple[list[int], dict[int, float]]:
-    """The layers to keep: the first f and last KEEP_LAYERS - f, f with the lowest validation CE."""
+    """The middle cut with the lowest validation CE, and the CE of every cut tried."""
     layers, total = original.model.layers, original.config.num_hidden_layers
     ces = {}
     for first in range(1, KEEP_LAYERS):
-        kept = [*range(first), *range(total - KEEP_LAYERS + first, total)]
-        original.model.layers = torch.nn.ModuleList(layers[i] for i in kept)
-        for index, layer in enumerate(original.model.layers):  # the KV-cache slot each layer writes to
-            layer.self_attn.layer_idx = index
+        use_layers(original, [layers[i] for i in middle_cut(first, total)])
         ces[first] = validation_ce(original, validation)
         print(f"[heal] keep the first {first} and last {KEEP_LAYERS - first}: validation CE {ces[first]:.3f}")
-    original.model.layers = layers
-    for index, layer in enumerate(layers):
-        layer.self_attn.layer_idx = index
-    first = min(ces, key=ces.get)
-    return [*range(first), *range(total - KEEP_LAYERS + first, total)], ces
+    use_layers(original, layers)
+    return middle_cut(min(ces, key=ces.get), total), ces
 
 
 def heal(cache: Path, target: Path) -> None:
@@ -141,8 +152,7 @@ def heal(cache: Path, target: Path) -> None:
     record["validation_ce"] = {"original": validation_ce(original, validation)}
     kept, record["validation_ce_by_first_layers_kept"] = best_middle_cut(original, validation)
     record["kept_layers"] = kept
-    first = next(i for i, layer in enumerate(kept) if layer != i)
-    pruned = prune_layers(teacher, cache / f"SmolLM2-{KEEP_LAYERS}-layers-first-{first}", keep=kept)
+    pruned = prune_layers(teacher, cache / f"SmolLM2-{KEEP_LAYERS}-layers-first-{leading_layers(kept)}", keep=kept)
     student = AutoModelForCausalLM.from_pretrained(pruned)
     record["validation_ce"]["pruned"] = validation_ce(student, validation)
     steps = math.ceil(len(train) / BATCH)
@@ -182,14 +192,14 @@ def heal(cache: Path, target: Path) -> None:
 def markdown(record: dict, competence_dir: Path) -> str:
     """The healing record, with the ROUGE-L before distillation from ``bench/srd_evidence.py``'s base run."""
     ce, kept = record["validation_ce"], record["kept_layers"]
-    first = next(i for i, layer in enumerate(kept) if layer != i)
+    first = leading_layers(kept)
     sampling = record.get("sampling_note") or f"{record['sampling_s']:.0f} s"
     lines = [
         "# A healed 12-layer SmolLM2 student", "",
         f"Machine: {record['machine']}. Protocol: the `bench/heal_student.py` docstring.", "",
         f"- Kept layers: {kept} (the first {first} and the last {KEEP_LAYERS - first}; validation CE before "
         "healing by how many first layers are kept: "
-        + ", ".join(f"{first}: {value:.2f}" for first, value in record["validation_ce_by_first_layers_kept"].items())
+        + ", ".join(f"{count}: {value:.2f}" for count, value in record["validation_ce_by_first_layers_kept"].items())
         + ").",
         f"- Healing: {record['steps']} steps, {record['train_tokens']} tokens of the original model's free samples, "
         f"{record['healing_s']:.0f} s (sampling the corpus: {sampling}).",

@@ -52,7 +52,17 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from ablations import markdown, summarise  # noqa: E402  (the shared tables)
 from real_split import read_rows, write_split  # noqa: E402
-from srd_vs_kd import RESULTS, compared_spec, evaluated, pair_settings, prepare_base, srd, write_spec  # noqa: E402
+from srd_vs_kd import (  # noqa: E402
+    RESULTS,
+    STAGE_SETTINGS,
+    compared_spec,
+    evaluated,
+    pair_settings,
+    prepare_base,
+    srd,
+    write_spec,
+)
+from teacher_signal import run_spec as topk_spec  # noqa: E402
 
 SEEDS = [0, 1, 2]
 VARIANTS = ["kd", "srd", "srd_refresh"]
@@ -79,18 +89,20 @@ def training_rows(pool: Path, out: Path) -> Path:
     if not out.exists():
         rows = read_rows(pool)
         random.Random(0).shuffle(rows)
-        out.write_text("".join(json.dumps(row) + "\n" for row in rows[:TRAIN_ROWS]))
+        partial = out.with_suffix(".partial")
+        partial.write_text("".join(json.dumps(row) + "\n" for row in rows[:TRAIN_ROWS]))
+        partial.rename(out)
     return out
 
 
 def variant_spec(base: dict, settings: dict, work: Path, variant: str, seed: int) -> dict[str, Any]:
-    spec = compared_spec(base, settings, work, "fkl", seed, "none" if variant == "kd" else "srd")
+    if variant == "srd_topk":  # the same top-k settings as bench/teacher_signal.py's runs
+        spec = topk_spec(base, settings, work, "topk", seed)
+    else:
+        spec = compared_spec(base, settings, work, "fkl", seed, "none" if variant == "kd" else "srd")
     spec["run"]["name"] = f"{variant}-seed{seed}"
     if variant == "srd_refresh":
         spec["rank"] = {"refresh": "every_stage"}
-    elif variant == "srd_topk":
-        spec["distill"]["teacher_signal"] = "topk"
-        spec["teacher_signal"] = {"k": 64, "concurrency": 2, "batch_size": 16}
     return spec
 
 
@@ -103,11 +115,19 @@ def trained_prompts(run: Path, variant: str) -> list[str] | None:
     """The prompts of the rows a run ever trained on (None: every training row, as KD does)."""
     import pyarrow.parquet as pq
 
+    from srd_ray.distill.refresh import refresh_dir
+    from srd_ray.rank import bucket_dir
+
     if variant == "kd":
         return None
-    globs = ["rank/bucket=0", "distill/refresh_*/rank/bucket=*"] if variant == "srd_refresh" else ["rank/bucket=[012]"]
-    files = [file for pattern in globs for file in run.glob(f"{pattern}/*.parquet")]
-    return [prompt for file in files for prompt in pq.read_table(file, columns=["prompt"])["prompt"].to_pylist()]
+    stages = range(len(STAGE_SETTINGS))
+    if variant == "srd_refresh":  # bucket 0 as ranked first; each later one as its refresh admitted it
+        buckets = [bucket_dir(run / "rank", 0)] + [
+            bucket_dir(refresh_dir(run / "distill", s) / "rank", s) for s in stages[1:]
+        ]
+    else:
+        buckets = [bucket_dir(run / "rank", s) for s in stages]
+    return [prompt for bucket in buckets for prompt in pq.read_table(bucket, columns=["prompt"])["prompt"].to_pylist()]
 
 
 def by_task(work: Path, variants: list[str], seeds: list[int]) -> dict[str, Any]:

@@ -75,11 +75,8 @@ def pair_settings(pair: str, cache: Path) -> dict[str, Any]:
     from smollm2 import materialize, prune_layers
 
     teacher = materialize(cache)
-    if pair == "smollm2_healed":  # 12 of 30 layers, healed on the original model's free text (#17 a)
-        student = healed_student(cache)
-    else:
-        student = prune_layers(teacher, cache / "SmolLM2-6-layers", keep=6)
-    healed = pair == "smollm2_healed"
+    healed = pair == "smollm2_healed"  # 12 of 30 layers, healed on the original model's free text (#17 a)
+    student = healed_student(cache) if healed else prune_layers(teacher, cache / "SmolLM2-6-layers", keep=6)
     return {
         # 240 training rows keep a 135M teacher + 50M student affordable on 2 CPU cores.
         "prepare": {"demo_data": {"train_rows": 240, "heldout_rows": 60, "pretrain_rows": 1, "seed": 0}},

@@ -38,7 +38,7 @@ Protocol, fixed before running (results in bench/results/teacher_signal.{json,md
 5. **Where the tail is heavy** (added after ``bench/srd_evidence.py``'s ``srd_topk`` runs put the demo
    held-out gap in two of its four tasks): per demo task, on all 60 held-out rows with the fine-tuned
    SmolLM2 teacher and the healed 12-layer student, the teacher's mean mass outside its top 64 and top
-   256 at T 1, and the relative error sum|KD_topk - KD_exact| / sum|KD_exact| of fkl at k 64, T 1 and 2.
+   256 at T 1, and the relative error sum|KD_topk - KD_exact| / sum KD_exact of fkl at k 64, T 1 and 2.
 
     python bench/teacher_signal.py --tail-by-task     # about 3 minutes on 2 cores
 """
@@ -172,6 +172,22 @@ def tail_by_task(heldout: Path, teacher: Path, student: Path) -> dict[str, dict[
             values[f"fkl_k{K}_T{temperature:g}_relative_error"] = ((sparse - exact).abs().sum() / exact.sum()).item()
         results[task] = values
     return results
+
+
+def write_tail_by_task() -> None:
+    """Part 5 on the healed student's base run (``bench/srd_evidence.py --experiment healed``)."""
+    cache = ROOT / "bench" / ".cache"
+    tails = tail_by_task(
+        cache / "srd_evidence" / "healed" / "base" / "prepare" / "demo_heldout.jsonl",
+        cache / "teacher_signal" / "smollm2" / "base" / "teacher_sft" / "model",
+        cache / "SmolLM2-12-layers-healed",
+    )
+    (RESULTS / "teacher_signal_tail_by_task.json").write_text(json.dumps(tails, indent=2) + "\n")
+    names = list(next(iter(tails.values())))
+    lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {task} | " + " | ".join(f"{v[n]:.4f}" for n in names) + " |" for task, v in tails.items()]
+    (RESULTS / "teacher_signal_tail_by_task.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -416,18 +432,7 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.tail_by_task:
-        work, cache = ROOT / "bench" / ".cache" / "srd_evidence" / "healed", ROOT / "bench" / ".cache"
-        tails = tail_by_task(
-            work / "base" / "prepare" / "demo_heldout.jsonl",
-            cache / "teacher_signal" / "smollm2" / "base" / "teacher_sft" / "model",
-            cache / "SmolLM2-12-layers-healed",
-        )
-        (RESULTS / "teacher_signal_tail_by_task.json").write_text(json.dumps(tails, indent=2) + "\n")
-        names = list(next(iter(tails.values())))
-        lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        lines += [f"| {task} | " + " | ".join(f"{v[n]:.4f}" for n in names) + " |" for task, v in tails.items()]
-        (RESULTS / "teacher_signal_tail_by_task.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
+        write_tail_by_task()
         return
     if args.pair and args.more_demo_seeds:
         path = RESULTS / f"teacher_signal_{args.pair}.json"

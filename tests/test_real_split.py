@@ -28,8 +28,8 @@ def task_of(row: dict) -> tuple[str, str]:
 
 def assert_disjoint(files: dict[str, list[dict]]) -> None:
     """Independently of ``example_key``: no training prompt, and no (instruction, input), is in a test set."""
-    train = files.pop("train")
-    tested = [row for rows in files.values() for row in rows]
+    train = files["train"]
+    tested = [row for name, rows in files.items() if name != "train" for row in rows]
     tested_prompts = {normalised(row["prompt"]) for row in tested}
     tested_tasks = {task_of(row) for row in tested}
     for row in train:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from srd_ray.distill.losses import ScoredPositions, gather_scored
+from srd_ray.distill.losses import ScoredPositions, gather_scored, tempered_tail
 from srd_ray.errors import ModelError, SpecError
 from srd_ray.models import (
     IGNORE_INDEX,
@@ -62,11 +62,14 @@ class CrossEntropies:
 @dataclass(frozen=True)
 class TopK:
     """A teacher's next-token distribution at each response token of one row: the ``k`` most likely ids,
-    their log-probabilities (T = 1) and the log of the probability mass outside them (the tail)."""
+    their log-probabilities (T = 1), the log of the probability mass outside them (the tail) and, for each
+    training temperature T ≠ 1 asked for, the tail's tempered mass log Σ_tail p^(1/T) (unnormalised, like
+    the re-tempered top-k log-probs): the top-k alone cannot give it, since it depends on the tail's shape."""
 
     ids: np.ndarray  # int32 [tokens, k]
     logprobs: np.ndarray  # float32 [tokens, k], most likely first
     tail: np.ndarray  # float32 [tokens]; -inf when the k ids hold all the mass
+    tempered_tails: np.ndarray  # float32 [tokens, temperatures]; same -inf rule
 
 
 class Engine(Protocol):
@@ -76,8 +79,11 @@ class Engine(Protocol):
     def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> CrossEntropies:
         """Teacher-forced cross-entropy of each response given its prompt, response tokens only."""
 
-    def response_topk(self, prompts: list[str], responses: list[str], k: int) -> list[TopK]:
-        """Teacher-forced top-k distribution at every response token (the tokens training scores)."""
+    def response_topk(
+        self, prompts: list[str], responses: list[str], k: int, temperatures: tuple[float, ...] = ()
+    ) -> list[TopK]:
+        """Teacher-forced top-k distribution at every response token (the tokens training scores), with
+        the tail's tempered mass at each of ``temperatures``."""
 
     def reflect(
         self, prompts: list[str], responses: list[str] | None, settings: GenerationSpec | None, seeds: list[int]
@@ -272,9 +278,11 @@ class TransformersEngine:
 
     @_one_call_at_a_time
     @torch.inference_mode()
-    def response_topk(self, prompts: list[str], responses: list[str], k: int) -> list[TopK]:
+    def response_topk(
+        self, prompts: list[str], responses: list[str], k: int, temperatures: tuple[float, ...] = ()
+    ) -> list[TopK]:
         """From final hidden states at response positions through the LM head, in chunks of rows (the
-        head's output for a whole batch would be [batch, seq, vocab])."""
+        head's output for a whole batch would be [batch, seq, vocab]). Tempered tails are exact."""
         examples = [
             encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
             for p, r in zip(prompts, responses, strict=True)
@@ -288,12 +296,15 @@ class TransformersEngine:
                 self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
             )
             hidden = gather_scored(hidden, positions.to(self.device))
-            chunks = [_topk_of(head.logits(hidden[i : i + TOPK_CHUNK]), k) for i in range(0, len(hidden), TOPK_CHUNK)]
-            ids, logprobs, tail = (torch.cat(parts).cpu().numpy() for parts in zip(*chunks, strict=True))
+            chunks = [
+                _topk_of(head.logits(hidden[i : i + TOPK_CHUNK]), k, temperatures)
+                for i in range(0, len(hidden), TOPK_CHUNK)
+            ]
+            ids, logprobs, tail, tempered = (torch.cat(parts).cpu().numpy() for parts in zip(*chunks, strict=True))
             counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
             starts = np.cumsum([0, *counts])
             for i, start, end in zip(rows, starts[:-1], starts[1:], strict=True):
-                results[i] = TopK(ids[start:end], logprobs[start:end], tail[start:end])
+                results[i] = TopK(ids[start:end], logprobs[start:end], tail[start:end], tempered[start:end])
         return results
 
 
@@ -341,12 +352,26 @@ def generate_tokens(
 TOPK_CHUNK = 64  # response tokens whose [chunk, vocab] logits exist at once
 
 
-def _topk_of(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids int32, log-probs, tail log-mass) of the k most likely tokens of each row of logits."""
+def _topk_of(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
+    """(ids int32, log-probs, tail log-mass, tempered tail log-masses [rows, temperatures]) of the k most
+    likely tokens of each row of logits."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     top = log_probs.topk(k, dim=-1)
-    tail = torch.logsumexp(log_probs.scatter(-1, top.indices, float("-inf")), dim=-1)
-    return top.indices.int(), top.values, tail
+    outside = log_probs.scatter(-1, top.indices, float("-inf"))
+    tail = torch.logsumexp(outside, dim=-1)
+    tempered = [torch.logsumexp(outside / temperature, dim=-1) for temperature in temperatures]
+    tempered = torch.stack(tempered, dim=-1) if tempered else tail.new_empty((len(tail), 0))
+    return top.indices.int(), top.values, tail, tempered
+
+
+def _extrapolated_tails(
+    logprobs: np.ndarray, tail: np.ndarray, temperatures: tuple[float, ...], vocab_size: int
+) -> np.ndarray:
+    """[tokens, temperatures] tempered tail log-masses continued from the top-k (for engines that return
+    only the top k)."""
+    top, mass = torch.from_numpy(logprobs), torch.from_numpy(tail)
+    columns = [tempered_tail(top, mass, vocab_size, temperature).numpy() for temperature in temperatures]
+    return np.stack(columns, axis=-1) if columns else np.zeros((len(tail), 0), np.float32)
 
 
 class VLLMEngine:
@@ -480,9 +505,13 @@ class VLLMEngine:
 
         return SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
 
-    def response_topk(self, prompts: list[str], responses: list[str], k: int) -> list[TopK]:
+    def response_topk(
+        self, prompts: list[str], responses: list[str], k: int, temperatures: tuple[float, ...] = ()
+    ) -> list[TopK]:
         """From ``prompt_logprobs=k``: at each position vLLM returns the k most likely tokens (ranks 1..k),
-        plus the actual token when it ranks lower, which is left out here."""
+        plus the actual token when it ranks lower, which is left out here. vLLM returns nothing of the
+        tail but its mass, so the tempered tails are extrapolated from the top k
+        (:func:`~srd_ray.distill.losses.tempered_tail`), not exact as with the transformers engine."""
         examples = self._examples(prompts, responses)
         outputs = self._prompt_logprobs([e.input_ids for e in examples], k)
         results = []
@@ -497,7 +526,8 @@ class VLLMEngine:
             mass = np.exp(logprobs.astype(np.float64)).sum(axis=1)
             with np.errstate(divide="ignore"):
                 tail = np.log1p(-np.minimum(mass, 1.0)).astype(np.float32)
-            results.append(TopK(ids, logprobs, tail))
+            tempered = _extrapolated_tails(logprobs, tail, temperatures, len(self.tokenizer))
+            results.append(TopK(ids, logprobs, tail, tempered))
         return results
 
     def _examples(self, prompts: list[str], responses: list[str]) -> list[TrainingExample]:

@@ -265,7 +265,8 @@ class TeacherSignalSpec(PoolSpec):
     """The teacher's top-k pass, run once before distillation when ``distill.teacher_signal`` is topk."""
 
     k: PositiveInt = 64  # most likely tokens kept per response token; the rest is one tail bucket
-    # Stored log-probabilities: float16 halves the storage (k * 6 + 4 bytes per response token at k 64).
+    # Stored log-probabilities: float16 halves the storage (k * 6 + 4 bytes per response token, plus 4
+    # per stage temperature other than 1 for the tempered tail).
     logprob_dtype: Literal["float16", "float32"] = "float16"
     shard_rows: PositiveInt = 256
 

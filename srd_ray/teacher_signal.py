@@ -9,8 +9,11 @@ these columns with their rows and load no teacher at all.
 
 Per row (keyed by ``example_id``), for each of its ``num_tokens`` response tokens: the ``k`` most likely
 token ids (int32), their log-probabilities at T = 1 (``teacher_signal.logprob_dtype``, float16 by default)
-and the log of the mass outside them (float32). Rows are tokenized exactly as training does, with either
-engine (the transformers forward pass, or vLLM's ``prompt_logprobs``).
+and the log of the mass outside them (float32); and for each temperature T ≠ 1 of the distill stages, the
+log of the tail's tempered mass Σ_tail p^(1/T) (float32), which re-tempering the top k cannot recover:
+at T = 2 a tail of many small probabilities holds far more tempered mass than its T = 1 mass suggests.
+Rows are tokenized exactly as training does, with either engine (the transformers forward pass, whose
+tempered tails are exact, or vLLM's ``prompt_logprobs``, whose tempered tails are extrapolated).
 
 Core: :func:`score_signal` (Arrow in, Arrow out, any engine); driver: :func:`run_teacher_signal`;
 training reads :func:`read_signal` after :func:`check_signal`.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -30,14 +34,14 @@ from srd_ray.engines import Engine, TopK, build_engine, engine_version
 from srd_ray.errors import DataError
 from srd_ray.models import encode_example
 from srd_ray.shards import ShardedPass, ShardEngine, ShardWriter, split_into_shards
-from srd_ray.spec import DataSpec, JobSpec, ModelSpec
+from srd_ray.spec import DataSpec, JobSpec, ModelSpec, StageSpec
 from srd_ray.storage import Location, Place
 
 log = logging.getLogger(__name__)
 
 SETTINGS_KEY = b"srd_ray.teacher_signal"
 LOGPROB_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
-SIGNAL_COLUMNS = ["example_id", "num_tokens", "topk_ids", "topk_logprobs", "tail_logprob"]
+SIGNAL_COLUMNS = ["example_id", "num_tokens", "topk_ids", "topk_logprobs", "tail_logprob", "tempered_tail_logprobs"]
 
 
 def signal_fields(logprob_dtype: str) -> list[pa.Field]:
@@ -48,17 +52,26 @@ def signal_fields(logprob_dtype: str) -> list[pa.Field]:
         pa.field("topk_ids", pa.list_(pa.int32())),  # num_tokens * k, token by token
         pa.field("topk_logprobs", pa.list_(LOGPROB_TYPES[logprob_dtype])),  # num_tokens * k
         pa.field("tail_logprob", pa.list_(pa.float32())),  # num_tokens
+        pa.field("tempered_tail_logprobs", pa.list_(pa.float32())),  # num_tokens * temperatures
     ]
 
 
-def bytes_per_token(k: int, logprob_dtype: str) -> int:
+def tail_temperatures(stages: Iterable[StageSpec]) -> tuple[float, ...]:
+    """The temperatures whose tempered tail mass the pass stores: every stage's, but T = 1 (the tail)."""
+    return tuple(sorted({stage.temperature for stage in stages} - {1.0}))
+
+
+def bytes_per_token(k: int, logprob_dtype: str, temperatures: int = 0) -> int:
     """Uncompressed storage of one response token's signal."""
-    return k * (4 + LOGPROB_TYPES[logprob_dtype].byte_width) + 4
+    return k * (4 + LOGPROB_TYPES[logprob_dtype].byte_width) + 4 * (1 + temperatures)
 
 
-def score_signal(rows: pa.Table, engine: Engine, k: int, logprob_dtype: str) -> pa.Table:
+def score_signal(
+    rows: pa.Table, engine: Engine, k: int, logprob_dtype: str, temperatures: tuple[float, ...] = ()
+) -> pa.Table:
     """The signal columns for ``rows`` (example_id, input_position, prompt, response), order kept."""
-    signals = engine.response_topk(rows["prompt"].to_pylist(), rows["response"].to_pylist(), k)
+    prompts, responses = rows["prompt"].to_pylist(), rows["response"].to_pylist()
+    signals = engine.response_topk(prompts, responses, k, temperatures)
     # float16 has no room below -65504: clamp there (a probability of e^-65504 is zero in any case).
     floor = -6e4 if logprob_dtype == "float16" else -np.inf
     columns = {
@@ -68,6 +81,7 @@ def score_signal(rows: pa.Table, engine: Engine, k: int, logprob_dtype: str) -> 
         "topk_ids": [s.ids.reshape(-1) for s in signals],
         "topk_logprobs": [np.maximum(s.logprobs, floor).reshape(-1).astype(logprob_dtype) for s in signals],
         "tail_logprob": [s.tail for s in signals],
+        "tempered_tail_logprobs": [s.tempered_tails.reshape(-1) for s in signals],
     }
     return pa.table(columns, schema=pa.schema(signal_fields(logprob_dtype)))
 
@@ -79,6 +93,7 @@ def signal_settings(spec: JobSpec, teacher: ModelSpec, engine: str) -> dict[str,
         "teacher": teacher.model_dump(mode="json"),
         "k": spec.teacher_signal.k,
         "logprob_dtype": spec.teacher_signal.logprob_dtype,
+        "tail_temperatures": list(tail_temperatures(spec.distill.stages)),
         "max_prompt_tokens": spec.data.max_prompt_tokens,
         "max_response_tokens": spec.data.max_response_tokens,
     }
@@ -96,8 +111,9 @@ class SignalEngine(ShardEngine):
         model = build_engine(
             engine, teacher, spec.data, settings, max_new_tokens=1, vllm=spec.engine.vllm, max_logprobs=settings.k
         )
+        temperatures = tail_temperatures(spec.distill.stages)
         super().__init__(
-            "teacher_signal", lambda rows: score_signal(rows, model, settings.k, settings.logprob_dtype),
+            "teacher_signal", lambda rows: score_signal(rows, model, settings.k, settings.logprob_dtype, temperatures),
             model.row_errors, spec.data.on_bad_row,
         )  # fmt: skip
 
@@ -137,7 +153,9 @@ def run_teacher_signal(
         "actor_busy_s": round(progress["busy_s"], 2),
         "stored_bytes": stored,
         "stored_bytes_per_token": round(stored / max(tokens, 1), 1),
-        "raw_bytes_per_token": bytes_per_token(settings.k, settings.logprob_dtype),
+        "raw_bytes_per_token": bytes_per_token(
+            settings.k, settings.logprob_dtype, len(tail_temperatures(spec.distill.stages))
+        ),
         **sharded.settings,
         "engine_version": engine_version(engine),
     }
@@ -156,8 +174,10 @@ def read_signal(stage_dir: Place, columns: list[str] | None = None) -> pa.Table:
     return signal_pass(stage_dir, {}).read(columns=columns or SIGNAL_COLUMNS)
 
 
-def signals_by_id(signal: pa.Table) -> dict[str, TopK]:
-    """Per example_id, the row's signal as arrays ([tokens, k] ids and log-probs, [tokens] tail)."""
+def signals_by_id(signal: pa.Table, temperatures: tuple[float, ...]) -> dict[str, TopK]:
+    """Per example_id, the row's signal as arrays ([tokens, k] ids and log-probs, [tokens] tail, [tokens,
+    temperatures] tempered tails). ``temperatures`` are the training stages' (:func:`tail_temperatures`),
+    which the pass's settings fingerprint already tied to the shards."""
     result = {}
     for batch in signal.to_batches():
         columns = {name: batch.column(name) for name in SIGNAL_COLUMNS}
@@ -165,7 +185,13 @@ def signals_by_id(signal: pa.Table) -> dict[str, TopK]:
         ids = columns["topk_ids"].flatten().to_numpy()
         logprobs = columns["topk_logprobs"].flatten().to_numpy(zero_copy_only=False)
         tails = columns["tail_logprob"].flatten().to_numpy()
-        k = len(ids) // max(int(counts.sum()), 1)
+        tempered = columns["tempered_tail_logprobs"].flatten().to_numpy()
+        k, width = len(ids) // max(int(counts.sum()), 1), len(temperatures)
+        if len(tempered) != int(counts.sum()) * width:
+            raise DataError(
+                f"teacher_signal stores {len(tempered)} tempered tail values for {int(counts.sum())} tokens, "
+                f"not one per training temperature {list(temperatures)}; rerun with --redo teacher_signal"
+            )
         ends = np.cumsum(counts)
         for example_id, end, count in zip(columns["example_id"].to_pylist(), ends, counts, strict=True):
             start = end - count
@@ -173,6 +199,7 @@ def signals_by_id(signal: pa.Table) -> dict[str, TopK]:
                 ids[start * k : end * k].reshape(count, k),
                 logprobs[start * k : end * k].reshape(count, k).astype(np.float32),
                 tails[start:end],
+                tempered[start * width : end * width].reshape(count, width),
             )
     return result
 

@@ -49,11 +49,13 @@ def teacher_engine(tiny_models) -> TransformersEngine:
     return TransformersEngine(ModelSpec(path=tiny_models["teacher"]), DATA, max_new_tokens=1, batch_size=8)
 
 
-def sparse_from_dense(teacher_logits: torch.Tensor, k: int) -> SparseTeacher:
+def sparse_from_dense(teacher_logits: torch.Tensor, k: int, temperatures: tuple[float, ...] = ()) -> SparseTeacher:
+    """What the teacher pass stores, with exact tempered tails at ``temperatures``."""
     log_probs = torch.log_softmax(teacher_logits, -1)
     top = log_probs.topk(k, -1)
-    tail = torch.logsumexp(log_probs.scatter(-1, top.indices, float("-inf")), -1)
-    return SparseTeacher(top.indices, top.values, tail)
+    outside = log_probs.scatter(-1, top.indices, float("-inf"))
+    tempered = torch.stack([torch.logsumexp(outside / t, -1) for t in temperatures], -1) if temperatures else None
+    return SparseTeacher(top.indices, top.values, torch.logsumexp(outside, -1), tempered, temperatures)
 
 
 @pytest.mark.parametrize(("name", "temperature", "scaling"),
@@ -67,7 +69,8 @@ def test_sparse_loss_with_every_token_equals_the_dense_loss(name, temperature, s
     sparse_input = dense_input.detach().clone().requires_grad_()
     dense = DenseTeacher(Head(torch.eye(vocab), None, vocab), teacher_logits).kd(dense_input, slice(None), settings,
                                                                                    temperature)  # fmt: skip
-    sparse = sparse_from_dense(teacher_logits, vocab).kd(sparse_input, slice(None), settings, temperature)
+    sparse = sparse_from_dense(teacher_logits, vocab, (temperature,)).kd(sparse_input, slice(None), settings,
+                                                                         temperature)  # fmt: skip
     dense.sum().backward()
     sparse.sum().backward()
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
@@ -82,14 +85,17 @@ def test_sparse_loss_is_the_divergence_over_k_plus_one_buckets():
     value = sparse.kd(torch.log(student_probs), slice(None), LossSettings("fkl"), 1.0).item()
     p, q = [0.5, 0.3, 0.2], [0.2, 0.4, 0.4]
     assert value == pytest.approx(sum(a * np.log(a / b) for a, b in zip(p, q, strict=True)), rel=1e-5)
-    # At T = 2 the top 2 are re-tempered exactly; the tail's tempered mass is the extrapolated one.
-    value = sparse.kd(torch.log(student_probs), slice(None), LossSettings("fkl"), 2.0).item()
-    tail = tempered_tail(sparse.logprobs, sparse.tail, 5, 2.0).exp().item()
-    p2 = np.array([np.sqrt(0.5), np.sqrt(0.3), tail])
-    p2 /= p2.sum()
+    # At T = 2 the top 2 are re-tempered exactly. The tail's tempered mass is the stored one when the pass
+    # stored T = 2 (here sqrt(.1) + sqrt(.06) + sqrt(.04)), else the extrapolated one.
     q_full = np.sqrt(student_probs[0].numpy()) / np.sqrt(student_probs[0].numpy()).sum()
     q2 = [q_full[0], q_full[1], q_full[2:].sum()]
-    assert value == pytest.approx(4 * sum(a * np.log(a / b) for a, b in zip(p2, q2, strict=True)), rel=1e-5)
+    stored = sparse_from_dense(teacher, 2, (1.5, 2.0))
+    extrapolated = tempered_tail(sparse.logprobs, sparse.tail, 5, 2.0).exp().item()
+    for teacher_signal, tail in [(stored, np.sqrt([0.1, 0.06, 0.04]).sum()), (sparse, extrapolated)]:
+        value = teacher_signal.kd(torch.log(student_probs), slice(None), LossSettings("fkl"), 2.0).item()
+        p2 = np.array([np.sqrt(0.5), np.sqrt(0.3), tail])
+        p2 /= p2.sum()
+        assert value == pytest.approx(4 * sum(a * np.log(a / b) for a, b in zip(p2, q2, strict=True)), rel=1e-5)
 
 
 @pytest.mark.parametrize("exponent", [0.8, 1.0, 1.3])
@@ -106,10 +112,11 @@ def test_the_tempered_tail_of_a_power_law_is_extrapolated_from_the_top_k(exponen
 
 
 def test_score_signal_holds_the_teachers_top_k_at_each_response_token(rows, teacher_engine):
-    signal = score_signal(rows.slice(0, 6), teacher_engine, k=8, logprob_dtype="float16")
+    temperatures = (1.5, 2.0)
+    signal = score_signal(rows.slice(0, 6), teacher_engine, k=8, logprob_dtype="float16", temperatures=temperatures)
     assert signal.schema.field("topk_logprobs").type == pa.list_(pa.float16())
     assert signal.schema.field("topk_ids").type == pa.list_(pa.int32())
-    by_id = signals_by_id(signal)
+    by_id = signals_by_id(signal, temperatures)
     model, tokenizer = teacher_engine.model, teacher_engine.tokenizer
     for row in rows.slice(0, 6).to_pylist():
         prompt_ids = tokenizer(row["prompt"])["input_ids"]
@@ -125,6 +132,12 @@ def test_score_signal_holds_the_teachers_top_k_at_each_response_token(rows, teac
         np.testing.assert_allclose(stored.logprobs, top.values.numpy(), rtol=2e-3, atol=2e-3)  # float16
         expected_tail = torch.log1p(-top.values.exp().sum(-1)).numpy()
         np.testing.assert_allclose(stored.tail, expected_tail, rtol=1e-4, atol=1e-5)
+        outside = log_probs.scatter(-1, top.indices, float("-inf"))
+        for column, temperature in enumerate(temperatures):
+            expected = torch.logsumexp(outside / temperature, -1).numpy()
+            np.testing.assert_allclose(stored.tempered_tails[:, column], expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(DataError, match=r"not one per training temperature \[2.0\]"):
+        signals_by_id(signal, (2.0,))
 
 
 def test_signal_checks_name_the_row(rows, teacher_engine):
@@ -144,7 +157,8 @@ def test_a_shard_made_with_another_k_or_teacher_is_refused_by_name(rows, teacher
     made = ShardedPass("teacher_signal", Location.of(tmp_path), SETTINGS_KEY, settings)
     signal = score_signal(rows.slice(0, 3), teacher_engine, k=8, logprob_dtype="float16")
     made.write(0, signal, signal.schema)
-    for changed, name in (({"k": 16}, "k"), ({"teacher": {"path": "/models/b"}}, "teacher")):
+    for changed, name in (({"k": 16}, "k"), ({"teacher": {"path": "/models/b"}}, "teacher"),
+                          ({"tail_temperatures": [2.0]}, "tail_temperatures")):  # fmt: skip
         other = ShardedPass("teacher_signal", Location.of(tmp_path), SETTINGS_KEY, {**settings, **changed})
         with pytest.raises(RunDirError, match=rf"other teacher_signal settings \({name} differ\)"):
             other.check_existing(made.shard_path(0))
@@ -152,10 +166,11 @@ def test_a_shard_made_with_another_k_or_teacher_is_refused_by_name(rows, teacher
 
 def test_training_on_a_full_signal_equals_online_training_and_loads_no_teacher(tmp_path, tiny_models, rows):
     """k = vocabulary in float32: the stored signal is the teacher's exact distribution, so per-step losses
-    equal those of the online teacher (T 1, then T 2). The topk trainer holds no teacher model."""
+    equal those of the online teacher (T 1, then T 2, whose stored tempered tail reaches the loss). The topk
+    trainer holds no teacher model."""
     engine = TransformersEngine(ModelSpec(path=tiny_models["teacher"]), DATA, max_new_tokens=1)
     vocab = len(engine.tokenizer)
-    signal = score_signal(rows, engine, k=vocab, logprob_dtype="float32")
+    signal = score_signal(rows, engine, k=vocab, logprob_dtype="float32", temperatures=(2.0,))
     train = rows.select(["example_id", "prompt", "response"])
     plan = (StagePlan(0, ("all",), StageSpec(steps=3, kd_weight=0.5, temperature=1.0, lr=1e-3)),
             StagePlan(1, ("all",), StageSpec(steps=3, kd_weight=1.0, temperature=2.0, lr=1e-3)))  # fmt: skip
@@ -167,6 +182,8 @@ def test_training_on_a_full_signal_equals_online_training_and_loads_no_teacher(t
     trainer = Trainer(topk, LocalHost({"all": train, SIGNAL_DATASET: signal}, tmp_path / "topk" / "ck", cpu))
     trainer.run()
     assert unwrap(trainer.model).teacher is None
+    batch = trainer._pool(plan[1]).micro_batch((0, 1), engine.tokenizer.pad_token_id).teacher_topk
+    assert batch.tail_temperatures == (2.0,) and batch.tempered_tails.shape == (len(batch.tail), 1)
     assert step_losses(tmp_path / "topk") == pytest.approx(step_losses(tmp_path / "online"), rel=1e-5)
 
 
@@ -192,8 +209,9 @@ distill:
     run_dir = tmp_path / "runs" / "topk"
     manifest = json.loads((run_dir / "run.json").read_text())
     signal = manifest["stages"]["teacher_signal"]["summary"]
-    # The kept 3 of 4 buckets (120 of 160 rows) and the 24 held-out rows.
-    assert signal["rows"] == 144 and signal["k"] == 8 and signal["raw_bytes_per_token"] == 8 * 6 + 4
+    # The kept 3 of 4 buckets (120 of 160 rows) and the 24 held-out rows; per token k ids and log-probs,
+    # the tail, and its tempered mass at T 1.5 and 2.
+    assert signal["rows"] == 144 and signal["k"] == 8 and signal["raw_bytes_per_token"] == 8 * 6 + 4 * 3
     assert signal["stored_bytes_per_token"] < signal["raw_bytes_per_token"]
     distill = manifest["stages"]["distill"]["summary"]
     assert distill["teacher_signal"] == "topk" and distill["optimizer_steps"] == 12

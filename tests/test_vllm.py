@@ -49,16 +49,24 @@ def test_engines_agree_on_answers_and_cross_entropy(tiny_models, data, rows, vll
 
 def test_engines_agree_on_the_top_k_teacher_signal(tiny_models, data, rows, vllm_engine):
     """The teacher pass's two engines: same token positions, same top-16 ids (up to near-ties), same
-    log-probabilities and tail mass."""
+    log-probabilities and tail mass. vLLM's tempered tail at T 2 is the extrapolation from its top k
+    (transformers' is exact)."""
+    import torch
+
+    from srd_ray.distill.losses import tempered_tail
+
     transformers_engine = TransformersEngine(ModelSpec(path=tiny_models["student"]), data, max_new_tokens=1)
     prompts, responses = rows["prompt"].to_pylist()[:40], rows["response"].to_pylist()[:40]
-    by_transformers = transformers_engine.response_topk(prompts, responses, 16)
-    by_vllm = vllm_engine.response_topk(prompts, responses, 16)
+    by_transformers = transformers_engine.response_topk(prompts, responses, 16, (2.0,))
+    by_vllm = vllm_engine.response_topk(prompts, responses, 16, (2.0,))
+    vocab = len(transformers_engine.tokenizer)
     tokens = mismatched = 0
     for ours, theirs in zip(by_vllm, by_transformers, strict=True):
         assert ours.ids.shape == theirs.ids.shape
         np.testing.assert_allclose(ours.logprobs, theirs.logprobs, atol=1e-3)
         np.testing.assert_allclose(ours.tail, theirs.tail, atol=1e-3)
+        extrapolated = tempered_tail(torch.from_numpy(theirs.logprobs), torch.from_numpy(theirs.tail), vocab, 2.0)
+        np.testing.assert_allclose(ours.tempered_tails[:, 0], extrapolated.numpy(), atol=2e-3)
         tokens += ours.ids.size
         mismatched += int((ours.ids != theirs.ids).sum())
     assert mismatched / tokens < 0.01, f"{mismatched} of {tokens} top-k ids differ (near-ties may swap)"

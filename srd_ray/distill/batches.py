@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from srd_ray.distill.losses import ScoredPositions
+from srd_ray.distill.losses import ScoredPositions, SparseTeacher
 from srd_ray.engines import TopK
 from srd_ray.models import TrainingExample, collate
 from srd_ray.spec import StageSpec
@@ -119,24 +119,31 @@ def deal_step(rows: list[int], lengths: Sequence[int], response_tokens: Sequence
 @dataclass
 class MicroBatch:
     """Right-padded token ids, attention mask, the positions the loss scores and, with a stored teacher
-    signal, the teacher's top-k at those positions (ids [n, k], log-probs [n, k], tail log-mass [n])."""
+    signal, the teacher's top-k at those positions."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     scored: ScoredPositions
-    teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    teacher_topk: SparseTeacher | None = None
 
     @classmethod
     def of(
-        cls, examples: Sequence[TrainingExample], pad_token_id: int, signals: Sequence[TopK] | None = None
+        cls,
+        examples: Sequence[TrainingExample],
+        pad_token_id: int,
+        signals: Sequence[TopK] | None = None,
+        tail_temperatures: tuple[float, ...] = (),
     ) -> MicroBatch:
+        """``tail_temperatures``: the temperatures of the signals' tempered-tail columns, in order."""
         batch = collate(list(examples), pad_token_id)
         topk = None
         if signals is not None:  # rows in batch order, tokens in order: aligned with the scored positions
-            topk = (
+            topk = SparseTeacher(
                 torch.from_numpy(np.concatenate([s.ids for s in signals])).long(),
                 torch.from_numpy(np.concatenate([s.logprobs for s in signals])).float(),
                 torch.from_numpy(np.concatenate([s.tail for s in signals])).float(),
+                torch.from_numpy(np.concatenate([s.tempered_tails for s in signals])).float(),
+                tail_temperatures,
             )
         return cls(batch["input_ids"], batch["attention_mask"], ScoredPositions.of(batch["labels"]), topk)
 
@@ -145,5 +152,5 @@ class MicroBatch:
             self.input_ids.to(device, non_blocking=True),
             self.attention_mask.to(device, non_blocking=True),
             self.scored.to(device),
-            None if self.teacher_topk is None else tuple(t.to(device, non_blocking=True) for t in self.teacher_topk),
+            None if self.teacher_topk is None else self.teacher_topk.to(device),
         )

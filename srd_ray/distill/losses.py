@@ -377,19 +377,28 @@ class DenseTeacher:
 @dataclass(frozen=True)
 class SparseTeacher:
     """The teacher's stored top-k signal at scored positions (``teacher_signal`` stage): per position the
-    k most likely ids, their log-probabilities at T = 1, and the log-mass of all other tokens.
+    k most likely ids, their log-probabilities at T = 1, the log-mass of all other tokens and, for each
+    of ``tail_temperatures``, the log of their tempered mass Σ_tail p^(1/T).
 
     Both distributions are restricted to k + 1 buckets: the teacher's k ids and one tail bucket. The
     student's buckets are exact (gathered from its full softmax at temperature T; its tail is everything
-    else). The teacher's are exact at T = 1. At another T the top-k log-probs are re-tempered exactly
-    (relative to each other), but the tail's tempered mass needs the tail's shape, which is not stored: it
-    is extrapolated (:func:`tempered_tail`) by continuing the top-k's power law (Zipf) over the remaining
-    ranks, scaled to the stored tail mass. Treating the tail as one outcome instead would understate its
-    tempered mass many times over at T = 2 (``bench/teacher_signal.py`` measures both)."""
+    else). The teacher's are exact at T = 1, and at any T whose tempered tail was stored: the top-k
+    log-probs re-temper exactly (relative to each other) and the tail bucket is the stored tempered mass.
+    What remains approximate is only the bucketing: within the tail, the student is matched in total mass,
+    not token by token. At a T with nothing stored (or vLLM's extrapolated values) the tempered tail mass
+    is extrapolated (:func:`tempered_tail`); treating the tail as one outcome instead would understate its
+    tempered mass many times over at T = 2 (``bench/teacher_signal.py`` measures each)."""
 
     ids: torch.Tensor  # long [n, k]
     logprobs: torch.Tensor  # float32 [n, k], most likely first
     tail: torch.Tensor  # float32 [n]
+    tempered_tails: torch.Tensor | None = None  # float32 [n, len(tail_temperatures)]
+    tail_temperatures: tuple[float, ...] = ()
+
+    def to(self, device: torch.device) -> SparseTeacher:
+        moved = [t.to(device, non_blocking=True) for t in (self.ids, self.logprobs, self.tail)]
+        tempered = None if self.tempered_tails is None else self.tempered_tails.to(device, non_blocking=True)
+        return SparseTeacher(*moved, tempered, self.tail_temperatures)
 
     def kd(self, student_logits: torch.Tensor, rows: slice, settings: LossSettings, temperature: float) -> torch.Tensor:
         ids, logprobs = self.ids[rows], self.logprobs[rows]
@@ -405,6 +414,12 @@ class SparseTeacher:
         return per_token * temperature_factor(settings.name, temperature, settings.temperature_scaling)
 
     def tempered_tail(self, rows: slice, vocab_size: int, temperature: float) -> torch.Tensor:
+        """log Σ_tail p^(1/T): stored when the teacher pass had this T, else extrapolated."""
+        if temperature == 1.0:
+            return self.tail[rows]
+        for column, stored in enumerate(self.tail_temperatures):
+            if self.tempered_tails is not None and math.isclose(stored, temperature):
+                return self.tempered_tails[rows, column]
         return tempered_tail(self.logprobs[rows], self.tail[rows], vocab_size, temperature)
 
 

@@ -49,7 +49,7 @@ class DistillationModel(nn.Module):
         num_items_in_batch: float,
         gradient_scale: float,
         chunk_tokens: int,
-        teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        teacher_topk: SparseTeacher | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(normalised loss, CE sum, KD sum) of one micro-batch; a tuple, which DDP passes through. The KD
         teacher is the stored top-k signal when given, else the teacher model."""
@@ -70,11 +70,11 @@ class DistillationModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         positions: ScoredPositions,
-        teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        teacher_topk: SparseTeacher | None,
     ) -> Teacher | None:
         """The stored top-k signal when the batch carries one, else the teacher model's logits."""
         if teacher_topk is not None:
-            return SparseTeacher(*teacher_topk)
+            return teacher_topk
         if self.teacher is None:
             return None
         with torch.no_grad():

@@ -68,7 +68,7 @@ from srd_ray.models import (
 )
 from srd_ray.spec import DataSpec, ModelSpec, StageSpec, StudentGenerationSpec, TrainingSpec, VllmSpec
 from srd_ray.storage import Location
-from srd_ray.teacher_signal import signals_by_id
+from srd_ray.teacher_signal import signals_by_id, tail_temperatures
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,11 @@ class TrainingJob:
         return self.teacher is not None and self.teacher_signal == "online"
 
     @property
+    def tail_temperatures(self) -> tuple[float, ...]:
+        """The temperatures the teacher pass stored tempered tails for (the same stages made them)."""
+        return tail_temperatures(stage.settings for stage in self.plan)
+
+    @property
     def stages_to_run(self) -> int:
         """The stage count after which this job is done."""
         return len(self.plan) if self.last_stage is None else self.last_stage + 1
@@ -146,16 +151,18 @@ class Pool:
     signals: list[TopK] | None
     lengths: list[int]
     scored_tokens: list[int]  # response tokens each row contributes to the loss
+    tail_temperatures: tuple[float, ...] = ()  # of the signals' tempered-tail columns
 
     @classmethod
-    def of(cls, rows: list[tuple[TrainingExample, TopK | None]]) -> Pool:
+    def of(cls, rows: list[tuple[TrainingExample, TopK | None]], tail_temperatures: tuple[float, ...] = ()) -> Pool:
         examples = [example for example, _ in rows]
         signals = [signal for _, signal in rows] if rows and rows[0][1] is not None else None
-        return cls(examples, signals, [len(e.input_ids) for e in examples], [e.scored_tokens for e in examples])
+        lengths, scored = [len(e.input_ids) for e in examples], [e.scored_tokens for e in examples]
+        return cls(examples, signals, lengths, scored, tail_temperatures)
 
     def micro_batch(self, rows: tuple[int, ...], pad_token_id: int) -> MicroBatch:
         signals = None if self.signals is None else [self.signals[i] for i in rows]
-        return MicroBatch.of([self.examples[i] for i in rows], pad_token_id, signals)
+        return MicroBatch.of([self.examples[i] for i in rows], pad_token_id, signals, self.tail_temperatures)
 
 
 @dataclass
@@ -212,7 +219,7 @@ class Trainer:
         else:
             torch.manual_seed(self.job.seed + self.host.rank)
         if self.job.teacher_signal == "topk":
-            self.signals = signals_by_id(self.host.table(SIGNAL_DATASET))
+            self.signals = signals_by_id(self.host.table(SIGNAL_DATASET), self.job.tail_temperatures)
         self.scaler = self.precision.grad_scaler(self.device)
         self.optimizer = self.scheduler = None
         generating = self.job.student_generation.mode != "off"
@@ -317,7 +324,7 @@ class Trainer:
                 table = self.host.table(name).sort_by("example_id")
                 columns = (table[c].to_pylist() for c in ("example_id", "prompt", "response"))
                 self.examples[name] = [self._encode(*row) for row in zip(*columns, strict=True)]
-        return Pool.of([row for name in stage.datasets for row in self.examples[name]])
+        return Pool.of([row for name in stage.datasets for row in self.examples[name]], self.job.tail_temperatures)
 
     def _planned_steps(self) -> int:
         """Every stage's optimizer steps; a stage whose rows are not known yet counts its planned rows."""
@@ -341,7 +348,7 @@ class Trainer:
     def _heldout_batches(self) -> list[MicroBatch]:
         if self.job.teacher is None or not self.job.heldout:
             return []
-        pool = Pool.of([self._encode(*row) for row in self.job.heldout])
+        pool = Pool.of([self._encode(*row) for row in self.job.heldout], self.job.tail_temperatures)
         size, pad = self.training.batch_size, self.tokenizer.pad_token_id
         rows = range(len(pool.examples))
         return [pool.micro_batch(tuple(rows[start : start + size]), pad) for start in range(0, len(rows), size)]

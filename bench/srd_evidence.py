@@ -22,6 +22,10 @@ Protocol, fixed before running (results in bench/results/srd_evidence_<experimen
   - ``srd_topk`` (``--variants srd_topk``, healed only; added after the three above had started, before
     any of its runs): ``srd`` with ``distill.teacher_signal: topk`` (k 64, float16), #14's online vs
     top-k comparison on this student, paired with the ``srd`` runs.
+  - ``srd_topk_tail`` (``--variants srd_topk_tail``, healed only; added after the teacher pass began to
+    store the tail's exact tempered mass at T 1.5 and 2, before any of its runs): ``srd_topk`` with the
+    same settings, made by the current code. The ``srd_topk`` runs extrapolated the tempered tail from
+    the top k; this is the only difference.
 
   The release's budget is KD 20 epochs vs SRD 8 x (1/4 + 1/2 + 3/4) = 12. It is scaled to 5 vs 3 to fit
   2 CPU cores; the ratio stays 0.6.
@@ -30,8 +34,8 @@ Protocol, fixed before running (results in bench/results/srd_evidence_<experimen
   training too.
 - **Reported:** per variant, ROUGE-L per set and the average (mean ± std over training seeds), optimizer
   steps, train wall and end-to-end wall. For the refresh runs, end-to-end includes the re-reflection.
-  Also the paired differences (same training seed) srd - kd, srd_refresh - kd, srd_refresh - srd and
-  srd_topk - srd.
+  Also the paired differences (same training seed) srd - kd, srd_refresh - kd, srd_refresh - srd,
+  srd_topk - srd, srd_topk_tail - srd and srd_topk_tail - srd_topk.
 
     python bench/srd_evidence.py --experiment healed     # about 90 minutes on 2 cores (+25 to heal the student)
     python bench/srd_evidence.py --experiment real
@@ -66,7 +70,9 @@ from teacher_signal import run_spec as topk_spec  # noqa: E402
 
 SEEDS = [0, 1, 2]
 VARIANTS = ["kd", "srd", "srd_refresh"]
-COMPARISONS = [("srd", "kd"), ("srd_refresh", "kd"), ("srd_refresh", "srd"), ("srd_topk", "srd")]
+TOPK_VARIANTS = ["srd_topk", "srd_topk_tail"]  # SRD with the stored top-k signal (healed only)
+COMPARISONS = [("srd", "kd"), ("srd_refresh", "kd"), ("srd_refresh", "srd"), ("srd_topk", "srd"),
+               ("srd_topk_tail", "srd"), ("srd_topk_tail", "srd_topk")]  # fmt: skip
 TRAIN_ROWS = 240
 EVAL_ROWS, EVAL_SEEDS = 60, [10, 20]
 
@@ -96,7 +102,7 @@ def training_rows(pool: Path, out: Path) -> Path:
 
 
 def variant_spec(base: dict, settings: dict, work: Path, variant: str, seed: int) -> dict[str, Any]:
-    if variant == "srd_topk":  # the same top-k settings as bench/teacher_signal.py's runs
+    if variant in TOPK_VARIANTS:  # the same top-k settings as bench/teacher_signal.py's runs
         spec = topk_spec(base, settings, work, "topk", seed)
     else:
         spec = compared_spec(base, settings, work, "fkl", seed, "none" if variant == "kd" else "srd")
@@ -108,7 +114,7 @@ def variant_spec(base: dict, settings: dict, work: Path, variant: str, seed: int
 
 def finished_variants(work: Path, seeds: list[int]) -> list[str]:
     """The variants evaluated for every one of ``seeds``: what the tables can compare."""
-    return [v for v in [*VARIANTS, "srd_topk"] if all(evaluated(work / f"{v}-seed{seed}") for seed in seeds)]
+    return [v for v in [*VARIANTS, *TOPK_VARIANTS] if all(evaluated(work / f"{v}-seed{seed}") for seed in seeds)]
 
 
 def trained_prompts(run: Path, variant: str) -> list[str] | None:

@@ -41,6 +41,14 @@ Protocol, fixed before running (results in bench/results/teacher_signal.{json,md
    256 at T 1, and the relative error sum|KD_topk - KD_exact| / sum KD_exact of fkl at k 64, T 1 and 2.
 
     python bench/teacher_signal.py --tail-by-task     # about 3 minutes on 2 cores
+
+6. **Stored tempered tails** (added after part 5): the teacher pass now also stores, per token, the exact
+   tempered tail mass log Σ_tail p^(1/T) at each training temperature T != 1, which the loss uses instead
+   of extrapolating it from the top k. Parts 1 and 5 were rerun with it (the extrapolated tail is kept as
+   a column: it is what the vLLM engine stores, and what every topk run of part 2 trained with).
+
+    python bench/teacher_signal.py --pair tiny --approximation      # seconds
+    python bench/teacher_signal.py --pair smollm2 --approximation   # about 2 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -102,10 +110,14 @@ def scored_logits(model_path: str, rows: list[tuple[str, str]], max_response_tok
     return torch.cat(parts)
 
 
-def stored_topk(teacher_logits: torch.Tensor, k: int, tail_as_one_outcome: bool = False):
-    """What the teacher pass stores: top-k ids, float16 log-probs, the exact tail log-mass. With
-    ``tail_as_one_outcome`` the tail is re-tempered as if it were one token (the rejected alternative to
-    the power-law extrapolation)."""
+TAILS = ("stored", "extrapolated", "one_outcome")  # how the teacher's tail bucket is tempered (T != 1)
+
+
+def stored_topk(teacher_logits: torch.Tensor, k: int, tail: str = "stored"):
+    """What the teacher pass stores: top-k ids, float16 log-probs, the exact tail log-mass and the exact
+    tempered tail log-masses at T 1.5 and 2 (the transformers engine). ``tail``: "extrapolated" leaves the
+    tempered tails out, so the loss extrapolates them from the top k (the vLLM engine, and every topk run
+    made before tempered tails were stored); "one_outcome" re-tempers the tail as if it were one token."""
     from srd_ray.distill.losses import SparseTeacher
 
     class OneOutcomeTail(SparseTeacher):
@@ -114,13 +126,38 @@ def stored_topk(teacher_logits: torch.Tensor, k: int, tail_as_one_outcome: bool 
 
     log_probs = torch.log_softmax(teacher_logits, -1)
     top = log_probs.topk(k, -1)
-    tail = torch.logsumexp(log_probs.scatter(-1, top.indices, float("-inf")), -1)
-    kind = OneOutcomeTail if tail_as_one_outcome else SparseTeacher
-    return kind(top.indices, top.values.half().float(), tail)
+    outside = log_probs.scatter(-1, top.indices, float("-inf"))
+    temperatures = (1.5, 2.0) if tail == "stored" else ()
+    tempered = torch.stack([torch.logsumexp(outside / t, -1) for t in temperatures], -1) if temperatures else None
+    kind = OneOutcomeTail if tail == "one_outcome" else SparseTeacher
+    return kind(top.indices, top.values.half().float(), torch.logsumexp(outside, -1), tempered, temperatures)
+
+
+def relative_errors(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss, temperature: float,
+                    teachers: dict[Any, Any]) -> dict[Any, dict[str, float]]:  # fmt: skip
+    """Per sparse teacher: mean |KD_topk - KD_exact| per token, relative error of the summed KD and of the
+    gradient with respect to the student's logits (against the exact KD of the full teacher)."""
+    from srd_ray.distill.losses import token_kd
+
+    exact_input = student_logits.clone().requires_grad_()
+    exact = token_kd(exact_input, teacher_logits, loss, temperature)
+    exact.sum().backward()
+    errors = {}
+    for key, teacher in teachers.items():
+        sparse_input = student_logits.clone().requires_grad_()
+        sparse = teacher.kd(sparse_input, slice(None), loss, temperature)
+        sparse.sum().backward()
+        errors[key] = {
+            "mean_kd_exact": exact.mean().item(),
+            "mean_abs_error": (sparse - exact).abs().mean().item(),
+            "kd_relative_error": ((sparse - exact).abs().sum() / exact.sum()).item(),
+            "gradient_relative_error": ((sparse_input.grad - exact_input.grad).norm() / exact_input.grad.norm()).item(),
+        }
+    return errors
 
 
 def approximation(pair: str, work: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    from srd_ray.distill.losses import KD_LOSS_NAMES, LossSettings, token_kd
+    from srd_ray.distill.losses import KD_LOSS_NAMES, LossSettings
 
     lines = (work / "base" / "prepare" / "demo_heldout.jsonl").read_text().splitlines()[:APPROXIMATION_ROWS]
     rows = [(json.loads(line)["prompt"], json.loads(line)["output"]) for line in lines]
@@ -129,33 +166,22 @@ def approximation(pair: str, work: Path, settings: dict[str, Any]) -> list[dict[
         str(work / "base" / "teacher_sft" / "model"), rows, settings["data"]["max_response_tokens"]
     )
     student_logits = scored_logits(student_path, rows, settings["data"]["max_response_tokens"])
+    keys = [(k, "stored") for k in KS] + [(K, tail) for tail in TAILS[1:]]
+    teachers = {(k, tail): stored_topk(teacher_logits, k, tail) for k, tail in keys}
     results = []
     for name in KD_LOSS_NAMES[:-1]:  # sft has no KD term
         for temperature in (1.0, 2.0):
-            loss = LossSettings(name)
-            exact_input = student_logits.clone().requires_grad_()
-            exact = token_kd(exact_input, teacher_logits, loss, temperature)
-            exact.sum().backward()
-            for k, one_outcome in [(k, False) for k in KS] + [(K, True)]:
-                sparse_input = student_logits.clone().requires_grad_()
-                teacher = stored_topk(teacher_logits, k, tail_as_one_outcome=one_outcome)
-                sparse = teacher.kd(sparse_input, slice(None), loss, temperature)
-                sparse.sum().backward()
-                results.append({
-                    "pair": pair, "loss": name, "temperature": temperature, "k": k, "tail_as_one_outcome": one_outcome,
-                    "mean_kd_exact": exact.mean().item(),
-                    "mean_abs_error": (sparse - exact).abs().mean().item(),
-                    "gradient_relative_error": ((sparse_input.grad - exact_input.grad).norm()
-                                                / exact_input.grad.norm()).item(),
-                })  # fmt: skip
+            errors = relative_errors(student_logits, teacher_logits, LossSettings(name), temperature, teachers)
+            cell = {"pair": pair, "loss": name, "temperature": temperature}
+            results += [{**cell, "k": k, "tail": tail, **errors[k, tail]} for k, tail in keys]
     print(f"[teacher_signal] approximation on {pair}: {len(teacher_logits)} tokens", flush=True)
     return results
 
 
 def tail_by_task(heldout: Path, teacher: Path, student: Path) -> dict[str, dict[str, float]]:
     """Part 5: per task of the demo held-out rows (over all their response tokens), the teacher's mean
-    tail mass and fkl's relative top-k error."""
-    from srd_ray.distill.losses import LossSettings, token_kd
+    tail mass and fkl's relative top-k errors (KD value and gradient), with stored and extrapolated tails."""
+    from srd_ray.distill.losses import LossSettings
 
     by_task: dict[str, list[tuple[str, str]]] = {}
     for line in heldout.read_text().splitlines():
@@ -166,10 +192,13 @@ def tail_by_task(heldout: Path, teacher: Path, student: Path) -> dict[str, dict[
         teacher_logits, student_logits = scored_logits(str(teacher), rows, 32), scored_logits(str(student), rows, 32)
         log_probs = torch.log_softmax(teacher_logits, -1)
         values = {f"tail_mass_k{k}": (1 - log_probs.topk(k, -1).values.exp().sum(-1)).mean().item() for k in (64, 256)}
+        teachers = {tail: stored_topk(teacher_logits, K, tail) for tail in TAILS[:2]}
         for temperature in (1.0, 2.0):
-            exact = token_kd(student_logits, teacher_logits, LossSettings("fkl"), temperature)
-            sparse = stored_topk(teacher_logits, K).kd(student_logits, slice(None), LossSettings("fkl"), temperature)
-            values[f"fkl_k{K}_T{temperature:g}_relative_error"] = ((sparse - exact).abs().sum() / exact.sum()).item()
+            errors = relative_errors(student_logits, teacher_logits, LossSettings("fkl"), temperature, teachers)
+            for tail in TAILS[: 1 if temperature == 1.0 else 2]:  # at T 1 the tail is stored either way
+                suffix = f"k{K}_T{temperature:g}" + ("" if temperature == 1.0 else f"_{tail}")
+                values[f"fkl_{suffix}_relative_error"] = errors[tail]["kd_relative_error"]
+                values[f"fkl_{suffix}_gradient_error"] = errors[tail]["gradient_relative_error"]
         results[task] = values
     return results
 
@@ -349,7 +378,10 @@ def run_pair(pair: str, seeds: list[int]) -> dict[str, Any]:
 def markdown(results: dict[str, dict[str, Any]]) -> str:
     lines = ["# Teacher signal: computed once (top-k) vs the online teacher", "",
              f"Machine: {next(iter(results.values()))['machine']}. Protocol: `bench/teacher_signal.py` docstring. "
-             f"SRD fkl, k {K}, float16 log-probs; training seeds per pair below.", ""]  # fmt: skip
+             f"SRD fkl, k {K}, float16 log-probs; training seeds per pair below. The topk runs were made "
+             "before the teacher pass stored tempered tails: at T 1.5 and 2 they trained with the tail "
+             "extrapolated from the top k (the approximation tables' extrapolated column; protocol part 6).",
+             ""]  # fmt: skip
     for pair, result in results.items():
         lines += run_table(pair, result) + approximation_table(pair, result["approximation"]) + [""]
     # SmolLM2's 49k-token BPE counts Dolly's rows close to GPT-2's 50k one; the tiny 800-token BPE does not.
@@ -408,13 +440,15 @@ def run_table(pair: str, result: dict[str, Any]) -> list[str]:
 
 def approximation_table(pair: str, rows: list[dict[str, Any]]) -> list[str]:
     lines = [f"Top-k approximation on {pair} (held-out rows): mean |KD_exact - KD_topk| per token (mean KD_exact) / "
-             "relative gradient error. Last column: k 64 with the tail re-tempered as one outcome (not used).", "",
-             "| loss | T | " + " | ".join(f"k {k}" for k in KS) + f" | k {K}, tail as one outcome |",
-             "|---|---|" + "---|" * (len(KS) + 1)]  # fmt: skip
+             "relative gradient error, with the tempered tail mass stored by the teacher pass (transformers "
+             f"engine). Last two columns, k {K}: the tail mass extrapolated from the top k (vLLM engine), and "
+             "re-tempered as one outcome (not used).", "",
+             "| loss | T | " + " | ".join(f"k {k}" for k in KS) + f" | k {K}, extrapolated tail | k {K}, tail as one "
+             "outcome |", "|---|---|" + "---|" * (len(KS) + 2)]  # fmt: skip
     for loss in dict.fromkeys(r["loss"] for r in rows):
         for temperature in (1.0, 2.0):
-            keys = [(k, False) for k in KS] + [(K, True)]
-            cells = [next(r for r in rows if (r["loss"], r["temperature"], r["k"], r["tail_as_one_outcome"])
+            keys = [(k, "stored") for k in KS] + [(K, tail) for tail in TAILS[1:]]
+            cells = [next(r for r in rows if (r["loss"], r["temperature"], r["k"], r["tail"])
                           == (loss, temperature, *key)) for key in keys]  # fmt: skip
             lines.append(f"| {loss} | {temperature:g} | " + " | ".join(
                 f"{c['mean_abs_error']:.4f} ({c['mean_kd_exact']:.3f}) / {c['gradient_relative_error']:.3f}"
@@ -429,12 +463,19 @@ def main() -> None:
     parser.add_argument("--more-demo-seeds", action="store_true", help="part 4 only, on --pair's trained students")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="training seeds (finished runs are reused)")
     parser.add_argument("--tail-by-task", action="store_true", help="part 5 only")
+    parser.add_argument("--approximation", action="store_true", help="part 1 only, on --pair's base run")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.tail_by_task:
         write_tail_by_task()
         return
-    if args.pair and args.more_demo_seeds:
+    if args.pair and args.approximation:
+        path = RESULTS / f"teacher_signal_{args.pair}.json"
+        result = json.loads(path.read_text())
+        work = (ROOT / "bench" / ".cache" / "teacher_signal" / args.pair).resolve()
+        result["approximation"] = approximation(args.pair, work, pair_settings(args.pair, ROOT / "bench" / ".cache"))
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    elif args.pair and args.more_demo_seeds:
         path = RESULTS / f"teacher_signal_{args.pair}.json"
         result = json.loads(path.read_text())
         result["more_demo_seeds"] = more_demo_seeds(args.pair, result["settings"]["seeds"])

@@ -49,6 +49,12 @@ Protocol, fixed before running (results in bench/results/teacher_signal.{json,md
 
     python bench/teacher_signal.py --pair tiny --approximation      # seconds
     python bench/teacher_signal.py --pair smollm2 --approximation   # about 2 minutes on 2 cores
+
+   Then the same SRD job again with the stored tails (run label ``topk_tail``, the same settings as
+   ``topk``), paired with the same online runs, and part 4 for its students:
+
+    python bench/teacher_signal.py --pair smollm2 --seeds 0,1,2,3,4,5 --signals topk_tail
+    python bench/teacher_signal.py --pair smollm2 --more-demo-seeds
 """
 
 from __future__ import annotations
@@ -81,6 +87,9 @@ from srd_vs_kd import (  # noqa: E402  (the shared pair settings and run helpers
 )
 
 SEEDS = [0, 1, 2]
+# Run label -> distill.teacher_signal. topk runs were made while the loss extrapolated the tempered tail;
+# topk_tail runs (protocol part 6) with the tail's tempered mass stored by the pass. Same settings.
+SIGNALS = {"online": "online", "topk": "topk", "topk_tail": "topk"}
 KS = [8, 32, 64, 128]
 K = 64
 APPROXIMATION_ROWS = 32
@@ -223,10 +232,10 @@ def write_tail_by_task() -> None:
 # 2. The runs
 
 
-def run_spec(base: dict, settings: dict, work: Path, signal: str, seed: int) -> dict[str, Any]:
+def run_spec(base: dict, settings: dict, work: Path, label: str, seed: int) -> dict[str, Any]:
     spec = compared_spec(base, settings, work, "fkl", seed, "srd")
-    spec["run"]["name"] = f"{signal}-seed{seed}"
-    spec["distill"]["teacher_signal"] = signal
+    spec["run"]["name"] = f"{label}-seed{seed}"
+    spec["distill"]["teacher_signal"] = SIGNALS[label]
     spec["teacher_signal"] = {"k": K, "concurrency": 2, "batch_size": 16}
     return spec
 
@@ -253,14 +262,15 @@ def run_record(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def more_demo_seeds(pair: str, seeds: list[int]) -> dict[str, Any]:
-    """Part 4: every trained student on the demo held-out split again, with ``MORE_DEMO_SEEDS``."""
+def more_demo_seeds(pair: str, seeds: list[int], labels: list[str]) -> dict[str, Any]:
+    """Part 4: every trained student on the demo held-out split again, with ``MORE_DEMO_SEEDS`` (an
+    evaluation already made is read back)."""
     import yaml
 
     work = (ROOT / "bench" / ".cache" / "teacher_signal" / pair).resolve()
     label = f"demo_heldout_{len(MORE_DEMO_SEEDS)}_seeds"
     runs: dict[str, list[dict[str, Any]]] = {}
-    for signal in ("online", "topk"):
+    for signal in labels:
         for seed in seeds:
             spec = yaml.safe_load((work / "specs" / f"{signal}-seed{seed}.yaml").read_text())
             spec["data"]["eval_sets"] = {"demo_heldout": spec["data"]["eval_sets"]["demo_heldout"]}
@@ -269,8 +279,10 @@ def more_demo_seeds(pair: str, seeds: list[int]) -> dict[str, Any]:
             spec["models"]["student"]["path"] = str(model)  # the run's own may point into a removed worktree
             path = work / "specs" / f"{signal}-seed{seed}-{label}.yaml"
             path.write_text(yaml.safe_dump(spec, sort_keys=False))
-            srd("evaluate", str(path), "--model", str(model), "--name", label)
-            summary = json.loads((work / f"{signal}-seed{seed}" / "evaluate" / label / "summary.json").read_text())
+            summary_path = work / f"{signal}-seed{seed}" / "evaluate" / label / "summary.json"
+            if not summary_path.exists():
+                srd("evaluate", str(path), "--model", str(model), "--name", label)
+            summary = json.loads(summary_path.read_text())
             result = summary["sets"]["demo_heldout"]
             runs.setdefault(signal, []).append(
                 {"rouge_l": result["rouge_l"], "eval_seed_std": result["rouge_l_std"], "rows": result["examples"]}
@@ -285,14 +297,15 @@ def more_seeds_lines(more: dict[str, Any]) -> list[str]:
              f"{more['eval_seeds'][0]}..{more['eval_seeds'][-1]} per trained student (protocol part 4):", "",
              "| signal | per training seed | mean ± std | eval-seed std of one student |",
              "|---|---|---|---|"]  # fmt: skip
-    for signal in ("online", "topk"):
+    for signal in runs:
         scores = [r["rouge_l"] for r in runs[signal]]
         noise = statistics.fmean(r["eval_seed_std"] for r in runs[signal])
         lines.append(f"| {signal} | " + ", ".join(f"{x:.2f}" for x in scores)
                      + " | {:.2f} ± {:.2f} | {:.2f} |".format(*mean_std(scores), noise))  # fmt: skip
-    differences = [t["rouge_l"] - o["rouge_l"] for t, o in zip(runs["topk"], runs["online"], strict=True)]
-    lines.append("| topk - online (paired) | " + ", ".join(f"{x:+.2f}" for x in differences)
-                 + " | {:+.2f} ± {:.2f} | |".format(*mean_std(differences)))  # fmt: skip
+    for signal in [label for label in runs if label != "online"]:
+        differences = [t["rouge_l"] - o["rouge_l"] for t, o in zip(runs[signal], runs["online"], strict=True)]
+        lines.append(f"| {signal} - online (paired) | " + ", ".join(f"{x:+.2f}" for x in differences)
+                     + " | {:+.2f} ± {:.2f} | |".format(*mean_std(differences)))  # fmt: skip
     return [*lines, ""]
 
 
@@ -344,16 +357,16 @@ def dolly_tokens_per_row(tokenizer_path: str) -> float:
 # --------------------------------------------------------------------------------------------------------
 
 
-def run_pair(pair: str, seeds: list[int]) -> dict[str, Any]:
+def run_pair(pair: str, seeds: list[int], labels: list[str]) -> dict[str, Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = (ROOT / "bench" / ".cache" / "teacher_signal" / pair).resolve()
     settings = {**pair_settings(pair, ROOT / "bench" / ".cache"), **EVAL[pair]}
     base = prepare_base(settings, work)
     for seed in seeds:
-        for signal in ("online", "topk"):
-            if not evaluated(work / f"{signal}-seed{seed}"):
-                srd("run", str(write_spec(run_spec(base, settings, work, signal, seed), work)))
+        for label in labels:
+            if not evaluated(work / f"{label}-seed{seed}"):
+                srd("run", str(write_spec(run_spec(base, settings, work, label, seed), work)))
     teacher = str(work / "base" / "teacher_sft" / "model")
     student = settings["models"]["student"].replace("${run_dir}", str(work / "base"))
     n_teacher, n_student = matmul_parameters(teacher), matmul_parameters(student)
@@ -363,7 +376,9 @@ def run_pair(pair: str, seeds: list[int]) -> dict[str, Any]:
         "settings": {"k": K, "seeds": seeds, "srd_epochs": settings["srd_epochs"], **EVAL[pair]},
         "reference": base_scores(work),
         "runs": {
-            signal: [run_record(work / f"{signal}-seed{seed}") for seed in seeds] for signal in ("online", "topk")
+            label: [run_record(work / f"{label}-seed{seed}") for seed in seeds]
+            for label in SIGNALS
+            if all(evaluated(work / f"{label}-seed{seed}") for seed in seeds)
         },
         "approximation": approximation(pair, work, settings),
         "flops_per_token": {
@@ -414,22 +429,23 @@ def run_table(pair: str, result: dict[str, Any]) -> list[str]:
              "| end-to-end s |", "|---|" + "---|" * (len(sets) + 5)]  # fmt: skip
     for label, scores in result["reference"].items():
         lines.append(f"| {label} | " + " | ".join(f"{scores[s]:.2f}" for s in sets) + " | | | | | |")
-    for signal in ("online", "topk"):
+    for signal in runs:
         cells = ["{:.2f} ± {:.2f}".format(*mean_std([r["scores"][s] for r in runs[signal]])) for s in sets]
         keys = ("train_wall_s", "tokens_per_s", "steady_tokens_per_s", "teacher_pass_s", "end_to_end_s")
         timing = [statistics.fmean(r[key] for r in runs[signal]) for key in keys]
         lines.append(
             f"| {signal} | " + " | ".join(cells) + " | {:.1f} | {:.0f} | {:.0f} | {:.1f} | {:.1f} |".format(*timing)
         )
-    pairs = list(zip(runs["topk"], runs["online"], strict=True))
-    differences = [
-        "{:+.2f} ± {:.2f}".format(*mean_std([t["scores"][s] - o["scores"][s] for t, o in pairs])) for s in sets
-    ]
-    ratio = [statistics.fmean(t[key] for t in runs["topk"]) / statistics.fmean(o[key] for o in runs["online"])
-             for key in ("train_wall_s", "tokens_per_s", "steady_tokens_per_s")]  # fmt: skip
-    lines.append("| topk - online (paired) | " + " | ".join(differences) +
-                 " | {:.2f}x | {:.2f}x | {:.2f}x | | |".format(*ratio))  # fmt: skip
-    signal = runs["topk"][0]["signal"]
+    for signal in [label for label in runs if label != "online"]:
+        pairs = list(zip(runs[signal], runs["online"], strict=True))
+        differences = [
+            "{:+.2f} ± {:.2f}".format(*mean_std([t["scores"][s] - o["scores"][s] for t, o in pairs])) for s in sets
+        ]
+        ratio = [statistics.fmean(t[key] for t, _ in pairs) / statistics.fmean(o[key] for _, o in pairs)
+                 for key in ("train_wall_s", "tokens_per_s", "steady_tokens_per_s")]  # fmt: skip
+        lines.append(f"| {signal} - online (paired) | " + " | ".join(differences) +
+                     " | {:.2f}x | {:.2f}x | {:.2f}x | | |".format(*ratio))  # fmt: skip
+    signal = runs[[label for label in runs if label != "online"][-1]][0]["signal"]
     if "more_demo_seeds" in result:
         lines += ["", *more_seeds_lines(result["more_demo_seeds"])]
     lines += ["", f"Teacher pass: {signal['rows']} rows, {signal['response_tokens']} response tokens, "
@@ -464,6 +480,7 @@ def main() -> None:
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="training seeds (finished runs are reused)")
     parser.add_argument("--tail-by-task", action="store_true", help="part 5 only")
     parser.add_argument("--approximation", action="store_true", help="part 1 only, on --pair's base run")
+    parser.add_argument("--signals", default="online,topk", help=f"run labels to run, of {', '.join(SIGNALS)}")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.tail_by_task:
@@ -478,10 +495,10 @@ def main() -> None:
     elif args.pair and args.more_demo_seeds:
         path = RESULTS / f"teacher_signal_{args.pair}.json"
         result = json.loads(path.read_text())
-        result["more_demo_seeds"] = more_demo_seeds(args.pair, result["settings"]["seeds"])
+        result["more_demo_seeds"] = more_demo_seeds(args.pair, result["settings"]["seeds"], list(result["runs"]))
         path.write_text(json.dumps(result, indent=2) + "\n")
     elif args.pair:
-        result = run_pair(args.pair, [int(seed) for seed in args.seeds.split(",")])
+        result = run_pair(args.pair, [int(seed) for seed in args.seeds.split(",")], args.signals.split(","))
         (RESULTS / f"teacher_signal_{args.pair}.json").write_text(json.dumps(result, indent=2) + "\n")
     results = {pair: json.loads(path.read_text()) for pair in ("tiny", "smollm2")
                if (path := RESULTS / f"teacher_signal_{pair}.json").exists()}  # fmt: skip

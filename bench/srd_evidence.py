@@ -24,8 +24,10 @@ Protocol, fixed before running (results in bench/results/srd_evidence_<experimen
     top-k comparison on this student, paired with the ``srd`` runs.
   - ``srd_topk_tail`` (``--variants srd_topk_tail``, healed only; added after the teacher pass began to
     store the tail's exact tempered mass at T 1.5 and 2, before any of its runs): ``srd_topk`` with the
-    same settings, made by the current code. The ``srd_topk`` runs extrapolated the tempered tail from
-    the top k; this is the only difference.
+    same spec, made by the current code, whose teacher pass runs the transformers engine by default and
+    stores the tempered tails. The ``srd_topk`` runs' pass ran vLLM and their loss extrapolated the
+    tempered tail from the top k; that is the only difference. (A first attempt, whose pass still ran
+    vLLM, trained with the extrapolated tail again and was discarded.)
 
   The release's budget is KD 20 epochs vs SRD 8 x (1/4 + 1/2 + 3/4) = 12. It is scaled to 5 vs 3 to fit
   2 CPU cores; the ratio stays 0.6.

@@ -50,8 +50,9 @@ Protocol, fixed before running (results in bench/results/teacher_signal.{json,md
     python bench/teacher_signal.py --pair tiny --approximation      # seconds
     python bench/teacher_signal.py --pair smollm2 --approximation   # about 2 minutes on 2 cores
 
-   Then the same SRD job again with the stored tails (run label ``topk_tail``, the same settings as
-   ``topk``), paired with the same online runs, and part 4 for its students:
+   Then the same SRD job again with the stored tails (run label ``topk_tail``, the same spec as ``topk``;
+   the teacher pass now runs the transformers engine by default, which stores them, where the topk runs'
+   pass ran vLLM), paired with the same online runs, and part 4 for its students:
 
     python bench/teacher_signal.py --pair smollm2 --seeds 0,1,2,3,4,5 --signals topk_tail
     python bench/teacher_signal.py --pair smollm2 --more-demo-seeds

@@ -230,7 +230,8 @@ def _teacher_signal(run: Run) -> dict[str, Any]:
 
     rows = pa.concat_tables([training_rows(run.spec, run.rank_dir, run.train.table), heldout_rows(run)])
     stage_dir = run.run_dir.stage_dir("teacher_signal")
-    return run_teacher_signal(run.spec, rows, stage_dir, teacher=run.teacher, engine=run.engine)
+    engine = resolve_engine(run.spec.teacher_signal.engine, "teacher_signal.engine")
+    return run_teacher_signal(run.spec, rows, stage_dir, teacher=run.teacher, engine=engine)
 
 
 def _distill(run: Run) -> dict[str, Any]:

@@ -237,7 +237,8 @@ class VllmSpec(_Strict):
 
 
 class EngineSpec(_Strict):
-    """The inference engine of every pass that generates or scores (reflect, the teacher pass, evaluate)."""
+    """The inference engine of the passes that generate (reflect, evaluate); the teacher pass has its own
+    (``teacher_signal.engine``), and so has on-policy generation (``distill.student_generation.engine``)."""
 
     # auto: vLLM when the vllm package is importable, else transformers. The engine actually used is
     # recorded in every shard and in run.json.
@@ -265,6 +266,10 @@ class TeacherSignalSpec(PoolSpec):
     """The teacher's top-k pass, run once before distillation when ``distill.teacher_signal`` is topk."""
 
     k: PositiveInt = 64  # most likely tokens kept per response token; the rest is one tail bucket
+    # transformers (the default) stores the tail's exact tempered mass at each stage temperature; vLLM
+    # returns only the top k, so with it the tempered tail is extrapolated (a teacher-forced pass gains
+    # little from vLLM's generation machinery). auto: vllm when the vllm package is installed.
+    engine: Literal["auto", "vllm", "transformers"] = "transformers"
     # Stored log-probabilities: float16 halves the storage (k * 6 + 4 bytes per response token, plus 4
     # per stage temperature other than 1 for the tempered tail).
     logprob_dtype: Literal["float16", "float32"] = "float16"

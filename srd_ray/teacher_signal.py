@@ -135,6 +135,12 @@ def run_teacher_signal(
         "teacher_signal: %d rows in %d shards, %d already done; top-%d from %s with %s",
         rows.num_rows, len(shards), len(shards) - len(todo), settings.k, teacher.path, engine,
     )  # fmt: skip
+    if engine == "vllm" and tail_temperatures(spec.distill.stages):
+        log.warning(
+            "teacher_signal: vLLM returns only the top %d, so the tail's tempered mass at T %s is extrapolated, "
+            "not exact (teacher_signal.engine: transformers stores it exactly)",
+            settings.k, ", ".join(f"{t:g}" for t in tail_temperatures(spec.distill.stages)),
+        )  # fmt: skip
     columns = pa.schema(signal_fields(settings.logprob_dtype))
     writer = ShardWriter(sharded, lambda rows: rows, lambda _: columns, "num_tokens")
     engine_kwargs = {"spec": spec, "teacher": teacher, "engine": engine}

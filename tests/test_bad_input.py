@@ -252,6 +252,7 @@ CASES: list[tuple[str, Callable[[Inputs], None], list[str]]] = [
     ("topk-k-zero", spec_case("teacher_signal.k", 0), ["teacher_signal.k", "must be > 0"]),
     ("topk-k-above-vocab", topk_with_k(5000), ["teacher_signal.k is 5000", "tokens of the models' vocabulary"]),
     ("topk-unknown-dtype", spec_case("teacher_signal.logprob_dtype", "int8"), ["teacher_signal.logprob_dtype"]),
+    ("topk-unknown-engine", spec_case("teacher_signal.engine", "onnx"), ["teacher_signal.engine", "onnx"]),
 ]  # fmt: skip
 
 

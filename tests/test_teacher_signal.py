@@ -212,6 +212,7 @@ distill:
     # The kept 3 of 4 buckets (120 of 160 rows) and the 24 held-out rows; per token k ids and log-probs,
     # the tail, and its tempered mass at T 1.5 and 2.
     assert signal["rows"] == 144 and signal["k"] == 8 and signal["raw_bytes_per_token"] == 8 * 6 + 4 * 3
+    assert signal["engine"] == "transformers" and signal["tail_temperatures"] == [1.5, 2.0]
     assert signal["stored_bytes_per_token"] < signal["raw_bytes_per_token"]
     distill = manifest["stages"]["distill"]["summary"]
     assert distill["teacher_signal"] == "topk" and distill["optimizer_steps"] == 12

@@ -56,6 +56,15 @@ Protocol, fixed before running (results in bench/results/teacher_signal.{json,md
 
     python bench/teacher_signal.py --pair smollm2 --seeds 0,1,2,3,4,5 --signals topk_tail
     python bench/teacher_signal.py --pair smollm2 --more-demo-seeds
+
+7. **The tail after training** (added after ``srd_evidence.py``'s ``srd_topk_tail`` runs tied
+   ``srd_topk``): on all 60 demo held-out rows, the fine-tuned SmolLM2 teacher against the healed
+   student as online SRD trained it (run srd-seed0): at T 1, 1.5 and 2 and k 64, 256 and 1024, the
+   teacher's mean tempered mass outside its top k, and fkl's KD and gradient relative errors with stored
+   tails. (Against the untrained student of part 5 the T 2 gradient error looked small; a student close
+   to its teacher is what training meets in the later stages.)
+
+    python bench/teacher_signal.py --tail-after-training      # about 4 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -226,6 +235,35 @@ def write_tail_by_task() -> None:
     lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {task} | " + " | ".join(f"{v[n]:.4f}" for n in names) + " |" for task, v in tails.items()]
     (RESULTS / "teacher_signal_tail_by_task.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def write_tail_after_training() -> None:
+    """Part 7: the teacher's tempered mass outside its top k, and fkl's top-k errors (stored tails), against
+    the student as SRD trained it online (``srd_evidence.py --experiment healed``, run srd-seed0)."""
+    from srd_ray.distill.losses import LossSettings
+
+    cache = ROOT / "bench" / ".cache"
+    heldout = cache / "srd_evidence" / "healed" / "base" / "prepare" / "demo_heldout.jsonl"
+    rows = [(json.loads(line)["prompt"], json.loads(line)["output"]) for line in heldout.read_text().splitlines()]
+    teacher = scored_logits(str(cache / "teacher_signal" / "smollm2" / "base" / "teacher_sft" / "model"), rows, 32)
+    student = scored_logits(str(cache / "srd_evidence" / "healed" / "srd-seed0" / "distill" / "model"), rows, 32)
+    ks, results = (64, 256, 1024), []
+    for temperature in (1.0, 1.5, 2.0):
+        tempered = torch.log_softmax(torch.log_softmax(teacher, -1) / temperature, -1)
+        errors = relative_errors(student, teacher, LossSettings("fkl"), temperature,
+                                 {k: stored_topk(teacher, k) for k in ks})  # fmt: skip
+        for k in ks:
+            outside = 1 - tempered.topk(k, -1).values.exp().sum(-1).mean().item()
+            results.append({"temperature": temperature, "k": k, "tempered_mass_outside_top_k": outside, **errors[k]})
+    (RESULTS / "teacher_signal_tail_trained.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [f"Teacher vs the SRD-trained healed student, {len(rows)} demo held-out rows, {len(teacher)} tokens "
+             "(protocol part 7).", "",
+             "| T | k | tempered mass outside top k | KD_exact | KD relative error | gradient relative error |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['temperature']:g} | {r['k']} | {r['tempered_mass_outside_top_k']:.3f} | {r['mean_kd_exact']:.3f} "
+              f"| {r['kd_relative_error']:.3f} | {r['gradient_relative_error']:.3f} |" for r in results]  # fmt: skip
+    (RESULTS / "teacher_signal_tail_trained.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -480,12 +518,16 @@ def main() -> None:
     parser.add_argument("--more-demo-seeds", action="store_true", help="part 4 only, on --pair's trained students")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="training seeds (finished runs are reused)")
     parser.add_argument("--tail-by-task", action="store_true", help="part 5 only")
+    parser.add_argument("--tail-after-training", action="store_true", help="part 7 only")
     parser.add_argument("--approximation", action="store_true", help="part 1 only, on --pair's base run")
     parser.add_argument("--signals", default="online,topk", help=f"run labels to run, of {', '.join(SIGNALS)}")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.tail_by_task:
         write_tail_by_task()
+        return
+    if args.tail_after_training:
+        write_tail_after_training()
         return
     if args.pair and args.approximation:
         path = RESULTS / f"teacher_signal_{args.pair}.json"

@@ -57,6 +57,9 @@ Protocol, fixed before running (results in bench/results/teacher_signal.{json,md
     python bench/teacher_signal.py --pair smollm2 --seeds 0,1,2,3,4,5 --signals topk_tail
     python bench/teacher_signal.py --pair smollm2 --more-demo-seeds
 
+   Label ``topk1024`` is ``topk_tail`` with k 1024 (added after part 7 and the healed runs of
+   ``srd_evidence.py``): ``--signals topk1024``.
+
 7. **The tail after training** (added after ``srd_evidence.py``'s ``srd_topk_tail`` runs tied
    ``srd_topk``): on all 60 demo held-out rows, the fine-tuned SmolLM2 teacher against the healed
    student as online SRD trained it (run srd-seed0): at T 1, 1.5 and 2 and k 64, 256 and 1024, the
@@ -97,11 +100,13 @@ from srd_vs_kd import (  # noqa: E402  (the shared pair settings and run helpers
 )
 
 SEEDS = [0, 1, 2]
-# Run label -> distill.teacher_signal. topk runs were made while the loss extrapolated the tempered tail;
-# topk_tail runs (protocol part 6) with the tail's tempered mass stored by the pass. Same settings.
-SIGNALS = {"online": "online", "topk": "topk", "topk_tail": "topk"}
-KS = [8, 32, 64, 128]
 K = 64
+# Run label -> (distill.teacher_signal, k). topk runs were made while the loss extrapolated the tempered tail;
+# topk_tail runs (protocol part 6) with the tail's tempered mass stored by the pass. Same settings.
+# topk1024: topk_tail with k 1024 (added after srd_evidence.py's healed runs, where k 64 lost on the demo
+# split at T 2 and k 1024 did not).
+SIGNALS = {"online": ("online", K), "topk": ("topk", K), "topk_tail": ("topk", K), "topk1024": ("topk", 1024)}
+KS = [8, 32, 64, 128]
 APPROXIMATION_ROWS = 32
 EVAL = {"tiny": {"eval_rows": 100, "eval_seeds": [10, 20, 30]}, "smollm2": {"eval_rows": 60, "eval_seeds": [10, 20]}}
 MORE_DEMO_SEEDS = list(range(10, 101, 10))
@@ -274,8 +279,9 @@ def write_tail_after_training() -> None:
 def run_spec(base: dict, settings: dict, work: Path, label: str, seed: int) -> dict[str, Any]:
     spec = compared_spec(base, settings, work, "fkl", seed, "srd")
     spec["run"]["name"] = f"{label}-seed{seed}"
-    spec["distill"]["teacher_signal"] = SIGNALS[label]
-    spec["teacher_signal"] = {"k": K, "concurrency": 2, "batch_size": 16}
+    signal, k = SIGNALS[label]
+    spec["distill"]["teacher_signal"] = signal
+    spec["teacher_signal"] = {"k": k, "concurrency": 2, "batch_size": 16}
     return spec
 
 

@@ -143,18 +143,16 @@ def stored_topk(teacher_logits: torch.Tensor, k: int, tail: str = "stored"):
     tempered tails out, so the loss extrapolates them from the top k (the vLLM engine, and every topk run
     made before tempered tails were stored); "one_outcome" re-tempers the tail as if it were one token."""
     from srd_ray.distill.losses import SparseTeacher
+    from srd_ray.engines import topk_of
 
     class OneOutcomeTail(SparseTeacher):
         def tempered_tail(self, rows: slice, vocab_size: int, temperature: float) -> torch.Tensor:
             return self.tail[rows] / temperature
 
-    log_probs = torch.log_softmax(teacher_logits, -1)
-    top = log_probs.topk(k, -1)
-    outside = log_probs.scatter(-1, top.indices, float("-inf"))
     temperatures = (1.5, 2.0) if tail == "stored" else ()
-    tempered = torch.stack([torch.logsumexp(outside / t, -1) for t in temperatures], -1) if temperatures else None
+    ids, logprobs, tail_mass, tempered = topk_of(teacher_logits, k, temperatures)
     kind = OneOutcomeTail if tail == "one_outcome" else SparseTeacher
-    return kind(top.indices, top.values.half().float(), torch.logsumexp(outside, -1), tempered, temperatures)
+    return kind(ids.long(), logprobs.half().float(), tail_mass, tempered if temperatures else None, temperatures)
 
 
 def relative_errors(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss, temperature: float,

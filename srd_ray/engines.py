@@ -297,7 +297,7 @@ class TransformersEngine:
             )
             hidden = gather_scored(hidden, positions.to(self.device))
             chunks = [
-                _topk_of(head.logits(hidden[i : i + TOPK_CHUNK]), k, temperatures)
+                topk_of(head.logits(hidden[i : i + TOPK_CHUNK]), k, temperatures)
                 for i in range(0, len(hidden), TOPK_CHUNK)
             ]
             ids, logprobs, tail, tempered = (torch.cat(parts).cpu().numpy() for parts in zip(*chunks, strict=True))
@@ -352,7 +352,7 @@ def generate_tokens(
 TOPK_CHUNK = 64  # response tokens whose [chunk, vocab] logits exist at once
 
 
-def _topk_of(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
+def topk_of(logits: torch.Tensor, k: int, temperatures: tuple[float, ...] = ()) -> tuple[torch.Tensor, ...]:
     """(ids int32, log-probs, tail log-mass, tempered tail log-masses [rows, temperatures]) of the k most
     likely tokens of each row of logits."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)

@@ -131,15 +131,16 @@ def run_teacher_signal(
     rows = rows.append_column("input_position", pa.array(np.arange(rows.num_rows), pa.int64()))
     shards = split_into_shards(rows, settings.shard_rows)
     todo = sharded.pending(shards)
+    temperatures = tail_temperatures(spec.distill.stages)
     log.info(
         "teacher_signal: %d rows in %d shards, %d already done; top-%d from %s with %s",
         rows.num_rows, len(shards), len(shards) - len(todo), settings.k, teacher.path, engine,
     )  # fmt: skip
-    if engine == "vllm" and tail_temperatures(spec.distill.stages):
+    if engine == "vllm" and temperatures:
         log.warning(
             "teacher_signal: vLLM returns only the top %d, so the tail's tempered mass at T %s is extrapolated, "
             "not exact (teacher_signal.engine: transformers stores it exactly)",
-            settings.k, ", ".join(f"{t:g}" for t in tail_temperatures(spec.distill.stages)),
+            settings.k, ", ".join(f"{t:g}" for t in temperatures),
         )  # fmt: skip
     columns = pa.schema(signal_fields(settings.logprob_dtype))
     writer = ShardWriter(sharded, lambda rows: rows, lambda _: columns, "num_tokens")
@@ -159,9 +160,7 @@ def run_teacher_signal(
         "actor_busy_s": round(progress["busy_s"], 2),
         "stored_bytes": stored,
         "stored_bytes_per_token": round(stored / max(tokens, 1), 1),
-        "raw_bytes_per_token": bytes_per_token(
-            settings.k, settings.logprob_dtype, len(tail_temperatures(spec.distill.stages))
-        ),
+        "raw_bytes_per_token": bytes_per_token(settings.k, settings.logprob_dtype, len(temperatures)),
         **sharded.settings,
         "engine_version": engine_version(engine),
     }
@@ -192,10 +191,11 @@ def signals_by_id(signal: pa.Table, temperatures: tuple[float, ...]) -> dict[str
         logprobs = columns["topk_logprobs"].flatten().to_numpy(zero_copy_only=False)
         tails = columns["tail_logprob"].flatten().to_numpy()
         tempered = columns["tempered_tail_logprobs"].flatten().to_numpy()
-        k, width = len(ids) // max(int(counts.sum()), 1), len(temperatures)
-        if len(tempered) != int(counts.sum()) * width:
+        tokens, width = int(counts.sum()), len(temperatures)
+        k = len(ids) // max(tokens, 1)
+        if len(tempered) != tokens * width:
             raise DataError(
-                f"teacher_signal stores {len(tempered)} tempered tail values for {int(counts.sum())} tokens, "
+                f"teacher_signal stores {len(tempered)} tempered tail values for {tokens} tokens, "
                 f"not one per training temperature {list(temperatures)}; rerun with --redo teacher_signal"
             )
         ends = np.cumsum(counts)

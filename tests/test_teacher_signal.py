@@ -25,7 +25,7 @@ from srd_ray.distill.losses import (
 )
 from srd_ray.distill.parallel import unwrap
 from srd_ray.distill.worker import SIGNAL_DATASET, LocalHost, StagePlan, Trainer
-from srd_ray.engines import TransformersEngine
+from srd_ray.engines import TransformersEngine, topk_of
 from srd_ray.errors import DataError, RunDirError
 from srd_ray.shards import ShardedPass
 from srd_ray.spec import DataSourceSpec, DataSpec, ModelSpec, StageSpec
@@ -50,12 +50,9 @@ def teacher_engine(tiny_models) -> TransformersEngine:
 
 
 def sparse_from_dense(teacher_logits: torch.Tensor, k: int, temperatures: tuple[float, ...] = ()) -> SparseTeacher:
-    """What the teacher pass stores, with exact tempered tails at ``temperatures``."""
-    log_probs = torch.log_softmax(teacher_logits, -1)
-    top = log_probs.topk(k, -1)
-    outside = log_probs.scatter(-1, top.indices, float("-inf"))
-    tempered = torch.stack([torch.logsumexp(outside / t, -1) for t in temperatures], -1) if temperatures else None
-    return SparseTeacher(top.indices, top.values, torch.logsumexp(outside, -1), tempered, temperatures)
+    """What the teacher pass stores (the transformers engine's top-k), with exact tempered tails."""
+    ids, logprobs, tail, tempered = topk_of(teacher_logits, k, temperatures)
+    return SparseTeacher(ids.long(), logprobs, tail, tempered, temperatures)
 
 
 @pytest.mark.parametrize(("name", "temperature", "scaling"),

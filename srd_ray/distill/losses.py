@@ -417,9 +417,9 @@ class SparseTeacher:
         """log Σ_tail p^(1/T): stored when the teacher pass had this T, else extrapolated."""
         if temperature == 1.0:
             return self.tail[rows]
-        for column, stored in enumerate(self.tail_temperatures):
-            if self.tempered_tails is not None and math.isclose(stored, temperature):
-                return self.tempered_tails[rows, column]
+        stored = [i for i, t in enumerate(self.tail_temperatures) if math.isclose(t, temperature)]
+        if stored and self.tempered_tails is not None:
+            return self.tempered_tails[rows, stored[0]]
         return tempered_tail(self.logprobs[rows], self.tail[rows], vocab_size, temperature)
 
 

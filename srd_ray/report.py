@@ -321,13 +321,18 @@ def teacher_signal_section(distill: dict[str, Any], signal_record: dict[str, Any
         return "<h2>Teacher signal</h2><p>online: the teacher model ran in every training step.</p>"
     signal = signal_record.get("summary") or {}
     size_mb = signal.get("stored_bytes", 0) / 2**20
+    outside = ", ".join(f"T {t}: {100 * share:.1f}%" for t, share in signal.get("tail_mass", {}).items()) or "-"
     return (
         "<h2>Teacher signal</h2><table><tr><th>kind</th><th>k</th><th>log-prob dtype</th><th>rows</th>"
-        "<th>response tokens</th><th>stored MB</th><th>bytes per token</th><th>pass wall s</th></tr>"
+        "<th>response tokens</th><th>stored MB</th><th>bytes per token</th><th>pass wall s</th>"
+        "<th>tempered mass outside top k</th></tr>"
         f"<tr><td>top-k</td><td>{signal.get('k')}</td><td>{signal.get('logprob_dtype')}</td><td>{signal.get('rows')}"
         f"</td><td>{signal.get('response_tokens')}</td><td>{size_mb:.1f}</td>"
-        f"<td>{signal.get('stored_bytes_per_token')}</td><td>{signal_record.get('wall_s', '-')}</td></tr></table>"
-        "<p>Held-out KD losses of this run are measured against the stored top-k signal.</p>"
+        f"<td>{signal.get('stored_bytes_per_token')}</td><td>{signal_record.get('wall_s', '-')}</td>"
+        f"<td>{outside}</td></tr></table>"
+        "<p>Held-out KD losses of this run are measured against the stored top-k signal. The sparse losses see "
+        "the teacher's mass outside its top k as one outcome; where a stage's temperature leaves much of it "
+        "there, a larger k (or the online teacher) follows the teacher more closely.</p>"
     )
 
 

@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 SETTINGS_KEY = b"srd_ray.teacher_signal"
 LOGPROB_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
 SIGNAL_COLUMNS = ["example_id", "num_tokens", "topk_ids", "topk_logprobs", "tail_logprob", "tempered_tail_logprobs"]
+# Above this mean tempered mass outside the top k, the pass warns. Measured on the healed SmolLM2 pair
+# (bench/results/teacher_signal_tail_trained.md, srd_evidence_healed.md): at T 2, k 64 left 28 % outside
+# (fkl gradient error 5.4 %, demo ROUGE-L -1.2 vs online) and k 1024 left 16 % (1.5 %, -0.96).
+TAIL_MASS_WARNING = 0.2
 
 
 def signal_fields(logprob_dtype: str) -> list[pa.Field]:
@@ -149,6 +153,9 @@ def run_teacher_signal(
     done = sharded.read(columns=["example_id", "num_tokens"])
     sharded.check_complete(rows["example_id"].to_pylist(), done)
     tokens = pc.sum(done["num_tokens"]).as_py() or 0
+    mass = tail_mass(sharded.read(columns=["num_tokens", "topk_logprobs", "tail_logprob", "tempered_tail_logprobs"]),
+                     temperatures)  # fmt: skip
+    warn_about_tail_mass(mass, settings.k)
     stored = sum(info.size for info in sharded.shards_dir.files())
     wall = time.perf_counter() - started
     return {
@@ -161,9 +168,45 @@ def run_teacher_signal(
         "stored_bytes": stored,
         "stored_bytes_per_token": round(stored / max(tokens, 1), 1),
         "raw_bytes_per_token": bytes_per_token(settings.k, settings.logprob_dtype, len(temperatures)),
+        "tail_mass": mass,
         **sharded.settings,
         "engine_version": engine_version(engine),
     }
+
+
+def tail_mass(signal: pa.Table, temperatures: tuple[float, ...]) -> dict[str, float]:
+    """Per temperature (1 and ``temperatures``), the teacher's mean mass outside its stored top k over all
+    response tokens, of its tempered distribution p^(1/T) / Σ p^(1/T): what the sparse losses see as one
+    outcome. It grows with T, as tempering flattens the many small probabilities of the tail."""
+    all_temperatures = np.array((1.0, *temperatures))
+    totals, tokens = np.zeros(len(all_temperatures)), 0
+    for batch in signal.to_batches():
+        count = int(pc.sum(batch.column("num_tokens")).as_py() or 0)
+        if count == 0:
+            continue
+        top = batch.column("topk_logprobs").flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        tails = np.exp(np.column_stack([  # [tokens, temperatures]: the tail's tempered mass
+            batch.column("tail_logprob").flatten().to_numpy(),
+            batch.column("tempered_tail_logprobs").flatten().to_numpy().reshape(count, len(temperatures)),
+        ]).astype(np.float64))  # fmt: skip
+        for column, temperature in enumerate(all_temperatures):
+            top_mass = np.exp(top.reshape(count, -1) / temperature).sum(-1, dtype=np.float64)
+            totals[column] += (tails[:, column] / (top_mass + tails[:, column])).sum()
+        tokens += count
+    shares = totals / max(tokens, 1)
+    return {f"{t:g}": round(float(share), 4) for t, share in zip(all_temperatures, shares, strict=True)}
+
+
+def warn_about_tail_mass(mass: dict[str, float], k: int) -> None:
+    """Say where a stage's temperature leaves much of the teacher outside the top k."""
+    for temperature, share in mass.items():
+        if share > TAIL_MASS_WARNING:
+            log.warning(
+                "teacher_signal: at T %s the teacher keeps %.0f%% of its tempered mass outside the stored top %d, "
+                "which the sparse loss treats as one outcome; for stages at this temperature raise "
+                "teacher_signal.k or use distill.teacher_signal: online",
+                temperature, 100 * share, k,
+            )  # fmt: skip
 
 
 def unique_rows(rows: pa.Table) -> pa.Table:

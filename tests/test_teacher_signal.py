@@ -30,7 +30,14 @@ from srd_ray.errors import DataError, RunDirError
 from srd_ray.shards import ShardedPass
 from srd_ray.spec import DataSourceSpec, DataSpec, ModelSpec, StageSpec
 from srd_ray.storage import Location
-from srd_ray.teacher_signal import SETTINGS_KEY, check_signal, score_signal, signals_by_id
+from srd_ray.teacher_signal import (
+    SETTINGS_KEY,
+    check_signal,
+    score_signal,
+    signals_by_id,
+    tail_mass,
+    warn_about_tail_mass,
+)
 from tests.processes import demo_data_yaml, write_spec
 from tests.test_trainer import make_job, step_losses
 
@@ -137,6 +144,33 @@ def test_score_signal_holds_the_teachers_top_k_at_each_response_token(rows, teac
         signals_by_id(signal, (2.0,))
 
 
+def test_tail_mass_is_the_tempered_mass_outside_the_top_k(rows, teacher_engine, caplog):
+    """The pass's summary of its own approximation: per temperature, the mean share of the teacher's tempered
+    distribution outside the stored top k, as the full softmax gives it; shares above 20% are warned about."""
+    temperatures, k = (1.5, 2.0), 8
+    signal = score_signal(rows.slice(0, 6), teacher_engine, k=k, logprob_dtype="float32", temperatures=temperatures)
+    tokenizer, shares = teacher_engine.tokenizer, {1.0: [], 1.5: [], 2.0: []}
+    for row in rows.slice(0, 6).to_pylist():
+        prompt_ids = tokenizer(row["prompt"])["input_ids"]
+        response_ids = [*tokenizer(row["response"], add_special_tokens=False)["input_ids"][:31], tokenizer.eos_token_id]
+        with torch.no_grad():
+            logits = teacher_engine.model(input_ids=torch.tensor([prompt_ids + response_ids])).logits[0]
+        log_probs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1].double(), -1)
+        for temperature, values in shares.items():
+            tempered = torch.softmax(log_probs / temperature, -1)
+            outside = 1 - tempered.gather(-1, log_probs.topk(k, -1).indices).sum(-1)
+            values.extend(outside.tolist())
+    mass = tail_mass(signal.combine_chunks(), temperatures)
+    assert list(mass) == ["1", "1.5", "2"] and mass["1"] < mass["1.5"] < mass["2"]
+    for temperature, values in shares.items():
+        assert mass[f"{temperature:g}"] == pytest.approx(np.mean(values), abs=2e-4)
+    caplog.clear()
+    warn_about_tail_mass({"1": 0.05, "2": 0.31}, k)
+    (warning,) = caplog.records
+    assert warning.getMessage().startswith("teacher_signal: at T 2 the teacher keeps 31% of its tempered mass "
+                                           "outside the stored top 8,")  # fmt: skip
+
+
 def test_signal_checks_name_the_row(rows, teacher_engine):
     signal = score_signal(rows, teacher_engine, k=4, logprob_dtype="float16")
     tokenizer = teacher_engine.tokenizer
@@ -211,6 +245,7 @@ distill:
     assert signal["rows"] == 144 and signal["k"] == 8 and signal["raw_bytes_per_token"] == 8 * 6 + 4 * 3
     assert signal["engine"] == "transformers" and signal["tail_temperatures"] == [1.5, 2.0]
     assert signal["stored_bytes_per_token"] < signal["raw_bytes_per_token"]
+    assert list(signal["tail_mass"]) == ["1", "1.5", "2"] and 0 < signal["tail_mass"]["1"] < 1
     distill = manifest["stages"]["distill"]["summary"]
     assert distill["teacher_signal"] == "topk" and distill["optimizer_steps"] == 12
     assert {r["teacher_signal"] for r in distill["heldout_kd"]} == {"topk"}
@@ -221,4 +256,5 @@ distill:
     message = capsys.readouterr().err
     assert status == 2 and "teacher_signal.k: 8 -> 16" in message and "--redo teacher_signal" in message
     assert main(["report", str(run_dir)]) == 0
-    assert "top-k</td><td>8</td>" in (Path(run_dir) / "report" / "report.html").read_text()
+    report = (Path(run_dir) / "report" / "report.html").read_text()
+    assert "top-k</td><td>8</td>" in report and f"T 2: {100 * signal['tail_mass']['2']:.1f}%" in report

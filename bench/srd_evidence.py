@@ -45,7 +45,7 @@ Protocol, fixed before running (results in bench/results/srd_evidence_<experimen
   srd_topk1024 - srd_topk_tail.
 
     python bench/srd_evidence.py --experiment healed     # about 90 minutes on 2 cores (+25 to heal the student)
-    python bench/srd_evidence.py --experiment real
+    python bench/srd_evidence.py --experiment real       # about 3 hours on 2 cores (10 min of it the teacher)
 """
 
 from __future__ import annotations

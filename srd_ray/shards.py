@@ -97,17 +97,20 @@ class ShardedPass:
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """Every shard as one table, in input order."""
+        table = pa.concat_tables(list(self.tables(columns)), promote_options="permissive")
+        return table.sort_by("input_position") if "input_position" in table.column_names else table
+
+    def tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """Each shard's table in turn: for summaries that need not hold every shard in memory at once."""
         shards = [shard for shard in self.shards_dir.children() if shard.name.endswith(".parquet")]
         if not shards:
             raise FileNotFoundError(f"no {self.stage} shards in {self.shards_dir}")
-        tables = []
         for path in shards:
             try:
-                tables.append(path.read_parquet(columns=columns))
+                table = path.read_parquet(columns=columns)
             except (pa.ArrowInvalid, OSError) as error:
                 raise DataError(f"{path}: unreadable {self.stage} shard ({error}); delete it and rerun") from None
-        table = pa.concat_tables(tables, promote_options="permissive")
-        return table.sort_by("input_position") if "input_position" in table.column_names else table
+            yield table
 
     def rejected(self) -> list[dict[str, str]]:
         """Rows the engine rejected (set aside under ``data.on_bad_row: skip``), from every shard."""

@@ -153,7 +153,7 @@ def run_teacher_signal(
     done = sharded.read(columns=["example_id", "num_tokens"])
     sharded.check_complete(rows["example_id"].to_pylist(), done)
     tokens = pc.sum(done["num_tokens"]).as_py() or 0
-    mass = tail_mass(sharded.read(columns=["num_tokens", "topk_logprobs", "tail_logprob", "tempered_tail_logprobs"]),
+    mass = tail_mass(sharded.tables(["num_tokens", "topk_logprobs", "tail_logprob", "tempered_tail_logprobs"]),
                      temperatures)  # fmt: skip
     warn_about_tail_mass(mass, settings.k)
     stored = sum(info.size for info in sharded.shards_dir.files())
@@ -174,13 +174,14 @@ def run_teacher_signal(
     }
 
 
-def tail_mass(signal: pa.Table, temperatures: tuple[float, ...]) -> dict[str, float]:
+def tail_mass(shards: Iterable[pa.Table], temperatures: tuple[float, ...]) -> dict[str, float]:
     """Per temperature (1 and ``temperatures``), the teacher's mean mass outside its stored top k over all
-    response tokens, of its tempered distribution p^(1/T) / Σ p^(1/T): what the sparse losses see as one
-    outcome. It grows with T, as tempering flattens the many small probabilities of the tail."""
+    response tokens of ``shards``, of its tempered distribution p^(1/T) / Σ p^(1/T): what the sparse losses
+    see as one outcome. It grows with T, as tempering flattens the many small probabilities of the tail.
+    Shards are summed one at a time, so the whole signal is never in memory at once."""
     all_temperatures = np.array((1.0, *temperatures))
     totals, tokens = np.zeros(len(all_temperatures)), 0
-    for batch in signal.to_batches():
+    for batch in (batch for shard in shards for batch in shard.to_batches()):
         count = int(pc.sum(batch.column("num_tokens")).as_py() or 0)
         if count == 0:
             continue

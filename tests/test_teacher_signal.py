@@ -62,6 +62,17 @@ def sparse_from_dense(teacher_logits: torch.Tensor, k: int, temperatures: tuple[
     return SparseTeacher(ids.long(), logprobs, tail, tempered, temperatures)
 
 
+def response_log_probs(teacher_engine: TransformersEngine, row: dict) -> torch.Tensor:
+    """The teacher's full log-softmax at each response token of ``row``, tokenized as training does (the
+    response cut to 31 tokens + EOS), computed here independently of the engine's own path."""
+    tokenizer = teacher_engine.tokenizer
+    prompt_ids = tokenizer(row["prompt"])["input_ids"]
+    response_ids = [*tokenizer(row["response"], add_special_tokens=False)["input_ids"][:31], tokenizer.eos_token_id]
+    with torch.no_grad():
+        logits = teacher_engine.model(input_ids=torch.tensor([prompt_ids + response_ids])).logits[0]
+    return torch.log_softmax(logits[len(prompt_ids) - 1 : -1], -1)
+
+
 @pytest.mark.parametrize(("name", "temperature", "scaling"),
                          list(itertools.product(KD_LOSS_NAMES, (1.0, 2.0), TEMPERATURE_SCALINGS)))  # fmt: skip
 def test_sparse_loss_with_every_token_equals_the_dense_loss(name, temperature, scaling):
@@ -121,17 +132,11 @@ def test_score_signal_holds_the_teachers_top_k_at_each_response_token(rows, teac
     assert signal.schema.field("topk_logprobs").type == pa.list_(pa.float16())
     assert signal.schema.field("topk_ids").type == pa.list_(pa.int32())
     by_id = signals_by_id(signal, temperatures)
-    model, tokenizer = teacher_engine.model, teacher_engine.tokenizer
     for row in rows.slice(0, 6).to_pylist():
-        prompt_ids = tokenizer(row["prompt"])["input_ids"]
-        response_ids = [*tokenizer(row["response"], add_special_tokens=False)["input_ids"][:31], tokenizer.eos_token_id]
-        ids = torch.tensor([prompt_ids + response_ids])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
-        log_probs = torch.log_softmax(logits, -1)
+        log_probs = response_log_probs(teacher_engine, row)
         top = log_probs.topk(8, -1)
         stored = by_id[row["example_id"]]
-        assert stored.ids.shape == (len(response_ids), 8)
+        assert stored.ids.shape == (len(log_probs), 8)
         np.testing.assert_array_equal(stored.ids, top.indices.numpy())
         np.testing.assert_allclose(stored.logprobs, top.values.numpy(), rtol=2e-3, atol=2e-3)  # float16
         expected_tail = torch.log1p(-top.values.exp().sum(-1)).numpy()
@@ -149,18 +154,14 @@ def test_tail_mass_is_the_tempered_mass_outside_the_top_k(rows, teacher_engine, 
     distribution outside the stored top k, as the full softmax gives it; shares above 20% are warned about."""
     temperatures, k = (1.5, 2.0), 8
     signal = score_signal(rows.slice(0, 6), teacher_engine, k=k, logprob_dtype="float32", temperatures=temperatures)
-    tokenizer, shares = teacher_engine.tokenizer, {1.0: [], 1.5: [], 2.0: []}
+    shares = {1.0: [], 1.5: [], 2.0: []}
     for row in rows.slice(0, 6).to_pylist():
-        prompt_ids = tokenizer(row["prompt"])["input_ids"]
-        response_ids = [*tokenizer(row["response"], add_special_tokens=False)["input_ids"][:31], tokenizer.eos_token_id]
-        with torch.no_grad():
-            logits = teacher_engine.model(input_ids=torch.tensor([prompt_ids + response_ids])).logits[0]
-        log_probs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1].double(), -1)
+        log_probs = response_log_probs(teacher_engine, row).double()
         for temperature, values in shares.items():
             tempered = torch.softmax(log_probs / temperature, -1)
             outside = 1 - tempered.gather(-1, log_probs.topk(k, -1).indices).sum(-1)
             values.extend(outside.tolist())
-    mass = tail_mass(signal.combine_chunks(), temperatures)
+    mass = tail_mass([signal.slice(0, 2), signal.slice(2)], temperatures)  # summed over shards
     assert list(mass) == ["1", "1.5", "2"] and mass["1"] < mass["1.5"] < mass["2"]
     for temperature, values in shares.items():
         assert mass[f"{temperature:g}"] == pytest.approx(np.mean(values), abs=2e-4)

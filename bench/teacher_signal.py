@@ -68,6 +68,15 @@ Protocol, fixed before running (results in bench/results/teacher_signal.{json,md
    to its teacher is what training meets in the later stages.)
 
     python bench/teacher_signal.py --tail-after-training      # about 4 minutes on 2 cores
+
+8. **The signals timed side by side** (added when the topk1024 runs of part 6, trained in a later session
+   than the online runs they pair with, came out faster than the FLOP bound allows): online, topk_tail
+   (k 64) and topk1024 retrained as runs named ``timed-<label>-seed<seed>``, interleaved seed by seed in
+   one invocation on an otherwise idle machine, so that every speed ratio compares runs made under the
+   same conditions. Same table as part 2, written under ``side_by_side`` in the pair's JSON.
+
+    python bench/teacher_signal.py --pair smollm2 --side-by-side --seeds 0,1,2 --signals online,topk_tail,topk1024
+    # about 50 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -274,9 +283,9 @@ def write_tail_after_training() -> None:
 # 2. The runs
 
 
-def run_spec(base: dict, settings: dict, work: Path, label: str, seed: int) -> dict[str, Any]:
+def run_spec(base: dict, settings: dict, work: Path, name: str, label: str, seed: int) -> dict[str, Any]:
     spec = compared_spec(base, settings, work, "fkl", seed, "srd")
-    spec["run"]["name"] = f"{label}-seed{seed}"
+    spec["run"]["name"] = name
     signal, k = SIGNALS[label]
     spec["distill"]["teacher_signal"] = signal
     spec["teacher_signal"] = {"k": k, "concurrency": 2, "batch_size": 16}
@@ -400,7 +409,9 @@ def dolly_tokens_per_row(tokenizer_path: str) -> float:
 # --------------------------------------------------------------------------------------------------------
 
 
-def run_pair(pair: str, seeds: list[int], labels: list[str]) -> dict[str, Any]:
+def trained_runs(pair: str, seeds: list[int], labels: list[str], prefix: str = "") -> dict[str, Any]:
+    """Train (or reuse) run ``{prefix}{label}-seed{seed}`` for every seed and label, seed by seed so that
+    the labels' timings interleave; the records of every label whose runs all finished."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = (ROOT / "bench" / ".cache" / "teacher_signal" / pair).resolve()
@@ -408,8 +419,9 @@ def run_pair(pair: str, seeds: list[int], labels: list[str]) -> dict[str, Any]:
     base = prepare_base(settings, work)
     for seed in seeds:
         for label in labels:
-            if not evaluated(work / f"{label}-seed{seed}"):
-                srd("run", str(write_spec(run_spec(base, settings, work, label, seed), work)))
+            name = f"{prefix}{label}-seed{seed}"
+            if not evaluated(work / name):
+                srd("run", str(write_spec(run_spec(base, settings, work, name, label, seed), work)))
     teacher = str(work / "base" / "teacher_sft" / "model")
     student = settings["models"]["student"].replace("${run_dir}", str(work / "base"))
     n_teacher, n_student = matmul_parameters(teacher), matmul_parameters(student)
@@ -419,17 +431,26 @@ def run_pair(pair: str, seeds: list[int], labels: list[str]) -> dict[str, Any]:
         "settings": {"k": K, "seeds": seeds, "srd_epochs": settings["srd_epochs"], **EVAL[pair]},
         "reference": base_scores(work),
         "runs": {
-            label: [run_record(work / f"{label}-seed{seed}") for seed in seeds]
+            label: [run_record(work / f"{prefix}{label}-seed{seed}") for seed in seeds]
             for label in SIGNALS
-            if all(evaluated(work / f"{label}-seed{seed}") for seed in seeds)
+            if all(evaluated(work / f"{prefix}{label}-seed{seed}") for seed in seeds)
         },
-        "approximation": approximation(pair, work, settings),
         "flops_per_token": {
             "student_only": 6 * n_student,
             "student_and_teacher": 6 * n_student + 2 * n_teacher,
             "bound": (6 * n_student + 2 * n_teacher) / (6 * n_student),
         },
-        "gpt2_projection": gpt2_projection(dolly_tokens_per_row(teacher)),
+    }
+
+
+def run_pair(pair: str, seeds: list[int], labels: list[str]) -> dict[str, Any]:
+    result = trained_runs(pair, seeds, labels)
+    work = (ROOT / "bench" / ".cache" / "teacher_signal" / pair).resolve()
+    settings = pair_settings(pair, ROOT / "bench" / ".cache")
+    return {
+        **result,
+        "approximation": approximation(pair, work, settings),
+        "gpt2_projection": gpt2_projection(dolly_tokens_per_row(str(work / "base" / "teacher_sft" / "model"))),
     }
 
 
@@ -441,7 +462,9 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
              "extrapolated from the top k (the approximation tables' extrapolated column; protocol part 6).",
              ""]  # fmt: skip
     for pair, result in results.items():
-        lines += run_table(pair, result) + approximation_table(pair, result["approximation"]) + [""]
+        lines += run_table(f"## {pair} pair", result) + approximation_table(pair, result["approximation"]) + [""]
+        if "side_by_side" in result:
+            lines += run_table(f"### {pair}: the signals timed side by side (protocol part 8)", result["side_by_side"])
     # SmolLM2's 49k-token BPE counts Dolly's rows close to GPT-2's 50k one; the tiny 800-token BPE does not.
     tokenizer_pair = "smollm2" if "smollm2" in results else next(iter(results))
     projection = results[tokenizer_pair]["gpt2_projection"]
@@ -460,11 +483,11 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_table(pair: str, result: dict[str, Any]) -> list[str]:
+def run_table(title: str, result: dict[str, Any]) -> list[str]:
     runs = result["runs"]
     sets = sorted(result["reference"]["teacher"])
     flops = result["flops_per_token"]
-    lines = [f"## {pair} pair", "",
+    lines = [title, "",
              f"FLOPs per training token: student only {flops['student_only']:.3g}, student + teacher "
              f"{flops['student_and_teacher']:.3g}: topk can be at most {flops['bound']:.2f}x faster. Training seeds "
              f"{result['settings']['seeds']}.", "",
@@ -488,13 +511,16 @@ def run_table(pair: str, result: dict[str, Any]) -> list[str]:
                  for key in ("train_wall_s", "tokens_per_s", "steady_tokens_per_s")]  # fmt: skip
         lines.append(f"| {signal} - online (paired) | " + " | ".join(differences) +
                      " | {:.2f}x | {:.2f}x | {:.2f}x | | |".format(*ratio))  # fmt: skip
-    signal = runs[[label for label in runs if label != "online"][-1]][0]["signal"]
     if "more_demo_seeds" in result:
         lines += ["", *more_seeds_lines(result["more_demo_seeds"])]
-    lines += ["", f"Teacher pass: {signal['rows']} rows, {signal['response_tokens']} response tokens, "
-              f"{signal['stored_bytes'] / 2**20:.1f} MB stored ({signal['stored_bytes_per_token']} bytes per token; "
-              f"{signal['raw_bytes_per_token']} uncompressed), engine {signal['engine']}.", ""]  # fmt: skip
-    return lines
+    lines.append("")
+    for label in [label for label in runs if label != "online"]:
+        signal = runs[label][0]["signal"]
+        lines.append(f"Teacher pass ({label}, k {signal.get('k', K)}): {signal['rows']} rows, "
+                     f"{signal['response_tokens']} response tokens, {signal['stored_bytes'] / 2**20:.1f} MB stored "
+                     f"({signal['stored_bytes_per_token']} bytes per token; {signal['raw_bytes_per_token']} "
+                     f"uncompressed), engine {signal['engine']}.")  # fmt: skip
+    return [*lines, ""]
 
 
 def approximation_table(pair: str, rows: list[dict[str, Any]]) -> list[str]:
@@ -524,6 +550,7 @@ def main() -> None:
     parser.add_argument("--tail-by-task", action="store_true", help="part 5 only")
     parser.add_argument("--tail-after-training", action="store_true", help="part 7 only")
     parser.add_argument("--approximation", action="store_true", help="part 1 only, on --pair's base run")
+    parser.add_argument("--side-by-side", action="store_true", help="part 8: --signals retrained as timed- runs")
     parser.add_argument("--signals", default="online,topk", help=f"run labels to run, of {', '.join(SIGNALS)}")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -543,6 +570,12 @@ def main() -> None:
         path = RESULTS / f"teacher_signal_{args.pair}.json"
         result = json.loads(path.read_text())
         result["more_demo_seeds"] = more_demo_seeds(args.pair, result["settings"]["seeds"], list(result["runs"]))
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    elif args.pair and args.side_by_side:
+        path = RESULTS / f"teacher_signal_{args.pair}.json"
+        result = json.loads(path.read_text())
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+        result["side_by_side"] = trained_runs(args.pair, seeds, args.signals.split(","), prefix="timed-")
         path.write_text(json.dumps(result, indent=2) + "\n")
     elif args.pair:
         result = run_pair(args.pair, [int(seed) for seed in args.seeds.split(",")], args.signals.split(","))

@@ -457,9 +457,10 @@ def run_pair(pair: str, seeds: list[int], labels: list[str]) -> dict[str, Any]:
 def markdown(results: dict[str, dict[str, Any]]) -> str:
     lines = ["# Teacher signal: computed once (top-k) vs the online teacher", "",
              f"Machine: {next(iter(results.values()))['machine']}. Protocol: `bench/teacher_signal.py` docstring. "
-             f"SRD fkl, k {K}, float16 log-probs; training seeds per pair below. The topk runs were made "
-             "before the teacher pass stored tempered tails: at T 1.5 and 2 they trained with the tail "
-             "extrapolated from the top k (the approximation tables' extrapolated column; protocol part 6).",
+             "SRD fkl, float16 log-probs; training seeds per pair below. Signals: topk is k 64, made before the "
+             "teacher pass stored tempered tails (at T 1.5 and 2 it trained with the tail extrapolated from the "
+             "top k: the approximation tables' extrapolated column; protocol part 6); topk_tail is k 64 and "
+             "topk1024 k 1024, both with the stored tempered tails.",
              ""]  # fmt: skip
     for pair, result in results.items():
         lines += run_table(f"## {pair} pair", result) + approximation_table(pair, result["approximation"]) + [""]
@@ -578,8 +579,11 @@ def main() -> None:
         result["side_by_side"] = trained_runs(args.pair, seeds, args.signals.split(","), prefix="timed-")
         path.write_text(json.dumps(result, indent=2) + "\n")
     elif args.pair:
+        path = RESULTS / f"teacher_signal_{args.pair}.json"
         result = run_pair(args.pair, [int(seed) for seed in args.seeds.split(",")], args.signals.split(","))
-        (RESULTS / f"teacher_signal_{args.pair}.json").write_text(json.dumps(result, indent=2) + "\n")
+        if path.exists():  # part 8 is its own set of runs; part 4 is rerun with --more-demo-seeds
+            result.update({key: value for key, value in json.loads(path.read_text()).items() if key == "side_by_side"})
+        path.write_text(json.dumps(result, indent=2) + "\n")
     results = {pair: json.loads(path.read_text()) for pair in ("tiny", "smollm2")
                if (path := RESULTS / f"teacher_signal_{pair}.json").exists()}  # fmt: skip
     (RESULTS / "teacher_signal.json").write_text(json.dumps(results, indent=2) + "\n")

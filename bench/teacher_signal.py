@@ -121,6 +121,11 @@ EVAL = {"tiny": {"eval_rows": 100, "eval_seeds": [10, 20, 30]}, "smollm2": {"eva
 MORE_DEMO_SEEDS = list(range(10, 101, 10))
 
 
+def pair_work(pair: str) -> Path:
+    """Where a pair's base run (fine-tuned teacher, student) and its compared runs live."""
+    return (ROOT / "bench" / ".cache" / "teacher_signal" / pair).resolve()
+
+
 # --------------------------------------------------------------------------------------------------------
 # 1. The approximation
 
@@ -319,7 +324,7 @@ def more_demo_seeds(pair: str, seeds: list[int], labels: list[str]) -> dict[str,
     evaluation already made is read back)."""
     import yaml
 
-    work = (ROOT / "bench" / ".cache" / "teacher_signal" / pair).resolve()
+    work = pair_work(pair)
     label = f"demo_heldout_{len(MORE_DEMO_SEEDS)}_seeds"
     runs: dict[str, list[dict[str, Any]]] = {}
     for signal in labels:
@@ -414,7 +419,7 @@ def trained_runs(pair: str, seeds: list[int], labels: list[str], prefix: str = "
     the labels' timings interleave; the records of every label whose runs all finished."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = (ROOT / "bench" / ".cache" / "teacher_signal" / pair).resolve()
+    work = pair_work(pair)
     settings = {**pair_settings(pair, ROOT / "bench" / ".cache"), **EVAL[pair]}
     base = prepare_base(settings, work)
     for seed in seeds:
@@ -445,7 +450,7 @@ def trained_runs(pair: str, seeds: list[int], labels: list[str], prefix: str = "
 
 def run_pair(pair: str, seeds: list[int], labels: list[str]) -> dict[str, Any]:
     result = trained_runs(pair, seeds, labels)
-    work = (ROOT / "bench" / ".cache" / "teacher_signal" / pair).resolve()
+    work = pair_work(pair)
     settings = pair_settings(pair, ROOT / "bench" / ".cache")
     return {
         **result,
@@ -527,11 +532,13 @@ def run_table(title: str, result: dict[str, Any]) -> list[str]:
 def side_by_side_lines(pair: str, result: dict[str, Any]) -> list[str]:
     """Part 8's table, and whether its reruns reproduced the scores of the same seeds in the main table."""
     side = result["side_by_side"]
+    first = {(label, seed): run for label, runs in result["runs"].items()
+             for seed, run in zip(result["settings"]["seeds"], runs, strict=True)}  # fmt: skip
     reproduced = all(
-        again["scores"] == first["scores"]
+        run["scores"] == first[label, seed]["scores"]
         for label, runs in side["runs"].items()
-        if label in result["runs"]
-        for first, again in zip(result["runs"][label], runs, strict=False)
+        for seed, run in zip(side["settings"]["seeds"], runs, strict=True)
+        if (label, seed) in first
     )
     return [
         f"### {pair}: the signals timed side by side (protocol part 8)", "",
@@ -583,7 +590,7 @@ def main() -> None:
     if args.pair and args.approximation:
         path = RESULTS / f"teacher_signal_{args.pair}.json"
         result = json.loads(path.read_text())
-        work = (ROOT / "bench" / ".cache" / "teacher_signal" / args.pair).resolve()
+        work = pair_work(args.pair)
         result["approximation"] = approximation(args.pair, work, pair_settings(args.pair, ROOT / "bench" / ".cache"))
         path.write_text(json.dumps(result, indent=2) + "\n")
     elif args.pair and args.more_demo_seeds:
@@ -600,8 +607,9 @@ def main() -> None:
     elif args.pair:
         path = RESULTS / f"teacher_signal_{args.pair}.json"
         result = run_pair(args.pair, [int(seed) for seed in args.seeds.split(",")], args.signals.split(","))
-        if path.exists():  # part 8 is its own set of runs; part 4 is rerun with --more-demo-seeds
-            result.update({key: value for key, value in json.loads(path.read_text()).items() if key == "side_by_side"})
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        if "side_by_side" in previous:  # part 8 is its own set of runs; part 4 is rerun with --more-demo-seeds
+            result["side_by_side"] = previous["side_by_side"]
         path.write_text(json.dumps(result, indent=2) + "\n")
     results = {pair: json.loads(path.read_text()) for pair in ("tiny", "smollm2")
                if (path := RESULTS / f"teacher_signal_{pair}.json").exists()}  # fmt: skip

@@ -186,12 +186,13 @@ def tail_mass(shards: Iterable[pa.Table], temperatures: tuple[float, ...]) -> di
         if count == 0:
             continue
         top = batch.column("topk_logprobs").flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        top = top.reshape(count, -1)
         tails = np.exp(np.column_stack([  # [tokens, temperatures]: the tail's tempered mass
             batch.column("tail_logprob").flatten().to_numpy(),
             batch.column("tempered_tail_logprobs").flatten().to_numpy().reshape(count, len(temperatures)),
         ]).astype(np.float64))  # fmt: skip
         for column, temperature in enumerate(all_temperatures):
-            top_mass = np.exp(top.reshape(count, -1) / temperature).sum(-1, dtype=np.float64)
+            top_mass = np.exp(top / temperature).sum(-1, dtype=np.float64)
             totals[column] += (tails[:, column] / (top_mass + tails[:, column])).sum()
         tokens += count
     shares = totals / max(tokens, 1)

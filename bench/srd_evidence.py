@@ -1,6 +1,7 @@
-"""SRD evidence with a competent student: KD vs SRD vs SRD + dynamic reflection (#17 a and b).
+"""SRD evidence with a competent student: KD vs SRD vs task-aware (stratified) SRD (#17, #27).
 
-Protocol, fixed before running (results in bench/results/srd_evidence_<experiment>.{json,md}):
+Protocol, fixed before running (results in bench/results/srd_evidence_<experiment>.{json,md}; the 3-seed
+runs of #17, before stratification existed, are kept in srd_evidence_<experiment>_issue17.{json,md}):
 
 - **Student:** SmolLM2-135M-Instruct pruned to 12 of 30 layers and healed on the original model's free
   text (``bench/heal_student.py``), so it is competent but untuned for every task scored here. Its
@@ -8,50 +9,53 @@ Protocol, fixed before running (results in bench/results/srd_evidence_<experimen
 - **Teacher:** SmolLM2-135M-Instruct fine-tuned on the experiment's training rows (2 epochs, lr 1e-4,
   batch 8), as in ``bench/srd_vs_kd.py --pair smollm2``.
 - **Experiments:**
-  - ``healed`` (a): the demo task, 240 training rows; scored on the demo's held-out split and the full
-    real sets of ../shared/data/eval (none of which is trained on).
+  - ``healed`` (a): the demo task (four sub-tasks: animal, capital, colour, currency, in the ``task``
+    column), 240 training rows; scored on the demo's held-out split and the full real sets of
+    ../shared/data/eval (none of which is trained on).
   - ``real`` (b): real instruction data. ``bench/real_split.py`` splits the real sets: a seeded 80 % of
-    Dolly and S-NI is the training pool, whose first 240 rows after a seeded shuffle are trained on; the
-    other 20 % of each plus all of Self-Instruct and Vicuna are the test sets. No example is in both
-    (``tests/test_real_split.py``).
+    Dolly and S-NI is the training pool, whose first 240 rows after a seeded shuffle are trained on (39
+    ``topic`` values: 8 Dolly categories and 31 S-NI tasks, 1 to 18 rows each); the other 20 % of each plus
+    all of Self-Instruct and Vicuna are the test sets. No example is in both (``tests/test_real_split.py``).
 - **Variants**, each a plain ``srd run``, fkl, batch 8, lr 1e-4, the release's kd_weight / T per stage
   (0.8 / 1, 0.9 / 1.5, 1.0 / 2):
   - ``kd``: all rows, 2 + 2 + 1 epochs;
-  - ``srd``: 4 buckets, hardest dropped, 2 epochs per stage over 1/4, 2/4, 3/4 of the rows;
-  - ``srd_refresh``: ``srd`` with ``rank.refresh: every_stage``.
-  - ``srd_topk`` (``--variants srd_topk``, healed only; added after the three above had started, before
-    any of its runs): ``srd`` with ``distill.teacher_signal: topk`` (k 64, float16), #14's online vs
-    top-k comparison on this student, paired with the ``srd`` runs.
-  - ``srd_topk_tail`` (``--variants srd_topk_tail``, healed only; added after the teacher pass began to
-    store the tail's exact tempered mass at T 1.5 and 2, before any of its runs): ``srd_topk`` with the
-    same spec, made by the current code, whose teacher pass runs the transformers engine by default and
-    stores the tempered tails. The ``srd_topk`` runs' pass ran vLLM and their loss extrapolated the
-    tempered tail from the top k; that is the only difference. (A first attempt, whose pass still ran
-    vLLM, trained with the extrapolated tail again and was discarded.)
-  - ``srd_topk1024`` (``--variants srd_topk1024``, healed only; added after ``srd_topk_tail``'s seed 0
-    tied ``srd_topk`` on the demo split, and after measuring that at T 2 the teacher keeps 28 % of its
-    tempered mass outside its top 64 against the student trained by ``srd``, 16 % outside its top 1024):
-    ``srd_topk_tail`` with k 1024.
+  - ``srd``: 4 buckets, hardest dropped, 2 epochs per stage over 1/4, 2/4, 3/4 of the rows (the release's
+    global ranking);
+  - ``srd_strat``: ``srd`` with ``rank.stratify_by``: the task column (``task`` for healed, ``topic`` for
+    real): each task ranked alone, a quarter of each task dropped (none of a task under 4 rows);
+  - ``srd_strat_refresh``: ``srd_strat`` with ``rank.refresh: every_stage`` (each refresh admits, per
+    task, as many of its easiest remaining rows as its initial bucket held);
+  - ``srd_clusters`` (real only): ``srd`` with ``rank.stratify_clusters: 11`` (k-means over TF-IDF of the
+    prompts, seeded by the training seed; no labels used). 11 = round(sqrt(240 / 2)), the usual rule of
+    thumb for k, chosen before any run. Agreement with the hidden ``topic`` labels is reported as the
+    adjusted Rand index (ARI; 0 = chance, 1 = the labels), next to the same for a random permutation.
+  - Also runnable (``--variants``), not in this protocol's tables unless run: ``srd_refresh`` and the
+    top-k variants of #14/#17 (``srd_topk``, ``srd_topk_tail``, ``srd_topk1024``, healed only).
 
   The release's budget is KD 20 epochs vs SRD 8 x (1/4 + 1/2 + 3/4) = 12. It is scaled to 5 vs 3 to fit
-  2 CPU cores; the ratio stays 0.6.
-- **Seeds and scoring:** training seeds 0, 1, 2. ROUGE-L x100 of sampled answers (T 1, up to 32 new
+  2 CPU cores; the ratio stays 0.6 (stratified SRD trains on as many rows, within a row or two).
+- **Seeds and scoring:** training seeds 0, 1, 2, 3, 4. ROUGE-L x100 of sampled answers (T 1, up to 32 new
   tokens) on 60 rows per set, sampling seeds 10 and 20. Responses are truncated to 32 tokens for
   training too.
 - **Reported:** per variant, ROUGE-L per set and the average (mean ± std over training seeds), optimizer
-  steps, train wall and end-to-end wall. For the refresh runs, end-to-end includes the re-reflection.
-  Also the paired differences (same training seed) srd - kd, srd_refresh - kd, srd_refresh - srd,
-  srd_topk - srd, srd_topk_tail - srd, srd_topk_tail - srd_topk, srd_topk1024 - srd and
-  srd_topk1024 - srd_topk_tail.
+  steps, train wall and end-to-end wall (end-to-end includes reflection and, for refresh runs, the
+  re-reflections). The paired differences (same training seed) of every variant against ``kd``, and
+  ``srd_strat - srd``, ``srd_strat_refresh - srd_strat``, ``srd_clusters - srd_strat``. Post-hoc: per
+  task, the held-out ROUGE-L and the training rows of that task each variant ever trained on (healed: the
+  demo held-out split by ``task``; real: the S-NI and Dolly test splits by ``topic``).
+- **Goal (#27):** ``srd_strat - kd`` >= -0.5 on every set and >= 0 on the average, at <= 0.65x KD's
+  steps; the currency task within 2 points of KD.
 
-    python bench/srd_evidence.py --experiment healed     # about 90 minutes on 2 cores (+25 to heal the student)
-    python bench/srd_evidence.py --experiment real       # about 3 hours on 2 cores (10 min of it the teacher)
+    python bench/srd_evidence.py --experiment healed     # about 2.5 hours on 2 cores (+25 min to heal the student)
+    python bench/srd_evidence.py --experiment real       # about 7 hours on 2 cores (10 min of it the teacher)
+    python bench/srd_evidence.py --experiment real --summarize   # the tables again from the finished runs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -66,6 +70,7 @@ from real_split import read_rows, write_split  # noqa: E402
 from srd_vs_kd import (  # noqa: E402
     RESULTS,
     STAGE_SETTINGS,
+    base_spec,
     compared_spec,
     evaluated,
     pair_settings,
@@ -75,12 +80,17 @@ from srd_vs_kd import (  # noqa: E402
 )
 from teacher_signal import run_spec as topk_spec  # noqa: E402
 
-SEEDS = [0, 1, 2]
-VARIANTS = ["kd", "srd", "srd_refresh"]
+SEEDS = [0, 1, 2, 3, 4]
+VARIANTS = {"healed": ["kd", "srd", "srd_strat", "srd_strat_refresh"],
+            "real": ["kd", "srd", "srd_strat", "srd_strat_refresh", "srd_clusters"]}  # fmt: skip
+OTHER_VARIANTS = ["srd_refresh"]  # #17's, runnable with --variants
 TOPK_VARIANTS = {"srd_topk": 64, "srd_topk_tail": 64, "srd_topk1024": 1024}  # SRD, stored top-k signal: k
-COMPARISONS = [("srd", "kd"), ("srd_refresh", "kd"), ("srd_refresh", "srd"), ("srd_topk", "srd"),
-               ("srd_topk_tail", "srd"), ("srd_topk_tail", "srd_topk"), ("srd_topk1024", "srd"),
-               ("srd_topk1024", "srd_topk_tail")]  # fmt: skip
+COMPARISONS = [("srd", "kd"), ("srd_strat", "kd"), ("srd_strat_refresh", "kd"), ("srd_clusters", "kd"),
+               ("srd_strat", "srd"), ("srd_strat_refresh", "srd_strat"), ("srd_clusters", "srd_strat"),
+               ("srd_refresh", "kd"), ("srd_refresh", "srd"), ("srd_topk", "srd"), ("srd_topk_tail", "srd"),
+               ("srd_topk_tail", "srd_topk"), ("srd_topk1024", "srd"), ("srd_topk1024", "srd_topk_tail")]  # fmt: skip
+TASK_COLUMN = {"healed": "task", "real": "topic"}  # the hidden task labels of the training rows
+CLUSTERS = round(math.sqrt(240 / 2))  # 11, fixed before running
 TRAIN_ROWS = 240
 EVAL_ROWS, EVAL_SEEDS = 60, [10, 20]
 
@@ -109,25 +119,36 @@ def training_rows(pool: Path, out: Path) -> Path:
     return out
 
 
-def variant_spec(base: dict, settings: dict, work: Path, variant: str, seed: int) -> dict[str, Any]:
+def variant_spec(base: dict, settings: dict, work: Path, experiment: str, variant: str, seed: int) -> dict[str, Any]:
     if variant in TOPK_VARIANTS:  # the same top-k settings as bench/teacher_signal.py's runs
         spec = topk_spec(base, settings, work, "topk", seed)
         spec["teacher_signal"]["k"] = TOPK_VARIANTS[variant]
     else:
         spec = compared_spec(base, settings, work, "fkl", seed, "none" if variant == "kd" else "srd")
     spec["run"]["name"] = f"{variant}-seed{seed}"
-    if variant == "srd_refresh":
-        spec["rank"] = {"refresh": "every_stage"}
+    rank: dict[str, Any] = {}
+    if variant.startswith("srd_strat"):
+        rank["stratify_by"] = TASK_COLUMN[experiment]
+    if variant == "srd_clusters":
+        rank["stratify_clusters"] = CLUSTERS
+    if variant.endswith("refresh"):
+        rank["refresh"] = "every_stage"
+    if rank:
+        spec["rank"] = rank
     return spec
+
+
+def all_variants() -> list[str]:
+    return list(dict.fromkeys([*VARIANTS["real"], *OTHER_VARIANTS, *TOPK_VARIANTS]))
 
 
 def finished_variants(work: Path, seeds: list[int]) -> list[str]:
     """The variants evaluated for every one of ``seeds``: what the tables can compare."""
-    return [v for v in [*VARIANTS, *TOPK_VARIANTS] if all(evaluated(work / f"{v}-seed{seed}") for seed in seeds)]
+    return [v for v in all_variants() if all(evaluated(work / f"{v}-seed{seed}") for seed in seeds)]
 
 
-def trained_prompts(run: Path, variant: str) -> list[str] | None:
-    """The prompts of the rows a run ever trained on (None: every training row, as KD does)."""
+def trained_ids(run: Path, variant: str) -> list[str] | None:
+    """The example ids of the rows a run ever trained on (None: every training row, as KD does)."""
     import pyarrow.parquet as pq
 
     from srd_ray.distill.refresh import refresh_dir
@@ -136,61 +157,126 @@ def trained_prompts(run: Path, variant: str) -> list[str] | None:
     if variant == "kd":
         return None
     stages = range(len(STAGE_SETTINGS))
-    if variant == "srd_refresh":  # bucket 0 as ranked first; each later one as its refresh admitted it
+    if variant.endswith("refresh"):  # bucket 0 as ranked first; each later one as its refresh admitted it
         buckets = [bucket_dir(run / "rank", 0)] + [
             bucket_dir(refresh_dir(run / "distill", s) / "rank", s) for s in stages[1:]
         ]
     else:
         buckets = [bucket_dir(run / "rank", s) for s in stages]
-    return [prompt for bucket in buckets for prompt in pq.read_table(bucket, columns=["prompt"])["prompt"].to_pylist()]
+    return [i for bucket in buckets for i in pq.read_table(bucket, columns=["example_id"])["example_id"].to_pylist()]
 
 
-def by_task(work: Path, variants: list[str], seeds: list[int]) -> dict[str, Any]:
-    """Post-hoc (not in the fixed protocol): per demo task, the held-out ROUGE-L (mean over seeds and
-    sampling seeds) and how many of its training rows each variant ever trained on (mean over seeds)."""
+def task_sets(experiment: str, work: Path) -> dict[str, Path]:
+    """The eval sets broken down by task, and their files (with the task column)."""
+    if experiment == "healed":
+        return {"demo_heldout": work / "base/prepare/demo_heldout.jsonl"}
+    return {"sinst_test": work / "split/sinst_test.jsonl", "dolly_test": work / "split/dolly_test.jsonl"}
+
+
+def training_tasks(experiment: str, work: Path, base: dict) -> dict[str, str]:
+    """Each training row's task, by example_id (as the pipeline computes ids)."""
+    from srd_ray.data import load_training_data
+    from srd_ray.spec import DataSpec
+
+    resolved = json.loads(json.dumps(base["data"]).replace("${run_dir}", str(work / "base")))
+    data = DataSpec.model_validate({**resolved, "eval_sets": {}})
+    table = load_training_data(data).table
+    return dict(zip(table["example_id"].to_pylist(), table[TASK_COLUMN[experiment]].to_pylist(), strict=True))
+
+
+def by_task(experiment: str, work: Path, base: dict, variants: list[str], seeds: list[int]) -> dict[str, Any]:
+    """Post-hoc (not in the fixed protocol): per task of each broken-down eval set, the held-out ROUGE-L
+    (mean over seeds and sampling seeds) and how many of its training rows each variant ever trained on
+    (mean over seeds)."""
     import pyarrow.parquet as pq
 
-    heldout = {row["prompt"]: row["task"] for row in read_rows(work / "base/prepare/demo_heldout.jsonl")}
-    train = {row["prompt"]: row["task"] for row in read_rows(work / "base/prepare/demo_train.jsonl")}
+    column, train = TASK_COLUMN[experiment], training_tasks(experiment, work, base)
     result: dict[str, Any] = {}
-    for variant in variants:
-        scores: dict[str, list[float]] = {}
-        trained = dict.fromkeys(sorted(set(train.values())), 0)
-        for seed in seeds:
-            run = work / f"{variant}-seed{seed}"
-            for row in pq.read_table(run / "evaluate/student_after/predictions.parquet").to_pylist():
-                if row["eval_set"] == "demo_heldout":
-                    scores.setdefault(heldout[row["prompt"]], []).append(row["rouge_l"])
-            for prompt in trained_prompts(run, variant) or train:
-                trained[train[prompt]] += 1
-        result[variant] = {
-            "heldout_rouge_l": {task: sum(values) / len(values) for task, values in sorted(scores.items())},
-            "trained_rows": {task: count / len(seeds) for task, count in trained.items()},
-        }
+    for eval_set, path in task_sets(experiment, work).items():
+        task_of = {row["prompt"]: row[column] for row in read_rows(path)}
+        per_variant: dict[str, Any] = {}
+        for variant in variants:
+            scores: dict[str, list[float]] = {}
+            trained = dict.fromkeys(sorted(set(train.values())), 0)
+            for seed in seeds:
+                run = work / f"{variant}-seed{seed}"
+                for row in pq.read_table(run / "evaluate/student_after/predictions.parquet").to_pylist():
+                    if row["eval_set"] == eval_set:
+                        scores.setdefault(task_of[row["prompt"]], []).append(row["rouge_l"])
+                for example_id in trained_ids(run, variant) or train:
+                    trained[train[example_id]] += 1
+            per_variant[variant] = {
+                "heldout_rouge_l": {task: sum(v) / len(v) for task, v in sorted(scores.items())},
+                "trained_rows": {task: count / len(seeds) for task, count in trained.items()},
+            }
+        result[eval_set] = per_variant
+    result["training_rows_per_task"] = {task: list(train.values()).count(task) for task in sorted(set(train.values()))}
     return result
 
 
 def by_task_markdown(tasks: dict[str, Any]) -> str:
-    names = list(next(iter(tasks.values()))["heldout_rouge_l"])
-    lines = [
-        "",
-        "Post-hoc, not in the fixed protocol: demo held-out ROUGE-L per task (training rows of that task "
-        "ever trained on, of 60, mean over seeds):",
-        "",
-        "| variant | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
-    for variant, result in tasks.items():
-        cells = [f"{result['heldout_rouge_l'][t]:.1f} ({result['trained_rows'][t]:.0f})" for t in names]
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines = []
+    totals = tasks["training_rows_per_task"]
+    for eval_set, per_variant in tasks.items():
+        if eval_set == "training_rows_per_task":
+            continue
+        variants = list(per_variant)
+        names = sorted({t for result in per_variant.values() for t in result["heldout_rouge_l"]})
+        lines += [
+            "",
+            f"Post-hoc, not in the fixed protocol: {eval_set} ROUGE-L per task, mean over seeds and sampling seeds "
+            "(in brackets: training rows of that task ever trained on, mean over seeds, of the total):",
+            "",
+            "| task | " + " | ".join(variants) + " |",
+            "|---|" + "---|" * len(variants),
+        ]
+        for task in names:
+            cells = []
+            for variant in variants:
+                score = per_variant[variant]["heldout_rouge_l"].get(task)
+                rows = per_variant[variant]["trained_rows"].get(task, 0)
+                cells.append("-" if score is None else f"{score:.1f} ({rows:.1f}/{totals.get(task, 0)})")
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def cluster_agreement(experiment: str, work: Path, base: dict, seeds: list[int]) -> dict[str, Any] | None:
+    """Adjusted Rand index of the srd_clusters runs' clusters against the hidden task labels, per seed, and
+    of a random permutation of the same labels (chance)."""
+    import numpy as np
+    from sklearn.metrics import adjusted_rand_score
+
+    from srd_ray.rank import read_ranked
+
+    if not all(evaluated(work / f"srd_clusters-seed{seed}") for seed in seeds):
+        return None
+    train = training_tasks(experiment, work, base)
+    scores, chance = [], []
+    for seed in seeds:
+        ranked = read_ranked(work / f"srd_clusters-seed{seed}" / "rank")
+        truth = [train[i] for i in ranked["example_id"].to_pylist()]
+        clusters = ranked["cluster"].to_pylist()
+        scores.append(adjusted_rand_score(truth, clusters))
+        chance.append(adjusted_rand_score(truth, np.random.default_rng(seed).permutation(clusters)))
+    return {"clusters": CLUSTERS, "labels": len(set(train.values())), "ari": scores, "ari_chance": chance}
+
+
+def cluster_markdown(agreement: dict[str, Any]) -> str:
+    from srd_vs_kd import mean_std
+
+    ari, chance = mean_std(agreement["ari"]), mean_std(agreement["ari_chance"])
+    return (
+        f"\nClusters (srd_clusters): {agreement['clusters']} k-means clusters of the training prompts against "
+        f"the {agreement['labels']} hidden topic labels: adjusted Rand index {ari[0]:.3f} ± {ari[1]:.3f} over "
+        f"seeds (a random permutation of the clusters: {chance[0]:+.3f} ± {chance[1]:.3f}).\n"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", choices=["healed", "real"], required=True)
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="training seeds (finished runs are reused)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="which variants to run")
+    parser.add_argument("--variants", help="which variants to run (default: the protocol's for the experiment)")
     parser.add_argument("--teacher", type=Path, help="a teacher already fine-tuned on the same training rows")
     parser.add_argument("--summarize", action="store_true", help="only rewrite the results from finished runs")
     args = parser.parse_args()
@@ -199,24 +285,31 @@ def main() -> None:
     work = (ROOT / "bench" / ".cache" / "srd_evidence" / args.experiment).resolve()
     seeds = [int(seed) for seed in args.seeds.split(",")]
     settings = experiment_settings(args.experiment, work, args.teacher)
+    base = prepare_base(settings, work) if not args.summarize else base_spec(settings, work)
     if not args.summarize:
-        base = prepare_base(settings, work)
+        variants = args.variants.split(",") if args.variants else VARIANTS[args.experiment]
         for seed in seeds:  # seed-major: an interrupted run still leaves whole seeds to compare
-            for variant in args.variants.split(","):
-                srd("run", str(write_spec(variant_spec(base, settings, work, variant, seed), work)))
+            for variant in variants:
+                spec = variant_spec(base, settings, work, args.experiment, variant, seed)
+                srd("run", str(write_spec(spec, work)))
+    write_results(args.experiment, work, base, seeds)
+
+
+def write_results(experiment: str, work: Path, base: dict, seeds: list[int]) -> None:
     variants = finished_variants(work, seeds)
     comparisons = [(v, b) for v, b in COMPARISONS if v in variants and b in variants]
     results = summarise(work, variants, seeds, comparisons)
-    results["experiment"] = args.experiment
-    if args.experiment == "healed":
-        results["by_task"] = by_task(work, variants, results["seeds"])
-    name = f"srd_evidence_{args.experiment}"
+    results["experiment"] = experiment
+    results["by_task"] = by_task(experiment, work, base, variants, results["seeds"])
+    results["cluster_agreement"] = cluster_agreement(experiment, work, base, results["seeds"])
+    name = f"srd_evidence_{experiment}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    title = f"SRD evidence ({args.experiment}): KD vs SRD vs SRD + refresh, healed 12-layer SmolLM2 student"
+    title = f"SRD evidence ({experiment}): KD vs SRD vs stratified SRD, healed 12-layer SmolLM2 student"
     table = markdown(results, title, "the `bench/srd_evidence.py` docstring")
-    if "by_task" in results:
-        table += by_task_markdown(results["by_task"])
+    if results["cluster_agreement"]:
+        table += cluster_markdown(results["cluster_agreement"])
+    table += by_task_markdown(results["by_task"])
     (RESULTS / f"{name}.md").write_text(table)
     print(table)
 

@@ -42,6 +42,8 @@ _USUAL_NAMES = {
 class LoadedData:
     table: pa.Table
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    # Columns not carried through, with why (lists or objects; values of mixed types).
+    dropped_columns: dict[str, str] = field(default_factory=dict)
 
 
 def example_id_for(prompt: str, references: list[str]) -> str:
@@ -58,9 +60,11 @@ def load_source(source: DataSourceSpec, data: DataSpec, *, label: str) -> Loaded
     skipped: list[dict[str, Any]] = []
     seen_ids: dict[str, str] = {}
     mapping: dict[str, str | None] | None = None
+    nested: set[str] = set()
     for where, record in records:
         if mapping is None:
             mapping = _resolve_mapping(source, record, where)
+        nested.update(key for key, value in record.items() if isinstance(value, list | dict))
         try:
             row = _normalise(record, mapping, data, where)
             if row["example_id"] in seen_ids:
@@ -79,7 +83,10 @@ def load_source(source: DataSourceSpec, data: DataSpec, *, label: str) -> Loaded
             break
     if not rows:
         raise DataError(f"{label}: {source.path} has no usable rows ({len(skipped)} skipped)")
-    return LoadedData(table=_to_table(rows), skipped=skipped)
+    table = _to_table(rows)
+    dropped = {name: "values of mixed types" for row in rows for name in row if name not in table.column_names}
+    dropped.update({name: "lists or objects, not one value per row" for name in nested - set(mapping.values())})
+    return LoadedData(table=table, skipped=skipped, dropped_columns=dropped)
 
 
 def _resolve_files(source: DataSourceSpec, label: str) -> list[str]:
@@ -288,7 +295,7 @@ def drop_long_prompts(loaded: LoadedData, data: DataSpec, count_tokens: Callable
     if len(too_long) == loaded.table.num_rows:
         raise DataError(f"every prompt is over data.max_prompt_tokens ({data.max_prompt_tokens}); no usable rows")
     keep = pa.array([length <= data.max_prompt_tokens for length in lengths])
-    return LoadedData(table=loaded.table.filter(keep), skipped=loaded.skipped + problems)
+    return LoadedData(loaded.table.filter(keep), loaded.skipped + problems, loaded.dropped_columns)
 
 
 def load_training_data(data: DataSpec) -> LoadedData:

@@ -32,6 +32,7 @@ from srd_ray.models import check_model_path, check_same_tokenizer, load_tokenize
 from srd_ray.run_dir import RunDirectory
 from srd_ray.spec import JobSpec, ModelSpec, RaySpec
 from srd_ray.storage import Location
+from srd_ray.strata import check_stratification
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +220,11 @@ def _reflect(run: Run) -> dict[str, Any]:
 def _rank(run: Run) -> dict[str, Any]:
     from srd_ray.rank import run_rank
     from srd_ray.reflect import read_scored
+    from srd_ray.strata import task_column
 
     scored = read_scored(run.run_dir.stage_dir("reflect"))
-    return run_rank(run.spec.rank, scored, run.run_dir.stage_dir("rank"), seed=run.spec.run.seed)
+    task = task_column(run.spec.data.train.fields.task, scored.column_names)
+    return run_rank(run.spec.rank, scored, run.run_dir.stage_dir("rank"), seed=run.spec.run.seed, task_column=task)
 
 
 def _teacher_signal(run: Run) -> dict[str, Any]:
@@ -418,6 +421,8 @@ def preflight(run: Run) -> None:
     check_context(run.spec.models.teacher, run.spec.data, run.spec.evaluate.generation.max_new_tokens, engine)
     check_local_gpus(run.spec)
     _ = run.train, run.eval_sets  # load now: a bad row fails here, naming file and line
+    if run.spec.distill.curriculum == "srd":
+        check_stratification(run.spec.rank, run.train.table, run.train.dropped_columns)
 
 
 def check_local_gpus(spec: JobSpec) -> None:

@@ -141,6 +141,14 @@ class FieldMapping(_Strict):
     instruction: str | None = None
     input: str | None = None
     response: str | None = None
+    # The row's task (skill, domain, source data set): kept as a column for rank.stratify_by and for the
+    # rank stage's per-task report. None: the first present of TASK_COLUMNS.
+    task: str | None = None
+
+
+# Columns taken as a row's task when data.train.fields.task names none (Dolly: category or topic; S-NI and
+# the demo data: task or topic).
+TASK_COLUMNS = ("task", "topic", "category")
 
 
 class DataSourceSpec(_Strict):
@@ -276,6 +284,9 @@ class TeacherSignalSpec(PoolSpec):
     shard_rows: PositiveInt = 256
 
 
+CLUSTER_COLUMN = "cluster"  # where rank.stratify_clusters writes each row's cluster
+
+
 class RankSignal(_Strict):
     name: Literal["rouge_l", "student_ce", "teacher_ce"]
     easier_when: Literal["higher", "lower"]
@@ -299,6 +310,27 @@ class RankSpec(_Strict):
     # distill stage but the last, the student as trained so far re-reflects the rows not yet admitted, and
     # the next bucket is the easiest 1/num_buckets of all rows among them (see srd_ray.distill.refresh).
     refresh: Literal["once", "every_stage"] = "once"
+    # Rank within strata instead of over all rows, so that no stratum (task) is dropped whole: each stratum
+    # is ranked on its own and split into near-equal parts, bucket b being every stratum's part b (see
+    # srd_ray.rank). stratify_by: a scalar column of the training data (e.g. task, topic, category);
+    # null is the release's exact global ranking. stratify_clusters: N clusters of the training prompts
+    # (TF-IDF + k-means), for data without a task column.
+    stratify_by: str | None = None
+    stratify_clusters: Annotated[int, Field(ge=2)] | None = None
+
+    @model_validator(mode="after")
+    def _one_stratification(self) -> RankSpec:
+        if self.stratify_by is not None and self.stratify_clusters is not None:
+            raise ValueError(
+                f"stratify_by ({self.stratify_by!r}) and stratify_clusters ({self.stratify_clusters}) both set: "
+                "strata come from a column or from clusters, not both"
+            )
+        return self
+
+    @property
+    def strata_column(self) -> str | None:
+        """The column the ranking is stratified by (clusters are written as ``cluster``), or None."""
+        return CLUSTER_COLUMN if self.stratify_clusters is not None else self.stratify_by
 
     @model_validator(mode="after")
     def _keep_fits(self) -> RankSpec:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from srd_ray.rank import rank_rows, refresh_rows, refresh_summary
+from srd_ray.rank import bucket_quotas, rank_rows, refresh_rows, refresh_summary
 from srd_ray.report import load_manifest, summary_lines, write_report
 from srd_ray.spec import RankSpec, load_spec
 from tests.processes import demo_data_yaml, kill_job, rerun_job, start_job, step_metrics, wait_for_files, write_spec
@@ -32,7 +32,7 @@ def test_refresh_admits_the_easiest_rows_left_and_lays_out_the_rest():
     left = [f"e{i}" for i in range(3, 12)]
     # The trained student now finds the rows the other way round: e11 easiest.
     rescored = scored(left, [i / 12 for i in range(3, 12)], [float(12 - i) for i in range(3, 12)])
-    refreshed = refresh_rows(rescored, RankSpec(), bucket=1, size=3)
+    refreshed = refresh_rows(rescored, RankSpec(), bucket=1, quotas=bucket_quotas(initial, None, 4))
     assert refreshed["example_id"].to_pylist() == [f"e{i}" for i in range(11, 2, -1)]
     assert refreshed["bucket"].to_pylist() == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     summary = refresh_summary(refreshed, initial, bucket=1)
@@ -49,7 +49,8 @@ def test_refresh_admits_the_easiest_rows_left_and_lays_out_the_rest():
 def test_refresh_that_agrees_with_the_initial_order_changes_nothing():
     initial = initial_ranking()
     left = initial.filter(pa.compute.greater_equal(initial["bucket"], 2))  # after stage 1: buckets 2 and 3 left
-    refreshed = refresh_rows(left.select(["example_id", "input_position", "rouge_l", "student_ce"]), RankSpec(), 2, 3)
+    candidates = left.select(["example_id", "input_position", "rouge_l", "student_ce"])
+    refreshed = refresh_rows(candidates, RankSpec(), 2, bucket_quotas(initial, None, 4))
     summary = refresh_summary(refreshed, initial, bucket=2)
     assert summary["spearman_with_initial"] == pytest.approx(1.0) and summary["changed_bucket"] == 0
     assert refreshed["bucket"].to_pylist() == [2, 2, 2, 3, 3, 3]

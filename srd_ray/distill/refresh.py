@@ -3,8 +3,11 @@ far re-reflects the rows not yet admitted, and the next bucket is the easiest of
 
 Stage 0 trains on the initial rank's bucket 0. Before stage s (s >= 1), the student after stage s - 1
 scores every row not in buckets 0..s-1 through the same reflect stage (Ray Data actors, engine and
-settings); those rows are ranked by the same fusion, and the easiest N // num_buckets of them (N: all
-ranked rows) become bucket s. Rows never admitted are the ones dropped.
+settings); those rows are ranked by the same fusion, and the easiest of them become bucket s, as many as
+the initial ranking put in bucket s (N // num_buckets of the N ranked rows). With a stratified ranking
+(``rank.stratify_by`` / ``stratify_clusters``) this holds per stratum: each stratum's easiest remaining
+rows are admitted, as many as its initial bucket s held, so a task the student finds hard is still
+admitted stage by stage. Rows never admitted are the ones dropped.
 
 Each stage trains as its own Ray Train job over the same checkpoint folder, so stage s resumes from the
 checkpoint stage s - 1 ended with (optimizer reset, step counts and RNG streams carried on). In the
@@ -35,7 +38,7 @@ import pyarrow.compute as pc
 from srd_ray.distill.driver import run_training, trained_model
 from srd_ray.distill.stage import TRAINING_COLUMNS, bucket_name
 from srd_ray.distill.worker import TrainingJob
-from srd_ray.rank import MANIFEST, bucket_dir, read_manifest, read_ranked, run_refresh_rank
+from srd_ray.rank import MANIFEST, bucket_dir, bucket_quotas, read_manifest, read_ranked, run_refresh_rank
 from srd_ray.spec import JobSpec, ModelSpec
 from srd_ray.storage import Location
 
@@ -76,15 +79,18 @@ def train_with_refresh(
     import ray
 
     initial = read_ranked(rank_dir)
-    size = initial.num_rows // reflector.spec.rank.num_buckets
+    rank = reflector.spec.rank
+    quotas = bucket_quotas(initial, rank.strata_column, rank.num_buckets)
     buckets = {0: initial.filter(pc.equal(initial["bucket"], 0)).select(TRAINING_COLUMNS)}
-    planned = {bucket_name(b): size for b in range(len(job.plan))}
+    planned = {bucket_name(b): sum(quota[b] for quota in quotas.values()) for b in range(len(job.plan))}
     refreshes, wall, summary = [], 0.0, {}
     for stage in job.plan:
         index, last = stage.index, stage.index + 1 == len(job.plan)
         if index > 0:
             admitted = pa.concat_tables(buckets.values())["example_id"]
-            buckets[index], record = refreshed_bucket(reflector, initial, admitted, train_rows, stage_dir, index, size)
+            buckets[index], record = refreshed_bucket(
+                reflector, initial, admitted, train_rows, stage_dir, index, quotas
+            )
             refreshes.append(record)
         model_dir = trained_model(stage_dir) if last else after_stage(stage_dir, index)
         if not last and model_dir.exists():
@@ -104,7 +110,7 @@ def refreshed_bucket(
     train_rows: pa.Table,
     stage_dir: Location,
     stage: int,
-    size: int,
+    quotas: dict[Any, list[int]],
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Bucket ``stage``, refreshed by the student after stage - 1 (or as an earlier run refreshed it)."""
     folder = refresh_dir(stage_dir, stage)
@@ -123,7 +129,7 @@ def refreshed_bucket(
         reflected = run_reflect(spec, candidates, folder, engine=reflector.engine, teacher=reflector.teacher)
         cost = {"reflect_wall_s": round(time.perf_counter() - started, 2), "after_stage": stage - 1,
                 **{key: reflected[key] for key in ("rows_scored", "generated_tokens", "shards_reused")}}  # fmt: skip
-        run_refresh_rank(spec.rank, read_scored(folder), initial, rank_folder, stage, size, extra=cost)
+        run_refresh_rank(spec.rank, read_scored(folder), initial, rank_folder, stage, quotas, extra=cost)
     table = bucket_dir(rank_folder, stage).read_parquet(columns=TRAINING_COLUMNS)
     return table, read_manifest(rank_folder)
 

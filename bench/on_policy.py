@@ -123,7 +123,7 @@ def speed(base: dict, settings: dict, work: Path, steps: int) -> dict[str, Any]:
 def sync_breakdown(work: Path, repeats: int) -> dict[str, Any]:
     import ray
 
-    from srd_ray.distill.parallel import full_state_dict
+    from srd_ray.distill.strategy import full_state_dict
     from srd_ray.distill.student_generation import GenerationActor, PackedWeights
     from srd_ray.models import load_model
     from srd_ray.spec import load_spec

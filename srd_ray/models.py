@@ -221,10 +221,6 @@ def model_context_length(spec: ModelSpec) -> int | None:
     return getattr(load_config(spec), "max_position_embeddings", None)
 
 
-def pick_device(num_gpus: float) -> torch.device:
-    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
 @dataclass(frozen=True)
 class EncodedPrompt:
     ids: list[int]

@@ -20,9 +20,11 @@ def map_with_engine_actors(
     engine: str,
     batch_size: int | None,
 ) -> Any:
-    """A Ray dataset of ``actor``'s outputs over ``rows`` (one block per table; ``batch_size=None``
-    hands each call one whole block, e.g. one shard). ``engine`` (a resolved engine name) sets how many
-    calls an actor takes at once."""
+    """A Ray dataset of ``actor``'s outputs over ``rows`` (one block per table). ``batch_size=None`` asks
+    for whole blocks per call (e.g. one shard each): the batch size is then the largest block's rows,
+    since Ray Data refuses ``batch_size=None`` for actors that ask for GPUs; equal blocks then arrive one
+    per call, and a caller that needs whole blocks must still tolerate a block split over two calls (see
+    ``srd_ray.shards``). ``engine`` (a resolved engine name) sets how many calls an actor takes at once."""
     import ray
 
     from srd_ray.engines import calls_in_flight
@@ -34,7 +36,7 @@ def map_with_engine_actors(
         actor,
         # Settings travel as pydantic objects (they pickle), never as dicts to re-validate.
         fn_constructor_kwargs=actor_kwargs,
-        batch_size=batch_size,
+        batch_size=batch_size or max(block.num_rows for block in blocks),
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
             size=max(1, actors),

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -147,9 +147,11 @@ class ShardedPass:
         # One writer actor, taking no CPU from the engines (a shard's CPU work is milliseconds). An actor,
         # not tasks: it starts with the engines, so shards are written as they come; tasks would each need a
         # fresh worker process, whose imports (torch) wait behind the busy engines for as long as they run.
+        # One actor also sees every piece of a shard that Ray Data split into several blocks.
+        sizes = {shard[SHARD_INDEX][0].as_py(): shard.num_rows for shard in todo}
         written = scored.map_batches(
-            type(writer), fn_constructor_kwargs=vars(writer), batch_size=None, batch_format="pyarrow", num_cpus=0,
-            compute=ray.data.ActorPoolStrategy(size=1),
+            type(writer), fn_constructor_kwargs={**writer.settings(), "shard_sizes": sizes}, batch_size=None,
+            batch_format="pyarrow", num_cpus=0, compute=ray.data.ActorPoolStrategy(size=1),
         )  # fmt: skip
         with reraise_srd_error():
             total = sum(shard.num_rows for shard in todo)
@@ -200,10 +202,15 @@ def check_rejected(stage: str, rejected: list[dict[str, str]], on_bad_row: str) 
 
 def follow_progress(stage: str, summaries: Iterable[dict[str, Any]], total_rows: int, tokens_label: str) -> dict:
     """Progress as actors finish shards: rows done, rows/s, tokens/s and ETA. ``summaries`` yields one
-    ``{"rows", "tokens", "seconds"}`` record per shard."""
+    ``{"shard_index", "rows", "tokens", "seconds"}`` record per shard written; a shard whose writer call Ray
+    retried after a crash counts once."""
     done = {"rows": 0, "tokens": 0, "busy_s": 0.0}
+    counted: set[int] = set()
     with Progress(stage, total_rows, "rows") as progress:
         for summary in summaries:
+            if summary["shard_index"] in counted:
+                continue
+            counted.add(summary["shard_index"])
             done["rows"] += summary["rows"]
             done["tokens"] += summary["tokens"]
             done["busy_s"] += summary["seconds"]
@@ -213,12 +220,15 @@ def follow_progress(stage: str, summaries: Iterable[dict[str, Any]], total_rows:
 
 
 # Columns the engine stage adds for the writer stage (dropped before a shard is written).
-SHARD_INDEX, SHARD_ROWS, ENGINE_SECONDS, REJECTED = "shard_index", "shard_rows", "engine_seconds", "rejected_reason"
-PASS_COLUMNS = (SHARD_INDEX, SHARD_ROWS, ENGINE_SECONDS, REJECTED)
+SHARD_INDEX, ENGINE_SECONDS, REJECTED = "shard_index", "engine_seconds", "rejected_reason"
+PASS_COLUMNS = (SHARD_INDEX, ENGINE_SECONDS, REJECTED)
+SUMMARY_SCHEMA = pa.schema([("shard_index", pa.int64()), ("rows", pa.int64()), ("tokens", pa.int64()),
+                            ("seconds", pa.float64())])  # fmt: skip
 
 
 def shards_in(batch: pa.Table) -> Iterator[tuple[int, pa.Table]]:
-    """A batch normally is one shard (one block); group anyway so shard files never mix."""
+    """A batch is normally one shard (one block), but may hold pieces of several: group, so shard files
+    never mix."""
     for index in sorted(set(batch[SHARD_INDEX].to_pylist())):
         yield index, batch.filter(pc.equal(batch[SHARD_INDEX], index))
 
@@ -264,7 +274,7 @@ class ShardEngine:
             rows = shard.drop_columns([SHARD_INDEX])
             scored, rejected = score_isolating_rows(rows, self.score, self.row_errors)
             check_rejected(self.stage, rejected, self.on_bad_row)
-            marks = {SHARD_INDEX: index, SHARD_ROWS: rows.num_rows, ENGINE_SECONDS: time.perf_counter() - started}
+            marks = {SHARD_INDEX: index, ENGINE_SECONDS: time.perf_counter() - started}
             for table in (scored, mark_rejected(rows, rejected)):
                 if table is not None and table.num_rows:
                     parts.append(with_constants(table, marks))
@@ -272,28 +282,43 @@ class ShardEngine:
         return pa.concat_tables(parts, promote_options="permissive")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ShardWriter:
-    """The CPU side of a pass, in an actor beside the engine actors: finish each shard's scored rows
-    (``finish``, e.g. ROUGE-L), write it whole with the rows set aside, and return one summary row."""
+    """The CPU side of a pass, in one actor beside the engine actors: collect each shard's scored rows until
+    all ``shard_sizes[index]`` have arrived (Ray Data splits a block larger than its block-size limit into
+    several, e.g. a teacher-signal shard at k 1024), then finish them (``finish``, e.g. ROUGE-L), write the
+    shard whole with the rows set aside, and return one summary row per shard written."""
 
     sharded: ShardedPass
     finish: Callable[[pa.Table], pa.Table]
     columns: Callable[[pa.Table | None], pa.Schema]
     tokens_column: str
+    shard_sizes: dict[int, int] = field(default_factory=dict)  # rows of each shard of the pass
+    arrived: dict[int, list[pa.Table]] = field(default_factory=dict, init=False)
+    seconds: dict[int, float] = field(default_factory=dict, init=False)
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's arguments (what the actor is built from)."""
+        return {name: getattr(self, name) for name in ("sharded", "finish", "columns", "tokens_column")}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         summaries = []
-        for index, shard in shards_in(batch):
-            expected, engine_seconds = shard[SHARD_ROWS][0].as_py(), shard[ENGINE_SECONDS][0].as_py()
-            if shard.num_rows != expected:  # a block split between stages would write half a shard
-                raise RuntimeError(
-                    f"{self.sharded.stage}: shard {index} arrived with {shard.num_rows} of {expected} rows"
+        for index, piece in shards_in(batch):
+            self.arrived.setdefault(index, []).append(piece)
+            self.seconds[index] = self.seconds.get(index, 0.0) + piece[ENGINE_SECONDS][0].as_py()
+            rows = sum(part.num_rows for part in self.arrived[index])
+            if rows > self.shard_sizes[index]:
+                raise RuntimeError(f"{self.sharded.stage}: shard {index} got {rows} of {self.shard_sizes[index]} rows")
+            if rows == self.shard_sizes[index]:
+                summaries.append(
+                    self._write(index, pa.concat_tables(self.arrived.pop(index), promote_options="permissive"))
                 )
-            kept, rejected = split_rejected(shard)
-            kept = kept.drop_columns([c for c in PASS_COLUMNS if c in kept.column_names])
-            scored = self.finish(kept) if kept.num_rows else None
-            self.sharded.write(index, scored, self.columns(scored), rejected)
-            tokens = (pc.sum(scored[self.tokens_column]).as_py() or 0) if scored is not None else 0
-            summaries.append({"shard_index": index, "rows": expected, "tokens": tokens, "seconds": engine_seconds})
-        return pa.Table.from_pylist(summaries)
+        return pa.Table.from_pylist(summaries, SUMMARY_SCHEMA)
+
+    def _write(self, index: int, shard: pa.Table) -> dict[str, Any]:
+        kept, rejected = split_rejected(shard)
+        kept = kept.drop_columns([c for c in PASS_COLUMNS if c in kept.column_names])
+        scored = self.finish(kept) if kept.num_rows else None
+        self.sharded.write(index, scored, self.columns(scored), rejected)
+        tokens = (pc.sum(scored[self.tokens_column]).as_py() or 0) if scored is not None else 0
+        return {"shard_index": index, "rows": shard.num_rows, "tokens": tokens, "seconds": self.seconds.pop(index)}

@@ -11,6 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from srd_ray.distill.batches import MicroBatch
+from srd_ray.distill.losses import LossSettings, StageWeights
+from srd_ray.distill.parallel import Precision
+from srd_ray.distill.step import StepSettings, train_step
+from srd_ray.distill.strategy import DataParallel
 from srd_ray.distill.student_generation import (
     InWorkerSampler,
     PackedWeights,
@@ -20,6 +25,7 @@ from srd_ray.distill.student_generation import (
     StudentGeneration,
     generated_example,
     prompt_ids,
+    sample_seeds,
     sampling_settings,
     step_uniform,
 )
@@ -28,6 +34,11 @@ from srd_ray.errors import DataError, SpecError
 from srd_ray.models import IGNORE_INDEX, encode_example, load_tokenizer
 from srd_ray.spec import DataSpec, DistillSpec, ModelSpec, StudentGenerationSpec
 from tests.test_trainer import DATA, Killed, KilledAfterCheckpoint, make_job, step_losses
+
+
+def one_worker() -> DataParallel:
+    return DataParallel(torch.device("cpu"), rank=0, world=1, precision=Precision("fp32"))
+
 
 STEPS = 20_000
 
@@ -172,7 +183,7 @@ def test_in_worker_sampler_samples_exactly_what_generate_samples(tiny_models):
     spec = ModelSpec(path=tiny_models["student"])
     tokenizer, student = load_tokenizer(spec), load_model(spec).train()
     settings = sampling_settings(StudentGenerationSpec(mode="on"), DataSpec(train={"path": "x"}, **DATA))
-    sampler = InWorkerSampler(settings, tokenizer, rank=0, world=1, sharded=False)
+    sampler = InWorkerSampler(settings, tokenizer, rank=0, world=1, strategy=one_worker())
     sampler.sync(DistillationModel(student, None, len(tokenizer)))
     prompts = [tokenizer("Where is the blue tower?")["input_ids"], tokenizer("Name a colour.")["input_ids"]]
     torch.manual_seed(123)
@@ -180,7 +191,14 @@ def test_in_worker_sampler_samples_exactly_what_generate_samples(tiny_models):
     sampled = sampler.sample(prompts, seed=42)
     assert torch.equal(torch.get_rng_state(), state)  # the training RNG stream is untouched
     assert student.training  # back in training mode
-    assert sampled == generate_tokens(student.eval(), prompts, settings, 42, tokenizer)
+    seeds = sample_seeds(42, 2)
+    assert sampled == generate_tokens(student.eval(), prompts, settings, 0, tokenizer, row_seeds=seeds)
+    # Each row's sample depends on its own seed only: alone, or in a batch with others, it is the same.
+    alone = [
+        generate_tokens(student, [p], settings, 0, tokenizer, row_seeds=[s])[0]
+        for p, s in zip(prompts, seeds, strict=True)
+    ]
+    assert sampled == alone
     assert all(0 < len(ids) <= DATA["max_response_tokens"] for ids in sampled)
     assert all(tokenizer.eos_token_id not in ids[:-1] for ids in sampled)  # ends at the first EOS
 
@@ -195,10 +213,24 @@ def _sample_sharded(rank: int, port: int, tiny_models: dict, out: str) -> None:
     trainer = Trainer(make_job(Path(out), tiny_models, strategy="fsdp", num_workers=2),
                       LocalHost({}, Path(out) / "ck", torch.device("cpu")))  # fmt: skip
     settings = sampling_settings(StudentGenerationSpec(mode="on"), DataSpec(train={"path": "x"}, **DATA))
-    sampler = InWorkerSampler(settings, trainer.tokenizer, rank=rank, world=2, sharded=True)
-    sampler.sync(trainer._build_model(None))
+    sampler = InWorkerSampler(settings, trainer.tokenizer, rank=rank, world=2, strategy=trainer.strategy)
+    # A fresh build: sampling is the first forward, as after any resume (review F2).
+    model = trainer.build_model(None)
+    sampler.sync(model)
     prompts = [trainer.tokenizer(text)["input_ids"] for text in SHARDED_PROMPTS]
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps(sampler.sample(prompts, seed=42)))
+    samples = sampler.sample(prompts, seed=42)
+    # Then a training step on the samples: FSDP's root must have been initialised by a root forward.
+    rows = [generated_example(p, s) for p, s in zip(prompts, samples, strict=True)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    settings = StepSettings(StageWeights(0.5, 1.0), LossSettings("fkl"), 16, 1.0, 2)
+    result = train_step(
+        model, [MicroBatch.of(rows[rank::2], trainer.tokenizer.pad_token_id)], sum(r.scored_tokens for r in rows),
+        optimizer=optimizer, scheduler=torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0),
+        scaler=trainer.precision.grad_scaler(trainer.device), settings=settings, precision=trainer.precision,
+        device=trainer.device,
+    )  # fmt: skip
+    record = {"samples": samples, "grad_norm": float(result.grad_norm)}
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
 
 
@@ -207,9 +239,11 @@ SHARDED_PROMPTS = ["Where is the blue tower?", "Name a colour.", "Count to three
 
 @pytest.mark.slow
 def test_fsdp_workers_sample_their_shares_in_step_and_share_them(tmp_path, tiny_models):
-    """Two FSDP workers (gloo) each sample their share of 3 prompts with the sharded student (synced_gpus:
-    a worker that is done keeps stepping while the other samples), then all-gather: both get exactly what
-    the unsharded student samples for each share with that worker's seed."""
+    """Two FSDP workers (gloo) each sample their share of 3 prompts with the freshly built sharded student
+    (synced_gpus: a worker that is done keeps stepping while the other samples), then all-gather: both get
+    exactly what one unsharded student samples for all 3 prompts (each row has its own seed, so the samples
+    do not depend on the number of workers: review C6), and then train a step on them (review F2: the
+    first forward was generate's, through the root), agreeing on the global gradient norm."""
     import torch.multiprocessing as mp
 
     from srd_ray.engines import generate_tokens
@@ -221,10 +255,11 @@ def test_fsdp_workers_sample_their_shares_in_step_and_share_them(tmp_path, tiny_
     tokenizer, student = load_tokenizer(spec), load_model(spec).eval()
     settings = sampling_settings(StudentGenerationSpec(mode="on"), DataSpec(train={"path": "x"}, **DATA))
     prompts = [tokenizer(text)["input_ids"] for text in SHARDED_PROMPTS]
-    expected = generate_tokens(student, prompts[:2], settings, 42, tokenizer)  # worker 0's share, seed + 0
-    expected += generate_tokens(student, prompts[2:], settings, 43, tokenizer)  # worker 1's share, seed + 1
-    for rank in (0, 1):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected, rank
+    expected = generate_tokens(student, prompts, settings, 0, tokenizer, row_seeds=sample_seeds(42, len(prompts)))
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for record in records:
+        assert record["samples"] == expected
+    assert records[0]["grad_norm"] == pytest.approx(records[1]["grad_norm"]) and records[0]["grad_norm"] > 0
 
 
 # --------------------------------------------------------------------------------------------------------

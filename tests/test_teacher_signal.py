@@ -23,7 +23,7 @@ from srd_ray.distill.losses import (
     SparseTeacher,
     tempered_tail,
 )
-from srd_ray.distill.parallel import unwrap
+from srd_ray.distill.strategy import unwrap
 from srd_ray.distill.worker import SIGNAL_DATASET, LocalHost, StagePlan, Trainer
 from srd_ray.engines import TransformersEngine, topk_of
 from srd_ray.errors import DataError, RunDirError
@@ -259,3 +259,32 @@ distill:
     assert main(["report", str(run_dir)]) == 0
     report = (Path(run_dir) / "report" / "report.html").read_text()
     assert "top-k</td><td>8</td>" in report and f"T 2: {100 * signal['tail_mass']['2']:.1f}%" in report
+
+
+def test_the_teacher_pass_writes_whole_shards_when_ray_data_splits_them(tmp_path, ray_session, tiny_models, rows):
+    """Review F1: Ray Data splits a map output larger than its block-size limit into several blocks (at k
+    1024 a 512-row shard is 190-300 MB against 128 MiB). The writer collects a shard's pieces and writes it
+    whole; here the limit is shrunk so that every 16-row shard of the tiny teacher's k 64 signal splits."""
+    from srd_ray.spec import JobSpec
+    from srd_ray.teacher_signal import read_signal, run_teacher_signal
+
+    spec = JobSpec.model_validate({
+        "run": {"name": "f1", "output_dir": str(tmp_path)},
+        "models": {"teacher": {"path": tiny_models["teacher"]}, "student": {"path": tiny_models["student"]}},
+        "data": {"train": {"path": "unused"}, "max_response_tokens": 32},
+        "teacher_signal": {"k": 64, "shard_rows": 16, "engine": "transformers"},
+    })  # fmt: skip
+    context = ray_session.data.DataContext.get_current()
+    limit = context.target_max_block_size
+    context.target_max_block_size = 16 * 1024
+    try:
+        summary = run_teacher_signal(
+            spec, rows, tmp_path / "signal", teacher=spec.models.teacher, engine="transformers"
+        )
+    finally:
+        context.target_max_block_size = limit
+    assert summary["shards"] == 2 and summary["rows"] == rows.num_rows
+    bytes_per_shard = summary["raw_bytes_per_token"] * summary["response_tokens"] / 2
+    assert bytes_per_shard > 4 * 16 * 1024, "each shard must exceed the block limit several times"
+    signal = read_signal(tmp_path / "signal", ["example_id", "num_tokens"])
+    assert sorted(signal["example_id"].to_pylist()) == sorted(rows["example_id"].to_pylist())

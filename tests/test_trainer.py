@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from srd_ray.data import load_source
 from srd_ray.distill.losses import LossSettings
-from srd_ray.distill.parallel import full_state_dict, precision_problem, resolve_precision, unwrap
+from srd_ray.distill.parallel import precision_problem, resolve_precision
 from srd_ray.distill.state import MERGED_DIR, MODEL_DIR
+from srd_ray.distill.strategy import full_state_dict, unwrap
 from srd_ray.distill.worker import LocalHost, StagePlan, Trainer, TrainingJob
 from srd_ray.models import load_model
 from srd_ray.spec import (
@@ -170,10 +171,10 @@ def _shard_and_compare(rank: int, port: int, tiny_models: dict, out: str) -> Non
     dist.init_process_group("gloo", rank=rank, world_size=2)
     job = make_job(Path(out), tiny_models, strategy="fsdp", num_workers=2)
     trainer = Trainer(job, LocalHost({}, Path(out) / "ck", torch.device("cpu")))
-    model = trainer._build_model(None)
+    model = trainer.build_model(None)
     results = {}
     for role in ("student", "teacher"):
-        module = getattr(model, role)
+        module = model.student if role == "student" else model.teacher.lm
         expected = load_model(ModelSpec(path=tiny_models[role]))
         sharded = full_state_dict(module)
         local = {n: p.to_local().numel() for n, p in module.named_parameters()}

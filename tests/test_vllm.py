@@ -77,7 +77,7 @@ def test_after_a_weight_sync_vllm_scores_a_sequence_as_the_trainer_does(tiny_mod
     the trainer's log-probabilities (fp32 on CPU, within 1e-4 relative); sampled ids end at EOS."""
     import torch
 
-    from srd_ray.distill.parallel import full_state_dict
+    from srd_ray.distill.strategy import full_state_dict
     from srd_ray.models import load_model
 
     student = load_model(ModelSpec(path=tiny_models["student"]))

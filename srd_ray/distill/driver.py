@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from srd_ray import storage
+from srd_ray.devices import gpu_path_on_cpu, process_group_backend
 from srd_ray.distill.batches import BatchLayout, stage_steps
 from srd_ray.distill.parallel import check_gpu_precision
 from srd_ray.distill.state import MERGED_DIR, MODEL_DIR
@@ -43,16 +44,17 @@ def run_training(
     """Train with Ray Train and save the final model to ``model_dir`` (default ``stage_dir/model``).
     ``rows`` (per dataset) lets the progress display know the total number of steps."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     stage_dir = Location.of(stage_dir)
     training = job.training
-    if training.use_gpu and training.precision != "auto":
+    if training.use_gpu and training.precision != "auto" and not gpu_path_on_cpu():
         check_gpu_precision(job.name, training.precision)
     resources = {"CPU": training.num_cpus_per_worker, **({"GPU": 1} if training.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
+        torch_config=TorchConfig(backend=process_group_backend(training.use_gpu)),
         scaling_config=ScalingConfig(
             num_workers=training.num_workers, use_gpu=training.use_gpu, resources_per_worker=resources
         ),

@@ -1,21 +1,14 @@
-"""How the student and teacher are spread over workers, and in which precision they compute.
-
-- ``ddp``: every worker holds a full student and teacher; gradients are averaged (gloo on CPU, NCCL on GPU).
-- ``fsdp``: PyTorch FSDP2 (``fully_shard``) shards each decoder layer of the student *and* of the frozen
-  teacher across workers, so a pair that does not fit one GPU still trains. Both models are built on the
-  meta device, sharded, and only then given weights: each worker reads the weights on the CPU (safetensors,
-  memory-mapped) and copies in its own shard, so no GPU ever holds a whole model.
+"""In which precision training computes, and the collectives workers share (the strategies that spread the
+models over workers, DDP and FSDP2, are in ``strategy``).
 
 Mixed precision keeps fp32 master weights and optimizer state and computes under autocast; FSDP2 also gets
 a ``MixedPrecisionPolicy`` (parameters gathered in bf16/fp16, gradients reduced in fp32). fp16 adds a
-gradient scaler. Saving goes through full (unsharded) state dicts, so a checkpoint is a plain
-``save_pretrained`` folder whichever strategy wrote it.
+gradient scaler.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -71,13 +64,15 @@ def check_gpu_precision(section: str, choice: str) -> None:
     before the job starts instead of in every worker."""
     import ray
 
-    @ray.remote(num_gpus=1, num_cpus=0)
-    def probe() -> tuple[str, bool]:
-        return torch.cuda.get_device_name(), torch.cuda.is_bf16_supported()
-
-    problem = precision_problem(choice, *ray.get(probe.remote()))
+    problem = precision_problem(choice, *ray.get(ray.remote(num_gpus=1, num_cpus=0)(gpu_facts).remote()))
     if problem:
         raise SpecError(f"{section}.precision: {problem}")
+
+
+def gpu_facts() -> tuple[str, bool]:
+    """This GPU's name and whether it computes bf16 natively. Emulated bf16 (V100, T4) does not count: it
+    runs, slowly, and ``auto`` would not pick it either (review F13)."""
+    return torch.cuda.get_device_name(), torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def setup_device_math(device: torch.device) -> None:
@@ -88,56 +83,7 @@ def setup_device_math(device: torch.device) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Wrapping
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """Each architecture's decoder-layer modules (transformers lists their classes in _no_split_modules)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layer_classes = set(getattr(lm, "_no_split_modules", None) or [])
-    return [module for module in lm.modules() if type(module).__name__ in layer_classes]
-
-
-def shard(pair: nn.Module, models: list[nn.Module], precision: Precision) -> None:
-    """FSDP2: each decoder layer of each model its own unit, the rest (embeddings, final norms, heads) in
-    the root unit, which stays gathered from the forward through the backward of a step."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy()
-    if precision.dtype is not None:
-        policy = MixedPrecisionPolicy(param_dtype=precision.dtype, reduce_dtype=torch.float32)
-    for model in models:
-        for layer in decoder_layers(model):
-            fully_shard(layer, mp_policy=policy)
-    fully_shard(pair, mp_policy=policy)
-
-
-def data_parallel(pair: nn.Module, frozen_prefix: str, device: torch.device) -> nn.Module:
-    """DDP over the trainable parameters; the frozen teacher under ``frozen_prefix`` is neither broadcast
-    at start nor reduced."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    frozen = [name for name, _ in itertools.chain(pair.named_parameters(), pair.named_buffers())
-              if name.startswith(frozen_prefix)]  # fmt: skip
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(pair, frozen)
-    return DistributedDataParallel(pair, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-@torch.no_grad()
-def load_into_shards(target: nn.Module, reference: nn.Module) -> None:
-    """Copy ``reference``'s weights and buffers (a CPU model of the same structure) into ``target``, a
-    sharded model on its device: each worker keeps only its shard of each tensor."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    source = dict(itertools.chain(reference.named_parameters(), reference.named_buffers()))
-    for name, tensor in itertools.chain(target.named_parameters(), target.named_buffers()):
-        full = source[name].detach().to(tensor.device, tensor.dtype)
-        if isinstance(tensor, DTensor):
-            # src_data_rank=None: every worker has the full tensor already; slice locally, no traffic.
-            local = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None)
-            tensor.to_local().copy_(local.to_local())
-        else:
-            tensor.copy_(full)
+# Gradient sync and collectives
 
 
 @contextlib.contextmanager
@@ -156,44 +102,6 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
             yield
     else:
         yield
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (FSDP2 modules are their own)."""
-    return model.module if hasattr(model, "module") else model
-
-
-# --------------------------------------------------------------------------------------------------------
-# Full (unsharded) state for checkpoints
-
-
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded weights on the CPU, gathered one tensor at a time (collective: every worker calls it)."""
-    from torch.distributed.tensor import DTensor
-
-    state = {}
-    for name, tensor in module.state_dict().items():
-        if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()
-        state[name] = tensor.detach().cpu()
-    return state
-
-
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict[str, Any]:
-    if not sharded:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, sharded: bool) -> None:
-    if not sharded:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

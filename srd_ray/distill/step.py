@@ -2,14 +2,17 @@
 same code runs in a Ray Train worker, a test, or a GPU check with NCCL.
 
 ``DistillationModel`` puts the trained student and the frozen teacher behind one ``forward`` that returns
-the loss. DDP and FSDP2 wrap this module, so every weight the loss reads (the student's and teacher's
-heads included) is gathered and reduced by them, and the models' own output heads never run: the loss
-reads the final hidden states at response positions and applies the heads chunk by chunk.
+the loss. DDP and FSDP2 wrap this module (see ``strategy``), so every student weight the loss reads (its
+head included) is gathered and reduced by them, and the models' own output heads never run: the loss reads
+the final hidden states at response positions and applies the heads chunk by chunk. The teacher
+(``FrozenTeacher``) is held outside the pair's module tree: no wrapper reduces it, and under FSDP it is a
+root of its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +20,7 @@ from torch import nn
 from srd_ray.distill.batches import MicroBatch
 from srd_ray.distill.losses import (
     DenseTeacher,
+    Head,
     LossSettings,
     LossSums,
     ScoredPositions,
@@ -30,12 +34,40 @@ from srd_ray.distill.parallel import Precision, gradient_sync
 from srd_ray.models import final_hidden_states, output_head
 
 
+class FrozenTeacher(nn.Module):
+    """The frozen teacher behind one forward: its final hidden states (the loss applies its head, chunk by
+    chunk, from ``head``). Under FSDP this module is the teacher's root unit."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm.eval().requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return final_hidden_states(self.lm, input_ids, attention_mask)
+
+    def head(self, vocab_size: int) -> Head:
+        return output_head(self.lm, vocab_size)
+
+    def release(self) -> None:
+        """Free the gathered root (embeddings, norm, head) once a micro-batch's loss is computed; a no-op
+        unless sharded. (An FSDP root is not resharded after its forward on its own.)"""
+        if hasattr(self, "reshard"):
+            self.reshard()
+
+
 class DistillationModel(nn.Module):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, vocab_size: int) -> None:
         super().__init__()
         self.student = student
-        self.teacher = teacher
+        if teacher is not None and not isinstance(teacher, FrozenTeacher):
+            teacher = FrozenTeacher(teacher)
+        # Not a submodule: DDP must not reduce it, and FSDP shards it as a root of its own.
+        object.__setattr__(self, "teacher", teacher)
         self.vocab_size = vocab_size
+
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        """The student's ``generate`` (under FSDP a registered forward method of this, the student's root)."""
+        return self.student.generate(**kwargs)
 
     def forward(
         self,
@@ -63,6 +95,8 @@ class DistillationModel(nn.Module):
             stage=stage, settings=settings, num_items_in_batch=num_items_in_batch,
             gradient_scale=gradient_scale, chunk_tokens=chunk_tokens,
         )  # fmt: skip
+        if isinstance(teacher, DenseTeacher):  # the fused loss is done with the teacher's logits
+            self.teacher.release()
         return sums.loss, sums.ce_sum, sums.kd_sum
 
     def _teacher(
@@ -78,8 +112,8 @@ class DistillationModel(nn.Module):
         if self.teacher is None:
             return None
         with torch.no_grad():
-            hidden = final_hidden_states(self.teacher, input_ids, attention_mask)
-            return DenseTeacher(output_head(self.teacher, self.vocab_size), gather_scored(hidden, positions))
+            hidden = self.teacher(input_ids, attention_mask)
+            return DenseTeacher(self.teacher.head(self.vocab_size), gather_scored(hidden, positions))
 
 
 @dataclass(frozen=True)
@@ -142,13 +176,31 @@ def train_step(
         ce_sum += sums.ce_sum
         kd_sum += sums.kd_sum
     scaler.unscale_(optimizer)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
+    grad_norm = clip_grad_norm(model, settings.max_grad_norm)
+    if optimizer_stepped(scaler, optimizer):
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(ce_sum, kd_sum, grad_norm)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the trainable gradients; returns their global norm as a device tensor. Under FSDP the norm is a
+    Partial DTensor whose local value is one worker's share: ``full_tensor`` reduces it (review F16)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def optimizer_stepped(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Step the optimizer through the scaler; False when fp16's scaler skipped the step (inf/NaN gradients),
+    so the LR schedule does not advance on it either (review C7). Reads the scale back in fp16 only."""
+    if not scaler.is_enabled():
+        optimizer.step()
+        return True
+    before = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= before  # the scale shrinks exactly when the step was skipped
 
 
 @torch.no_grad()

@@ -9,13 +9,18 @@ resumed run takes the branches the uninterrupted one would have.
 Samples come from a ``Sampler``:
 
 - ``ActorSampler`` (engine vllm): a pool of Ray actors, each holding an inference engine (the same
-  :mod:`srd_ray.engines` that reflection and evaluation use) with a copy of the student. Every
-  ``sync_every_steps`` optimizer steps the trained weights are gathered (FSDP shards included), put into
-  the object store once as NumPy arrays (``PackedWeights``: every actor maps them without a copy), and
-  loaded by every actor through the engine's own weight loader. Worker 0 sends
-  a step's prompts in one call per actor and shares the samples with the other workers.
+  :mod:`srd_ray.engines` that reflection and evaluation use) with a copy of the student (in half precision
+  on GPUs, one GPU each: ``tensor_parallel_size`` 1). Every ``sync_every_steps`` optimizer steps the
+  trained weights are gathered to worker 0 (FSDP shards included), cast to the actors' dtype, put into the
+  object store once as NumPy arrays (``PackedWeights``: every actor maps them without a copy), and loaded
+  by every actor through the engine's own weight loader. Worker 0 sends a step's prompts in one call per
+  actor and shares the samples with the other workers.
 - ``InWorkerSampler`` (engine transformers): each worker samples its share of the step's prompts with
-  ``generate`` on the model it trains (the SRD release's way); the workers then exchange their samples.
+  ``generate`` on the model it trains (the SRD release's way), through the strategy's generation context
+  (under FSDP a forward through the student's root); the workers then exchange their samples.
+
+Both draw each row with its own seed (from the step's seed and the row's place in the step), so a step's
+samples do not depend on how many workers share it.
 
 A generated row is the prompt's training tokens followed by the sampled tokens, which are also its labels:
 the CE and the KD terms are both computed on the student's own samples.
@@ -33,8 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from srd_ray.distill.parallel import broadcast_object, full_state_dict, gather_objects, unwrap
-from srd_ray.models import IGNORE_INDEX, TrainingExample
+from srd_ray.devices import uses_cuda
+from srd_ray.distill.parallel import broadcast_object, gather_objects
+from srd_ray.models import DTYPES, IGNORE_INDEX, TrainingExample
 from srd_ray.spec import DataSpec, GenerationSpec, ModelSpec, StudentGenerationSpec, VllmSpec
 
 
@@ -194,9 +200,9 @@ class GenerationTimes:
 class InWorkerSampler:
     """Each worker samples its contiguous share of the prompts with the model it trains."""
 
-    def __init__(self, settings: GenerationSpec, tokenizer: Any, rank: int, world: int, sharded: bool) -> None:
+    def __init__(self, settings: GenerationSpec, tokenizer: Any, rank: int, world: int, strategy: Any) -> None:
         self.settings, self.tokenizer = settings, tokenizer
-        self.rank, self.world, self.sharded = rank, world, sharded
+        self.rank, self.world, self.strategy = rank, world, strategy
         self.model: nn.Module | None = None
 
     def sync(self, model: nn.Module) -> None:
@@ -205,24 +211,13 @@ class InWorkerSampler:
     def sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
         from srd_ray.engines import generate_tokens
 
+        seeds = sample_seeds(seed, len(prompts))
         share = np.array_split(np.arange(len(prompts)), self.world)[self.rank].tolist()
-        pair = unwrap(self.model)
-        student = pair.student
-        was_training = student.training
-        student.eval()
-        if self.sharded:
-            # generate() calls the student, not the FSDP root: gather the root unit (embeddings, norms,
-            # heads) by hand; each decoder layer gathers itself in its forward (every worker steps
-            # together: synced_gpus).
-            pair.unshard()
-        with torch.no_grad():
+        with self.strategy.generation(self.model) as generator, torch.no_grad():
             mine = generate_tokens(
-                student, [prompts[i] for i in share], self.settings, seed + self.rank, self.tokenizer,
-                synced_gpus=self.sharded,
+                generator, [prompts[i] for i in share], self.settings, seed, self.tokenizer,
+                synced_gpus=self.strategy.synced_gpus, row_seeds=[seeds[i] for i in share],
             ) if share else []  # fmt: skip
-        if self.sharded:
-            pair.reshard()
-        student.train(was_training)
         return [ids for part in gather_objects(mine) for ids in part]
 
     def close(self) -> None:
@@ -240,7 +235,10 @@ class PackedWeights:
     dtypes: dict[str, torch.dtype]
 
     @classmethod
-    def of(cls, weights: dict[str, torch.Tensor]) -> PackedWeights:
+    def of(cls, weights: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> PackedWeights:
+        """``weights``, floating-point ones cast to ``dtype`` first (the receiving engine's)."""
+        if dtype is not None:
+            weights = {name: t.to(dtype) if t.is_floating_point() else t for name, t in weights.items()}
         as_bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
         arrays = {
             name: tensor.contiguous().view(as_bits.get(tensor.dtype, tensor.dtype)).numpy()
@@ -255,6 +253,14 @@ class PackedWeights:
             return {name: torch.from_numpy(array).view(self.dtypes[name]) for name, array in self.arrays.items()}
 
 
+def generation_dtype(num_gpus: float, trained: str) -> str:
+    """The dtype generation actors sample in: half precision on GPUs (bf16 where the GPU computes it
+    natively), the student's own dtype on CPUs."""
+    if not uses_cuda(num_gpus):
+        return trained
+    return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+
+
 class GenerationActor:
     """A Ray actor holding one inference engine loaded with the student."""
 
@@ -262,9 +268,16 @@ class GenerationActor:
                  vllm: VllmSpec) -> None:  # fmt: skip
         from srd_ray.engines import build_engine
 
+        self.dtype = generation_dtype(settings.num_gpus_per_actor, model.dtype)
+        # One GPU per actor: vLLM's weight reload takes an iterator, which cannot reach other processes.
         self.engine = build_engine(
-            engine, model, data, settings, max_new_tokens=data.max_response_tokens, vllm=vllm, max_logprobs=0
-        )
+            engine, model.model_copy(update={"dtype": self.dtype}), data, settings,
+            max_new_tokens=data.max_response_tokens, vllm=vllm.model_copy(update={"tensor_parallel_size": 1}),
+            max_logprobs=0,
+        )  # fmt: skip
+
+    def weights_dtype(self) -> str:
+        return self.dtype
 
     def load_weights(self, weights: PackedWeights) -> float:
         """Load ``weights``; returns the engine's own loading time (the rest of the call is transport)."""
@@ -284,9 +297,9 @@ class ActorSampler:
 
     def __init__(
         self, engine: str, student: ModelSpec, data: DataSpec, settings: StudentGenerationSpec, vllm: VllmSpec,
-        rank: int,
+        rank: int, strategy: Any,
     ) -> None:  # fmt: skip
-        self.rank, self.actors = rank, []
+        self.rank, self.actors, self.strategy, self.dtype = rank, [], strategy, None
         self.sampling = sampling_settings(settings, data)
         if rank == 0:
             import ray
@@ -300,11 +313,14 @@ class ActorSampler:
             self.actors = [remote.remote(engine, student, data, settings, vllm) for _ in range(settings.concurrency)]
 
     def sync(self, model: nn.Module) -> None:
-        weights = full_state_dict(unwrap(model).student)  # collective under FSDP
+        weights = self.strategy.student_state_dict(model)  # collective under FSDP; rank 0 gets them
         if self.rank == 0:
             import ray
 
-            reference = ray.put(PackedWeights.of(weights))  # one copy in the object store, read by every actor
+            if self.dtype is None:
+                self.dtype = ray.get(self.actors[0].weights_dtype.remote())
+            packed = PackedWeights.of(weights, DTYPES[self.dtype])
+            reference = ray.put(packed)  # one copy in the object store, read by every actor
             ray.get([actor.load_weights.remote(reference) for actor in self.actors])
         broadcast_object(None)  # the others wait until the actors hold the new weights
 
@@ -334,12 +350,12 @@ class ActorSampler:
 
 def build_sampler(
     settings: StudentGenerationSpec, engine: str, student: ModelSpec, data: DataSpec, vllm: VllmSpec, *,
-    tokenizer: Any, rank: int, world: int, sharded: bool,
+    tokenizer: Any, rank: int, world: int, strategy: Any,
 ) -> Sampler:  # fmt: skip
     """``engine`` is resolved (see :func:`srd_ray.engines.resolve_engine`)."""
     if engine == "transformers":
-        return InWorkerSampler(sampling_settings(settings, data), tokenizer, rank, world, sharded)
-    return ActorSampler(engine, student, data, settings, vllm, rank)
+        return InWorkerSampler(sampling_settings(settings, data), tokenizer, rank, world, strategy)
+    return ActorSampler(engine, student, data, settings, vllm, rank, strategy)
 
 
 @dataclass

@@ -27,24 +27,15 @@ import torch
 from torch import nn
 
 from srd_ray import storage
+from srd_ray.devices import uses_cuda
 from srd_ray.distill.batches import BatchLayout, MicroBatch, StepPlan, deal_step, epoch_seed, plan_epoch, stage_steps
 from srd_ray.distill.losses import LossSettings, StageWeights
 from srd_ray.distill.metric_sinks import MetricSinks
-from srd_ray.distill.parallel import (
-    all_reduce_sum,
-    data_parallel,
-    full_optimizer_state,
-    full_state_dict,
-    gather_objects,
-    load_into_shards,
-    load_optimizer_state,
-    resolve_precision,
-    setup_device_math,
-    shard,
-    unwrap,
-)
+from srd_ray.distill.model_factory import ModelFactory
+from srd_ray.distill.parallel import all_reduce_sum, gather_objects, resolve_precision, setup_device_math
 from srd_ray.distill.state import MERGED_DIR, MODEL_DIR, TrainState, capture_rng, restore_rng
-from srd_ray.distill.step import DistillationModel, StepResult, StepSettings, heldout_kd, train_step
+from srd_ray.distill.step import StepResult, StepSettings, heldout_kd, train_step
+from srd_ray.distill.strategy import strategy_for
 from srd_ray.distill.student_generation import (
     ReplayBuffer,
     Source,
@@ -54,18 +45,8 @@ from srd_ray.distill.student_generation import (
     prompt_ids,
 )
 from srd_ray.engines import TopK
-from srd_ray.errors import DataError, ModelError
-from srd_ray.models import (
-    TrainingExample,
-    add_lora,
-    build_on_meta,
-    causal_lm,
-    check_same_tokenizer,
-    encode_example,
-    load_adapter,
-    load_model,
-    load_tokenizer,
-)
+from srd_ray.errors import DataError
+from srd_ray.models import TrainingExample, encode_example, load_adapter, load_model, load_tokenizer
 from srd_ray.spec import DataSpec, ModelSpec, StageSpec, StudentGenerationSpec, TrainingSpec, VllmSpec
 from srd_ray.storage import Location
 from srd_ray.teacher_signal import signals_by_id, tail_temperatures
@@ -188,7 +169,7 @@ class Trainer:
         self.job, self.host, self.training = job, host, job.training
         self.device = host.device
         self.precision = resolve_precision(self.training.precision, self.device)
-        self.sharded = self.training.strategy == "fsdp" and host.world > 1
+        self.strategy = strategy_for(self.training.strategy, self.device, host.rank, host.world, self.precision)
         self.layout = BatchLayout(
             self.training.batch_size, self.training.gradient_accumulation_steps, host.world,
             self.training.group_by_length,
@@ -211,9 +192,10 @@ class Trainer:
             self.sinks = MetricSinks(metrics, stage_dir, self.job.name, self.job.run_name)
         with self.host.checkpoint() as folder:
             self.state = TrainState.load(folder) if folder else TrainState()
-            self.model = self._build_model(folder)
+            self.model = self.build_model(folder)
         if self.state.rng:
-            restore_rng(self.state.rng[min(self.host.rank, len(self.state.rng) - 1)], self.device)
+            self._check_same_workers()
+            restore_rng(self.state.rng[self.host.rank], self.device)
             at = {"stage": self.state.stage, "stage_step": self.state.stage_step, "global_step": self.state.global_step}
             self._append_metrics({"event": "resumed", **at})
         else:
@@ -242,67 +224,26 @@ class Trainer:
             )
         sampler = build_sampler(
             settings, job.generation_engine, job.student, job.data, job.vllm, tokenizer=self.tokenizer,
-            rank=self.host.rank, world=self.host.world, sharded=self.sharded,
+            rank=self.host.rank, world=self.host.world, strategy=self.strategy,
         )  # fmt: skip
         buffer = ReplayBuffer.from_state(self.state.replay, settings.replay_capacity)
         policy = StepSourcePolicy(settings, self.job.seed)
         return StudentGeneration(policy, buffer, sampler, settings.sync_every_steps, total_steps)
 
-    def _build_model(self, checkpoint: Path | None) -> nn.Module:
-        """Student (from the spec or the checkpoint) and frozen teacher, wrapped for data parallelism."""
-        teacher_spec = self._teacher_spec()
-        if teacher_spec is not None:
-            check_same_tokenizer(load_tokenizer(teacher_spec), self.tokenizer)
-        vocab = len(self.tokenizer)
-        if not self.sharded:
-            student = self._load_student(self.device, checkpoint)
-            teacher = load_model(teacher_spec, self.device).eval().requires_grad_(False) if teacher_spec else None
-            pair = self._pair(student, teacher, vocab)
-            return data_parallel(pair, "teacher.", self.device) if self.host.world > 1 else pair
-        # FSDP: structure on the meta device, sharded, then each worker copies in its shards.
-        student = build_on_meta(self.job.student)
-        lora = getattr(self.job.student, "lora", None)
-        student = add_lora(student, lora) if lora else student
-        teacher = build_on_meta(teacher_spec).eval().requires_grad_(False) if teacher_spec else None
-        pair = self._pair(student, teacher, vocab)
-        shard(pair, [m for m in (student, teacher) if m is not None], self.precision)
-        pair.to_empty(device=self.device)
-        load_into_shards(pair.student, self._load_student("cpu", checkpoint))
-        if teacher_spec is not None:
-            load_into_shards(pair.teacher, load_model(teacher_spec, "cpu"))
-        return pair
+    def build_model(self, checkpoint: Path | None) -> nn.Module:
+        """Student (from the spec or the checkpoint) and frozen teacher, spread over workers by the strategy."""
+        factory = ModelFactory(self.job, self.tokenizer, self.device, checkpoint, self.host.rank)
+        return self.strategy.build(factory)
 
-    def _pair(self, student: nn.Module, teacher: nn.Module | None, vocab: int) -> DistillationModel:
-        heads = {"student": causal_lm(student).config.vocab_size}
-        if teacher is not None:
-            heads["teacher"] = causal_lm(teacher).config.vocab_size
-        if min(heads.values()) < vocab:
-            raise ModelError(f"the tokenizer has {vocab} tokens but a model head has fewer: {heads}")
-        if self.host.rank == 0 and max(heads.values()) > vocab:
-            log.info("logits cut to the tokenizer's %d tokens (padded heads: %s)", vocab, heads)
-        if self.training.activation_checkpointing:
-            causal_lm(student).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return DistillationModel(student, teacher, vocab)
-
-    def _load_student(self, device: torch.device | str, checkpoint: Path | None) -> nn.Module:
-        spec, lora = self.job.student, getattr(self.job.student, "lora", None)
-        if lora is None:
-            source = spec if checkpoint is None else spec.model_copy(update={"path": str(checkpoint / MODEL_DIR)})
-            return load_model(source, device)
-        base = load_model(spec, device)
-        if checkpoint:
-            return load_adapter(base, str(checkpoint / MODEL_DIR))
-        torch.manual_seed(self.job.seed)  # new adapters start equal on every worker, with any world size
-        return add_lora(base, lora)
-
-    def _teacher_spec(self) -> ModelSpec | None:
-        teacher = self.job.teacher
-        if not self.job.uses_teacher_model:
-            return None
-        choice = self.job.teacher_dtype
-        if choice == "auto":
-            choice = "bfloat16" if self.device.type == "cuda" else teacher.dtype
-        return teacher.model_copy(update={"dtype": choice})
+    def _check_same_workers(self) -> None:
+        """A checkpoint resumes only on as many workers as wrote it: the step plan and every worker's RNG
+        stream depend on the count (review C8)."""
+        if len(self.state.rng) != self.host.world:
+            raise DataError(
+                f"{self.job.name}: the checkpoint was written by {len(self.state.rng)} worker(s), this run has "
+                f"{self.host.world} ({self.job.name}.num_workers): resume with the same number, or rerun with "
+                f"--redo {self.job.name}"
+            )
 
     def _encode(self, example_id: str, prompt: str, response: str) -> tuple[TrainingExample, TopK | None]:
         """A row as training sees it, with its stored teacher signal (which must cover its tokens)."""
@@ -367,7 +308,7 @@ class Trainer:
         if scaler:
             self.scaler.load_state_dict(scaler)
         if optimizer is not None and (self.state.stage_step > 0 or not self.job.reset_optimizer_each_stage):
-            load_optimizer_state(self.model, self.optimizer, optimizer, self.sharded)
+            self.strategy.load_optimizer_state(self.model, self.optimizer, optimizer)
             self.scheduler.load_state_dict(scheduler)
 
     # ----------------------------------------------------------------------------------------------------
@@ -501,23 +442,24 @@ class Trainer:
     def _record_heldout(self, after_stage: int) -> None:
         if not self.heldout:
             return
-        value = heldout_kd(
-            self.model, self.heldout, loss=self.job.loss, chunk_tokens=self.training.loss_chunk_tokens,
-            precision=self.precision, device=self.device,
-        )  # fmt: skip
+        with self.strategy.evaluation(self.model):
+            value = heldout_kd(
+                self.model, self.heldout, loss=self.job.loss, chunk_tokens=self.training.loss_chunk_tokens,
+                precision=self.precision, device=self.device,
+            )  # fmt: skip
         # Labelled with the teacher it was measured against: the model (exact) or the stored top-k signal.
         self._append_metrics({"event": "heldout", "after_stage": after_stage, "heldout_kd": value,
                               "teacher_signal": self.job.teacher_signal})  # fmt: skip
 
     def save_checkpoint(self, final: bool = False) -> None:
         """Report a checkpoint that resumes at ``self.state``'s position. Collective: under FSDP gathering
-        full weights and optimizer state takes every worker; only rank 0 writes."""
-        student = unwrap(self.model).student
-        weights = full_state_dict(student)
+        full weights and optimizer state takes every worker; they land on rank 0 only, which writes."""
+        lora = getattr(self.job.student, "lora", None) is not None
+        weights = self.strategy.student_state_dict(self.model, trainable_only=lora)
         state = TrainState(
             stage=self.state.stage, stage_step=self.state.stage_step, global_step=self.state.global_step,
             tokens_seen=self.state.tokens_seen,
-            optimizer=full_optimizer_state(self.model, self.optimizer, self.sharded),
+            optimizer=self.strategy.optimizer_state(self.model, self.optimizer),
             scheduler=self.scheduler.state_dict(),
             grad_scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
             rng=gather_objects(capture_rng(self.device)),
@@ -530,6 +472,7 @@ class Trainer:
             return
         with tempfile.TemporaryDirectory(prefix="srd-checkpoint-") as scratch:
             folder = Path(scratch)
+            student = self.strategy.pair(self.model).student
             student.save_pretrained(folder / MODEL_DIR, state_dict=weights, safe_serialization=True)
             self.tokenizer.save_pretrained(folder / MODEL_DIR)
             state.save(folder)
@@ -567,7 +510,7 @@ class RayTrainHost:
 
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+        self.device = ray.train.torch.get_device() if uses_cuda(1 if use_gpu else 0) else torch.device("cpu")
 
     def table(self, dataset: str) -> pa.Table:
         import ray.train

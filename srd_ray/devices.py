@@ -33,6 +33,7 @@ def uses_cuda(num_gpus: float) -> bool:
     if torch.cuda.is_available():
         return True
     if gpu_path_on_cpu():
+        check_lent(num_gpus)
         return False
     raise InfrastructureError(
         f"this process was lent {num_gpus:g} GPU(s) by Ray, but torch {torch.__version__} sees no CUDA device "
@@ -49,3 +50,12 @@ def device_for(num_gpus: float) -> torch.device:
 def process_group_backend(use_gpu: bool) -> str:
     """The collective backend of training workers: NCCL on GPUs, gloo on CPUs (and under the seam)."""
     return "gloo" if not use_gpu or gpu_path_on_cpu() else "nccl"
+
+
+def check_lent(num_gpus: float) -> None:
+    """Under the seam, the GPUs a process computes as if it had must be ones Ray lent it: a stage whose
+    actors or workers were scheduled without their GPUs fails here, in the tests, instead of on a cluster."""
+    import ray
+
+    if ray.is_initialized() and len(ray.get_gpu_ids()) < max(1, int(num_gpus)):
+        raise RuntimeError(f"asked for {num_gpus:g} GPU(s), but Ray lent this process {ray.get_gpu_ids()}")

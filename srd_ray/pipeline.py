@@ -453,15 +453,16 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str]
         preflight(run)
     attach_run_log(spec.run_dir)  # the inputs passed their checks: from here on, noise goes to logs/
     ensure_ray(spec.ray, verbose=console_is_verbose())
-    for name in redo or []:
-        for downstream in STAGE_NAMES[STAGE_NAMES.index(name) :]:
-            run.run_dir.redo(downstream)
-    for stage in selected:
-        check_inputs(run, stage, done)
-        _run_stage(run, stage)
-        done.add(stage.name)
-        if stage.name == "prepare":
-            preflight(run)
+    with run.run_dir.lease():
+        for name in redo or []:
+            for downstream in STAGE_NAMES[STAGE_NAMES.index(name) :]:
+                run.run_dir.redo(downstream)
+        for stage in selected:
+            check_inputs(run, stage, done)
+            _run_stage(run, stage)
+            done.add(stage.name)
+            if stage.name == "prepare":
+                preflight(run)
     return run.run_dir.manifest
 
 

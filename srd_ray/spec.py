@@ -27,7 +27,7 @@ from pydantic import (
 
 from srd_ray.distill.losses import DEFAULT_LOSS, KD_LOSS_NAMES, TEMPERATURE_SCALINGS, LossSettings
 from srd_ray.errors import SpecError
-from srd_ray.storage import is_uri
+from srd_ray.storage import absolute_path, is_uri
 
 MINILLM_TEMPLATE_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -53,7 +53,7 @@ def resolve_local_path(text: str) -> str:
     if is_uri(text):
         return text
     if text.startswith((".", "/", "~")) or text.count("/") >= 2 or Path(text).expanduser().exists():
-        return str(Path(text).expanduser().resolve())
+        return absolute_path(text)
     return text
 
 
@@ -630,7 +630,7 @@ def _raw_run_dir(raw: dict) -> str:
 
 def normalise_output_dir(value: str) -> str:
     """A local output_dir made absolute (Ray workers run elsewhere); a URI without a trailing slash."""
-    return value.rstrip("/") if is_uri(value) else str(Path(value).expanduser().resolve())
+    return value.rstrip("/") if is_uri(value) else absolute_path(value)
 
 
 def join_run_dir(output_dir: str, name: str) -> str:

@@ -42,6 +42,12 @@ Place = Union["Location", str, os.PathLike]
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
+def absolute_path(text: str) -> str:
+    """``text`` made absolute and normalised, symlinks kept: a mount reached through a link on the driver
+    (``/mnt/fsx -> /fsx``) stays the path every node uses, not the link's target there (review F19)."""
+    return os.path.normpath(os.path.abspath(os.path.expanduser(text)))
+
+
 def is_uri(text: str) -> bool:
     return bool(_URI.match(text))
 
@@ -60,7 +66,7 @@ class Location:
             return place
         text = str(place)
         if not is_uri(text):
-            return cls(pafs.LocalFileSystem(), str(Path(text).expanduser().resolve()))
+            return cls(pafs.LocalFileSystem(), absolute_path(text))
         filesystem, path = pafs.FileSystem.from_uri(text)
         if isinstance(filesystem, pafs.LocalFileSystem):  # file:// URIs are local paths
             return cls(filesystem, path)
@@ -196,14 +202,29 @@ def directory(place: Place) -> Iterator[Path]:
     try:
         yield scratch
         if location.is_local:
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(scratch, path)
+            swap_in(scratch, path)
         else:
             delete(location)
             pafs.copy_files(str(scratch), location.path, pafs.LocalFileSystem(), location.filesystem)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def swap_in(new: Path, path: Path) -> None:
+    """Move the folder ``new`` to ``path``, replacing what is there. The old folder is renamed aside, not
+    deleted, until the new one is in place, and renamed back if that fails: ``path`` is without a folder
+    for the moment between two renames, not for a whole deletion (review C3)."""
+    old = _partial_name(path.with_name(path.name + ".old")) if path.exists() else None
+    if old is not None:
+        os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_partials(place: Place) -> None:
@@ -247,22 +268,30 @@ def file_identity(folder: str | os.PathLike) -> list[str]:
 def cached_folder(kind: str, name: str, identity: list[str], build: Callable[[Path], None]) -> Path:
     """``$SRD_CACHE_DIR/<kind>/<name>-<hash of identity>``, built once per node by ``build(scratch)``.
 
-    The folder appears whole (built under a hidden name, then renamed). When several workers on a node
-    build it at once, the first to finish wins and the others keep using it."""
+    The folder appears whole (built under a hidden name, then renamed). Workers on one node that need it at
+    once (eight GPU workers merging a 7B teacher's adapter, eight downloads of one model) take turns on a
+    lock file beside it: the first builds, the others wait and then use its folder (review F11)."""
+    import fcntl
+
     key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("SRD_CACHE_DIR", "~/.cache/srd-ray")).expanduser() / kind
-    target = cache / f"{name}-{key}"
+    target = cache_dir() / kind / f"{name}-{key}"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = _partial_name(target)
-    scratch.mkdir()
-    try:
-        build(scratch)
-        os.rename(scratch, target)
-    except OSError:
-        if not target.exists():
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with open(target.with_name(f".{target.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if target.exists():
+            return target
+        scratch = _partial_name(target)
+        scratch.mkdir()
+        try:
+            build(scratch)
+            os.rename(scratch, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def cache_dir() -> Path:
+    """This node's cache: ``$SRD_CACHE_DIR``, by default ``~/.cache/srd-ray``."""
+    return Path(os.environ.get("SRD_CACHE_DIR", "~/.cache/srd-ray")).expanduser()

@@ -39,10 +39,15 @@ TWO_STAGES = (
 )
 
 
-@pytest.fixture(scope="module")
-def rows(demo_data) -> list[dict]:
+def training_rows(demo_data: dict[str, str]) -> list[dict]:
+    """The first 32 demo rows, as a training dataset holds them."""
     data = DataSpec(train=DataSourceSpec(path=demo_data["train"], max_rows=32), **DATA)
     return load_source(data.train, data, label="train").table.select(["example_id", "prompt", "response"]).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def rows(demo_data) -> list[dict]:
+    return training_rows(demo_data)
 
 
 def make_job(out: Path, tiny_models, *, lora: LoraSpec | None = None, plan=TWO_STAGES, loss="fkl", **training):
@@ -227,3 +232,62 @@ def test_metrics_reach_tensorboard_and_mlflow_readers(tmp_path, tiny_models, row
     assert len(client.get_metric_history(run.info.run_id, "heldout_kd")) == 2  # before training, after the stage
     Trainer(job, LocalHost({"all": rows}, tmp_path / "ck", torch.device("cpu"))).run()  # resumes: nothing left
     assert len(client.search_runs([client.get_experiment_by_name("srd").experiment_id])) == 1
+
+
+def test_a_resumed_teacher_sft_does_not_merge_the_adapter_again(tmp_path, tiny_models, monkeypatch):
+    """Review C1: a teacher fine-tuned with ``models.teacher.adapter`` resumes from checkpoint weights that
+    already hold the adapter; loading them must not merge it a second time."""
+    from peft import LoraConfig, get_peft_model
+
+    from srd_ray.distill.model_factory import ModelFactory
+    from srd_ray.models import load_tokenizer
+
+    monkeypatch.setenv("SRD_CACHE_DIR", str(tmp_path / "cache"))
+    adapted = get_peft_model(load_model(ModelSpec(path=tiny_models["teacher"])),
+                             LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))  # fmt: skip
+    adapted.save_pretrained(tmp_path / "adapter")
+    merged = adapted.merge_and_unload()
+    merged.save_pretrained(tmp_path / "checkpoint" / MODEL_DIR)  # what a checkpoint of the SFT holds
+    teacher = TeacherModelSpec(path=tiny_models["teacher"], adapter=str(tmp_path / "adapter"))
+    job = make_job(tmp_path, tiny_models, loss="sft")
+    job = type(job)(**{**job.__dict__, "student": teacher, "teacher": None})
+    tokenizer = load_tokenizer(teacher)
+    resumed = ModelFactory(job, tokenizer, torch.device("cpu"), tmp_path / "checkpoint", rank=0).student("cpu")
+    for name, weight in merged.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], weight, msg=name)
+    fresh = ModelFactory(job, tokenizer, torch.device("cpu"), None, rank=0).student("cpu")
+    torch.testing.assert_close(fresh.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                               merged.state_dict()["model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+
+
+def test_a_step_fp16_skips_does_not_advance_the_learning_rate():
+    """Review C7: GradScaler skips the optimizer step on inf/NaN gradients; the schedule must skip it too."""
+    from srd_ray.distill.step import optimizer_stepped
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    for gradient, steps in (([1.0, float("inf"), 1.0], False), ([1.0, 1.0, 1.0], True)):
+        scaler.scale(weight.sum()).backward()
+        weight.grad = torch.tensor(gradient)
+        scaler.unscale_(optimizer)
+        before = weight.detach().clone()
+        assert optimizer_stepped(scaler, optimizer) == steps
+        assert torch.equal(weight.detach(), before) != steps
+        optimizer.zero_grad()
+    assert optimizer_stepped(torch.amp.GradScaler("cpu", enabled=False), optimizer)
+
+
+def test_a_checkpoint_resumes_only_on_as_many_workers_as_wrote_it(tmp_path, tiny_models, rows):
+    """Review C8: the step plan and every worker's RNG stream depend on the worker count."""
+    from srd_ray.distill.state import TrainState
+    from srd_ray.errors import DataError
+
+    job = make_job(tmp_path, tiny_models, plan=(TWO_STAGES[0],))
+    Trainer(job, LocalHost({"all": rows}, tmp_path / "ck", torch.device("cpu"))).run()
+    (checkpoint,) = (tmp_path / "ck").glob("checkpoint-*")
+    state = TrainState.load(checkpoint)
+    state.rng = state.rng * 2  # as if two workers had written it
+    state.save(checkpoint)
+    with pytest.raises(DataError, match=r"written by 2 worker\(s\), this run has 1 \(test.num_workers\)"):
+        Trainer(job, LocalHost({"all": rows}, tmp_path / "ck", torch.device("cpu"))).run()

@@ -8,11 +8,11 @@ stage folder it was made for), so its curves stay one curve.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from srd_ray import storage
 from srd_ray.spec import MetricsSpec
 from srd_ray.storage import Location
 
@@ -86,8 +86,7 @@ def _local_folder(stage_dir: Location, name: str) -> Path:
     folder under $SRD_CACHE_DIR on this node (TensorBoard and MLflow's file store write files in place)."""
     if stage_dir.is_local:
         return Path(stage_dir.path) / name
-    cache = Path(os.environ.get("SRD_CACHE_DIR", "~/.cache/srd-ray")).expanduser()
-    folder = cache / name / stage_dir.path.replace("/", "_")
+    folder = storage.cache_dir() / name / stage_dir.path.replace("/", "_")
     log.info("%s for %s is written on this node: %s", name, stage_dir, folder)
     return folder
 

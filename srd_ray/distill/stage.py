@@ -129,7 +129,7 @@ def run_distill(
     else:
         buckets = bucket_tables(Location.of(rank_dir), range(len(distill.stages)))
         tables = {bucket_name(b): table for b, table in buckets.items()}
-    heldout = heldout_rows.slice(0, distill.heldout_rows)
+    heldout = heldout_rows  # already the first distill.heldout_rows (pipeline.heldout_rows)
     signals = {}
     if signal_dir is not None:
         signal = Location.of(signal_dir) / "shards"

@@ -113,10 +113,9 @@ class DataParallel:
         Collective: every worker calls it."""
         if self.rank != 0:
             return None
-        student = self.pair(model).student
-        trainable = {name for name, p in student.named_parameters() if p.requires_grad}
-        return {name: tensor.detach().cpu() for name, tensor in student.state_dict().items()
-                if not trainable_only or name in trainable}  # fmt: skip
+        pair = self.pair(model)
+        return {name: tensor.detach().cpu() for name, tensor in pair.student.state_dict().items()
+                if not trainable_only or name in trainable(pair)}  # fmt: skip
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         """The full optimizer state on rank 0; None elsewhere (collective)."""
@@ -198,7 +197,10 @@ class FullySharded(DataParallel):
         pair.reshard()
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         state = get_model_state_dict(pair.student, options=options)  # gathered to rank 0's CPU only
-        return state if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        # A head tied to frozen embeddings passes ignore_frozen_params under its own name: drop it too.
+        return {name: tensor for name, tensor in state.items() if not trainable_only or name in trainable(pair)}
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -228,6 +230,11 @@ def strategy_for(name: str, device: torch.device, rank: int, world: int, precisi
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (FSDP2 modules are their own)."""
     return model.module if hasattr(model, "module") else model
+
+
+def trainable(pair: DistillationModel) -> set[str]:
+    """The names of the student's trainable parameters (a LoRA student's adapters)."""
+    return {name for name, parameter in pair.student.named_parameters() if parameter.requires_grad}
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:

@@ -566,7 +566,9 @@ class LocalHost:
         self.reports.append(metrics)
         if folder is None or self.rank != 0:
             return
-        shutil.copytree(folder, self.folder / f"checkpoint-{metrics['global_step']:08d}", dirs_exist_ok=True)
+        target = self.folder / f"checkpoint-{metrics['global_step']:08d}"
+        with storage.directory(target) as scratch:  # appears whole: never a partial "newest" checkpoint
+            shutil.copytree(folder, scratch, dirs_exist_ok=True)
         for old in sorted(self.folder.glob("checkpoint-*"))[: -self.keep]:
             shutil.rmtree(old)
 

@@ -1,0 +1,71 @@
+"""The GPU path on a CPU machine: a local Ray told it has GPUs (``ray.num_gpus``), every ``num_gpus_*`` at 1,
+and the seam ``SRD_GPU_PATH_ON_CPU=1`` (``srd_ray.devices``): processes that Ray lent a GPU compute on the CPU,
+training uses gloo. Every actor pool, placement group and Train worker that asks for GPUs is scheduled as on
+a cluster, and each process checks that Ray really lent it its GPUs.
+
+Before this existed the first GPU stage could not start (Ray Data refuses ``batch_size=None`` for actors
+that ask for GPUs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from srd_ray.devices import CPU_FOR_GPUS
+from tests.processes import demo_data_yaml, write_spec
+
+GPU_EVERYWHERE = """
+ray: {num_cpus: 4, num_gpus: 4, object_store_memory_mb: 256}
+teacher_sft: {enabled: true, epochs: 1, lr: 1.0e-3, num_workers: 1, batch_size: 16, use_gpu: true}
+reflect: {num_gpus_per_actor: 1, shard_rows: 40, generation: {max_new_tokens: 8}}
+teacher_signal: {num_gpus_per_actor: 1, k: 16, shard_rows: 40}
+distill:
+  use_gpu: true
+  num_workers: 2
+  batch_size: 8
+  teacher_signal: topk
+  stages:
+    - {steps: 2, kd_weight: 0.8, temperature: 1.0, lr: 1.0e-3}
+    - {steps: 2, kd_weight: 0.9, temperature: 1.5, lr: 1.0e-3}
+    - {steps: 2, kd_weight: 1.0, temperature: 2.0, lr: 1.0e-3}
+evaluate: {num_gpus_per_actor: 1, seeds: [10], max_examples: 8, generation: {max_new_tokens: 8}}
+"""
+
+# The second job on the same run: online teacher, FSDP over 2 GPU workers, and a generation actor with a GPU
+# of its own (the third of the four).
+ON_POLICY_FSDP = [
+    "--stages", "distill", "--redo", "distill", "--set", "distill.teacher_signal=online",
+    "--set", "distill.strategy=fsdp", "--set", "distill.loss=jsd", "--set", "distill.student_generation.mode=mixed",
+    "--set", "distill.student_generation.num_gpus_per_actor=1",
+]  # fmt: skip
+
+
+def srd(spec: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, CPU_FOR_GPUS: "1", "RAY_ADDRESS": ""}
+    return subprocess.run([sys.executable, "-m", "srd_ray.cli", "run", str(spec), *args], env=env,
+                          capture_output=True, text=True, timeout=1200)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_whole_gpu_path_runs_on_a_ray_told_it_has_gpus(tmp_path, tiny_models, demo_data):
+    spec = write_spec(tmp_path, tiny_models, demo_data_yaml(demo_data) + GPU_EVERYWHERE, name="gpu")
+    first = srd(spec)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "gpu"
+    stages = json.loads((run_dir / "run.json").read_text())["stages"]
+    assert all(record["status"] == "complete" for record in stages.values()), stages.keys()
+    assert set(stages) == {"teacher_sft", "reflect", "rank", "teacher_signal", "distill", "evaluate"}
+    assert stages["reflect"]["summary"]["rows"] == 160 and stages["teacher_signal"]["summary"]["shards"] == 4
+    assert stages["distill"]["summary"]["optimizer_steps"] == 6
+
+    second = srd(spec, *ON_POLICY_FSDP)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    distill = json.loads((run_dir / "run.json").read_text())["stages"]["distill"]["summary"]
+    steps = distill["student_generation"]["steps_by_source"]
+    assert distill["optimizer_steps"] == 6 and sum(steps.values()) == 6
+    assert [r["after_stage"] for r in distill["heldout_kd"]] == [-1, 0, 1, 2]  # FSDP + held-out rows

@@ -67,7 +67,7 @@ class TopK:
     the re-tempered top-k log-probs): the top-k alone cannot give it, since it depends on the tail's shape."""
 
     ids: np.ndarray  # int32 [tokens, k]
-    logprobs: np.ndarray  # float32 [tokens, k], most likely first
+    logprobs: np.ndarray  # float16 or float32 [tokens, k], most likely first
     tail: np.ndarray  # float32 [tokens]; -inf when the k ids hold all the mass
     tempered_tails: np.ndarray  # float32 [tokens, temperatures]; same -inf rule
 

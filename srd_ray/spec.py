@@ -542,6 +542,18 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _mlflow_store_reaches_the_run(self) -> JobSpec:
+        for section in ("teacher_sft", "distill"):
+            metrics = getattr(self, section).metrics
+            if metrics.mlflow and metrics.mlflow_tracking_uri is None and is_uri(self.run.output_dir):
+                raise ValueError(
+                    f"{section}.metrics.mlflow on a run directory on an object store ({self.run.output_dir}) needs "
+                    f"{section}.metrics.mlflow_tracking_uri (a tracking server): the default SQLite file would "
+                    "sit on one node's disk"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _stages_have_buckets(self) -> JobSpec:
         if self.distill.curriculum == "srd" and len(self.distill.stages) > self.rank.keep_buckets:
             raise ValueError(

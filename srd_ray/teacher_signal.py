@@ -248,7 +248,7 @@ def signals_by_id(signal: pa.Table, temperatures: tuple[float, ...]) -> dict[str
             start = end - count
             result[example_id] = TopK(
                 ids[start * k : end * k].reshape(count, k),
-                logprobs[start * k : end * k].reshape(count, k).astype(np.float32),
+                logprobs[start * k : end * k].reshape(count, k),  # as stored (float16): fp32 per micro-batch
                 tails[start:end],
                 tempered[start * width : end * width].reshape(count, width),
             )

@@ -184,3 +184,29 @@ evaluate: {models: [student_after], max_examples: 8, seeds: [0], generation: {ma
     assert main(["report", str(run_dir)]) == 0
     assert {"report/report.html", "report/loss.png", "report/signals.png"} <= set(keys(run_dir))
     print(f"on s3: {len(objects)} objects; killed at step {killed_at}, resumed at step {resumed_at}")
+
+
+def test_tensorboard_files_reach_an_object_store_run_and_mlflow_needs_a_server(object_store, tmp_path):
+    """Review F17: on an object-store run, TensorBoard writes on rank 0's node and its files are uploaded to
+    the stage folder; the default MLflow SQLite file would sit on one node's disk, so the spec refuses it."""
+    from srd_ray.distill.metric_sinks import MetricSinks
+    from srd_ray.errors import SpecError
+    from srd_ray.spec import JobSpec, MetricsSpec
+
+    stage_dir = object_store / "tb-run" / "distill"
+    sinks = MetricSinks(MetricsSpec(tensorboard=True), stage_dir, "distill", "tb-run")
+    sinks.log({"loss": 1.5, "lr": 1e-3}, step=1)
+    sinks.publish()
+    assert [name.startswith("events.out.tfevents") for name in keys(stage_dir / "tensorboard")] == [True]
+    sinks.close()
+
+    spec = {
+        "run": {"name": "mlflow", "output_dir": f"s3://{BUCKET}/runs"},
+        "models": {"teacher": {"path": "/m/t"}, "student": {"path": "/m/s"}},
+        "data": {"train": {"path": "/d/train.jsonl"}},
+        "distill": {"metrics": {"mlflow": True}},
+    }
+    with pytest.raises(ValueError, match=r"distill\.metrics\.mlflow_tracking_uri"):
+        JobSpec.model_validate(spec)
+    spec["distill"]["metrics"]["mlflow_tracking_uri"] = "http://mlflow:5000"
+    assert JobSpec.model_validate(spec).distill.metrics.mlflow

@@ -297,6 +297,9 @@ def _fused_forward(hidden, weight, bias, job: _LossJob, wants_grad: list[bool]):
     # These gradients are not yet multiplied by fp16's loss scale (that comes in the backward pass), so in
     # fp16 small ones would flush to zero: compute them in fp32 there. bf16 has fp32's range.
     grad_dtype = torch.float32 if dtype == torch.float16 else dtype
+    # The head as the hidden-state gradient needs it, cast once per micro-batch (fp16: one fp32 copy, not
+    # one per chunk; otherwise no copy at all).
+    head_for_grad = compute.weight[:vocab].to(grad_dtype)
     grad_hidden = torch.zeros_like(hidden) if wants_grad[0] else None
     # Head gradients accumulate over chunks: keep them in fp32 whatever the weight's dtype.
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_grad[1] else None
@@ -317,14 +320,23 @@ def _fused_forward(hidden, weight, bias, job: _LossJob, wants_grad: list[bool]):
                 (grad_raw,) = torch.autograd.grad(weighted, raw)
                 grad_raw = grad_raw.to(grad_dtype)
                 if grad_hidden is not None:
-                    grad_hidden[rows] = grad_raw @ compute.weight[:vocab].to(grad_dtype)
+                    grad_hidden[rows] = grad_raw @ head_for_grad
                 if grad_weight is not None:
-                    grad_weight[:vocab] += (grad_raw.T @ h.to(grad_dtype)).float()
+                    _accumulate(grad_weight[:vocab], grad_raw, h.to(grad_dtype))
                 if grad_bias is not None:
                     grad_bias[:vocab] += grad_raw.float().sum(0)
             ce_total += ce.detach()
             kd_total += kd.detach()
     return (ce_total, kd_total), (grad_hidden, grad_weight, grad_bias)
+
+
+def _accumulate(grad_weight: torch.Tensor, grad_raw: torch.Tensor, h: torch.Tensor) -> None:
+    """``grad_weight += grad_rawᵀ h`` into the fp32 accumulator. fp32 inputs (fp32 and fp16-mixed) add in
+    place, with no [vocab, hidden] temporary; bf16 ones make one bf16 product (half an fp32 copy), added in."""
+    if grad_raw.dtype == torch.float32:
+        grad_weight.addmm_(grad_raw.T, h)
+    else:
+        grad_weight += grad_raw.T @ h
 
 
 class _FusedHeadLoss(torch.autograd.Function):

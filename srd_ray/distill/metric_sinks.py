@@ -3,6 +3,12 @@ the library's own writer, besides ``metrics.jsonl`` (always). Only rank 0 writes
 
 A resumed stage appends to the same TensorBoard folder and continues the same MLflow run (found by the
 stage folder it was made for), so its curves stay one curve.
+
+For a run directory on an object store, TensorBoard writes on rank 0's node and its files are uploaded to
+``<stage dir>/tensorboard`` with every checkpoint and at the end (a worker group restarted on another node
+adds its own files beside them), and MLflow needs a tracking server (the spec refuses the default SQLite
+file there: it would sit on one node's disk). On a shared file system prefer a server too: SQLite's locking
+is unreliable over NFS.
 """
 
 from __future__ import annotations
@@ -30,10 +36,14 @@ class MetricSinks:
         self.name = name
         self._writer = None
         self._mlflow = None
+        self._upload: tuple[Path, Location] | None = None
         if spec.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(_local_folder(stage_dir, "tensorboard")))
+            folder = _local_folder(stage_dir, "tensorboard")
+            self._writer = SummaryWriter(log_dir=str(folder))
+            if not stage_dir.is_local:
+                self._upload = folder, stage_dir / "tensorboard"
         if spec.mlflow:
             self._mlflow = _MlflowRun(spec.mlflow_tracking_uri or _file_store(stage_dir), run_name, stage_dir, name)
 
@@ -46,9 +56,18 @@ class MetricSinks:
         if self._mlflow is not None:
             self._mlflow.log(values, step)
 
+    def publish(self) -> None:
+        """Copy the TensorBoard files written on this node to the run directory (object stores only)."""
+        if self._upload is None:
+            return
+        folder, target = self._upload
+        for path in folder.iterdir():
+            storage.write_bytes(target / path.name, path.read_bytes())
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self.publish()
         if self._mlflow is not None:
             self._mlflow.close()
 

@@ -470,6 +470,8 @@ class Trainer:
         if self.host.rank != 0:
             self.host.report(metrics, None)
             return
+        if self.sinks is not None:
+            self.sinks.publish()
         with tempfile.TemporaryDirectory(prefix="srd-checkpoint-") as scratch:
             folder = Path(scratch)
             student = self.strategy.pair(self.model).student

@@ -190,7 +190,6 @@ def test_tensorboard_files_reach_an_object_store_run_and_mlflow_needs_a_server(o
     """Review F17: on an object-store run, TensorBoard writes on rank 0's node and its files are uploaded to
     the stage folder; the default MLflow SQLite file would sit on one node's disk, so the spec refuses it."""
     from srd_ray.distill.metric_sinks import MetricSinks
-    from srd_ray.errors import SpecError
     from srd_ray.spec import JobSpec, MetricsSpec
 
     stage_dir = object_store / "tb-run" / "distill"

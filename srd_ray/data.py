@@ -179,7 +179,7 @@ def _iter_hub(source: DataSourceSpec) -> Iterator[tuple[str, dict[str, Any]]]:
             f"{source.path} is not a local path; reading hub datasets needs `pip install datasets`"
         ) from None
     try:
-        dataset = datasets.load_dataset(source.path, split=source.split)
+        dataset = datasets.load_dataset(source.path, data_files=source.data_files, split=source.split)
     except Exception as error:  # the hub client raises many types; the user needs the reason, not the type
         raise DataError(f"cannot load hub dataset {source.path} (split {source.split}): {error}") from None
     for index, record in enumerate(dataset):

@@ -29,6 +29,9 @@ from srd_ray.spec import LoraSpec, ModelSpec
 from srd_ray.storage import Location, is_uri
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# safetensors first; PyTorch .bin files (some hub models ship only those, e.g. OpenLLaMA v2) are loaded by
+# transformers and vLLM with torch.load(weights_only=True), which runs no pickled code.
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def check_model_path(spec: ModelSpec, role: str) -> None:
@@ -57,8 +60,8 @@ def _check_folder(path: str, field: str, config_name: str, what: str) -> None:
         raise ModelError(f"{field}: {path} does not exist (expected {what})")
     if config_name not in names:
         raise ModelError(f"{field}: {path} has no {config_name}; is it {what}?")
-    if not any(name.endswith(".safetensors") for name in names):
-        raise ModelError(f"{field}: {path} has no *.safetensors weights (srd-ray loads safetensors only)")
+    if not any(name.endswith(WEIGHT_SUFFIXES) for name in names):
+        raise ModelError(f"{field}: {path} has no *.safetensors (or PyTorch *.bin) weights")
 
 
 def local_model_path(spec: ModelSpec) -> str:
@@ -130,7 +133,7 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
 def _from_pretrained(spec: ModelSpec, path: str, dtype: Any) -> PreTrainedModel:
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=True
+            path, dtype=dtype, trust_remote_code=spec.trust_remote_code
         )
     except Exception as error:  # see load_tokenizer
         raise loading_error(f"model from {spec.path}", error) from error

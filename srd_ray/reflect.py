@@ -21,8 +21,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
+from srd_ray.devices import uses_cuda
 from srd_ray.engines import Engine, build_engine, engine_version, row_seed
+from srd_ray.errors import ModelError
 from srd_ray.scoring import rouge_l
 from srd_ray.shards import ShardedPass, ShardEngine, ShardWriter, split_into_shards
 from srd_ray.spec import GenerationSpec, JobSpec, ModelSpec
@@ -118,13 +121,32 @@ class ReflectEngine(ShardEngine):
     def __init__(self, spec: JobSpec, engine: str, teacher: ModelSpec | None) -> None:
         reflect = spec.reflect
         options = {"max_new_tokens": reflect.generation.max_new_tokens, "vllm": spec.engine.vllm}
-        student = build_engine(engine, spec.models.student, spec.data, reflect, **options)
-        # Teacher CE needs a forward pass only: transformers does that well on any device.
+        # Teacher CE needs a forward pass only: transformers does that well on any device. It loads first, so
+        # that a vLLM student on the same GPU is given only the memory the teacher leaves (review F7).
         teacher_engine = build_engine("transformers", teacher, spec.data, reflect, **options) if teacher else None
+        if teacher_engine is not None and engine == "vllm" and uses_cuda(reflect.num_gpus_per_actor):
+            free, total = torch.cuda.mem_get_info()
+            share = memory_fraction_beside(spec.engine.vllm.gpu_memory_utilization, free, total)
+            options["vllm"] = spec.engine.vllm.model_copy(update={"gpu_memory_utilization": share})
+        student = build_engine(engine, spec.models.student, spec.data, reflect, **options)
         super().__init__(
             "reflect", lambda rows: engine_signals(rows, student, reflect.generation, teacher_engine),
             student.row_errors, spec.data.on_bad_row,
         )  # fmt: skip
+
+
+def memory_fraction_beside(configured: float, free_bytes: int, total_bytes: int, margin_gib: float = 1.0) -> float:
+    """vLLM's ``gpu_memory_utilization`` on a GPU another model already holds part of: vLLM takes that
+    fraction of the *whole* GPU and refuses to start when less is free. At most what is free, less a
+    margin for the other model's activations; at most what was configured."""
+    available = (free_bytes - margin_gib * 2**30) / total_bytes
+    if available < 0.05:
+        raise ModelError(
+            f"reflect.teacher_ce: the teacher leaves {free_bytes / 2**30:.1f} of {total_bytes / 2**30:.1f} GiB free "
+            "on the reflect GPU, too little for the vLLM student beside it; give reflect actors more GPU memory "
+            "(reflect.num_gpus_per_actor) or rank without teacher_ce"
+        )
+    return min(configured, available)
 
 
 def run_reflect(

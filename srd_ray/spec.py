@@ -158,6 +158,9 @@ class DataSourceSpec(_Strict):
     )
     format: Literal["auto", "jsonl", "parquet", "hub"] = "auto"
     split: str = "train"
+    # Hub datasets: which files of the repository to read (datasets.load_dataset's data_files), for repos that
+    # hold several formats or no split names, e.g. MiniLLM/dolly's raw.jsonl.
+    data_files: str | list[str] | None = None
     fields: FieldMapping = FieldMapping()
     max_rows: PositiveInt | None = None
 

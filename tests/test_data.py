@@ -117,3 +117,20 @@ def test_skip_mode_counts_and_lists_bad_rows(tmp_path):
     assert loaded.table["prompt"].to_pylist() == ["p", "r"]
     assert loaded.table["input_position"].to_pylist() == [0, 2]  # source positions, not renumbered
     assert loaded.skipped == [{"where": f"{path}:2", "reason": "column 'output' is empty"}]
+
+
+def test_a_hub_dataset_reads_the_named_files_of_its_repository(tmp_path, monkeypatch):
+    """Review F8: MiniLLM/dolly holds raw.jsonl, raw.txt, valid.jsonl and valid.txt; the recipes name the
+    training file (``data_files``). A local folder laid out like that repository stands in for the hub."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    repo = tmp_path / "dolly"
+    repo.mkdir()
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(3)]
+    (repo / "raw.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (repo / "raw.txt").write_text("plain text the loader must not read\n")
+    (repo / "valid.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    source = {"path": str(repo), "format": "hub", "data_files": "raw.jsonl", "split": "train"}
+    data = DataSpec(train=DataSourceSpec(**source))
+    table = load_source(data.train, data, label="data.train").table
+    assert table["response"].to_pylist() == ["0", "1", "2"]
+    assert table["prompt"][0].as_py().endswith("### Instruction:\nSay 0.\n\n### Response:\n")

@@ -202,7 +202,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         check_model_path(ModelSpec(path=str(tmp_path / "nope")), "student")
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ModelError, match=r"no \*\.safetensors weights"):
+    with pytest.raises(ModelError, match=r"no \*\.safetensors \(or PyTorch \*\.bin\) weights"):
         check_model_path(ModelSpec(path=str(tmp_path)), "teacher")
 
 
@@ -278,3 +278,15 @@ def test_progress_counts_a_shard_once_when_its_writer_call_is_retried():
     assert follow_progress("reflect", summaries, total_rows=12, tokens_label="tokens") == {
         "rows": 12, "tokens": 30, "busy_s": 3.0,
     }  # fmt: skip
+
+
+def test_a_vllm_student_beside_the_teacher_gets_the_memory_the_teacher_leaves():
+    """Review F7: with reflect.teacher_ce the transformers teacher loads first on the actor's GPU; vLLM's
+    gpu_memory_utilization is a fraction of the whole GPU, so it is capped at what is left."""
+    from srd_ray.reflect import memory_fraction_beside
+
+    gib = 2**30
+    assert memory_fraction_beside(0.9, free_bytes=80 * gib, total_bytes=80 * gib) == 0.9
+    assert memory_fraction_beside(0.9, free_bytes=65 * gib, total_bytes=80 * gib) == pytest.approx(64 / 80)
+    with pytest.raises(ModelError, match=r"leaves 2\.0 of 80\.0 GiB free"):
+        memory_fraction_beside(0.9, free_bytes=2 * gib, total_bytes=80 * gib)

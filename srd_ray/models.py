@@ -132,9 +132,7 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
 
 def _from_pretrained(spec: ModelSpec, path: str, dtype: Any) -> PreTrainedModel:
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=spec.trust_remote_code
-        )
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
     except Exception as error:  # see load_tokenizer
         raise loading_error(f"model from {spec.path}", error) from error
 

@@ -3,6 +3,10 @@
 vLLM has no ``no_repeat_ngram_size`` sampling option, yet the SRD and MiniLLM protocols generate with
 ``no_repeat_ngram_size=6``. :class:`NoRepeatNGramProcessor` adds it: a request opts in with
 ``SamplingParams(extra_args={"no_repeat_ngram_size": n})``.
+
+Each request keeps its own n-gram index (updated with its new tokens only), but the bans of the whole
+batch are applied by one indexed write per engine step: the per-request path of vLLM's adapter would make
+one small indexed write, with its own host-to-device copy, per request per step (review F18).
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ class NGramBan:
         self.followers: defaultdict[tuple[int, ...], set[int]] = defaultdict(set)
 
     def __call__(self, prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        banned = self.banned(prompt_ids, output_ids)
+        if banned:
+            logits[list(banned)] = float("-inf")
+        return logits
+
+    def banned(self, prompt_ids: list[int], output_ids: list[int]) -> set[int]:
+        """The tokens that would repeat an n-gram now, after catching up with the new output tokens."""
         if not self.started:
             self.tokens, self.started = list(prompt_ids), True
             self._index_from(0)
@@ -32,12 +43,9 @@ class NGramBan:
         self.tokens.extend(output_ids[known - len(prompt_ids) :])
         self._index_from(known)
         if len(self.tokens) < self.size - 1:
-            return logits
+            return set()
         prefix = tuple(self.tokens[len(self.tokens) - self.size + 1 :]) if self.size > 1 else ()
-        banned = self.followers.get(prefix)
-        if banned:
-            logits[list(banned)] = float("-inf")
-        return logits
+        return self.followers.get(prefix, set())
 
     def _index_from(self, start: int) -> None:
         """Record the n-grams that end at positions >= start."""
@@ -53,3 +61,17 @@ class NoRepeatNGramProcessor(AdapterLogitsProcessor):
     def new_req_logits_processor(self, params: SamplingParams) -> NGramBan | None:
         size = (params.extra_args or {}).get("no_repeat_ngram_size")
         return NGramBan(int(size)) if size else None
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every request's bans in one indexed write (the adapter's state holds each request's NGramBan
+        with its prompt and live output ids bound)."""
+        rows: list[int] = []
+        tokens: list[int] = []
+        for row, state in self.req_info.items():
+            banned = state.func.banned(*state.args)
+            rows += [row] * len(banned)
+            tokens += banned
+        if rows:
+            index = torch.tensor([rows, tokens], dtype=torch.long).to(logits.device, non_blocking=True)
+            logits[index[0], index[1]] = float("-inf")
+        return logits

@@ -132,6 +132,35 @@ def test_vllm_ngram_ban_matches_transformers_step_by_step():
         output.append(int(allowed[0]) if len(allowed) else 0)
 
 
+def test_the_vllm_ngram_ban_masks_a_whole_batch_at_once_as_each_request_would():
+    """Review F18: the processor's batched write bans, per row, exactly what each request's own ban does (and
+    leaves rows whose requests did not ask for it alone)."""
+    pytest.importorskip("vllm")
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from srd_ray.vllm_processors import NGramBan, NoRepeatNGramProcessor
+
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 5, (20,), generator=generator).tolist() for _ in range(3)]
+    outputs: list[list[int]] = [[], [], []]
+    asks = [SamplingParams(extra_args={"no_repeat_ngram_size": 3}), SamplingParams(),
+            SamplingParams(extra_args={"no_repeat_ngram_size": 2})]  # fmt: skip
+    processor = NoRepeatNGramProcessor(None, torch.device("cpu"), False)
+    added = [(row, asks[row], prompts[row], outputs[row]) for row in range(3)]
+    processor.update_state(BatchUpdate(batch_size=3, removed=[], added=added, moved=[]))
+    singles = [NGramBan(3), None, NGramBan(2)]
+    for _ in range(25):
+        scores = torch.randn(3, 5, generator=generator)
+        batched = processor.apply(scores.clone())
+        for row, ban in enumerate(singles):
+            expected = scores[row] if ban is None else ban(prompts[row], outputs[row], scores[row].clone())
+            assert torch.equal(batched[row], expected), row
+            allowed = torch.nonzero(~torch.isinf(batched[row])).flatten()
+            outputs[row].append(int(allowed[0]) if len(allowed) else 0)  # grows in place, as in vLLM
+        processor.update_state(None)
+
+
 def test_long_prompts_are_left_truncated_and_flagged(tiny_models):
     data = data_spec(max_prompt_tokens=8, max_response_tokens=8)
     engine = TransformersEngine(ModelSpec(path=tiny_models["student"]), data, max_new_tokens=3)

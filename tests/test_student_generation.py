@@ -380,3 +380,16 @@ def rows(demo_data) -> list[dict]:
 
     data = DataSpec(train=DataSourceSpec(path=demo_data["train"], max_rows=32), **DATA)
     return load_source(data.train, data, label="train").table.select(["example_id", "prompt", "response"]).to_pylist()
+
+
+def test_generation_actors_get_weights_in_their_own_dtype():
+    """Review F6: actors on GPUs sample in half precision and get half-precision weights (2 bytes a weight
+    over the object store instead of 4); on CPUs the student's own dtype. Integer buffers stay as they are."""
+    from srd_ray.distill.student_generation import generation_dtype
+
+    weights = {"w": torch.randn(4, 4), "position_ids": torch.arange(4)}
+    packed = PackedWeights.of(weights, torch.bfloat16)
+    back = packed.tensors()
+    assert back["w"].dtype == torch.bfloat16 and torch.equal(back["w"], weights["w"].to(torch.bfloat16))
+    assert back["position_ids"].dtype == torch.int64 and packed.arrays["w"].nbytes == 4 * 4 * 2
+    assert generation_dtype(0, "float32") == "float32"  # on GPUs: bfloat16 or float16 (the GPU check)

@@ -58,6 +58,7 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
                 f"ROUGE-L {bucket['rouge_l']['mean']:.3f}, CE {bucket['student_ce']['mean']:.3f}"
                 + (f", true difficulty {truth:.2f}" if truth is not None else "")
             )
+        lines += ["  " + line for line in strata_lines(rank)]
     for refresh in (stages.get("distill", {}).get("summary") or {}).get("refresh", []):
         lines.append("  " + refresh_line(refresh))
     for name in ("teacher_sft", "distill"):
@@ -83,6 +84,22 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
                 for name in sets
             )
             lines.append(f"    {label:<16}{cells}")
+    return lines
+
+
+def strata_lines(rank: dict[str, Any]) -> list[str]:
+    """How the ranking treated the data's strata and tasks: stratified or not, and the tasks whose rows the
+    dropped buckets took most of (the three most dropped)."""
+    lines = []
+    if rank.get("strata"):
+        strata = rank["strata"]
+        lines.append(f"stratified by {strata['column']}: {len(strata['groups'])} strata, each ranked alone")
+    tasks = rank.get("tasks")
+    if tasks and rank.get("most_dropped_tasks"):
+        worst = ", ".join(f"{g['value']} {g['dropped']}/{g['rows']} ({100 * g['dropped_share']:.0f}%)"
+                          for g in rank["most_dropped_tasks"])  # fmt: skip
+        lines.append(f"most dropped {tasks['column']}s: {worst}")
+    lines += [f"warning: {line.removeprefix('rank: ')}" for line in rank.get("warnings", [])]
     return lines
 
 
@@ -191,6 +208,9 @@ def _write_report_files(manifest: dict[str, Any], run_dir: Place, out: Path) -> 
         sections.append(_figure(out, "signals.png", _plot_signals(ranked), "Reflected rows: ROUGE-L vs student CE"))
         sections.append(_figure(out, "buckets.png", _plot_buckets(rank), "Bucket sizes and signal ranges"))
         sections.append(_bucket_table(rank))
+        for key in ("tasks", "strata"):
+            if rank.get(key) and (key == "tasks" or rank["strata"]["column"] != rank.get("tasks", {}).get("column")):
+                sections.append(_groups_section(out, key, rank[key], rank))
     distill = stage_summary(manifest, "distill")
     if rank and distill.get("curriculum") == "srd":
         sections.append(_figure(out, "stage_rows.png", _plot_stage_rows(manifest, rank), "Rows per curriculum stage"))
@@ -313,6 +333,46 @@ def _bucket_table(rank: dict[str, Any]) -> str:
         )
         body += f"<td>{b.get('mean_true_difficulty', float('nan')):.2f}</td></tr>" if with_truth else "</tr>"
     return f"<table>{head}{body}</table>"
+
+
+GROUPS_SHOWN = 40  # a chart of hundreds of tasks reads as nothing: the most-dropped ones
+
+
+def _groups_section(out: Path, key: str, groups: dict[str, Any], rank: dict[str, Any]) -> str:
+    """Rows kept and dropped per task (or stratum) and bucket: the chart (the most-dropped groups) and a
+    table of every group."""
+    column = groups["column"]
+    ordered = sorted(groups["groups"], key=lambda g: (-g["dropped_share"], -g["rows"], str(g["value"])))
+    title = f"Rows per {column} and bucket" + (" (stratified)" if key == "strata" else "")
+    figure = _plot_groups(ordered[:GROUPS_SHOWN], rank["keep_buckets"])
+    body = "".join(
+        f"<tr><td>{html.escape(str(g['value']))}</td><td>{g['rows']}</td><td>{g['kept']}</td><td>{g['dropped']}</td>"
+        f"<td>{100 * g['dropped_share']:.0f}%</td>"
+        + "".join(f"<td>{b['rows']}</td>" for b in g["buckets"]) + "</tr>"
+        for g in ordered
+    )  # fmt: skip
+    head = "<tr><th>" + html.escape(column) + "</th><th>rows</th><th>kept</th><th>dropped</th><th>dropped share</th>"
+    head += "".join(f"<th>bucket {b}</th>" for b in range(rank["num_buckets"])) + "</tr>"
+    shown = f" (the {GROUPS_SHOWN} most dropped of {len(ordered)})" if len(ordered) > GROUPS_SHOWN else ""
+    return _figure(out, f"{key}.png", figure, title + shown) + f"<table>{head}{body}</table>"
+
+
+def _plot_groups(groups: list[dict[str, Any]], keep_buckets: int) -> Any:
+    """Horizontal bars, one per group: its rows in each bucket, dropped buckets hatched."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 1.2 + 0.28 * len(groups)))
+    labels = [str(g["value"]) for g in groups][::-1]
+    lefts = [0] * len(groups)
+    for bucket in range(len(groups[0]["buckets"])):
+        widths = [g["buckets"][bucket]["rows"] for g in groups][::-1]
+        axis.barh(labels, widths, left=lefts, color=BUCKET_COLORS[bucket % len(BUCKET_COLORS)],
+                  hatch="//" if bucket >= keep_buckets else None,
+                  label=f"bucket {bucket}" + (" (dropped)" if bucket >= keep_buckets else ""))  # fmt: skip
+        lefts = [left + width for left, width in zip(lefts, widths, strict=True)]
+    axis.set_xlabel("rows")
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return figure
 
 
 def teacher_signal_section(distill: dict[str, Any], signal_record: dict[str, Any]) -> str:

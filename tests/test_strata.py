@@ -5,6 +5,7 @@ ranking drops a task, the clusters, and bad input."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -251,3 +252,28 @@ def test_stratification_settings_and_columns_are_checked_before_any_stage():
         check_stratification(RankSpec(stratify_by="task"), with_null, {})
     with pytest.raises(DataError, match=r"rank.stratify_clusters is 7, more than the 6 training rows"):
         check_stratification(RankSpec(stratify_clusters=7), rows, {})
+
+
+def test_the_summary_and_report_show_what_each_task_kept_and_lost(tmp_path):
+    """The run summary lists the three most-dropped tasks (and the warning); ``srd report`` draws rows per
+    task and bucket, dropped buckets hatched, with a table of every task."""
+    import json
+
+    from srd_ray.report import load_manifest, summary_lines, write_report
+
+    run_dir = tmp_path / "run"
+    summary = run_rank(RankSpec(), planted(0.9), run_dir / "rank", task_column="task")
+    (run_dir / "run.json").write_text(json.dumps({"run": "run", "stages": {"rank": {"summary": summary}},
+                                                  "spec": {"distill": {"stages": [{}, {}, {}]}}}))  # fmt: skip
+    lines = summary_lines(load_manifest(run_dir))
+    assert "  most dropped tasks: hard 18/20 (90%), b 1/20 (5%), c 1/20 (5%)" in lines
+    assert any(line.startswith("  warning: the dropped bucket(s) hold 18 of the 20 rows") for line in lines)
+    page = Path(write_report(run_dir).path).read_text()
+    assert "Rows per task and bucket" in page and (run_dir / "report" / "tasks.png").exists()
+    assert "<tr><td>hard</td><td>20</td><td>2</td><td>18</td><td>90%</td>" in page
+
+    stratified = run_rank(RankSpec(stratify_by="task"), planted(0.9), run_dir / "rank", task_column="task")
+    manifest = {"run": "run", "stages": {"rank": {"summary": stratified}}, "spec": {"distill": {"stages": [{}]}}}
+    (run_dir / "run.json").write_text(json.dumps(manifest))
+    lines = summary_lines(load_manifest(run_dir))
+    assert "  stratified by task: 4 strata, each ranked alone" in lines and not any("warning" in x for x in lines)

@@ -60,8 +60,8 @@ def _check_folder(path: str, field: str, config_name: str, what: str) -> None:
         raise ModelError(f"{field}: {path} does not exist (expected {what})")
     if config_name not in names:
         raise ModelError(f"{field}: {path} has no {config_name}; is it {what}?")
-    if not any(name.endswith(WEIGHT_SUFFIXES) for name in names):
-        raise ModelError(f"{field}: {path} has no *.safetensors (or PyTorch *.bin) weights")
+    if not any(name.endswith(".safetensors") for name in names):
+        raise ModelError(f"{field}: {path} has no *.safetensors weights (srd-ray loads safetensors only)")
 
 
 def local_model_path(spec: ModelSpec) -> str:

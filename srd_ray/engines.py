@@ -435,7 +435,7 @@ class VLLMEngine:
                 model=local_model_path(model),
                 dtype=model.dtype,
                 trust_remote_code=model.trust_remote_code,
-                load_format="auto",  # safetensors, else .bin (see srd_ray.models.WEIGHT_SUFFIXES)
+                load_format="safetensors",
                 max_model_len=needed,
                 tensor_parallel_size=settings.tensor_parallel_size,
                 gpu_memory_utilization=settings.gpu_memory_utilization,

@@ -29,9 +29,6 @@ from srd_ray.spec import LoraSpec, ModelSpec
 from srd_ray.storage import Location, is_uri
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# safetensors first; PyTorch .bin files (some hub models ship only those, e.g. OpenLLaMA v2) are loaded by
-# transformers and vLLM with torch.load(weights_only=True), which runs no pickled code.
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def check_model_path(spec: ModelSpec, role: str) -> None:
@@ -132,7 +129,9 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
 
 def _from_pretrained(spec: ModelSpec, path: str, dtype: Any) -> PreTrainedModel:
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=True
+        )
     except Exception as error:  # see load_tokenizer
         raise loading_error(f"model from {spec.path}", error) from error
 

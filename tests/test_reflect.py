@@ -231,7 +231,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         check_model_path(ModelSpec(path=str(tmp_path / "nope")), "student")
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ModelError, match=r"no \*\.safetensors \(or PyTorch \*\.bin\) weights"):
+    with pytest.raises(ModelError, match=r"no \*\.safetensors weights"):
         check_model_path(ModelSpec(path=str(tmp_path)), "teacher")
 
 

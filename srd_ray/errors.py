@@ -19,3 +19,7 @@ class ModelError(SrdError):
 
 class RunDirError(SrdError):
     """The run directory holds outputs that do not match this spec."""
+
+
+class ResourceError(SrdError):
+    """The cluster cannot hold what a stage asks for; the message names the setting and the numbers."""

@@ -29,6 +29,7 @@ from srd_ray.engines import check_context, resolve_engine
 from srd_ray.errors import SpecError
 from srd_ray.failures import explain
 from srd_ray.models import check_model_path, check_same_tokenizer, load_tokenizer
+from srd_ray.resources import check_stage
 from srd_ray.run_dir import RunDirectory
 from srd_ray.spec import JobSpec, ModelSpec, RaySpec
 from srd_ray.storage import Location
@@ -116,6 +117,28 @@ class Run:
     spec: JobSpec
     run_dir: RunDirectory
     fingerprints: dict[str, str] = field(default_factory=dict)
+    stages: tuple[str, ...] = ()  # the stages this command runs
+
+    @property
+    def private_ray(self) -> bool:
+        """A local Ray of this command's own (not attached to a cluster): no node will join it."""
+        return self.spec.ray.address == "local" and not os.environ.get("RAY_ADDRESS")
+
+    @cached_property
+    def generation_engine(self) -> str:
+        """distill.student_generation's resolved engine (vllm runs actors beside the Train workers)."""
+        from srd_ray.distill.stage import generation_engine
+
+        return generation_engine(self.spec)
+
+    def pass_engines(self) -> dict[str, str]:
+        """Each inference pass this command runs, by its spec section, with its resolved engine."""
+        engines = {"reflect": self.engine, "evaluate": self.engine}
+        if self.spec.distill.teacher_signal == "topk":
+            engines["teacher_signal"] = resolve_engine(self.spec.teacher_signal.engine, "teacher_signal.engine")
+        if self.spec.distill.student_generation.mode != "off":
+            engines["distill.student_generation"] = self.generation_engine
+        return {section: engine for section, engine in engines.items() if section.split(".")[0] in self.stages}
 
     @cached_property
     def train(self) -> LoadedData:
@@ -419,40 +442,46 @@ def preflight(run: Run) -> None:
         )
     check_context(run.spec.models.student, run.spec.data, run.spec.reflect.generation.max_new_tokens, engine)
     check_context(run.spec.models.teacher, run.spec.data, run.spec.evaluate.generation.max_new_tokens, engine)
-    check_local_gpus(run.spec)
     _ = run.train, run.eval_sets  # load now: a bad row fails here, naming file and line
     if run.spec.distill.curriculum == "srd":
         check_stratification(run.spec.rank, run.train.table, run.train.dropped_columns)
 
 
-def check_local_gpus(spec: JobSpec) -> None:
-    """A private local Ray gets this machine's GPUs: training that asks for GPUs where there are none would
-    wait forever. (Attached to a cluster, GPU nodes may still be scaling up, so the run waits as Ray does.)"""
-    if spec.ray.address != "local" or os.environ.get("RAY_ADDRESS"):
-        return
-    import torch
+def check_run_resources(run: Run) -> None:
+    """Before anything is written: a vLLM pass on a GPU run asks for a GPU; on a private local Ray (whose
+    one node is this machine) every stage this command runs fits. On a cluster, see :func:`_check_cluster`."""
+    from srd_ray.resources import refuse_if_impossible, this_machine, vllm_without_gpu
 
-    gpus = spec.ray.num_gpus if spec.ray.num_gpus is not None else torch.cuda.device_count()
-    for section in ("teacher_sft", "distill"):
-        training = getattr(spec, section)
-        if training.use_gpu and gpus == 0 and (section == "distill" or spec.teacher_sft.enabled):
-            raise SpecError(
-                f"{section}.use_gpu is true but the local Ray has no GPU on this machine: set "
-                f"{section}.use_gpu: false, or attach to a GPU cluster (ray.address or RAY_ADDRESS)"
-            )
+    problem = vllm_without_gpu(run.spec, run.pass_engines())
+    if problem:
+        raise SpecError(problem)
+    if run.private_ray:
+        refuse_if_impossible(run.spec, list(run.stages), run.generation_engine, this_machine(run.spec))
+
+
+def _check_cluster(run: Run) -> None:
+    """Attached to a cluster: refuse now a stage that cannot fit even once its autoscaler has added every
+    node it may (stages that may fit later wait for nodes when they start: :func:`_run_stage`)."""
+    from srd_ray.resources import autoscaling_nodes, cluster_nodes, refuse_if_impossible
+
+    growth = autoscaling_nodes()
+    if not run.private_ray and growth is not None:
+        refuse_if_impossible(run.spec, list(run.stages), run.generation_engine, cluster_nodes() + growth)
 
 
 def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str] | None = None) -> dict[str, Any]:
     """Run the selected stages (default: all enabled) and return the manifest."""
     selected = _selected_stages(spec, stages, redo)
-    run = Run(spec=spec, run_dir=RunDirectory(spec), fingerprints=fingerprints(spec))
+    run = Run(spec, RunDirectory(spec), fingerprints(spec), tuple(stage.name for stage in selected))
     prepared = "prepare" not in enabled_stages(spec) or run.run_dir.is_complete("prepare", run.fingerprints["prepare"])
     done: set[str] = set()
     check_inputs(run, selected[0], done)
+    check_run_resources(run)  # needs no models: before prepare makes them
     if prepared:
         preflight(run)
     attach_run_log(spec.run_dir)  # the inputs passed their checks: from here on, noise goes to logs/
     ensure_ray(spec.ray, verbose=console_is_verbose())
+    _check_cluster(run)
     with run.run_dir.lease():
         for name in redo or []:
             for downstream in STAGE_NAMES[STAGE_NAMES.index(name) :]:
@@ -488,6 +517,7 @@ def _run_stage(run: Run, stage: Stage) -> None:
         log.info("%s: already complete, skipping", stage.name)
         return
     run.run_dir.check_fingerprint(stage.name, fingerprint, stage.sections_for(run.spec))
+    check_stage(run.spec, stage.name, run.generation_engine, local=run.private_ray)
     log.info("%s: starting", stage.name)
     run.run_dir.start(stage.name, fingerprint)
     try:

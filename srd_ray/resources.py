@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from srd_ray.errors import ResourceError
 from srd_ray.spec import JobSpec
@@ -40,6 +39,8 @@ class Ask:
     count: int
     cpus: float
     gpus: float
+    cpu_key: str = "num_cpus_per_actor"  # the keys (in ``setting``) that set each process's size
+    gpu_key: str = "num_gpus_per_actor"
 
     def __str__(self) -> str:
         return f"{self.count} {self.what} ({self.cpus:g} CPU, {self.gpus:g} GPU each)"
@@ -54,13 +55,28 @@ def stage_asks(spec: JobSpec, stage: str, generation_engine: str = "transformers
     if stage in ("teacher_sft", "distill"):
         training = getattr(spec, stage)
         asks = [Ask(stage, f"{stage} workers", training.num_workers, training.num_cpus_per_worker,
-                    1.0 if training.use_gpu else 0.0)]  # fmt: skip
+                    1.0 if training.use_gpu else 0.0, "num_cpus_per_worker", "use_gpu")]  # fmt: skip
         generation = spec.distill.student_generation
         if stage == "distill" and generation.mode != "off" and generation_engine == "vllm":
             asks.append(Ask("distill.student_generation", "generation actors", generation.concurrency,
                             generation.num_cpus_per_actor, generation.num_gpus_per_actor))  # fmt: skip
         return asks
     return []
+
+
+def vllm_without_gpu(spec: JobSpec, engines: dict[str, str]) -> str | None:
+    """On a run that trains on GPUs, a vLLM pass whose actors ask for no GPU would start the CUDA build of
+    vLLM without one (review F4). ``engines``: each pass's resolved engine, by its spec section."""
+    if not (spec.distill.use_gpu or (spec.teacher_sft.enabled and spec.teacher_sft.use_gpu)):
+        return None
+    for section, engine in engines.items():
+        pool = spec.distill.student_generation if section == "distill.student_generation" else getattr(spec, section)
+        if engine == "vllm" and pool.num_gpus_per_actor == 0:
+            return (
+                f"{section}.num_gpus_per_actor is 0, but this run trains on GPUs and {section} runs vLLM, whose "
+                f"GPU build needs a GPU: set {section}.num_gpus_per_actor (1 is usual), or its engine to transformers"
+            )
+    return None
 
 
 def _resources(node: dict[str, float]) -> tuple[float, float]:
@@ -85,10 +101,16 @@ def _shortfall(failed: Ask, asks: list[Ask], nodes: list[dict[str, float]]) -> s
     total_cpus, total_gpus = (sum(_resources(node)[i] for node in nodes) for i in (0, 1))
     largest = max(nodes, key=lambda node: _resources(node)[::-1], default={})
     need_cpus, need_gpus = sum(a.count * a.cpus for a in asks), sum(a.count * a.gpus for a in asks)
+    most_gpus = max((_resources(node)[1] for node in nodes), default=0.0)
+    if failed.gpus > most_gpus:
+        has = "no GPU" if most_gpus == 0 else f"at most {most_gpus:g} GPU on one node"
+        return (f"{failed.setting}.{failed.gpu_key}: each of its {failed.what} asks for {failed.gpus:g} GPU, but "
+                f"the cluster has {has}")  # fmt: skip
     if not any(_resources(node)[0] >= failed.cpus and _resources(node)[1] >= failed.gpus for node in nodes):
         cpus, gpus = _resources(largest)
-        return (f"{failed.setting}: one of its {failed.what} asks for {failed.cpus:g} CPU and {failed.gpus:g} GPU, "
-                f"but no node has that much (the largest: {cpus:g} CPU, {gpus:g} GPU)")  # fmt: skip
+        return (f"{failed.setting}.{failed.cpu_key}: each of its {failed.what} asks for {failed.cpus:g} CPU and "
+                f"{failed.gpus:g} GPU, but no node has that much (the largest: {cpus:g} CPU, {gpus:g} "
+                "GPU)")  # fmt: skip
     return (
         f"{failed.setting}: the stage runs {' and '.join(map(str, asks))} at once, {need_cpus:g} CPU and "
         f"{need_gpus:g} GPU in all, but the cluster has {total_cpus:g} CPU and {total_gpus:g} GPU on "
@@ -125,6 +147,28 @@ def autoscaling_nodes() -> list[dict[str, float]] | None:
     return nodes
 
 
+def this_machine(spec: JobSpec) -> list[dict[str, float]]:
+    """The one node of a private local Ray, as Ray will count it (``ray.num_cpus`` / ``ray.num_gpus``, else
+    every core and CUDA device): known before Ray starts, so a stage that cannot fit is refused before
+    anything is written."""
+    import os
+
+    import torch
+
+    cpus = spec.ray.num_cpus if spec.ray.num_cpus is not None else os.cpu_count() or 1
+    gpus = spec.ray.num_gpus if spec.ray.num_gpus is not None else torch.cuda.device_count()
+    return [{"CPU": float(cpus), "GPU": float(gpus)}]
+
+
+def refuse_if_impossible(spec: JobSpec, stages: list[str], generation_engine: str, nodes: list[dict[str, float]]
+                         ) -> None:  # fmt: skip
+    """Refuse the run before it starts if one of ``stages`` can never fit on ``nodes``."""
+    for stage in stages:
+        problem = placement_problem(stage_asks(spec, stage, generation_engine), nodes)
+        if problem is not None:
+            raise ResourceError(problem)
+
+
 def check_stage(spec: JobSpec, stage: str, generation_engine: str, *, local: bool) -> None:
     """Before ``stage`` starts: refuse it (exit 2) if the cluster can never hold its processes; if more
     nodes may join (an autoscaler, or a cluster others add nodes to), say so and wait for them, at most
@@ -145,8 +189,3 @@ def check_stage(spec: JobSpec, stage: str, generation_engine: str, *, local: boo
             log.info("%s: the cluster now holds what the stage asks for", stage)
             return
     raise ResourceError(f"{problem} (after waiting {timeout}s for nodes: run.resource_timeout_s)")
-
-
-def describe(asks: list[Ask]) -> dict[str, Any]:
-    """The stage's asks, for its record."""
-    return {ask.what: {"count": ask.count, "cpus": ask.cpus, "gpus": ask.gpus} for ask in asks}

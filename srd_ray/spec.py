@@ -69,6 +69,9 @@ class RunSpec(_Strict):
     # A local path every node sees (shared storage on a cluster) or an object-store URI (s3://bucket/prefix).
     output_dir: str = "runs"
     seed: int = 0
+    # Attached to a cluster that may still grow (an autoscaler, nodes joining): how long a stage waits for
+    # the resources it asks for before the run stops (exit 2), naming the setting and the numbers.
+    resource_timeout_s: Annotated[int, Field(ge=0)] = 600
 
     @field_validator("output_dir")
     @classmethod

@@ -31,6 +31,7 @@ from srd_ray.failures import explain
 from srd_ray.models import check_model_path, check_same_tokenizer, load_tokenizer
 from srd_ray.resources import check_stage
 from srd_ray.run_dir import RunDirectory
+from srd_ray.shared_storage import check_every_node_sees
 from srd_ray.spec import JobSpec, ModelSpec, RaySpec
 from srd_ray.storage import Location
 from srd_ray.strata import check_stratification
@@ -482,6 +483,7 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str]
     attach_run_log(spec.run_dir)  # the inputs passed their checks: from here on, noise goes to logs/
     ensure_ray(spec.ray, verbose=console_is_verbose())
     _check_cluster(run)
+    check_every_node_sees(run.run_dir.location)
     with run.run_dir.lease():
         for name in redo or []:
             for downstream in STAGE_NAMES[STAGE_NAMES.index(name) :]:

@@ -58,3 +58,15 @@ def shared_eval_file(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present (the real eval sets live in ../shared/data)")
     return path
+
+
+BUCKET = "srd-runs"
+
+
+@pytest.fixture(scope="module")
+def object_store(tmp_path_factory):
+    """A local S3 server with one bucket; the AWS variables point this process and its children at it."""
+    from tests.processes import local_object_store
+
+    with local_object_store(tmp_path_factory.mktemp("srd-cache"), BUCKET) as bucket:
+        yield bucket

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -181,3 +182,43 @@ def assert_vllm_serves(model_dir: str | Path) -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "VLLM_OK" in loaded.stdout, loaded.stderr[-2000:]
+
+
+@contextlib.contextmanager
+def local_object_store(cache_dir: Path, bucket: str) -> Iterator[Location]:
+    """A local S3 server (moto) with one bucket, and the AWS variables pointing this process and its children
+    at it until the block ends. The server runs in its own process, as a real store would: moto's Flask app
+    imported into this process trips vLLM, which inspects every loaded module's globals."""
+    import boto3
+    import botocore.exceptions
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    settings = {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        # Models trained into the bucket are downloaded here to be loaded, not into ~/.cache.
+        "SRD_CACHE_DIR": str(cache_dir),
+    }  # fmt: skip
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket=bucket)
+                break
+            except botocore.exceptions.EndpointConnectionError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield Location.of(f"s3://{bucket}")
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.kill()
+        server.wait()

@@ -6,24 +6,19 @@ through the same environment a cluster would set (AWS_ENDPOINT_URL and credentia
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
-import boto3
-import botocore.exceptions
 import pyarrow as pa
 import pytest
 
 from srd_ray import storage
 from srd_ray.cli import main
 from srd_ray.storage import Location
+from tests.conftest import BUCKET
 from tests.processes import (
     DISTILL_3_STAGES,
     DISTILL_STEPS,
     check_resumed_in_stage_2,
     demo_data_yaml,
-    free_port,
     in_stage_2,
     kill_job,
     rerun_job,
@@ -32,47 +27,6 @@ from tests.processes import (
     wait_until,
     write_spec,
 )
-
-BUCKET = "srd-runs"
-
-
-@pytest.fixture(scope="module")
-def object_store(tmp_path_factory):
-    """A local S3 server with one bucket; the AWS variables point this process and its children at it.
-
-    The server runs in its own process, as a real store would: moto's Flask app imported into the test
-    process trips vLLM, which inspects every loaded module's globals."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            for name, value in {
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                # Models trained into the bucket are downloaded here to be loaded, not into ~/.cache.
-                "SRD_CACHE_DIR": str(tmp_path_factory.mktemp("srd-cache")),
-            }.items():
-                env.setenv(name, value)
-            s3 = boto3.client("s3")
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    s3.create_bucket(Bucket=BUCKET)
-                    break
-                except botocore.exceptions.EndpointConnectionError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise
-                    time.sleep(0.2)
-            yield Location.of(f"s3://{BUCKET}")
-    finally:
-        server.kill()
-        server.wait()
 
 
 def keys(folder: Location) -> list[str]:

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -116,6 +117,7 @@ class Host(Protocol):
     rank: int
     world: int
     device: torch.device
+    node: str  # where this worker runs (a Ray node id)
 
     def table(self, dataset: str) -> pa.Table: ...
 
@@ -193,6 +195,8 @@ class Trainer:
         with self.host.checkpoint() as folder:
             self.state = TrainState.load(folder) if folder else TrainState()
             self.model = self.build_model(folder)
+        nodes = gather_objects(self.host.node)  # where each rank runs: a restart may move them
+        self._append_metrics({"event": "workers", "nodes": nodes, "global_step": self.state.global_step})
         if self.state.rng:
             self._check_same_workers()
             restore_rng(self.state.rng[self.host.rank], self.device)
@@ -418,6 +422,8 @@ class Trainer:
             log.info("held-out KD loss after stage %d: %.4f", metrics["after_stage"], metrics["heldout_kd"])
         elif metrics.get("event") == "resumed":
             log.info("resuming at stage %d, step %d of the stage", metrics["stage"], metrics["stage_step"])
+        elif metrics.get("event") == "workers":
+            log.info("%d worker(s) on %d node(s)", len(metrics["nodes"]), len(set(metrics["nodes"])))
         elif metrics.get("event") == "stage_end":
             log.info("stage %d done: %.1f%% of positions were padding", metrics["stage"],
                      100 * metrics["padding_fraction"])  # fmt: skip
@@ -513,6 +519,7 @@ class RayTrainHost:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device() if uses_cuda(1 if use_gpu else 0) else torch.device("cpu")
+        self.node = ray.get_runtime_context().get_node_id()
 
     def table(self, dataset: str) -> pa.Table:
         import ray.train
@@ -549,6 +556,7 @@ class LocalHost:
         import torch.distributed as dist
 
         distributed = dist.is_available() and dist.is_initialized()
+        self.node = socket.gethostname()
         self.rank = dist.get_rank() if distributed else 0
         self.world = dist.get_world_size() if distributed else 1
         self.device, self.folder, self.keep = device, checkpoints, keep

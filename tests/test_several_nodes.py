@@ -1,0 +1,129 @@
+"""Several nodes on one machine: a ``ray.cluster_utils.Cluster`` of a head with no CPU (it runs the driver
+only, as a real head does) and two worker nodes of one CPU each, so every stage's actors and both Train
+workers spread over the two nodes. ``srd run`` attaches to it as a user's job does (RAY_ADDRESS).
+
+- The whole pipeline with ``teacher_signal: topk`` and its run directory on a local S3 server (moto).
+- A node that cannot see a local run directory stops the run before any stage, naming it.
+- A stage that asks for more than the cluster has waits for nodes to join, saying so, then runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from srd_ray.shared_storage import NODE_DISK
+from srd_ray.storage import Location
+from tests.processes import demo_data_yaml
+
+pytestmark = pytest.mark.slow
+
+PIPELINE = """
+engine: {name: transformers}
+reflect: {concurrency: 2, shard_rows: 40, generation: {max_new_tokens: 8}}
+teacher_signal: {concurrency: 2, k: 8, shard_rows: 40}
+distill:
+  teacher_signal: topk
+  num_workers: 2
+  batch_size: 8
+  log_every_steps: 2
+  stages:
+    - {steps: 2, kd_weight: 0.8, temperature: 1.0, lr: 1.0e-3}
+    - {steps: 2, kd_weight: 0.9, temperature: 1.5, lr: 1.0e-3}
+    - {steps: 2, kd_weight: 1.0, temperature: 2.0, lr: 1.0e-3}
+evaluate: {seeds: [10], max_examples: 8, generation: {max_new_tokens: 8}}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(object_store):
+    """Head (0 CPU) + two 1-CPU worker nodes; started after the S3 server, so the nodes' workers get its
+    AWS variables as nodes on a real cluster get theirs."""
+    from ray.cluster_utils import Cluster
+
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(2):
+        nodes.add_node(num_cpus=1)
+    nodes.wait_for_nodes()
+    yield nodes
+    nodes.shutdown()
+
+
+def spec_file(tmp_path: Path, tiny_models: dict, demo_data: dict, output_dir: str, name: str, extra: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    models = f"models: {{teacher: {{path: {tiny_models['teacher']}}}, student: {{path: {tiny_models['student']}}}}}\n"
+    path.write_text(f"run: {{name: {name}, output_dir: {output_dir}}}\n" + models + demo_data_yaml(demo_data) + extra)
+    return path
+
+
+def srd_run(cluster, spec: Path, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    return subprocess.run([sys.executable, "-m", "srd_ray.cli", "run", str(spec), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def test_the_pipeline_spreads_over_two_nodes_with_its_run_in_an_object_store(
+    cluster, object_store, tmp_path, tiny_models, demo_data
+):
+    spec = spec_file(tmp_path, tiny_models, demo_data, f"s3://{object_store.path}/nodes", "nodes", PIPELINE)
+    result = srd_run(cluster, spec)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = object_store / "nodes" / "nodes"
+    stages = json.loads((run_dir / "run.json").read_text())["stages"]
+    assert [name for name, record in stages.items() if record["status"] == "complete"] == [
+        "reflect", "rank", "teacher_signal", "distill", "evaluate",
+    ]  # fmt: skip
+    shards = (run_dir / "reflect" / "shards").files()
+    ids = [i for info in shards for i in Location(run_dir.filesystem, info.path).read_parquet(columns=["example_id"])
+           ["example_id"].to_pylist()]  # fmt: skip
+    assert len(ids) == len(set(ids)) == 160, "every row scored exactly once"
+    assert stages["teacher_signal"]["summary"]["rows"] == 144  # 3 kept buckets of 40 + 24 held-out rows
+    metrics = [json.loads(line) for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
+    (workers,) = [m["nodes"] for m in metrics if m.get("event") == "workers"]
+    assert len(workers) == 2 and len(set(workers)) == 2, "the two Train workers ran on different nodes"
+    assert stages["distill"]["summary"]["optimizer_steps"] == 6
+
+
+def test_a_node_that_cannot_see_a_local_run_directory_stops_the_run(cluster, tmp_path, tiny_models, demo_data):
+    """Review F3: the seam gives the third node a disk of its own; the run stops before any stage."""
+    blind = cluster.add_node(num_cpus=1, env_vars={NODE_DISK: str(tmp_path / "other-disk")})
+    cluster.wait_for_nodes()
+    try:
+        spec = spec_file(tmp_path, tiny_models, demo_data, str(tmp_path / "runs"), "blind", PIPELINE)
+        result = srd_run(cluster, spec, "--stages", "reflect")
+    finally:
+        cluster.remove_node(blind)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"run.output_dir: 1 of 4 nodes cannot see {tmp_path / 'runs' / 'blind'}" in result.stderr
+    assert not (tmp_path / "runs" / "blind" / "reflect").exists()
+
+
+def test_a_stage_waits_for_nodes_to_join_then_runs(cluster, tmp_path, tiny_models, demo_data):
+    """Attached to a cluster that may grow (no autoscaling config: nodes may join by hand), a stage that asks
+    for more than it has says so and waits; once a node joins, it runs."""
+    extra = "reflect: {concurrency: 3, shard_rows: 40, generation: {max_new_tokens: 8}}\nengine: {name: transformers}\n"
+    spec = spec_file(tmp_path, tiny_models, demo_data, str(tmp_path / "runs"), "grow", extra)
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    job = subprocess.Popen([sys.executable, "-m", "srd_ray.cli", "run", str(spec), "--stages", "reflect"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines = []
+    deadline = time.monotonic() + 300
+    while not any("waiting up to 600s for nodes to join" in line for line in lines):
+        assert job.poll() is None and time.monotonic() < deadline, "".join(lines)
+        lines.append(job.stdout.readline())
+    third = cluster.add_node(num_cpus=1)
+    try:
+        output, _ = job.communicate(timeout=600)
+    finally:
+        cluster.remove_node(third)
+    assert job.returncode == 0, "".join(lines) + output
+    assert "reflect: the stage runs 3 reflect actors (1 CPU, 0 GPU each) at once" in "".join(lines)
+    scored = pq.read_table(tmp_path / "runs" / "grow" / "reflect" / "shards")
+    assert scored.num_rows == 160

@@ -87,33 +87,32 @@ def cluster_env() -> dict[str, str]:
     return {**env, "PATH": f"{BIN}{os.pathsep}{env['PATH']}", "RAY_AUTH_MODE": "disabled"}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """`ray start --head --node-ip-address=127.0.0.1 --num-cpus=2`, stopped (the whole process tree) after.
+@contextlib.contextmanager
+def head_node(log_path: Path, env: dict[str, str], client: dict[str, str] | None = None):
+    """`ray start --head --node-ip-address=127.0.0.1 --num-cpus=2` with ``env``, stopped (the whole process
+    tree) after; yields once its job server answers ``ray job list`` (run with ``client``, default ``env``).
 
     Every port is picked free: other local Rays (this test run's own, a benchmark) may be running, and
     `ray stop` would stop them all."""
-    from ray.job_submission import JobSubmissionClient
-
     gcs_port, dashboard_port, agent_port, client_port = (free_port() for _ in range(4))
-    log = (tmp_path_factory.mktemp("cluster") / "ray-start.log").open("w")
+    log = log_path.open("w")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--num-cpus=2", "--object-store-memory=400000000", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent_port}",
          f"--ray-client-server-port={client_port}", "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, env=cluster_env(), start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     started = Cluster(gcs_address=f"127.0.0.1:{gcs_port}", dashboard=f"http://127.0.0.1:{dashboard_port}")
     try:
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                JobSubmissionClient(started.dashboard).list_jobs()
+        while True:  # the job server answers only once the dashboard is up
+            listed = subprocess.run([str(BIN / "ray"), "job", "list", "--address", started.dashboard],
+                                    capture_output=True, text=True, env=client or env, timeout=60)  # fmt: skip
+            if listed.returncode == 0:
                 break
-            except Exception:  # the job server answers only once the dashboard is up
-                assert head.poll() is None and time.monotonic() < deadline, "the local cluster did not start"
-                time.sleep(1)
+            assert head.poll() is None and time.monotonic() < deadline, "the local cluster did not start"
+            time.sleep(1)
         yield started
     finally:
         kill_tree(head.pid, signal.SIGTERM)
@@ -121,6 +120,13 @@ def cluster(tmp_path_factory):
             head.wait(timeout=30)
         kill_tree(head.pid)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A private test cluster, token auth off."""
+    with head_node(tmp_path_factory.mktemp("cluster") / "ray-start.log", cluster_env()) as started:
+        yield started
 
 
 def scored_ids(run_dir: Path) -> list[str]:
@@ -257,3 +263,27 @@ reflect: {concurrency: 2, shard_rows: 20, generation: {max_new_tokens: 8}}
         f"SIGINT at step {interrupted_at}; rerun kept {len(shard_times)} shards and the rank, "
         f"resumed distill at step {resumed_at} (stage 2)"
     )
+
+
+def test_a_job_is_submitted_as_the_readme_says_with_token_auth(tmp_path, tiny_models, demo_data):
+    """Ray 2.60: once ~/.ray/auth_token exists (any local ray.init writes one, e.g. the quickstart's private
+    Ray; here `ray get-auth-token --generate`), `ray start --head` turns token authentication on, and
+    `ray job submit` without RAY_AUTH_MODE=token fails with Ray's AuthenticationError. With it, as the
+    README's "Submitting jobs" says, the job runs."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in cluster_env().items() if k != "RAY_AUTH_MODE"} | {"HOME": str(home)}
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
+    spec = write_spec(tmp_path, tiny_models, demo_data_yaml(demo_data, heldout=False)
+                      + "engine: {name: transformers}\nreflect: {generation: {max_new_tokens: 8}}\n",
+                      name="token")  # fmt: skip
+    client = env | {"RAY_AUTH_MODE": "token"}
+    with head_node(tmp_path / "ray-start.log", env, client) as head:
+        submit = [str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", str(ROOT), "--",
+                  "srd", "run", str(spec), "--stages", "reflect"]  # fmt: skip
+        refused = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=120)
+        assert refused.returncode != 0 and "authentication" in (refused.stdout + refused.stderr).lower()
+        done = subprocess.run(submit, capture_output=True, text=True, env=client, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout.lower()
+    assert len(scored_ids(Path(load_spec(spec).run_dir))) == 160

@@ -453,11 +453,11 @@ def check_run_resources(run: Run) -> None:
     one node is this machine) every stage this command runs fits. On a cluster, see :func:`_check_cluster`."""
     from srd_ray.resources import refuse_if_impossible, this_machine, vllm_without_gpu
 
+    if run.private_ray:
+        refuse_if_impossible(run.spec, list(run.stages), run.generation_engine, this_machine(run.spec))
     problem = vllm_without_gpu(run.spec, run.pass_engines())
     if problem:
         raise SpecError(problem)
-    if run.private_ray:
-        refuse_if_impossible(run.spec, list(run.stages), run.generation_engine, this_machine(run.spec))
 
 
 def _check_cluster(run: Run) -> None:

@@ -43,32 +43,11 @@ def run_training(
 ) -> dict[str, Any]:
     """Train with Ray Train and save the final model to ``model_dir`` (default ``stage_dir/model``).
     ``rows`` (per dataset) lets the progress display know the total number of steps."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     stage_dir = Location.of(stage_dir)
     training = job.training
     if training.use_gpu and training.precision != "auto" and not gpu_path_on_cpu():
         check_gpu_precision(job.name, training.precision)
-    resources = {"CPU": training.num_cpus_per_worker, **({"GPU": 1} if training.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": job},
-        torch_config=TorchConfig(backend=process_group_backend(training.use_gpu)),
-        scaling_config=ScalingConfig(
-            num_workers=training.num_workers, use_gpu=training.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=job.name,
-            # Checkpoints go straight to the run directory's filesystem (local disk or object store).
-            storage_path=(stage_dir / "ray_train").path,
-            storage_filesystem=stage_dir.filesystem,
-            failure_config=FailureConfig(max_failures=training.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints),
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
-    )
+    trainer = torch_trainer(job, datasets, stage_dir)
     started = time.perf_counter()
     with MetricsFollower(job.name, stage_dir / "metrics.jsonl", total_steps(job, rows or {})):
         result = _fit(trainer, job.name)
@@ -95,6 +74,33 @@ def run_training(
         "heldout_kd": heldout_losses(records),
         **generation_totals(records),
     }
+
+
+def torch_trainer(job: TrainingJob, datasets: dict[str, Any], stage_dir: Location) -> Any:
+    """The Ray Train job: every worker sees every row (``datasets_to_split=[]``), checkpoints go straight to
+    the run directory's filesystem (local disk or object store), the newest ``keep_checkpoints`` kept."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    training = job.training
+    resources = {"CPU": training.num_cpus_per_worker, **({"GPU": 1} if training.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend=process_group_backend(training.use_gpu)),
+        scaling_config=ScalingConfig(
+            num_workers=training.num_workers, use_gpu=training.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=(stage_dir / "ray_train").path,
+            storage_filesystem=stage_dir.filesystem,
+            failure_config=FailureConfig(max_failures=training.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
 
 
 def generation_totals(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -92,7 +92,6 @@ def plain_loop(train, models, data_spec, stage) -> dict:
 
 
 def ray_train(train, models, data_spec, stage, workers: int, out: Path) -> dict:
-    import ray
 
     from srd_ray.distill.driver import run_training
     from srd_ray.distill.losses import LossSettings
@@ -110,8 +109,7 @@ def ray_train(train, models, data_spec, stage, workers: int, out: Path) -> dict:
         loss=LossSettings("fkl"), seed=0, metrics_path=str(stage_dir / "metrics.jsonl"),
     )  # fmt: skip
     started = time.perf_counter()
-    datasets = {"all": ray.data.from_arrow(train.select(["example_id", "prompt", "response"]))}
-    summary = run_training(job, datasets, stage_dir)
+    summary = run_training(job, {"all": train.select(["example_id", "prompt", "response"])}, stage_dir)
     wall = time.perf_counter() - started
     rates = [json.loads(line)["tokens_per_s"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()
              if "tokens_per_s" in line]  # fmt: skip

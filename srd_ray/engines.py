@@ -43,6 +43,7 @@ from srd_ray.models import (
     output_head,
     shift_for_next_token,
 )
+from srd_ray.signals import TopK
 from srd_ray.spec import DataSpec, GenerationSpec, ModelSpec, PoolSpec, VllmSpec
 
 
@@ -57,19 +58,6 @@ class Generations:
 class CrossEntropies:
     mean: list[float]  # mean token cross-entropy of each response (nats)
     tokens: list[int]  # response tokens it was averaged over (EOS included)
-
-
-@dataclass(frozen=True)
-class TopK:
-    """A teacher's next-token distribution at each response token of one row: the ``k`` most likely ids,
-    their log-probabilities (T = 1), the log of the probability mass outside them (the tail) and, for each
-    training temperature T ≠ 1 asked for, the tail's tempered mass log Σ_tail p^(1/T) (unnormalised, like
-    the re-tempered top-k log-probs): the top-k alone cannot give it, since it depends on the tail's shape."""
-
-    ids: np.ndarray  # int32 [tokens, k]
-    logprobs: np.ndarray  # float16 or float32 [tokens, k], most likely first
-    tail: np.ndarray  # float32 [tokens]; -inf when the k ids hold all the mass
-    tempered_tails: np.ndarray  # float32 [tokens, temperatures]; same -inf rule
 
 
 class Engine(Protocol):

@@ -27,6 +27,9 @@ from srd_ray.storage import Location
 log = logging.getLogger(__name__)
 
 REJECTED_KEY = b"srd_ray.rejected"  # rows an engine rejected, in their shard's metadata
+# Rows per Parquet row group of a shard: training reads the teacher signal of its micro-batches' rows a
+# row group at a time (srd_ray.distill.rows), never a whole shard.
+ROW_GROUP_ROWS = 16
 
 
 def split_into_shards(table: pa.Table, shard_rows: int) -> list[pa.Table]:
@@ -63,7 +66,7 @@ class ShardedPass:
         if rejected:
             schema = schema.with_metadata({**schema.metadata, REJECTED_KEY: json.dumps(rejected)})
         rows = pa.Table.from_pylist([], schema) if rows is None else rows.select(schema.names).cast(schema)
-        storage.write_parquet(self.shard_path(index), rows)
+        storage.write_parquet(self.shard_path(index), rows, row_group_size=ROW_GROUP_ROWS)
 
     def pending(self, shards: list[pa.Table]) -> list[pa.Table]:
         """The shards still to do; finished ones are checked (readable, same settings) and kept."""

@@ -158,9 +158,11 @@ def write_json(place: Place, payload: Any) -> None:
     write_text(place, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def write_parquet(place: Place, table: pa.Table) -> None:
+def write_parquet(place: Place, table: pa.Table, row_group_size: int | None = None) -> None:
+    """``table`` as one Parquet file, atomically; ``row_group_size`` rows a group where readers need
+    row groups they can read alone (training rows, teacher signal shards)."""
     buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
+    pq.write_table(table, buffer, row_group_size=row_group_size)
     write_bytes(place, buffer.getvalue().to_pybytes())
 
 

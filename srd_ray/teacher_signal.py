@@ -30,18 +30,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from srd_ray.engines import Engine, TopK, build_engine, engine_version
+from srd_ray.engines import Engine, build_engine, engine_version
 from srd_ray.errors import DataError
 from srd_ray.models import encode_example
 from srd_ray.shards import ShardedPass, ShardEngine, ShardWriter, split_into_shards
-from srd_ray.spec import DataSpec, JobSpec, ModelSpec, StageSpec
+from srd_ray.signals import SIGNAL_COLUMNS, TopK, signals_by_id, tail_temperatures  # noqa: F401 (re-exported)
+from srd_ray.spec import DataSpec, JobSpec, ModelSpec
 from srd_ray.storage import Location, Place
 
 log = logging.getLogger(__name__)
 
 SETTINGS_KEY = b"srd_ray.teacher_signal"
 LOGPROB_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
-SIGNAL_COLUMNS = ["example_id", "num_tokens", "topk_ids", "topk_logprobs", "tail_logprob", "tempered_tail_logprobs"]
 # Above this mean tempered mass outside the top k, the pass warns. Measured on the healed SmolLM2 pair
 # (bench/results/teacher_signal_tail_trained.md, srd_evidence_healed.md): at T 2, k 64 left 28 % outside
 # (fkl gradient error 5.4 %, demo ROUGE-L -1.2 vs online) and k 1024 left 16 % (1.5 %, -0.96).
@@ -58,11 +58,6 @@ def signal_fields(logprob_dtype: str) -> list[pa.Field]:
         pa.field("tail_logprob", pa.list_(pa.float32())),  # num_tokens
         pa.field("tempered_tail_logprobs", pa.list_(pa.float32())),  # num_tokens * temperatures
     ]
-
-
-def tail_temperatures(stages: Iterable[StageSpec]) -> tuple[float, ...]:
-    """The temperatures whose tempered tail mass the pass stores: every stage's, but T = 1 (the tail)."""
-    return tuple(sorted({stage.temperature for stage in stages} - {1.0}))
 
 
 def bytes_per_token(k: int, logprob_dtype: str, temperatures: int = 0) -> int:
@@ -222,37 +217,6 @@ def unique_rows(rows: pa.Table) -> pa.Table:
 def read_signal(stage_dir: Place, columns: list[str] | None = None) -> pa.Table:
     """The signal columns training needs (or ``columns``), for every row the pass scored."""
     return signal_pass(stage_dir, {}).read(columns=columns or SIGNAL_COLUMNS)
-
-
-def signals_by_id(signal: pa.Table, temperatures: tuple[float, ...]) -> dict[str, TopK]:
-    """Per example_id, the row's signal as arrays ([tokens, k] ids and log-probs, [tokens] tail, [tokens,
-    temperatures] tempered tails). ``temperatures`` are the training stages' (:func:`tail_temperatures`),
-    which the pass's settings fingerprint already tied to the shards."""
-    result = {}
-    for batch in signal.to_batches():
-        columns = {name: batch.column(name) for name in SIGNAL_COLUMNS}
-        counts = columns["num_tokens"].to_numpy()
-        ids = columns["topk_ids"].flatten().to_numpy()
-        logprobs = columns["topk_logprobs"].flatten().to_numpy(zero_copy_only=False)
-        tails = columns["tail_logprob"].flatten().to_numpy()
-        tempered = columns["tempered_tail_logprobs"].flatten().to_numpy()
-        tokens, width = int(counts.sum()), len(temperatures)
-        k = len(ids) // max(tokens, 1)
-        if len(tempered) != tokens * width:
-            raise DataError(
-                f"teacher_signal stores {len(tempered)} tempered tail values for {tokens} tokens, "
-                f"not one per training temperature {list(temperatures)}; rerun with --redo teacher_signal"
-            )
-        ends = np.cumsum(counts)
-        for example_id, end, count in zip(columns["example_id"].to_pylist(), ends, counts, strict=True):
-            start = end - count
-            result[example_id] = TopK(
-                ids[start * k : end * k].reshape(count, k),
-                logprobs[start * k : end * k].reshape(count, k),  # as stored (float16): fp32 per micro-batch
-                tails[start:end],
-                tempered[start * width : end * width].reshape(count, width),
-            )
-    return result
 
 
 def check_signal(rows: pa.Table, signal: pa.Table, tokenizer: Any, data: DataSpec) -> None:

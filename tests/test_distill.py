@@ -38,8 +38,7 @@ def train(strategy: str, workers: int, rows: pa.Table, tiny_models, out, ray) ->
         seed=0,
         metrics_path=str(out / name / "metrics.jsonl"),
     )  # fmt: skip
-    datasets = {"all": ray.data.from_arrow(rows.select(["example_id", "prompt", "response"]))}
-    return run_training(job, datasets, out / name)
+    return run_training(job, {"all": rows.select(["example_id", "prompt", "response"])}, out / name)
 
 
 @pytest.mark.slow

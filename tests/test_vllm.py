@@ -156,8 +156,7 @@ def test_on_policy_ddp_workers_train_on_samples_from_vllm_actors(ray_session, ti
         plan=(StagePlan(0, ("all",), StageSpec(steps=3, kd_weight=0.5, temperature=1.0, lr=1e-3)),),
         loss=LossSettings("jsd"), seed=0, metrics_path=str(tmp_path / "metrics.jsonl"), generation_engine="vllm",
     )  # fmt: skip
-    datasets = {"all": ray_session.data.from_arrow(rows.slice(0, 32).select(["example_id", "prompt", "response"]))}
-    summary = run_training(job, datasets, tmp_path)
+    summary = run_training(job, {"all": rows.slice(0, 32).select(["example_id", "prompt", "response"])}, tmp_path)
     assert summary["optimizer_steps"] == 3
     logged = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
     assert [r["sources"] for r in logged] == [{"samples": 1}] * 3

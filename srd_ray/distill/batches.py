@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from srd_ray.distill.losses import ScoredPositions, SparseTeacher
-from srd_ray.engines import TopK
 from srd_ray.models import TrainingExample, collate
+from srd_ray.signals import TopK
 from srd_ray.spec import StageSpec
 
 MEGABATCH_STEPS = 16

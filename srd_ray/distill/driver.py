@@ -1,13 +1,15 @@
 """The Ray Train job: one ``TorchTrainer`` per training stage, resumable, with its checkpoints kept few.
 
-Every worker gets every row of each dataset (``DataConfig(datasets_to_split=[])``) and plans the same
-steps (see ``batches``); a rerun with the same ``stage_dir`` resumes from the last checkpoint Ray Train
-reported there. After training, the final student is copied to ``stage_dir/model`` (atomically) and the
-stage summary is read back from ``metrics.jsonl``.
+The driver writes each dataset's rows to ``stage_dir/rows/<name>/`` (see ``rows``); every worker indexes
+them, plans the same steps (see ``batches``) and reads the rows of its own micro-batches as it trains. A
+rerun with the same ``stage_dir`` resumes from the last checkpoint Ray Train reported there. After
+training, the final student is copied to ``stage_dir/model`` (atomically) and the stage summary is read
+back from ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -17,10 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from srd_ray import storage
 from srd_ray.devices import gpu_path_on_cpu, process_group_backend
 from srd_ray.distill.batches import BatchLayout, stage_steps
 from srd_ray.distill.parallel import check_gpu_precision
+from srd_ray.distill.rows import write_rows
 from srd_ray.distill.state import MERGED_DIR, MODEL_DIR
 from srd_ray.distill.worker import TrainingJob, train_loop_per_worker
 from srd_ray.progress import Progress
@@ -36,18 +41,21 @@ def trained_model(stage_dir: Place) -> Location:
 
 def run_training(
     job: TrainingJob,
-    datasets: dict[str, Any],
+    datasets: dict[str, pa.Table],
     stage_dir: Place,
     rows: dict[str, int] | None = None,
     model_dir: Place | None = None,
 ) -> dict[str, Any]:
-    """Train with Ray Train and save the final model to ``model_dir`` (default ``stage_dir/model``).
-    ``rows`` (per dataset) lets the progress display know the total number of steps."""
+    """Train on ``datasets`` (each a table of training rows) with Ray Train and save the final model to
+    ``model_dir`` (default ``stage_dir/model``). ``rows`` (per dataset; default the tables' sizes) lets the
+    progress display know the total number of steps, including datasets a later job brings (refresh)."""
     stage_dir = Location.of(stage_dir)
     training = job.training
     if training.use_gpu and training.precision != "auto" and not gpu_path_on_cpu():
         check_gpu_precision(job.name, training.precision)
-    trainer = torch_trainer(job, datasets, stage_dir)
+    job = dataclasses.replace(job, row_files=tuple(write_datasets(datasets, stage_dir / "rows").items()))
+    rows = rows or {name: table.num_rows for name, table in datasets.items()}
+    trainer = torch_trainer(job, stage_dir)
     started = time.perf_counter()
     with MetricsFollower(job.name, stage_dir / "metrics.jsonl", total_steps(job, rows or {})):
         result = _fit(trainer, job.name)
@@ -76,10 +84,19 @@ def run_training(
     }
 
 
-def torch_trainer(job: TrainingJob, datasets: dict[str, Any], stage_dir: Location) -> Any:
-    """The Ray Train job: every worker sees every row (``datasets_to_split=[]``), checkpoints go straight to
-    the run directory's filesystem (local disk or object store), the newest ``keep_checkpoints`` kept."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+def write_datasets(datasets: dict[str, pa.Table], folder: Location) -> dict[str, str]:
+    """Each dataset's rows as ``folder/<name>/part-00000.parquet`` (see ``rows``); where each one is."""
+    places = {}
+    for name, table in datasets.items():
+        write_rows(table, folder / name / "part-00000.parquet")
+        places[name] = str(folder / name)
+    return places
+
+
+def torch_trainer(job: TrainingJob, stage_dir: Location) -> Any:
+    """The Ray Train job: checkpoints go straight to the run directory's filesystem (local disk or object
+    store), the newest ``keep_checkpoints`` kept. No Ray datasets: workers read the rows themselves."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     training = job.training
@@ -98,8 +115,6 @@ def torch_trainer(job: TrainingJob, datasets: dict[str, Any], stage_dir: Locatio
             failure_config=FailureConfig(max_failures=training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints),
         ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
     )
 
 

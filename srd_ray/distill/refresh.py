@@ -72,11 +72,9 @@ def train_with_refresh(
     reflector: Reflector,
     rank_dir: Location,
     train_rows: pa.Table,
-    extra_datasets: dict[str, Any],
     stage_dir: Location,
 ) -> dict[str, Any]:
     """Train ``job``'s stages one Ray Train job at a time, refreshing the next bucket between them."""
-    import ray
 
     initial = read_ranked(rank_dir)
     rank = reflector.spec.rank
@@ -96,9 +94,9 @@ def train_with_refresh(
         if not last and model_dir.exists():
             log.info("distill: stage %d already trained (%s)", index, model_dir)
             continue
-        datasets = {bucket_name(b): ray.data.from_arrow(table) for b, table in buckets.items()}
+        datasets = {bucket_name(b): table for b, table in buckets.items()}
         segment = dataclasses.replace(job, last_stage=index, planned_rows=tuple(planned.items()))
-        summary = run_training(segment, {**datasets, **extra_datasets}, stage_dir, rows=planned, model_dir=model_dir)
+        summary = run_training(segment, datasets, stage_dir, rows=planned, model_dir=model_dir)
         wall += summary["train_wall_s"]
     return {**summary, "train_wall_s": round(wall, 2), "refresh": refreshes, "refresh_cost": refresh_cost(refreshes)}
 

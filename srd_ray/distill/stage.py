@@ -12,14 +12,14 @@ import pyarrow as pa
 
 from srd_ray.distill.driver import run_training
 from srd_ray.distill.losses import LossSettings
-from srd_ray.distill.worker import SIGNAL_DATASET, StagePlan, TrainingJob
+from srd_ray.distill.worker import StagePlan, TrainingJob
 from srd_ray.engines import resolve_engine
 from srd_ray.errors import DataError, SpecError
 from srd_ray.models import load_tokenizer
 from srd_ray.rank import bucket_dir, read_manifest
 from srd_ray.spec import DistillSpec, JobSpec, ModelSpec, StageSpec
 from srd_ray.storage import Location, Place
-from srd_ray.teacher_signal import SIGNAL_COLUMNS, check_signal, read_signal
+from srd_ray.teacher_signal import check_signal, read_signal
 
 if TYPE_CHECKING:
     from srd_ray.distill.refresh import Reflector
@@ -50,16 +50,13 @@ def training_job(spec: JobSpec, stage_dir: Place, **settings: Any) -> TrainingJo
 
 def run_teacher_sft(spec: JobSpec, train_rows: pa.Table, stage_dir: Place) -> dict[str, Any]:
     """Fine-tune the teacher on the training references (cross-entropy only), as the SRD paper does."""
-    import ray
-
     sft = spec.teacher_sft
     plan = (StagePlan(0, ("all",), StageSpec(epochs=sft.epochs, kd_weight=0.0, lr=sft.lr)),)
     job = training_job(
         spec, stage_dir, name="teacher_sft", training=sft, student=spec.models.teacher, teacher=None, plan=plan,
         loss=LossSettings("sft"),
     )  # fmt: skip
-    datasets = {"all": ray.data.from_arrow(train_rows.select(TRAINING_COLUMNS))}
-    return run_training(job, datasets, stage_dir, rows={"all": train_rows.num_rows})
+    return run_training(job, {"all": train_rows.select(TRAINING_COLUMNS)}, stage_dir)
 
 
 def check_buckets(rank_dir: Location, used: range) -> None:
@@ -117,8 +114,6 @@ def run_distill(
     """Curriculum KD from the rank stage's buckets (SRD) or from all rows (``curriculum: none``); with a
     ``signal_dir`` the teacher's stored top-k signal replaces the teacher model. With ``rank.refresh:
     every_stage`` the ``reflector`` scores the rows left between stages (see ``srd_ray.distill.refresh``)."""
-    import ray
-
     distill = spec.distill
     plan = plan_curriculum(distill)
     refreshing = rank_dir is not None and spec.rank.refresh == "every_stage"
@@ -130,33 +125,26 @@ def run_distill(
         buckets = bucket_tables(Location.of(rank_dir), range(len(distill.stages)))
         tables = {bucket_name(b): table for b, table in buckets.items()}
     heldout = heldout_rows  # already the first distill.heldout_rows (pipeline.heldout_rows)
-    signals = {}
     if signal_dir is not None:
-        signal = Location.of(signal_dir) / "shards"
         counts = read_signal(signal_dir, ["example_id", "num_tokens"])
         used = pa.concat_tables([*(tables.values() or [training_rows(spec, rank_dir, train_rows)]), heldout])
         check_signal(used, counts, load_tokenizer(spec.models.student), spec.data)
-        signals[SIGNAL_DATASET] = ray.data.read_parquet(
-            signal.path, filesystem=signal.filesystem, columns=SIGNAL_COLUMNS
-        ).materialize()
     job = training_job(
         spec, stage_dir, name="distill", training=distill, student=spec.models.student, teacher=teacher,
         plan=plan, loss=distill.loss_settings, reset_optimizer_each_stage=distill.reset_optimizer_each_stage,
         teacher_dtype=distill.teacher_dtype, teacher_signal=distill.teacher_signal,
         heldout=tuple(zip(*(heldout[c].to_pylist() for c in TRAINING_COLUMNS), strict=True)),
         generation_engine=generation_engine(spec), vllm=spec.engine.vllm,
+        signal_files=str(Location.of(signal_dir) / "shards") if signal_dir is not None else None,
     )  # fmt: skip
     if refreshing:
         from srd_ray.distill.refresh import train_with_refresh
 
         if reflector is None:
             raise ValueError("rank.refresh every_stage needs a reflector")
-        summary = train_with_refresh(job, reflector, Location.of(rank_dir), train_rows, signals, Location.of(stage_dir))
+        summary = train_with_refresh(job, reflector, Location.of(rank_dir), train_rows, Location.of(stage_dir))
     else:
-        # In the object store before training: the workers pull blocks without needing CPUs for read tasks.
-        datasets = {name: ray.data.from_arrow(table) for name, table in tables.items()}
-        rows = {name: table.num_rows for name, table in tables.items()}
-        summary = run_training(job, {**datasets, **signals}, stage_dir, rows=rows)
+        summary = run_training(job, tables, stage_dir)
     summary["curriculum"] = distill.curriculum
     summary["loss"] = distill.loss
     summary["teacher_signal"] = distill.teacher_signal

@@ -5,8 +5,9 @@
 Train worker, ``LocalHost`` under plain ``torch.distributed`` (tests, the GPU check). Per step the trainer
 picks the rows (``batches``), and ``step.train_step`` does the rest.
 
-Every worker follows the same schedule and takes the same number of steps (all workers hold the whole
-pool and plan identically): Ray Train's ``report``, DDP's all-reduce and FSDP's gathers are barriers.
+Every worker follows the same schedule and takes the same number of steps (all workers know every row's
+length and plan identically; each reads only the rows of its own micro-batches, as it builds them: see
+``pool``): Ray Train's ``report``, DDP's all-reduce and FSDP's gathers are barriers.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from srd_ray.distill.losses import LossSettings, StageWeights
 from srd_ray.distill.metric_sinks import MetricSinks
 from srd_ray.distill.model_factory import ModelFactory
 from srd_ray.distill.parallel import all_reduce_sum, gather_objects, resolve_precision, setup_device_math
+from srd_ray.distill.pool import SIGNAL_DATASET, ExamplePool, Pool, RowPool
+from srd_ray.distill.rows import local_files, write_rows
 from srd_ray.distill.state import MERGED_DIR, MODEL_DIR, TrainState, capture_rng, restore_rng
 from srd_ray.distill.step import StepResult, StepSettings, heldout_kd, train_step
 from srd_ray.distill.strategy import strategy_for
@@ -45,16 +48,14 @@ from srd_ray.distill.student_generation import (
     build_sampler,
     prompt_ids,
 )
-from srd_ray.engines import TopK
 from srd_ray.errors import DataError
-from srd_ray.models import TrainingExample, encode_example, load_adapter, load_model, load_tokenizer
+from srd_ray.models import load_adapter, load_model, load_tokenizer
+from srd_ray.shards import ROW_GROUP_ROWS
+from srd_ray.signals import tail_temperatures
 from srd_ray.spec import DataSpec, ModelSpec, StageSpec, StudentGenerationSpec, TrainingSpec, VllmSpec
 from srd_ray.storage import Location
-from srd_ray.teacher_signal import signals_by_id, tail_temperatures
 
 log = logging.getLogger(__name__)
-
-SIGNAL_DATASET = "teacher_signal"  # the dataset of stored top-k teacher signals, when there is one
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,10 @@ class TrainingJob:
     # exist yet). Their planned row counts, by dataset, stand in for them where all stages are planned.
     last_stage: int | None = None
     planned_rows: tuple[tuple[str, int], ...] = ()
+    # Where each dataset's rows are (a Parquet file per dataset, see ``rows``) and the teacher signal's
+    # shards: read by each worker as it trains (RayTrainHost; LocalHost is given its rows directly).
+    row_files: tuple[tuple[str, str], ...] = ()
+    signal_files: str | None = None
 
     @property
     def student_generation(self) -> StudentGenerationSpec:
@@ -119,33 +124,12 @@ class Host(Protocol):
     device: torch.device
     node: str  # where this worker runs (a Ray node id)
 
-    def table(self, dataset: str) -> pa.Table: ...
+    def files(self, dataset: str) -> list[Path]:
+        """Local paths of a dataset's Parquet files: training rows (``rows``), or the teacher signal."""
 
     def checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
 
     def report(self, metrics: dict[str, Any], folder: Path | None) -> None: ...
-
-
-@dataclass
-class Pool:
-    """A stage's rows, tokenized, in the same order on every worker (and their stored teacher signal)."""
-
-    examples: list[TrainingExample]
-    signals: list[TopK] | None
-    lengths: list[int]
-    scored_tokens: list[int]  # response tokens each row contributes to the loss
-    tail_temperatures: tuple[float, ...] = ()  # of the signals' tempered-tail columns
-
-    @classmethod
-    def of(cls, rows: list[tuple[TrainingExample, TopK | None]], tail_temperatures: tuple[float, ...] = ()) -> Pool:
-        examples = [example for example, _ in rows]
-        signals = [signal for _, signal in rows] if rows and rows[0][1] is not None else None
-        lengths, scored = [len(e.input_ids) for e in examples], [e.scored_tokens for e in examples]
-        return cls(examples, signals, lengths, scored, tail_temperatures)
-
-    def micro_batch(self, rows: tuple[int, ...], pad_token_id: int) -> MicroBatch:
-        signals = None if self.signals is None else [self.signals[i] for i in rows]
-        return MicroBatch.of([self.examples[i] for i in rows], pad_token_id, signals, self.tail_temperatures)
 
 
 @dataclass
@@ -177,8 +161,6 @@ class Trainer:
             self.training.group_by_length,
         )  # fmt: skip
         self.tokenizer = load_tokenizer(job.student)
-        self.examples: dict[str, list[tuple[TrainingExample, TopK | None]]] = {}
-        self.signals: dict[str, TopK] | None = None  # the stored teacher signal, by example_id
         self.latest_metrics: dict[str, float] = {}  # rides along with each checkpoint report
         self.generation: StudentGeneration | None = None
 
@@ -196,7 +178,7 @@ class Trainer:
             self.state = TrainState.load(folder) if folder else TrainState()
             self.model = self.build_model(folder)
         nodes = gather_objects(self.host.node)  # where each rank runs: a restart may move them
-        self._append_metrics({"event": "workers", "nodes": nodes, "global_step": self.state.global_step})
+        self._append_metrics({"event": "workers", "nodes": nodes})
         if self.state.rng:
             self._check_same_workers()
             restore_rng(self.state.rng[self.host.rank], self.device)
@@ -204,8 +186,8 @@ class Trainer:
             self._append_metrics({"event": "resumed", **at})
         else:
             torch.manual_seed(self.job.seed + self.host.rank)
-        if self.job.teacher_signal == "topk":
-            self.signals = signals_by_id(self.host.table(SIGNAL_DATASET), self.job.tail_temperatures)
+        self.rows = RowPool(self.host, self.tokenizer, self.job.data, self.job.teacher_signal == "topk",
+                            self.job.tail_temperatures, self.training.batch_size)  # fmt: skip
         self.scaler = self.precision.grad_scaler(self.device)
         self.optimizer = self.scheduler = None
         generating = self.job.student_generation.mode != "off"
@@ -249,27 +231,9 @@ class Trainer:
                 f"--redo {self.job.name}"
             )
 
-    def _encode(self, example_id: str, prompt: str, response: str) -> tuple[TrainingExample, TopK | None]:
-        """A row as training sees it, with its stored teacher signal (which must cover its tokens)."""
-        data: DataSpec = self.job.data
-        example = encode_example(self.tokenizer, prompt, response, data.max_prompt_tokens, data.max_response_tokens)
-        if self.signals is None:
-            return example, None
-        signal = self.signals.get(example_id)
-        if signal is None or len(signal.tail) != example.scored_tokens:
-            found = "no signal" if signal is None else f"a signal for {len(signal.tail)} tokens"
-            raise DataError(f"teacher_signal has {found} for row {example_id} ({example.scored_tokens} tokens)")
-        return example, signal
-
     def _pool(self, stage: StagePlan) -> Pool:
-        """Each dataset is pulled once, when its first stage starts; rows sorted by id, so every worker's
-        pool is in the same order whatever order the rows arrived in."""
-        for name in stage.datasets:
-            if name not in self.examples:
-                table = self.host.table(name).sort_by("example_id")
-                columns = (table[c].to_pylist() for c in ("example_id", "prompt", "response"))
-                self.examples[name] = [self._encode(*row) for row in zip(*columns, strict=True)]
-        return Pool.of([row for name in stage.datasets for row in self.examples[name]], self.job.tail_temperatures)
+        """The stage's rows: each dataset opened once, when its first stage starts."""
+        return self.rows.stage(stage.datasets)
 
     def _planned_steps(self) -> int:
         """Every stage's optimizer steps; a stage whose rows are not known yet counts its planned rows."""
@@ -283,20 +247,15 @@ class Trainer:
         return total
 
     def _stage_steps(self, stage: StagePlan, pool: Pool) -> int:
-        steps = stage_steps(len(pool.examples), stage.settings, self.layout)
+        steps = stage_steps(len(pool), stage.settings, self.layout)
         if steps == 0:
-            raise DataError(
-                f"stage {stage.index} has {len(pool.examples)} training rows: too few for {self.host.world} workers"
-            )
+            raise DataError(f"stage {stage.index} has {len(pool)} training rows: too few for {self.host.world} workers")
         return steps
 
     def _heldout_batches(self) -> list[MicroBatch]:
         if self.job.teacher is None or not self.job.heldout:
             return []
-        pool = Pool.of([self._encode(*row) for row in self.job.heldout], self.job.tail_temperatures)
-        size, pad = self.training.batch_size, self.tokenizer.pad_token_id
-        rows = range(len(pool.examples))
-        return [pool.micro_batch(tuple(rows[start : start + size]), pad) for start in range(0, len(rows), size)]
+        return self.rows.heldout_batches(self.job.heldout, self.training.batch_size)
 
     def _new_optimizer(self, lr: float, total_steps: int) -> None:
         parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -332,7 +291,7 @@ class Trainer:
     def run_stage(self, stage: StagePlan) -> None:
         pool = self._pool(stage)
         total = self._stage_steps(stage, pool)
-        steps_per_epoch = self.layout.steps_per_epoch(len(pool.examples))
+        steps_per_epoch = self.layout.steps_per_epoch(len(pool))
         if self.job.reset_optimizer_each_stage:
             self._new_optimizer(stage.settings.lr, total)
         self._restore_optimizer()
@@ -375,9 +334,10 @@ class Trainer:
         source = self.generation.choose(self.state.global_step)
         if source.train_on is Source.REFERENCE:
             return pool, plan, source.train_on
-        prompts = [prompt_ids(pool.examples[i]) for micro in plan.groups for part in micro for i in part]
+        planned = [i for micro in plan.groups for part in micro for i in part]
+        prompts = [prompt_ids(example) for example in pool.examples(planned)]
         rows = self.generation.rows_for(source, self.state.global_step, prompts, self.model)
-        generated = Pool.of([(row, None) for row in rows])
+        generated = ExamplePool(rows)
         return generated, deal_step(list(range(len(rows))), generated.lengths, generated.scored_tokens,
                                     self.layout), source.train_on  # fmt: skip
 
@@ -440,7 +400,7 @@ class Trainer:
             log.info(
                 "stage %d: %d rows from %s over %d worker(s) (%s, %s on %s), %d steps (%d per epoch), "
                 "kd_weight %.2f, T %.2f",
-                stage.index, len(pool.examples), ",".join(stage.datasets), self.host.world,
+                stage.index, len(pool), ",".join(stage.datasets), self.host.world,
                 self.training.strategy, self.precision.name, self.device, total, per_epoch,
                 stage.settings.kd_weight, stage.settings.temperature,
             )  # fmt: skip
@@ -509,23 +469,23 @@ def _generation_note(metrics: dict[str, Any]) -> str:
 
 
 class RayTrainHost:
-    """Inside a Ray Train worker: rank and device from Ray Train, rows from its dataset shards (every
-    worker gets every row: see ``driver``), checkpoints reported to Ray Train."""
+    """Inside a Ray Train worker: rank and device from Ray Train, rows from the files the driver wrote
+    (``TrainingJob.row_files``, the teacher signal's shards; a run on an object store is downloaded once per
+    node), checkpoints reported to Ray Train."""
 
-    def __init__(self, use_gpu: bool) -> None:
+    def __init__(self, job: TrainingJob) -> None:
         import ray.train
         import ray.train.torch
 
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        use_gpu = job.training.use_gpu
         self.device = ray.train.torch.get_device() if uses_cuda(1 if use_gpu else 0) else torch.device("cpu")
         self.node = ray.get_runtime_context().get_node_id()
+        self.places = {**dict(job.row_files), **({SIGNAL_DATASET: job.signal_files} if job.signal_files else {})}
 
-    def table(self, dataset: str) -> pa.Table:
-        import ray.train
-
-        batches = ray.train.get_dataset_shard(dataset).iter_batches(batch_size=None, batch_format="pyarrow")
-        return pa.concat_tables(list(batches))
+    def files(self, dataset: str) -> list[Path]:
+        return local_files(self.places[dataset])
 
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[Path | None]:
@@ -547,8 +507,9 @@ class RayTrainHost:
 
 
 class LocalHost:
-    """Plain ``torch.distributed`` (or one process): rows given up front, checkpoints kept in a folder
-    (the newest ``keep``). For tests and for the GPU check, which has no Ray."""
+    """Plain ``torch.distributed`` (or one process): rows given up front (written to this host's own
+    folder in the layout the driver writes, so training reads them as it would on Ray), checkpoints kept
+    in a folder (the newest ``keep``). For tests and for the GPU check, which has no Ray."""
 
     def __init__(
         self, datasets: dict[str, pa.Table | list[dict]], checkpoints: Path, device: torch.device, keep: int = 2
@@ -562,10 +523,18 @@ class LocalHost:
         self.device, self.folder, self.keep = device, checkpoints, keep
         self.datasets = {name: rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
                          for name, rows in datasets.items()}  # fmt: skip
+        self.rows_dir = Path(tempfile.mkdtemp(prefix="srd-rows-"))
         self.reports: list[dict[str, Any]] = []
 
-    def table(self, dataset: str) -> pa.Table:
-        return self.datasets[dataset]
+    def files(self, dataset: str) -> list[Path]:
+        path = self.rows_dir / f"{dataset}.parquet"
+        if not path.exists():
+            table = self.datasets[dataset]
+            if dataset == SIGNAL_DATASET:
+                storage.write_parquet(path, table, row_group_size=ROW_GROUP_ROWS)
+            else:
+                write_rows(table, path)
+        return [path]
 
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[Path | None]:
@@ -586,4 +555,4 @@ class LocalHost:
 def train_loop_per_worker(config: dict[str, TrainingJob]) -> None:
     """Ray Train's entry point on every worker."""
     job = config["job"]
-    Trainer(job, RayTrainHost(job.training.use_gpu)).run()
+    Trainer(job, RayTrainHost(job)).run()

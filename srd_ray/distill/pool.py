@@ -1,0 +1,149 @@
+"""What a training worker trains on: its datasets' rows, encoded as training tokenizes them, with their
+stored teacher signal, read as each micro-batch is built (``rows``): a worker holds its batches, not the
+data set.
+
+A stage's ``Pool`` is its datasets' rows in the same order on every worker (each dataset's rows sorted by
+example_id), known by their token lengths, which is all the step plan needs (``batches``). A micro-batch's
+rows are read, tokenized and paired with their signal when it is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from srd_ray.distill.batches import MicroBatch
+from srd_ray.distill.rows import TRAINING_COLUMNS, RowFiles, RowReader, lengths_of
+from srd_ray.errors import DataError
+from srd_ray.models import TrainingExample, encode_example
+from srd_ray.signals import SIGNAL_COLUMNS, TopK, signals_by_id
+
+SIGNAL_DATASET = "teacher_signal"  # the dataset of stored top-k teacher signals, when there is one
+
+
+class RowHost(Protocol):
+    def files(self, dataset: str) -> list[Any]:
+        """Local paths of a dataset's Parquet files (training rows, or the teacher signal's shards)."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset's rows, known by id and length; read through ``reader`` when a batch needs them."""
+
+    ids: list[str]
+    lengths: list[int]
+    scored_tokens: list[int]
+    reader: RowReader
+
+
+class Pool:
+    """One stage's rows: ``lengths`` and ``scored_tokens`` for the plan, rows read when a batch is built."""
+
+    def __init__(self, rows: RowPool, datasets: Sequence[Dataset]) -> None:
+        self.rows = rows
+        self.where = [(dataset, i) for dataset in datasets for i in range(len(dataset.ids))]
+        self.lengths = [dataset.lengths[i] for dataset, i in self.where]
+        self.scored_tokens = [dataset.scored_tokens[i] for dataset, i in self.where]
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def ids(self, rows: Sequence[int]) -> list[str]:
+        return [self.where[row][0].ids[self.where[row][1]] for row in rows]
+
+    def examples(self, rows: Sequence[int]) -> list[TrainingExample]:
+        """The rows, read and encoded, in order."""
+        text: dict[str, tuple[str, str]] = {}
+        for dataset in {id(self.where[row][0]): self.where[row][0] for row in rows}.values():
+            wanted = [dataset.ids[i] for d, i in (self.where[row] for row in rows) if d is dataset]
+            table = dataset.reader.read(wanted)
+            text.update(zip(table["example_id"].to_pylist(),
+                            zip(table["prompt"].to_pylist(), table["response"].to_pylist(), strict=True),
+                            strict=True))  # fmt: skip
+        return [self.rows.encode(*text[example_id]) for example_id in self.ids(rows)]
+
+    def micro_batch(self, rows: Sequence[int], pad_token_id: int) -> MicroBatch:
+        examples = self.examples(rows)
+        signals = self.rows.signals_for(self.ids(rows), examples)
+        return MicroBatch.of(examples, pad_token_id, signals, self.rows.tail_temperatures)
+
+
+class ExamplePool:
+    """Rows already encoded (the student's samples): the same interface as ``Pool``."""
+
+    def __init__(self, examples: Sequence[TrainingExample]) -> None:
+        self.items = list(examples)
+        self.lengths = [len(e.input_ids) for e in self.items]
+        self.scored_tokens = [e.scored_tokens for e in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def examples(self, rows: Sequence[int]) -> list[TrainingExample]:
+        return [self.items[row] for row in rows]
+
+    def micro_batch(self, rows: Sequence[int], pad_token_id: int) -> MicroBatch:
+        return MicroBatch.of(self.examples(rows), pad_token_id)
+
+
+class RowPool:
+    """A worker's datasets, opened once each (indexed by example_id, lengths learned by tokenizing a row
+    group at a time), and the stored teacher signal."""
+
+    def __init__(self, host: RowHost, tokenizer: Any, data: Any, topk: bool, tail_temperatures: tuple[float, ...],
+                 batch_size: int = 8) -> None:  # fmt: skip
+        self.host, self.tokenizer, self.data = host, tokenizer, data
+        self.tail_temperatures = tail_temperatures
+        # A micro-batch's rows lie in at most batch_size row groups: keep twice that, whatever the data's size.
+        self.cache_groups = 2 * batch_size
+        self.datasets: dict[str, Dataset] = {}
+        signals = RowFiles(host.files(SIGNAL_DATASET)) if topk else None
+        self.signals = RowReader(signals, SIGNAL_COLUMNS, self.cache_groups) if signals else None
+
+    def encode(self, prompt: str, response: str) -> TrainingExample:
+        data = self.data
+        return encode_example(self.tokenizer, prompt, response, data.max_prompt_tokens, data.max_response_tokens)
+
+    def dataset(self, name: str) -> Dataset:
+        if name not in self.datasets:
+            files = RowFiles(self.host.files(name))
+            lengths, scored = lengths_of(files, self.encode)
+            ids = files.ids()
+            self.datasets[name] = Dataset(ids, [lengths[i] for i in ids], [scored[i] for i in ids],
+                                          RowReader(files, TRAINING_COLUMNS, self.cache_groups))  # fmt: skip
+        return self.datasets[name]
+
+    def stage(self, names: Sequence[str]) -> Pool:
+        return Pool(self, [self.dataset(name) for name in names])
+
+    def signals_for(self, ids: Sequence[str], examples: Sequence[TrainingExample]) -> list[TopK] | None:
+        """The stored teacher signal of each row (None without one), which must cover exactly its scored
+        tokens as training tokenizes them."""
+        if self.signals is None:
+            return None
+        by_id = signals_by_id(self.signals.read(list(ids)), self.tail_temperatures)
+        for example_id, example in zip(ids, examples, strict=True):
+            signal = by_id.get(example_id)
+            if signal is None or len(signal.tail) != example.scored_tokens:
+                found = "no signal" if signal is None else f"a signal for {len(signal.tail)} tokens"
+                raise DataError(f"teacher_signal has {found} for row {example_id} ({example.scored_tokens} tokens)")
+        return [by_id[example_id] for example_id in ids]
+
+    def heldout_batches(self, heldout: Sequence[tuple[str, str, str]], batch_size: int) -> list[MicroBatch]:
+        """The held-out KD metric's rows (few: given with the job) in micro-batches."""
+        examples = [self.encode(prompt, response) for _, prompt, response in heldout]
+        ids = [example_id for example_id, _, _ in heldout]
+        pad = self.tokenizer.pad_token_id
+        batches = []
+        for start in range(0, len(examples), batch_size):
+            part = examples[start : start + batch_size]
+            signals = self.signals_for(ids[start : start + batch_size], part)
+            batches.append(MicroBatch.of(part, pad, signals, self.tail_temperatures))
+        return batches
+
+    def peak_held(self) -> dict[str, int]:
+        """The most rows and bytes any of this worker's readers held at once (the memory bound, measured)."""
+        readers = [d.reader for d in self.datasets.values()] + ([self.signals] if self.signals else [])
+        return {"rows": max((r.peak_rows for r in readers), default=0),
+                "bytes": sum(r.peak_bytes for r in readers)}  # fmt: skip

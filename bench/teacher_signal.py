@@ -164,7 +164,7 @@ def stored_topk(teacher_logits: torch.Tensor, k: int, tail: str = "stored"):
             return self.tail[rows] / temperature
 
     temperatures = (1.5, 2.0) if tail == "stored" else ()
-    ids, logprobs, tail_mass, tempered = topk_of(teacher_logits, k, temperatures)
+    ids, logprobs, tail_mass, tempered, _ = topk_of(teacher_logits, k, temperatures)
     kind = OneOutcomeTail if tail == "one_outcome" else SparseTeacher
     return kind(ids.long(), logprobs.half().float(), tail_mass, tempered if temperatures else None, temperatures)
 

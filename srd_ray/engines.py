@@ -267,10 +267,12 @@ class TransformersEngine:
     @_one_call_at_a_time
     @torch.inference_mode()
     def response_topk(
-        self, prompts: list[str], responses: list[str], k: int, temperatures: tuple[float, ...] = ()
-    ) -> list[TopK]:
+        self, prompts: list[str], responses: list[str], k: int, temperatures: tuple[float, ...] = (),
+        coverage: float | None = None,
+    ) -> list[TopK]:  # fmt: skip
         """From final hidden states at response positions through the LM head, in chunks of rows (the
-        head's output for a whole batch would be [batch, seq, vocab]). Tempered tails are exact."""
+        head's output for a whole batch would be [batch, seq, vocab]). Tempered tails are exact. With
+        ``coverage``, each token keeps the ids that cover it (see :func:`topk_of`), at most ``k``."""
         examples = [
             encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
             for p, r in zip(prompts, responses, strict=True)
@@ -285,14 +287,19 @@ class TransformersEngine:
             )
             hidden = gather_scored(hidden, positions.to(self.device))
             chunks = [
-                topk_of(head.logits(hidden[i : i + TOPK_CHUNK]), k, temperatures)
+                topk_of(head.logits(hidden[i : i + TOPK_CHUNK]), k, temperatures, coverage)
                 for i in range(0, len(hidden), TOPK_CHUNK)
             ]
-            ids, logprobs, tail, tempered = (torch.cat(parts).cpu().numpy() for parts in zip(*chunks, strict=True))
-            counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
-            starts = np.cumsum([0, *counts])
+            ids, logprobs, tail, tempered, kept = (
+                torch.cat(parts).cpu().numpy() for parts in zip(*chunks, strict=True)
+            )
+            tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+            starts = np.cumsum([0, *tokens])
             for i, start, end in zip(rows, starts[:-1], starts[1:], strict=True):
-                results[i] = TopK(ids[start:end], logprobs[start:end], tail[start:end], tempered[start:end])
+                width = int(kept[start:end].max(initial=1)) if coverage is not None else k
+                counts = kept[start:end].astype(np.int16) if coverage is not None else None
+                results[i] = TopK(ids[start:end, :width], logprobs[start:end, :width], tail[start:end],
+                                  tempered[start:end], counts)  # fmt: skip
         return results
 
 
@@ -362,16 +369,31 @@ def generate_tokens(
 TOPK_CHUNK = 64  # response tokens whose [chunk, vocab] logits exist at once
 
 
-def topk_of(logits: torch.Tensor, k: int, temperatures: tuple[float, ...] = ()) -> tuple[torch.Tensor, ...]:
-    """(ids int32, log-probs, tail log-mass, tempered tail log-masses [rows, temperatures]) of the k most
-    likely tokens of each row of logits."""
+def topk_of(
+    logits: torch.Tensor, k: int, temperatures: tuple[float, ...] = (), coverage: float | None = None
+) -> tuple[torch.Tensor, ...]:
+    """(ids int32, log-probs, tail log-mass, tempered tail log-masses [rows, temperatures], counts) of the k
+    most likely tokens of each row of logits. With ``coverage`` each row keeps its fewest ids whose mass,
+    tempered at the hottest of ``temperatures`` (and 1), reaches it (at most k): ``counts`` says how many;
+    the rest of the row is padding, a repeat of its first id with log-prob -inf (see ``SparseTeacher``)."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
+    if coverage is not None:
+        k = min(k, log_probs.size(-1))  # max_k is a cap: a small vocabulary is all kept at most
     top = log_probs.topk(k, dim=-1)
-    outside = log_probs.scatter(-1, top.indices, float("-inf"))
+    counts = torch.full((len(log_probs),), k, dtype=torch.long, device=log_probs.device)
+    ids, values = top.indices, top.values
+    if coverage is not None:
+        hottest = max((1.0, *temperatures))
+        tempered_top = torch.log_softmax(log_probs / hottest, dim=-1).gather(-1, top.indices)
+        counts = ((tempered_top.exp().cumsum(-1) < coverage).sum(-1) + 1).clamp(max=k)
+        kept = torch.arange(k, device=log_probs.device) < counts[:, None]
+        ids = torch.where(kept, ids, ids[:, :1])
+        values = torch.where(kept, values, torch.full_like(values, float("-inf")))
+    outside = log_probs.scatter(-1, ids, float("-inf"))  # padding repeats a kept id: the same scatter
     tail = torch.logsumexp(outside, dim=-1)
     tempered = [torch.logsumexp(outside / temperature, dim=-1) for temperature in temperatures]
     tempered = torch.stack(tempered, dim=-1) if tempered else tail.new_empty((len(tail), 0))
-    return top.indices.int(), top.values, tail, tempered
+    return ids.int(), values, tail, tempered, counts
 
 
 def _extrapolated_tails(

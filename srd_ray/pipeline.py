@@ -436,7 +436,8 @@ def preflight(run: Run) -> None:
     tokenizer = load_tokenizer(run.spec.models.student)
     check_same_tokenizer(load_tokenizer(run.spec.models.teacher), tokenizer)
     engine = run.engine
-    if run.spec.distill.teacher_signal == "topk" and run.spec.teacher_signal.k > len(tokenizer):
+    k = run.spec.teacher_signal.k  # adaptive's max_k is only a cap
+    if run.spec.distill.teacher_signal == "topk" and k != "adaptive" and k > len(tokenizer):
         raise SpecError(
             f"teacher_signal.k is {run.spec.teacher_signal.k}, more than the {len(tokenizer)} tokens of the "
             "models' vocabulary"

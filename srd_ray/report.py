@@ -382,11 +382,15 @@ def teacher_signal_section(distill: dict[str, Any], signal_record: dict[str, Any
     signal = signal_record.get("summary") or {}
     size_mb = signal.get("stored_bytes", 0) / 2**20
     outside = ", ".join(f"T {t}: {100 * share:.1f}%" for t, share in signal.get("tail_mass", {}).items()) or "-"
+    k = signal.get("k")
+    if k == "adaptive":  # how many ids a token kept, on average, to cover the coverage
+        k = (f"adaptive: {100 * signal.get('coverage', 0):g}% of the mass, at most {signal.get('max_k')} "
+             f"({signal.get('ids_per_token')} ids per token)")  # fmt: skip
     return (
         "<h2>Teacher signal</h2><table><tr><th>kind</th><th>k</th><th>log-prob dtype</th><th>rows</th>"
         "<th>response tokens</th><th>stored MB</th><th>bytes per token</th><th>pass wall s</th>"
         "<th>tempered mass outside top k</th></tr>"
-        f"<tr><td>top-k</td><td>{signal.get('k')}</td><td>{signal.get('logprob_dtype')}</td><td>{signal.get('rows')}"
+        f"<tr><td>top-k</td><td>{k}</td><td>{signal.get('logprob_dtype')}</td><td>{signal.get('rows')}"
         f"</td><td>{signal.get('response_tokens')}</td><td>{size_mb:.1f}</td>"
         f"<td>{signal.get('stored_bytes_per_token')}</td><td>{signal_record.get('wall_s', '-')}</td>"
         f"<td>{outside}</td></tr></table>"

@@ -279,7 +279,12 @@ class ReflectSpec(PoolSpec):
 class TeacherSignalSpec(PoolSpec):
     """The teacher's top-k pass, run once before distillation when ``distill.teacher_signal`` is topk."""
 
-    k: PositiveInt = 64  # most likely tokens kept per response token; the rest is one tail bucket
+    # Most likely tokens kept per response token; the rest is one tail bucket. adaptive: per token, the
+    # fewest whose tempered mass at the hottest stage temperature reaches `coverage`, at most `max_k`
+    # (a confident token keeps a few ids, an uncertain one many).
+    k: PositiveInt | Literal["adaptive"] = 64
+    coverage: Annotated[float, Field(gt=0, lt=1)] = 0.99
+    max_k: PositiveInt = 1024
     # transformers (the default) stores the tail's exact tempered mass at each stage temperature; vLLM
     # returns only the top k, so with it the tempered tail is extrapolated (a teacher-forced pass gains
     # little from vLLM's generation machinery). auto: vllm when the vllm package is installed.
@@ -288,6 +293,24 @@ class TeacherSignalSpec(PoolSpec):
     # per stage temperature other than 1 for the tempered tail).
     logprob_dtype: Literal["float16", "float32"] = "float16"
     shard_rows: PositiveInt = 256
+
+    @model_validator(mode="after")
+    def _adaptive_needs_the_full_distribution(self) -> TeacherSignalSpec:
+        if self.k == "adaptive" and self.engine != "transformers":
+            raise ValueError(
+                "k adaptive picks each token's ids from the teacher's whole distribution, which only the "
+                f"transformers engine has (vLLM returns a fixed top k): use engine transformers, not {self.engine}"
+            )
+        return self
+
+    @property
+    def largest_k(self) -> int:
+        """The most ids stored for one token."""
+        return self.max_k if self.k == "adaptive" else self.k
+
+    @property
+    def coverage_or_none(self) -> float | None:
+        return self.coverage if self.k == "adaptive" else None
 
 
 CLUSTER_COLUMN = "cluster"  # where rank.stratify_clusters writes each row's cluster

@@ -34,8 +34,15 @@ from srd_ray.engines import Engine, build_engine, engine_version
 from srd_ray.errors import DataError
 from srd_ray.models import encode_example
 from srd_ray.shards import ShardedPass, ShardEngine, ShardWriter, split_into_shards
-from srd_ray.signals import SIGNAL_COLUMNS, TopK, signals_by_id, tail_temperatures  # noqa: F401 (re-exported)
-from srd_ray.spec import DataSpec, JobSpec, ModelSpec
+from srd_ray.signals import (  # noqa: F401 (TopK, signals_by_id re-exported)
+    ADAPTIVE_COLUMN,
+    SIGNAL_COLUMNS,
+    TopK,
+    signal_columns,
+    signals_by_id,
+    tail_temperatures,
+)
+from srd_ray.spec import DataSpec, JobSpec, ModelSpec, TeacherSignalSpec
 from srd_ray.storage import Location, Place
 
 log = logging.getLogger(__name__)
@@ -48,49 +55,68 @@ LOGPROB_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
 TAIL_MASS_WARNING = 0.2
 
 
-def signal_fields(logprob_dtype: str) -> list[pa.Field]:
-    return [
+def signal_fields(logprob_dtype: str, adaptive: bool = False) -> list[pa.Field]:
+    fields = [
         pa.field("example_id", pa.string()),
         pa.field("input_position", pa.int64()),
         pa.field("num_tokens", pa.int32()),
-        pa.field("topk_ids", pa.list_(pa.int32())),  # num_tokens * k, token by token
-        pa.field("topk_logprobs", pa.list_(LOGPROB_TYPES[logprob_dtype])),  # num_tokens * k
+        pa.field("topk_ids", pa.list_(pa.int32())),  # num_tokens * k (adaptive: sum of topk_counts), token by token
+        pa.field("topk_logprobs", pa.list_(LOGPROB_TYPES[logprob_dtype])),  # as topk_ids
         pa.field("tail_logprob", pa.list_(pa.float32())),  # num_tokens
         pa.field("tempered_tail_logprobs", pa.list_(pa.float32())),  # num_tokens * temperatures
     ]
+    return fields + ([pa.field("topk_counts", pa.list_(pa.int16()))] if adaptive else [])  # num_tokens
 
 
-def bytes_per_token(k: int, logprob_dtype: str, temperatures: int = 0) -> int:
-    """Uncompressed storage of one response token's signal."""
-    return k * (4 + LOGPROB_TYPES[logprob_dtype].byte_width) + 4 * (1 + temperatures)
+def bytes_per_token(k: float, logprob_dtype: str, temperatures: int = 0, adaptive: bool = False) -> float:
+    """Uncompressed storage of one response token's signal (``k``: ids per token, a mean if adaptive)."""
+    return k * (4 + LOGPROB_TYPES[logprob_dtype].byte_width) + 4 * (1 + temperatures) + 2 * adaptive
 
 
 def score_signal(
-    rows: pa.Table, engine: Engine, k: int, logprob_dtype: str, temperatures: tuple[float, ...] = ()
-) -> pa.Table:
-    """The signal columns for ``rows`` (example_id, input_position, prompt, response), order kept."""
+    rows: pa.Table, engine: Engine, k: int, logprob_dtype: str, temperatures: tuple[float, ...] = (),
+    coverage: float | None = None,
+) -> pa.Table:  # fmt: skip
+    """The signal columns for ``rows`` (example_id, input_position, prompt, response), order kept. With
+    ``coverage`` (adaptive k, at most ``k``) each token's kept ids only, and their count."""
     prompts, responses = rows["prompt"].to_pylist(), rows["response"].to_pylist()
-    signals = engine.response_topk(prompts, responses, k, temperatures)
+    extra = {"coverage": coverage} if coverage is not None else {}
+    signals = engine.response_topk(prompts, responses, k, temperatures, **extra)
     # float16 has no room below -65504: clamp there (a probability of e^-65504 is zero in any case).
     floor = -6e4 if logprob_dtype == "float16" else -np.inf
+    kept = [_kept(s) for s in signals]
     columns = {
         "example_id": rows["example_id"],
         "input_position": rows["input_position"],
         "num_tokens": [len(s.tail) for s in signals],
-        "topk_ids": [s.ids.reshape(-1) for s in signals],
-        "topk_logprobs": [np.maximum(s.logprobs, floor).reshape(-1).astype(logprob_dtype) for s in signals],
+        "topk_ids": [s.ids[mask] for s, mask in zip(signals, kept, strict=True)],
+        "topk_logprobs": [
+            np.maximum(s.logprobs[mask], floor).astype(logprob_dtype) for s, mask in zip(signals, kept, strict=True)
+        ],
         "tail_logprob": [s.tail for s in signals],
         "tempered_tail_logprobs": [s.tempered_tails.reshape(-1) for s in signals],
     }
-    return pa.table(columns, schema=pa.schema(signal_fields(logprob_dtype)))
+    if coverage is not None:
+        columns["topk_counts"] = [s.counts for s in signals]
+    return pa.table(columns, schema=pa.schema(signal_fields(logprob_dtype, coverage is not None)))
+
+
+def _kept(signal: TopK) -> np.ndarray:
+    """Which of a row's [tokens, k] entries are ids kept (not padding), in row-major order."""
+    if signal.counts is None:
+        return np.ones(signal.ids.shape, dtype=bool)
+    return np.arange(signal.ids.shape[1]) < signal.counts[:, None]
 
 
 def signal_settings(spec: JobSpec, teacher: ModelSpec, engine: str) -> dict[str, Any]:
     """Everything that determines a shard's signal: shards made with other settings are never mixed."""
+    settings = spec.teacher_signal
+    adaptive = {"coverage": settings.coverage, "max_k": settings.max_k} if settings.k == "adaptive" else {}
     return {
         "engine": engine,
         "teacher": teacher.model_dump(mode="json"),
-        "k": spec.teacher_signal.k,
+        "k": settings.k,
+        **adaptive,
         "logprob_dtype": spec.teacher_signal.logprob_dtype,
         "tail_temperatures": list(tail_temperatures(spec.distill.stages)),
         "max_prompt_tokens": spec.data.max_prompt_tokens,
@@ -108,13 +134,16 @@ class SignalEngine(ShardEngine):
     def __init__(self, spec: JobSpec, teacher: ModelSpec, engine: str) -> None:
         settings = spec.teacher_signal
         model = build_engine(
-            engine, teacher, spec.data, settings, max_new_tokens=1, vllm=spec.engine.vllm, max_logprobs=settings.k
-        )
-        temperatures = tail_temperatures(spec.distill.stages)
-        super().__init__(
-            "teacher_signal", lambda rows: score_signal(rows, model, settings.k, settings.logprob_dtype, temperatures),
-            model.row_errors, spec.data.on_bad_row,
+            engine, teacher, spec.data, settings, max_new_tokens=1, vllm=spec.engine.vllm,
+            max_logprobs=settings.largest_k,
         )  # fmt: skip
+        temperatures = tail_temperatures(spec.distill.stages)
+
+        def score(rows: pa.Table) -> pa.Table:
+            return score_signal(rows, model, settings.largest_k, settings.logprob_dtype, temperatures,
+                                settings.coverage_or_none)  # fmt: skip
+
+        super().__init__("teacher_signal", score, model.row_errors, spec.data.on_bad_row)
 
 
 def run_teacher_signal(
@@ -132,8 +161,8 @@ def run_teacher_signal(
     todo = sharded.pending(shards)
     temperatures = tail_temperatures(spec.distill.stages)
     log.info(
-        "teacher_signal: %d rows in %d shards, %d already done; top-%d from %s with %s",
-        rows.num_rows, len(shards), len(shards) - len(todo), settings.k, teacher.path, engine,
+        "teacher_signal: %d rows in %d shards, %d already done; top-%s from %s with %s",
+        rows.num_rows, len(shards), len(shards) - len(todo), describe_k(settings), teacher.path, engine,
     )  # fmt: skip
     if engine == "vllm" and temperatures:
         log.warning(
@@ -141,16 +170,17 @@ def run_teacher_signal(
             "not exact (teacher_signal.engine: transformers stores it exactly)",
             settings.k, ", ".join(f"{t:g}" for t in temperatures),
         )  # fmt: skip
-    columns = pa.schema(signal_fields(settings.logprob_dtype))
+    columns = pa.schema(signal_fields(settings.logprob_dtype, adaptive=settings.k == "adaptive"))
     writer = ShardWriter(sharded, lambda rows: rows, lambda _: columns, "num_tokens")
     engine_kwargs = {"spec": spec, "teacher": teacher, "engine": engine}
     progress = sharded.score(todo, SignalEngine, engine_kwargs, settings, writer, "response tokens")
     done = sharded.read(columns=["example_id", "num_tokens"])
     sharded.check_complete(rows["example_id"].to_pylist(), done)
     tokens = pc.sum(done["num_tokens"]).as_py() or 0
-    mass = tail_mass(sharded.tables(["num_tokens", "topk_logprobs", "tail_logprob", "tempered_tail_logprobs"]),
-                     temperatures)  # fmt: skip
-    warn_about_tail_mass(mass, settings.k)
+    adaptive = settings.k == "adaptive"
+    mass_columns = ["num_tokens", "topk_logprobs", "tail_logprob", "tempered_tail_logprobs"]
+    mass, ids_per_token = tail_mass(sharded.tables(mass_columns + [ADAPTIVE_COLUMN] * adaptive), temperatures)
+    warn_about_tail_mass(mass, describe_k(settings))
     stored = sum(info.size for info in sharded.shards_dir.files())
     wall = time.perf_counter() - started
     return {
@@ -162,46 +192,60 @@ def run_teacher_signal(
         "actor_busy_s": round(progress["busy_s"], 2),
         "stored_bytes": stored,
         "stored_bytes_per_token": round(stored / max(tokens, 1), 1),
-        "raw_bytes_per_token": bytes_per_token(settings.k, settings.logprob_dtype, len(temperatures)),
+        "raw_bytes_per_token": round(
+            bytes_per_token(ids_per_token, settings.logprob_dtype, len(temperatures), adaptive), 1
+        ),
+        "ids_per_token": round(ids_per_token, 2),
         "tail_mass": mass,
         **sharded.settings,
         "engine_version": engine_version(engine),
     }
 
 
-def tail_mass(shards: Iterable[pa.Table], temperatures: tuple[float, ...]) -> dict[str, float]:
-    """Per temperature (1 and ``temperatures``), the teacher's mean mass outside its stored top k over all
+def tail_mass(shards: Iterable[pa.Table], temperatures: tuple[float, ...]) -> tuple[dict[str, float], float]:
+    """Per temperature (1 and ``temperatures``), the teacher's mean mass outside its stored ids over all
     response tokens of ``shards``, of its tempered distribution p^(1/T) / Σ p^(1/T): what the sparse losses
     see as one outcome. It grows with T, as tempering flattens the many small probabilities of the tail.
-    Shards are summed one at a time, so the whole signal is never in memory at once."""
+    Also the mean number of ids stored per token. Shards are summed one at a time, so the whole signal is
+    never in memory at once."""
     all_temperatures = np.array((1.0, *temperatures))
-    totals, tokens = np.zeros(len(all_temperatures)), 0
+    totals, tokens, ids = np.zeros(len(all_temperatures)), 0, 0
     for batch in (batch for shard in shards for batch in shard.to_batches()):
         count = int(pc.sum(batch.column("num_tokens")).as_py() or 0)
         if count == 0:
             continue
         top = batch.column("topk_logprobs").flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-        top = top.reshape(count, -1)
+        per_token = (batch.column(ADAPTIVE_COLUMN).flatten().to_numpy().astype(np.int64)
+                     if ADAPTIVE_COLUMN in batch.schema.names else np.full(count, len(top) // count))  # fmt: skip
+        starts = np.concatenate([[0], np.cumsum(per_token)[:-1]])
         tails = np.exp(np.column_stack([  # [tokens, temperatures]: the tail's tempered mass
             batch.column("tail_logprob").flatten().to_numpy(),
             batch.column("tempered_tail_logprobs").flatten().to_numpy().reshape(count, len(temperatures)),
         ]).astype(np.float64))  # fmt: skip
         for column, temperature in enumerate(all_temperatures):
-            top_mass = np.exp(top / temperature).sum(-1, dtype=np.float64)
+            top_mass = np.add.reduceat(np.exp(top / temperature, dtype=np.float64), starts)
             totals[column] += (tails[:, column] / (top_mass + tails[:, column])).sum()
-        tokens += count
+        tokens, ids = tokens + count, ids + len(top)
     shares = totals / max(tokens, 1)
-    return {f"{t:g}": round(float(share), 4) for t, share in zip(all_temperatures, shares, strict=True)}
+    mass = {f"{t:g}": round(float(share), 4) for t, share in zip(all_temperatures, shares, strict=True)}
+    return mass, ids / max(tokens, 1)
 
 
-def warn_about_tail_mass(mass: dict[str, float], k: int) -> None:
+def describe_k(settings: TeacherSignalSpec) -> str:
+    """k as logs say it: 64, or adaptive (99% of the mass, at most 1024)."""
+    if settings.k == "adaptive":
+        return f"adaptive ({100 * settings.coverage:g}% of the mass, at most {settings.max_k})"
+    return str(settings.k)
+
+
+def warn_about_tail_mass(mass: dict[str, float], k: str) -> None:
     """Say where a stage's temperature leaves much of the teacher outside the top k."""
     for temperature, share in mass.items():
         if share > TAIL_MASS_WARNING:
             log.warning(
-                "teacher_signal: at T %s the teacher keeps %.0f%% of its tempered mass outside the stored top %d, "
+                "teacher_signal: at T %s the teacher keeps %.0f%% of its tempered mass outside the stored top %s, "
                 "which the sparse loss treats as one outcome; for stages at this temperature raise "
-                "teacher_signal.k or use distill.teacher_signal: online",
+                "teacher_signal.k (or its coverage) or use distill.teacher_signal: online",
                 temperature, 100 * share, k,
             )  # fmt: skip
 

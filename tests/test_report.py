@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from srd_ray.errors import RunDirError
-from srd_ray.report import compare_runs, find_baselines
+from srd_ray.report import compare_runs, find_baselines, teacher_signal_section
 
 
 def fake_run(root: Path, name: str, curriculum: str, rouge: dict[str, float], wall: float, steps: int) -> Path:
@@ -49,3 +49,12 @@ def test_baselines_are_finished_curriculum_none_runs_beside_the_run(tmp_path):
 def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(RunDirError, match="not an srd-ray run directory"):
         compare_runs([tmp_path])
+
+
+def test_the_report_says_how_many_ids_an_adaptive_signal_kept():
+    adaptive = {"k": "adaptive", "coverage": 0.99, "max_k": 1024, "ids_per_token": 37.25}
+    summary = {**adaptive, "logprob_dtype": "float16", "rows": 10, "response_tokens": 200, "stored_bytes": 2**20,
+               "tail_mass": {"1": 0.004, "2": 0.01}}  # fmt: skip
+    html = teacher_signal_section({"teacher_signal": "topk"}, {"summary": summary, "wall_s": 3.0})
+    assert "<td>adaptive: 99% of the mass, at most 1024 (37.25 ids per token)</td>" in html
+    assert "T 2: 1.0%" in html

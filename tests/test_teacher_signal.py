@@ -58,7 +58,7 @@ def teacher_engine(tiny_models) -> TransformersEngine:
 
 def sparse_from_dense(teacher_logits: torch.Tensor, k: int, temperatures: tuple[float, ...] = ()) -> SparseTeacher:
     """What the teacher pass stores (the transformers engine's top-k), with exact tempered tails."""
-    ids, logprobs, tail, tempered = topk_of(teacher_logits, k, temperatures)
+    ids, logprobs, tail, tempered, _ = topk_of(teacher_logits, k, temperatures)
     return SparseTeacher(ids.long(), logprobs, tail, tempered, temperatures)
 
 
@@ -161,15 +161,75 @@ def test_tail_mass_is_the_tempered_mass_outside_the_top_k(rows, teacher_engine, 
             tempered = torch.softmax(log_probs / temperature, -1)
             outside = 1 - tempered.gather(-1, log_probs.topk(k, -1).indices).sum(-1)
             values.extend(outside.tolist())
-    mass = tail_mass([signal.slice(0, 2), signal.slice(2)], temperatures)  # summed over shards
+    mass, ids_per_token = tail_mass([signal.slice(0, 2), signal.slice(2)], temperatures)  # summed over shards
+    assert ids_per_token == k
     assert list(mass) == ["1", "1.5", "2"] and mass["1"] < mass["1.5"] < mass["2"]
     for temperature, values in shares.items():
         assert mass[f"{temperature:g}"] == pytest.approx(np.mean(values), abs=2e-4)
     caplog.clear()
-    warn_about_tail_mass({"1": 0.05, "2": 0.31}, k)
+    warn_about_tail_mass({"1": 0.05, "2": 0.31}, str(k))
     (warning,) = caplog.records
     assert warning.getMessage().startswith("teacher_signal: at T 2 the teacher keeps 31% of its tempered mass "
                                            "outside the stored top 8,")  # fmt: skip
+
+
+def test_adaptive_k_keeps_each_tokens_fewest_ids_covering_its_hottest_tempered_mass(rows, teacher_engine):
+    """k adaptive: per token the fewest most-likely ids whose mass in the teacher's distribution tempered at
+    the hottest stage temperature reaches the coverage (at most max_k); only those are stored, with their
+    count, and read back as [tokens, the row's largest count] with padding (first id, -inf)."""
+    temperatures, coverage, max_k = (1.5, 2.0), 0.5, 400
+    signal = score_signal(rows.slice(0, 6), teacher_engine, k=max_k, logprob_dtype="float32",
+                          temperatures=temperatures, coverage=coverage)  # fmt: skip
+    assert signal.schema.field("topk_counts").type == pa.list_(pa.int16())
+    by_id, all_counts, near_boundary = signals_by_id(signal, temperatures), [], 0
+    for row in rows.slice(0, 6).to_pylist():
+        log_probs = response_log_probs(teacher_engine, row).double()
+        stored = by_id[row["example_id"]]
+        counts = stored.counts.astype(int)
+        all_counts.extend(counts)
+        assert stored.ids.shape == (len(log_probs), counts.max())
+        order = log_probs.argsort(-1, descending=True)
+        covered = torch.softmax(log_probs / 2.0, -1).gather(-1, order).cumsum(-1)
+        for token, count in enumerate(counts):
+            # The engine sums in float32: within 1e-5 of the coverage either count is right.
+            reached = covered[token, count - 1] >= coverage - 1e-5 or count == max_k
+            short = count == 1 or covered[token, count - 2] < coverage + 1e-5
+            assert reached and short, (token, count)
+            near_boundary += abs(covered[token, count - 1].item() - coverage) < 1e-5
+            np.testing.assert_array_equal(stored.ids[token, :count], order[token, :count].numpy())
+            np.testing.assert_allclose(stored.logprobs[token, :count], log_probs[token, order[token, :count]],
+                                       rtol=1e-5, atol=1e-6)  # fmt: skip
+            assert (stored.ids[token, count:] == stored.ids[token, 0]).all()
+            assert np.isneginf(stored.logprobs[token, count:]).all()
+            kept_mass = log_probs[token, order[token, :count]].exp().sum().item()
+            assert np.exp(stored.tail[token]) == pytest.approx(1 - kept_mass, abs=1e-5)
+    assert near_boundary == 0 and 1 < np.mean(all_counts) < max_k and len(set(all_counts)) > 3
+    mass, ids_per_token = tail_mass([signal], temperatures)
+    assert ids_per_token == pytest.approx(np.mean(all_counts))
+    assert mass["2"] <= 1 - coverage + 1e-4 and mass["1"] < mass["2"]
+
+
+@pytest.mark.parametrize("name", KD_LOSS_NAMES)
+def test_an_adaptive_signals_loss_is_each_tokens_fixed_k_loss(name):
+    """Padding changes nothing: a token stored with c ids and padding has the loss (and student gradient)
+    of the same token stored as a fixed top c, at T 1 and at a stored T 2."""
+    torch.manual_seed(0)
+    teacher_logits, student_logits = 2 * torch.randn(6, 20), torch.randn(6, 20)
+    ids, logprobs, tail, tempered, counts = topk_of(teacher_logits, 20, (2.0,), coverage=0.8)
+    assert len(set(counts.tolist())) > 1 and counts.max() < 20
+    width = int(counts.max())
+    adaptive = SparseTeacher(ids[:, :width].long(), logprobs[:, :width], tail, tempered, (2.0,))
+    for temperature in (1.0, 2.0):
+        student = student_logits.clone().requires_grad_()
+        per_token = adaptive.kd(student, slice(None), LossSettings(name), temperature)
+        per_token.sum().backward()
+        for row, count in enumerate(counts.tolist()):
+            alone = student_logits[row : row + 1].clone().requires_grad_()
+            fixed = sparse_from_dense(teacher_logits[row : row + 1], count, (2.0,))
+            expected = fixed.kd(alone, slice(None), LossSettings(name), temperature)
+            expected.sum().backward()
+            torch.testing.assert_close(per_token[row : row + 1], expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(student.grad[row : row + 1], alone.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_signal_checks_name_the_row(rows, teacher_engine):
@@ -217,6 +277,33 @@ def test_training_on_a_full_signal_equals_online_training_and_loads_no_teacher(t
     batch = trainer._pool(plan[1]).micro_batch((0, 1), engine.tokenizer.pad_token_id).teacher_topk
     assert batch.tail_temperatures == (2.0,) and batch.tempered_tails.shape == (len(batch.tail), 1)
     assert step_losses(tmp_path / "topk") == pytest.approx(step_losses(tmp_path / "online"), rel=1e-5)
+
+
+def test_training_reads_an_adaptive_signal_padded_per_micro_batch(tmp_path, tiny_models, rows):
+    """The worker reads an adaptive signal's ragged rows back and pads each micro-batch to its widest token;
+    with a coverage that leaves each token only float32 rounding outside, the losses are the full signal's."""
+    engine = TransformersEngine(ModelSpec(path=tiny_models["teacher"]), DATA, max_new_tokens=1)
+    train = rows.select(["example_id", "prompt", "response"])
+    plan = (StagePlan(0, ("all",), StageSpec(steps=2, kd_weight=0.5, temperature=2.0, lr=1e-3)),)
+
+    def trained(name: str, signal: pa.Table) -> Trainer:
+        job = make_job(tmp_path / name, tiny_models, plan=plan)
+        job = type(job)(**{**job.__dict__, "teacher_signal": "topk"})
+        host = LocalHost({"all": train, SIGNAL_DATASET: signal}, tmp_path / name / "ck", torch.device("cpu"))
+        trainer = Trainer(job, host)
+        trainer.run()
+        return trainer
+
+    adaptive = trained("adaptive", score_signal(rows, engine, 400, "float32", (2.0,), coverage=0.5))
+    pool = adaptive._pool(plan[0])
+    first, second = signals_by_id(pool.rows.signals.read(list(pool.ids((0, 1)))), (2.0,)).values()
+    batch = pool.micro_batch((0, 1), engine.tokenizer.pad_token_id).teacher_topk
+    assert batch.ids.shape == (len(first.tail) + len(second.tail), max(first.counts.max(), second.counts.max()))
+    assert len(step_losses(tmp_path / "adaptive")) == 2
+    assert all(np.isfinite(loss) for loss in step_losses(tmp_path / "adaptive").values())
+    trained("everything", score_signal(rows, engine, 400, "float32", (2.0,), coverage=1 - 1e-9))
+    trained("full", score_signal(rows, engine, 400, "float32", (2.0,)))
+    assert step_losses(tmp_path / "everything") == pytest.approx(step_losses(tmp_path / "full"), rel=1e-6)
 
 
 @pytest.mark.slow
@@ -288,3 +375,23 @@ def test_the_teacher_pass_writes_whole_shards_when_ray_data_splits_them(tmp_path
     assert bytes_per_shard > 4 * 16 * 1024, "each shard must exceed the block limit several times"
     signal = read_signal(tmp_path / "signal", ["example_id", "num_tokens"])
     assert sorted(signal["example_id"].to_pylist()) == sorted(rows["example_id"].to_pylist())
+
+
+def test_an_adaptive_pass_reports_ids_per_token_and_its_settings(tmp_path, ray_session, tiny_models, rows):
+    from srd_ray.spec import JobSpec
+    from srd_ray.teacher_signal import read_signal, run_teacher_signal
+
+    spec = JobSpec.model_validate({
+        "run": {"name": "adaptive", "output_dir": str(tmp_path)},
+        "models": {"teacher": {"path": tiny_models["teacher"]}, "student": {"path": tiny_models["student"]}},
+        "data": {"train": {"path": "unused"}, "max_response_tokens": 32},
+        "teacher_signal": {"k": "adaptive", "coverage": 0.5, "max_k": 300, "shard_rows": 16},
+    })  # fmt: skip
+    summary = run_teacher_signal(spec, rows, tmp_path / "signal", teacher=spec.models.teacher, engine="transformers")
+    signal = read_signal(tmp_path / "signal", ["num_tokens", "topk_counts"])
+    counts = signal["topk_counts"].combine_chunks().flatten().to_numpy()
+    assert summary["ids_per_token"] == pytest.approx(counts.mean(), abs=0.01) and 1 < counts.mean() < 300
+    temperatures = len(summary["tail_temperatures"])
+    assert summary["raw_bytes_per_token"] == pytest.approx(counts.mean() * 6 + 4 * (1 + temperatures) + 2, abs=0.1)
+    assert (summary["k"], summary["coverage"], summary["max_k"]) == ("adaptive", 0.5, 300)
+    assert summary["tail_mass"]["1"] <= 0.5

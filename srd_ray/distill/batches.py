@@ -138,9 +138,11 @@ class MicroBatch:
         batch = collate(list(examples), pad_token_id)
         topk = None
         if signals is not None:  # rows in batch order, tokens in order: aligned with the scored positions
+            width = max(s.ids.shape[1] for s in signals)  # adaptive k: rows differ; padding fills the rest
+            ids, logprobs = zip(*(s.padded_to(width) for s in signals), strict=True)
             topk = SparseTeacher(
-                torch.from_numpy(np.concatenate([s.ids for s in signals])).long(),
-                torch.from_numpy(np.concatenate([s.logprobs for s in signals])).float(),
+                torch.from_numpy(np.concatenate(ids)).long(),
+                torch.from_numpy(np.concatenate(logprobs)).float(),
                 torch.from_numpy(np.concatenate([s.tail for s in signals])).float(),
                 torch.from_numpy(np.concatenate([s.tempered_tails for s in signals])).float(),
                 tail_temperatures,

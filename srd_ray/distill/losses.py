@@ -417,6 +417,8 @@ class SparseTeacher:
         student = student_logits.float() / temperature
         log_q = torch.log_softmax(torch.where(torch.isfinite(student), student, _MASKED_LOGIT), dim=-1)
         student_tail = torch.logsumexp(log_q.scatter(1, ids, float("-inf")), dim=-1)
+        # Adaptive k pads a token's ids with its first id at teacher log-prob -inf: the scatter above is the
+        # same for a repeated id, and token_kd drops a bucket that is -inf in the teacher from both sides.
         student_buckets = torch.cat([log_q.gather(1, ids), student_tail[:, None]], dim=-1)
         teacher_tail = self.tempered_tail(rows, student_logits.size(-1), temperature)
         teacher_buckets = torch.cat([logprobs / temperature, teacher_tail[:, None]], dim=-1)

@@ -17,7 +17,7 @@ from srd_ray.distill.batches import MicroBatch
 from srd_ray.distill.rows import TRAINING_COLUMNS, RowFiles, RowReader, lengths_of
 from srd_ray.errors import DataError
 from srd_ray.models import TrainingExample, encode_example
-from srd_ray.signals import SIGNAL_COLUMNS, TopK, signals_by_id
+from srd_ray.signals import TopK, signal_columns, signals_by_id
 
 SIGNAL_DATASET = "teacher_signal"  # the dataset of stored top-k teacher signals, when there is one
 
@@ -99,7 +99,8 @@ class RowPool:
         self.cache_groups = 2 * batch_size
         self.datasets: dict[str, Dataset] = {}
         signals = RowFiles(host.files(SIGNAL_DATASET)) if topk else None
-        self.signals = RowReader(signals, SIGNAL_COLUMNS, self.cache_groups) if signals else None
+        columns = signal_columns(signals.files[0].schema_arrow.names) if signals else []
+        self.signals = RowReader(signals, columns, self.cache_groups) if signals else None
 
     def encode(self, prompt: str, response: str) -> TrainingExample:
         data = self.data

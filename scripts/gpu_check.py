@@ -319,6 +319,26 @@ def teacher_pass_k1024_whole_shards(models: dict, rows: list[dict]) -> dict:
     return {"rows": signal.num_rows, "response_tokens": sum(w["tokens"] for w in written), "stored_bytes": stored}
 
 
+def adaptive_topk_on_device() -> dict:
+    """k adaptive on the device keeps the same ids per token as on the CPU, at a 49k vocabulary (SmolLM2's)
+    and max_k 1024: the per-token cut is a cumulative sum in fp32, which kernels may order differently,
+    so counts may differ by one where a token's mass sits on the coverage; nowhere else."""
+    from srd_ray.engines import topk_of
+
+    torch.manual_seed(0)
+    # Zipf-shaped rows of varied steepness, as an LM's: some tokens keep a few ids, some hit max_k.
+    ranks = torch.log(torch.arange(1, 49153, dtype=torch.float32))
+    steepness = torch.linspace(2.0, 8.0, 256)[:, None]
+    logits = -steepness * ranks[torch.argsort(torch.rand(256, 49152), dim=-1)] + 0.3 * torch.randn(256, 49152)
+    on_cpu = topk_of(logits, 1024, (1.5, 2.0), coverage=0.99)
+    on_device = [t.cpu() for t in topk_of(logits.to(DEVICE), 1024, (1.5, 2.0), coverage=0.99)]
+    differ = (on_cpu[4] != on_device[4]).sum().item()
+    assert differ <= 2 and on_cpu[4].min() >= 1, differ
+    same = on_cpu[4] == on_device[4]
+    torch.testing.assert_close(on_device[2][same], on_cpu[2][same], rtol=1e-3, atol=1e-4)  # tails
+    return {"mean_ids_per_token": on_cpu[4].float().mean().item(), "counts_differ": differ}
+
+
 def engine_generates(models: dict, rows: list[dict]) -> dict:
     data = DataSpec(train=DataSourceSpec(path="unused"), max_response_tokens=48)
     engine = TransformersEngine(ModelSpec(path=models["teacher"]), data, max_new_tokens=24, num_gpus=1 if CUDA else 0)
@@ -355,6 +375,7 @@ def main() -> int:
     run_check("chunked_loss_in_bf16", chunked_loss_in_bf16)
     run_check("teacher_pass_k1024_whole_shards", teacher_pass_k1024_whole_shards, models, rows)
     run_check("transformers_engine_generates", engine_generates, models, rows)
+    run_check("adaptive_topk_on_device", adaptive_topk_on_device)
     if CUDA:
         run_check("benchmark_c_gpt2_sizes", gpt2_size_benchmark)
     (OUT / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")

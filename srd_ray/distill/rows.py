@@ -2,8 +2,8 @@
 micro-batches it is building, not the data set.
 
 Layout. Before training, the driver writes each dataset a job trains on (a rank bucket, all rows) as one
-Parquet file, ``<stage dir>/rows/<name>.parquet``: ``example_id``, ``prompt``, ``response``, sorted by
-example_id, in row groups of ``ROW_GROUP_ROWS`` (16) rows. The teacher pass writes its signal shards in row
+Parquet file, ``<stage dir>/rows/<name>/part-00000.parquet``: ``example_id``, ``prompt``, ``response``,
+sorted by example_id, in row groups of ``ROW_GROUP_ROWS`` (16) rows. The teacher pass writes its signal shards in row
 groups of the same size. A worker indexes a file from its ``example_id`` column alone, tokenizes a dataset
 once, group by group, to learn each row's length (the step plan needs lengths, not tokens), and then reads,
 per micro-batch, only the row groups that hold its rows: their text, and the signal in its stored dtypes

@@ -77,6 +77,14 @@ Protocol, fixed before running (results in bench/results/teacher_signal.{json,md
 
     python bench/teacher_signal.py --pair smollm2 --side-by-side --seeds 0,1,2 --signals online,topk_tail,topk1024
     # about 50 minutes on 2 cores
+
+9. **Adaptive k** (``teacher_signal.k: adaptive``, #29): part 7's setting (the healed experiment's
+   teacher against its SRD-trained student, 60 demo held-out rows) for fixed k 64, 256, 1024 and adaptive
+   k with max_k 1024 at coverage 0.9, 0.95, 0.99 of the mass tempered at T 2 (the hottest stage: the
+   default) and 0.99, 0.999 of the mass at T 1: mean ids and raw bytes per response token, fkl's KD and
+   gradient relative errors at T 1, 1.5 and 2.
+
+    python bench/teacher_signal.py --adaptive      # about 5 minutes on 2 cores (needs srd_evidence healed)
 """
 
 from __future__ import annotations
@@ -252,6 +260,58 @@ def write_tail_by_task() -> None:
     lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {task} | " + " | ".join(f"{v[n]:.4f}" for n in names) + " |" for task, v in tails.items()]
     (RESULTS / "teacher_signal_tail_by_task.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+ADAPTIVE_SIGNALS = (  # (label, fixed k or max_k, coverage, temperature the coverage is measured at)
+    ("k64", 64, None, None), ("k256", 256, None, None), ("k1024", 1024, None, None),
+    *((f"adaptive {c:g} at T 2", 1024, c, 2.0) for c in (0.9, 0.95, 0.99)),
+    *((f"adaptive {c:g} at T 1", 1024, c, 1.0) for c in (0.99, 0.999)),
+)
+
+
+def adaptive_signal(teacher_logits: torch.Tensor, max_k: int, coverage: float | None, at: float | None):
+    """The teacher pass's signal with a fixed k (``coverage`` None) or adaptive k: float16 log-probs, exact
+    tails at T 1.5 and 2, padding as the worker reads it; and the mean ids stored per token."""
+    from srd_ray.distill.losses import SparseTeacher
+    from srd_ray.engines import topk_of
+
+    ids, logprobs, tail, tempered, counts = topk_of(teacher_logits, max_k, (1.5, 2.0), coverage, at)
+    width = int(counts.max())
+    signal = SparseTeacher(ids[:, :width].long(), logprobs[:, :width].half().float(), tail, tempered, (1.5, 2.0))
+    return signal, counts.float().mean().item()
+
+
+def write_adaptive() -> None:
+    """Part 9: fixed k against adaptive k on the 60 demo held-out rows, the fine-tuned SmolLM2 teacher of
+    ``srd_evidence.py``'s healed experiment against the student SRD trained online there (srd-seed0): per
+    signal the mean ids and raw bytes per response token, and fkl's KD and gradient relative errors at T 1,
+    1.5 and 2 (stored tempered tails)."""
+    from srd_ray.distill.losses import LossSettings
+    from srd_ray.teacher_signal import bytes_per_token
+
+    cache = ROOT / "bench" / ".cache" / "srd_evidence" / "healed"
+    heldout = cache / "base" / "prepare" / "demo_heldout.jsonl"
+    rows = [(json.loads(line)["prompt"], json.loads(line)["output"]) for line in heldout.read_text().splitlines()]
+    teacher = scored_logits(str(cache / "base" / "teacher_sft" / "model"), rows, 32)
+    student = scored_logits(str(cache / "srd-seed0" / "distill" / "model"), rows, 32)
+    signals, results = {}, []
+    for label, k, coverage, at in ADAPTIVE_SIGNALS:
+        signals[label], ids = adaptive_signal(teacher, k, coverage, at)
+        raw = bytes_per_token(ids, "float16", 2, adaptive=coverage is not None)
+        results.append({"signal": label, "ids_per_token": ids, "raw_bytes_per_token": raw})
+    for temperature in (1.0, 1.5, 2.0):
+        errors = relative_errors(student, teacher, LossSettings("fkl"), temperature, signals)
+        for result in results:
+            result[f"kd_error_T{temperature:g}"] = errors[result["signal"]]["kd_relative_error"]
+            result[f"gradient_error_T{temperature:g}"] = errors[result["signal"]]["gradient_relative_error"]
+    (RESULTS / "teacher_signal_adaptive.json").write_text(json.dumps(results, indent=2) + "\n")
+    names = [name for name in results[0] if name != "signal"]
+    lines = [f"fkl, teacher vs the SRD-trained healed student, {len(rows)} demo held-out rows, {len(teacher)} "
+             "tokens (protocol part 9); raw bytes with float16 log-probs and tails at T 1.5 and 2.", "",
+             "| signal | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+    lines += [f"| {r['signal']} | " + " | ".join(f"{r[n]:.4g}" for n in names) + " |" for r in results]
+    (RESULTS / "teacher_signal_adaptive.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -576,6 +636,7 @@ def main() -> None:
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="training seeds (finished runs are reused)")
     parser.add_argument("--tail-by-task", action="store_true", help="part 5 only")
     parser.add_argument("--tail-after-training", action="store_true", help="part 7 only")
+    parser.add_argument("--adaptive", action="store_true", help="part 9 only")
     parser.add_argument("--approximation", action="store_true", help="part 1 only, on --pair's base run")
     parser.add_argument("--side-by-side", action="store_true", help="part 8: --signals retrained as timed- runs")
     parser.add_argument("--signals", default="online,topk", help=f"run labels to run, of {', '.join(SIGNALS)}")
@@ -586,6 +647,9 @@ def main() -> None:
         return
     if args.tail_after_training:
         write_tail_after_training()
+        return
+    if args.adaptive:
+        write_adaptive()
         return
     if args.pair and args.approximation:
         path = RESULTS / f"teacher_signal_{args.pair}.json"

@@ -370,11 +370,13 @@ TOPK_CHUNK = 64  # response tokens whose [chunk, vocab] logits exist at once
 
 
 def topk_of(
-    logits: torch.Tensor, k: int, temperatures: tuple[float, ...] = (), coverage: float | None = None
-) -> tuple[torch.Tensor, ...]:
+    logits: torch.Tensor, k: int, temperatures: tuple[float, ...] = (), coverage: float | None = None,
+    coverage_temperature: float | None = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """(ids int32, log-probs, tail log-mass, tempered tail log-masses [rows, temperatures], counts) of the k
     most likely tokens of each row of logits. With ``coverage`` each row keeps its fewest ids whose mass,
-    tempered at the hottest of ``temperatures`` (and 1), reaches it (at most k): ``counts`` says how many;
+    tempered at ``coverage_temperature`` (default the hottest of ``temperatures`` and 1), reaches it (at
+    most k): ``counts`` says how many;
     the rest of the row is padding, a repeat of its first id with log-prob -inf (see ``SparseTeacher``)."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     if coverage is not None:
@@ -383,8 +385,8 @@ def topk_of(
     counts = torch.full((len(log_probs),), k, dtype=torch.long, device=log_probs.device)
     ids, values = top.indices, top.values
     if coverage is not None:
-        hottest = max((1.0, *temperatures))
-        tempered_top = torch.log_softmax(log_probs / hottest, dim=-1).gather(-1, top.indices)
+        tempered_at = coverage_temperature or max((1.0, *temperatures))
+        tempered_top = torch.log_softmax(log_probs / tempered_at, dim=-1).gather(-1, top.indices)
         counts = ((tempered_top.exp().cumsum(-1) < coverage).sum(-1) + 1).clamp(max=k)
         kept = torch.arange(k, device=log_probs.device) < counts[:, None]
         ids = torch.where(kept, ids, ids[:, :1])

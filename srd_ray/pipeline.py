@@ -478,9 +478,9 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str]
     prepared = "prepare" not in enabled_stages(spec) or run.run_dir.is_complete("prepare", run.fingerprints["prepare"])
     done: set[str] = set()
     check_inputs(run, selected[0], done)
-    check_run_resources(run)  # needs no models: before prepare makes them
     if prepared:
         preflight(run)
+    check_run_resources(run)  # needs no models: before prepare makes them
     attach_run_log(spec.run_dir)  # the inputs passed their checks: from here on, noise goes to logs/
     ensure_ray(spec.ray, verbose=console_is_verbose())
     _check_cluster(run)

@@ -264,7 +264,9 @@ def write_tail_by_task() -> None:
 
 
 ADAPTIVE_SIGNALS = (  # (label, fixed k or max_k, coverage, temperature the coverage is measured at)
-    ("k64", 64, None, None), ("k256", 256, None, None), ("k1024", 1024, None, None),
+    ("k64", 64, None, None),
+    ("k256", 256, None, None),
+    ("k1024", 1024, None, None),
     *((f"adaptive {c:g} at T 2", 1024, c, 2.0) for c in (0.9, 0.95, 0.99)),
     *((f"adaptive {c:g} at T 1", 1024, c, 1.0) for c in (0.99, 0.999)),
 )

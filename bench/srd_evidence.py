@@ -296,6 +296,10 @@ def main() -> None:
 
 
 def write_results(experiment: str, work: Path, base: dict, seeds: list[int]) -> None:
+    # An interrupted protocol is summarised over the seeds whose every protocol variant finished.
+    seeds = [s for s in seeds if all(evaluated(work / f"{v}-seed{s}") for v in VARIANTS[experiment])]
+    if not seeds:
+        raise SystemExit(f"no training seed has every variant of {VARIANTS[experiment]} evaluated yet under {work}")
     variants = finished_variants(work, seeds)
     comparisons = [(v, b) for v, b in COMPARISONS if v in variants and b in variants]
     results = summarise(work, variants, seeds, comparisons)

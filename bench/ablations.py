@@ -59,7 +59,7 @@ def variant_spec(base: dict, settings: dict, work: Path, variant: str, seed: int
     spec["run"]["name"] = f"{variant}-seed{seed}"
     stages = spec["distill"]["stages"]
     if variant in ("hard_to_easy", "random"):
-        spec["rank"] = {"order": variant}
+        spec["rank"]["order"] = variant
     elif variant == "constant_t":
         for stage in stages:
             stage["temperature"] = 1.0
@@ -67,7 +67,7 @@ def variant_spec(base: dict, settings: dict, work: Path, variant: str, seed: int
         for stage, temperature in zip(stages, (2.0, 1.5, 1.0), strict=True):
             stage["temperature"] = temperature
     elif variant == "keep_all":
-        spec["rank"] = {"num_buckets": 4, "keep_buckets": 4}
+        spec["rank"].update(num_buckets=4, keep_buckets=4)
         stages.append(dict(stages[-1]))
     return spec
 

@@ -133,8 +133,7 @@ def variant_spec(base: dict, settings: dict, work: Path, experiment: str, varian
         rank["stratify_clusters"] = CLUSTERS
     if variant.endswith("refresh"):
         rank["refresh"] = "every_stage"
-    if rank:
-        spec["rank"] = rank
+    spec["rank"].update(rank)
     return spec
 
 

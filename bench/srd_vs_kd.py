@@ -138,6 +138,8 @@ def compared_spec(base: dict[str, Any], settings: dict[str, Any], work: Path, lo
     spec["models"]["student"]["path"] = spec["models"]["student"]["path"].replace("${run_dir}", str(base_dir))
     spec["data"]["train"]["path"] = spec["data"]["train"]["path"].replace("${run_dir}", str(base_dir))
     spec["teacher_sft"] = {"enabled": False}
+    # These benches measure the release's global ranking; task-aware variants set rank.stratify_by.
+    spec["rank"] = {**spec.get("rank", {}), "stratify_by": None}
     spec["distill"] = {
         "loss": loss,
         "curriculum": curriculum,

@@ -446,7 +446,7 @@ def preflight(run: Run) -> None:
     check_context(run.spec.models.teacher, run.spec.data, run.spec.evaluate.generation.max_new_tokens, engine)
     _ = run.train, run.eval_sets  # load now: a bad row fails here, naming file and line
     if run.spec.distill.curriculum == "srd":
-        check_stratification(run.spec.rank, run.train.table, run.train.dropped_columns)
+        check_stratification(run.spec.rank, run.train.table, run.train.dropped_columns, run.spec.data.train.fields.task)
 
 
 def check_run_resources(run: Run) -> None:

@@ -30,9 +30,17 @@ import pyarrow.compute as pc
 
 from srd_ray import storage
 from srd_ray.errors import DataError
-from srd_ray.spec import CLUSTER_COLUMN, RankSpec
+from srd_ray.spec import CLUSTER_COLUMN, STRATIFY_AUTO, RankSpec
 from srd_ray.storage import Location
-from srd_ray.strata import codes_of, drop_warnings, group_summary, most_dropped, strata_codes, table_with_clusters
+from srd_ray.strata import (
+    codes_of,
+    drop_warnings,
+    group_summary,
+    most_dropped,
+    resolve_strata,
+    strata_codes,
+    table_with_clusters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +194,13 @@ def run_rank(
 ) -> dict[str, Any]:
     """Rank ``scored`` into ``stage_dir``: one Parquet folder per bucket and the manifest (the summary),
     all appearing at once (a scratch folder moved into place). ``task_column``: the data's task column,
-    if it has one, for the per-task accounting (and the warning when a global ranking drops a task)."""
+    if it has one, for the per-task accounting (and the warning when a global ranking drops a task);
+    ``rank.stratify_by: auto`` stratifies by it."""
+    resolved = resolve_strata(spec, scored, task_column)
+    if resolved.strata_column is None and task_column in scored.column_names and spec.stratify_by == STRATIFY_AUTO:
+        log.warning("rank: %r has fewer than %d rows a value on average: ranked over all rows, not within it",
+                    task_column, spec.num_buckets)  # fmt: skip
+    spec = resolved
     if spec.stratify_clusters is not None:
         scored = table_with_clusters(scored, CLUSTER_COLUMN, spec.stratify_clusters, seed)
     ranked = rank_rows(scored, spec, seed)

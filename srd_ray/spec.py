@@ -152,6 +152,8 @@ class FieldMapping(_Strict):
 # Columns taken as a row's task when data.train.fields.task names none (Dolly: category or topic; S-NI and
 # the demo data: task or topic).
 TASK_COLUMNS = ("task", "topic", "category")
+# rank.stratify_by's default: stratify by the data's task column when it has one.
+STRATIFY_AUTO = "auto"
 
 
 class DataSourceSpec(_Strict):
@@ -342,24 +344,37 @@ class RankSpec(_Strict):
     # Rank within strata instead of over all rows, so that no stratum (task) is dropped whole: each stratum
     # is ranked on its own and split into near-equal parts, bucket b being every stratum's part b (see
     # srd_ray.rank). stratify_by: a scalar column of the training data (e.g. task, topic, category);
-    # null is the release's exact global ranking. stratify_clusters: N clusters of the training prompts
-    # (TF-IDF + k-means), for data without a task column.
-    stratify_by: str | None = None
+    # auto (the default): the data's task column (data.train.fields.task, else the first present of
+    # TASK_COLUMNS) if it has one, else a global ranking; null: the release's exact global ranking (a
+    # global ranking drops whole tasks where difficulty follows the task: bench/results/srd_evidence_*.md).
+    # stratify_clusters: N clusters of the training prompts (TF-IDF + k-means), for data without a task
+    # column.
+    stratify_by: str | None = STRATIFY_AUTO
     stratify_clusters: Annotated[int, Field(ge=2)] | None = None
 
     @model_validator(mode="after")
     def _one_stratification(self) -> RankSpec:
-        if self.stratify_by is not None and self.stratify_clusters is not None:
+        if self.stratify_by not in (None, STRATIFY_AUTO) and self.stratify_clusters is not None:
             raise ValueError(
                 f"stratify_by ({self.stratify_by!r}) and stratify_clusters ({self.stratify_clusters}) both set: "
                 "strata come from a column or from clusters, not both"
             )
         return self
 
+    def for_task_column(self, task_column: str | None) -> RankSpec:
+        """This spec with ``stratify_by: auto`` resolved against the data, whose task column is
+        ``task_column`` (None: it has none, and the ranking is global; so it is with clusters)."""
+        if self.stratify_by != STRATIFY_AUTO:
+            return self
+        return self.model_copy(update={"stratify_by": None if self.stratify_clusters is not None else task_column})
+
     @property
     def strata_column(self) -> str | None:
-        """The column the ranking is stratified by (clusters are written as ``cluster``), or None."""
-        return CLUSTER_COLUMN if self.stratify_clusters is not None else self.stratify_by
+        """The column the ranking is stratified by (clusters are written as ``cluster``), or None. A spec
+        still holding ``auto`` (not resolved by :meth:`for_task_column`) ranks globally."""
+        if self.stratify_clusters is not None:
+            return CLUSTER_COLUMN
+        return None if self.stratify_by == STRATIFY_AUTO else self.stratify_by
 
     @model_validator(mode="after")
     def _keep_fits(self) -> RankSpec:

@@ -2,8 +2,10 @@
 
 Real instruction data is multi-task, and difficulty often follows the task: ranked over all rows, the
 hardest bucket can hold most of one task's rows, and dropping it deletes that skill from the student.
-Ranking within strata (``rank.stratify_by``, ``rank.stratify_clusters``) keeps every task; for data with
-a task column and a global ranking, :func:`drop_warnings` says which tasks the dropped buckets take.
+Ranking within strata (``rank.stratify_by``, ``rank.stratify_clusters``) keeps every task, and is the
+default (``auto``, :func:`resolve_strata`) wherever the data has a task column; for data with a task
+column and a global ranking asked for (``null``), :func:`drop_warnings` says which tasks the dropped
+buckets take.
 
 - :func:`task_column`: which column is a row's task (``data.train.fields.task``, else the first present of
   ``task``, ``topic``, ``category``).
@@ -24,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from srd_ray.errors import DataError
-from srd_ray.spec import TASK_COLUMNS, RankSpec
+from srd_ray.spec import STRATIFY_AUTO, TASK_COLUMNS, RankSpec
 
 # Warn when the dropped buckets hold more than this share of one task's rows.
 DROPPED_SHARE_WARNING = 0.5
@@ -39,6 +41,18 @@ def task_column(named: str | None, columns: Iterable[str]) -> str | None:
     if named is not None:
         return named if named in columns else None
     return next((name for name in TASK_COLUMNS if name in columns), None)
+
+
+def resolve_strata(spec: RankSpec, table: pa.Table, task: str | None) -> RankSpec:
+    """``spec`` with ``stratify_by: auto`` resolved against ``table``, whose task column is ``task``
+    (:func:`task_column`): stratified by it, unless its strata hold fewer than ``num_buckets`` rows on
+    average; such a column (an id, a free-text label) would put each stratum whole into bucket 0, ordering
+    and dropping nothing, so the ranking stays global."""
+    if spec.stratify_by == STRATIFY_AUTO and task is not None and task in table.column_names:
+        strata = pc.count_distinct(table[task]).as_py()
+        if strata and table.num_rows / strata < spec.num_buckets:
+            task = None
+    return spec.for_task_column(task)
 
 
 def cluster_prompts(prompts: list[str], num_clusters: int, seed: int) -> np.ndarray:
@@ -140,13 +154,26 @@ def table_with_clusters(table: pa.Table, column: str, num_clusters: int, seed: i
     return table.append_column(column, labels)
 
 
-def check_stratification(spec: RankSpec, rows: pa.Table, dropped_columns: dict[str, str]) -> None:
-    """Before any stage runs: the strata column exists in the training rows, holds one value per row and no
-    nulls; there are at least as many rows as clusters."""
-    if spec.stratify_by is not None:
-        if spec.stratify_by in dropped_columns:
-            raise DataError(f"rank.stratify_by: column {spec.stratify_by!r} holds {dropped_columns[spec.stratify_by]}")
-        strata_codes(rows, spec.stratify_by)
+def check_stratification(
+    spec: RankSpec, rows: pa.Table, dropped_columns: dict[str, str], named_task: str | None = None
+) -> None:
+    """Before any stage runs: the strata column (``auto``: the task column, ``data.train.fields.task``
+    or the first present of ``TASK_COLUMNS``) exists in the training rows, holds one value per row and
+    no nulls; there are at least as many rows as clusters."""
+    resolved = resolve_strata(spec, rows, task_column(named_task, rows.column_names))
+    if resolved.stratify_by is not None:
+        if resolved.stratify_by in dropped_columns:
+            column = resolved.stratify_by
+            raise DataError(f"rank.stratify_by: column {column!r} holds {dropped_columns[column]}")
+        try:
+            strata_codes(rows, resolved.stratify_by)
+        except DataError as error:
+            if spec.stratify_by != STRATIFY_AUTO:
+                raise
+            raise DataError(
+                f"{error} (rank.stratify_by is auto, which ranks within the data's task column: fill it, name "
+                "another column, or set rank.stratify_by: null for the release's global ranking)"
+            ) from None
     if spec.stratify_clusters is not None and rows.num_rows < spec.stratify_clusters:
         raise DataError(
             f"rank.stratify_clusters is {spec.stratify_clusters}, more than the {rows.num_rows} training rows"

@@ -20,6 +20,7 @@ from srd_ray.strata import (
     cluster_prompts,
     drop_warnings,
     group_summary,
+    resolve_strata,
     task_column,
 )
 
@@ -168,7 +169,7 @@ def planted(drop_share: float) -> pa.Table:
 
 def test_a_global_ranking_that_drops_most_of_a_task_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="srd_ray.rank"):
-        summary = run_rank(RankSpec(), planted(0.9), tmp_path / "rank", task_column="task")
+        summary = run_rank(RankSpec(stratify_by=None), planted(0.9), tmp_path / "rank", task_column="task")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "task 'hard'" in warnings[0] and "rank.stratify_by: task" in warnings[0]
     assert "18 of the 20 rows (90%)" in warnings[0]
@@ -180,9 +181,10 @@ def test_a_global_ranking_that_drops_most_of_a_task_warns(tmp_path, caplog):
 @pytest.mark.parametrize(
     ("table", "spec", "column"),
     [
-        (planted(0.3), RankSpec(), "task"),  # the hard rows fit in the dropped bucket: 6 of 20
+        (planted(0.3), RankSpec(stratify_by=None), "task"),  # the hard rows fit in the dropped bucket: 6 of 20
         (planted(0.9), RankSpec(stratify_by="task"), "task"),  # stratified: a quarter of every task
-        (planted(0.9), RankSpec(), None),  # no task column in the data
+        (planted(0.9), RankSpec(), "task"),  # auto (the default): stratified by the data's task column
+        (planted(0.9), RankSpec(), None),  # no task column in the data: auto ranks globally
     ],
 )
 def test_no_warning_otherwise(tmp_path, caplog, table, spec, column):
@@ -190,7 +192,8 @@ def test_no_warning_otherwise(tmp_path, caplog, table, spec, column):
         summary = run_rank(spec, table, tmp_path / "rank", task_column=column)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
     assert not summary.get("warnings")
-    if spec.stratify_by:
+    assert summary["stratify_by"] == column if spec.stratify_by else summary["stratify_by"] is None
+    if summary["stratify_by"]:
         assert all(g["dropped"] == 5 for g in summary["strata"]["groups"])
 
 
@@ -252,6 +255,37 @@ def test_stratification_settings_and_columns_are_checked_before_any_stage():
         check_stratification(RankSpec(stratify_by="task"), with_null, {})
     with pytest.raises(DataError, match=r"rank.stratify_clusters is 7, more than the 6 training rows"):
         check_stratification(RankSpec(stratify_clusters=7), rows, {})
+    check_stratification(RankSpec(), rows.drop_columns(["task"]), {})  # auto, no task column: a global ranking
+    eight = strata_table({"a": 4, "b": 4})
+    eight_with_null = eight.set_column(2, "task", pa.array(["a", None, "a", "a", "b", "b", "b", "b"]))
+    with pytest.raises(DataError, match=r"empty in 1 row\(s\).*rank.stratify_by is auto.*rank.stratify_by: null"):
+        check_stratification(RankSpec(), eight_with_null, {})
+    check_stratification(RankSpec(), with_null, {})  # 3 rows a task, under num_buckets: auto ranks globally
+    check_stratification(RankSpec(), eight_with_null, {}, named_task="input_position")  # data.fields.task's
+
+
+def test_auto_takes_the_data_task_column_and_null_is_the_global_ranking():
+    assert RankSpec().stratify_by == "auto" and RankSpec().strata_column is None  # unresolved: global
+    assert RankSpec().for_task_column("topic").strata_column == "topic"
+    assert RankSpec().for_task_column(None).strata_column is None
+    assert RankSpec(stratify_by=None).for_task_column("topic").strata_column is None
+    assert RankSpec(stratify_by="task").for_task_column("topic").strata_column == "task"
+    assert RankSpec(stratify_clusters=4).for_task_column("topic").strata_column == "cluster"
+    table = planted(0.9)
+    resolved = rank_rows(table, RankSpec().for_task_column("task"))
+    assert resolved.equals(rank_rows(table, RankSpec(stratify_by="task")))
+    assert not rank_rows(table, RankSpec(stratify_by=None)).equals(resolved)
+
+
+def test_auto_ranks_globally_where_the_task_column_is_nearly_unique(tmp_path, caplog):
+    """A column with fewer than num_buckets rows a value would put every stratum whole into bucket 0."""
+    table = planted(0.9)
+    table = table.set_column(2, "task", pa.array([f"t{i // 3}" for i in range(80)]))  # 27 values, 3 rows each
+    with caplog.at_level(logging.WARNING, logger="srd_ray.rank"):
+        summary = run_rank(RankSpec(), table, tmp_path / "rank", task_column="task")
+    assert summary["stratify_by"] is None and [b["rows"] for b in summary["buckets"]] == [20, 20, 20, 20]
+    assert any("fewer than 4 rows a value on average" in r.getMessage() for r in caplog.records)
+    assert resolve_strata(RankSpec(), planted(0.9), "task").strata_column == "task"
 
 
 def test_the_summary_and_report_show_what_each_task_kept_and_lost(tmp_path):
@@ -262,7 +296,7 @@ def test_the_summary_and_report_show_what_each_task_kept_and_lost(tmp_path):
     from srd_ray.report import load_manifest, summary_lines, write_report
 
     run_dir = tmp_path / "run"
-    summary = run_rank(RankSpec(), planted(0.9), run_dir / "rank", task_column="task")
+    summary = run_rank(RankSpec(stratify_by=None), planted(0.9), run_dir / "rank", task_column="task")
     (run_dir / "run.json").write_text(json.dumps({"run": "run", "stages": {"rank": {"summary": summary}},
                                                   "spec": {"distill": {"stages": [{}, {}, {}]}}}))  # fmt: skip
     lines = summary_lines(load_manifest(run_dir))

@@ -41,6 +41,7 @@ from srd_ray.distill.worker import TrainingJob
 from srd_ray.rank import MANIFEST, bucket_dir, bucket_quotas, read_manifest, read_ranked, run_refresh_rank
 from srd_ray.spec import JobSpec, ModelSpec
 from srd_ray.storage import Location
+from srd_ray.strata import resolve_strata, task_column
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ def train_with_refresh(
     """Train ``job``'s stages one Ray Train job at a time, refreshing the next bucket between them."""
 
     initial = read_ranked(rank_dir)
-    rank = reflector.spec.rank
+    spec = reflector.spec  # rank.stratify_by auto: the refreshes stratify as the initial ranking did
+    rank = resolve_strata(spec.rank, initial, task_column(spec.data.train.fields.task, initial.column_names))
+    reflector = dataclasses.replace(reflector, spec=spec.model_copy(update={"rank": rank}))
     quotas = bucket_quotas(initial, rank.strata_column, rank.num_buckets)
     buckets = {0: initial.filter(pc.equal(initial["bucket"], 0)).select(TRAINING_COLUMNS)}
     planned = {bucket_name(b): sum(quota[b] for quota in quotas.values()) for b in range(len(job.plan))}

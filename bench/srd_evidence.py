@@ -260,6 +260,37 @@ def cluster_agreement(experiment: str, work: Path, base: dict, seeds: list[int])
     return {"clusters": CLUSTERS, "labels": len(set(train.values())), "ari": scores, "ari_chance": chance}
 
 
+def clusters_without_training(work: Path, seeds: list[int]) -> None:
+    """``--cluster-agreement``: the rank stage's clusters of the real training rows (the same prompts, the
+    same k and seeds as ``srd_clusters``) against their hidden topics, computed without any run, into
+    bench/results/srd_evidence_clusters.{json,md}."""
+    import numpy as np
+    from sklearn.metrics import adjusted_rand_score
+
+    from srd_ray.data import load_training_data
+    from srd_ray.spec import DataSpec
+    from srd_ray.strata import cluster_prompts
+
+    train = work / "split" / f"train_{TRAIN_ROWS}.jsonl"
+    if not train.exists():
+        training_rows(write_split(work / "split")["train"], train)
+    table = load_training_data(DataSpec.model_validate({"train": {"path": str(train)}})).table
+    truth = table[TASK_COLUMN["real"]].to_pylist()
+    agreement: dict[str, Any] = {"clusters": CLUSTERS, "labels": len(set(truth)), "ari": [], "ari_chance": []}
+    for seed in seeds:
+        clusters = cluster_prompts(table["prompt"].to_pylist(), CLUSTERS, seed)
+        agreement["ari"].append(adjusted_rand_score(truth, clusters))
+        agreement["ari_chance"].append(adjusted_rand_score(truth, np.random.default_rng(seed).permutation(clusters)))
+    agreement["seeds"] = seeds
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "srd_evidence_clusters.json").write_text(json.dumps(agreement, indent=2) + "\n")
+    text = f"# Prompt clusters vs hidden topics (real split, {table.num_rows} training rows)\n" + cluster_markdown(
+        agreement
+    )
+    (RESULTS / "srd_evidence_clusters.md").write_text(text)
+    print(text)
+
+
 def cluster_markdown(agreement: dict[str, Any]) -> str:
     from srd_vs_kd import mean_std
 
@@ -278,11 +309,14 @@ def main() -> None:
     parser.add_argument("--variants", help="which variants to run (default: the protocol's for the experiment)")
     parser.add_argument("--teacher", type=Path, help="a teacher already fine-tuned on the same training rows")
     parser.add_argument("--summarize", action="store_true", help="only rewrite the results from finished runs")
+    parser.add_argument("--cluster-agreement", action="store_true", help="only the clusters' ARI (real, no runs)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = (ROOT / "bench" / ".cache" / "srd_evidence" / args.experiment).resolve()
     seeds = [int(seed) for seed in args.seeds.split(",")]
+    if args.cluster_agreement:
+        return clusters_without_training(work, seeds)
     settings = experiment_settings(args.experiment, work, args.teacher)
     base = prepare_base(settings, work) if not args.summarize else base_spec(settings, work)
     if not args.summarize:

@@ -344,6 +344,13 @@ def write_results(experiment: str, work: Path, base: dict, seeds: list[int]) -> 
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     title = f"SRD evidence ({experiment}): KD vs SRD vs stratified SRD, healed 12-layer SmolLM2 student"
     table = markdown(results, title, "the `bench/srd_evidence.py` docstring")
+    if len(results["seeds"]) < len(SEEDS):  # say so where a reader looks first
+        table = table.replace(
+            "\n\n",
+            f"\n\n**{len(results['seeds'])} of the protocol's {len(SEEDS)} training seeds "
+            "finished; a ± 0.00 is one seed, not a measured spread.**\n\n",
+            1,
+        )
     if results["cluster_agreement"]:
         table += cluster_markdown(results["cluster_agreement"])
     table += by_task_markdown(results["by_task"])

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM
@@ -92,11 +93,16 @@ def test_reduced_quickstart_end_to_end(tmp_path, ray_session):
     assert len(set(scored["example_id"].to_pylist())) == 160
     assert stages["reflect"]["summary"]["shards"] == 4
 
-    # Rank: 4 equal buckets with ranks 1..N; the last one is dropped from training.
+    # Rank: the demo data has a task column, so (rank.stratify_by: auto) each of its 4 tasks is ranked on its
+    # own, 1..40, and cut into 4 equal buckets; the last one is dropped from training.
     rank = stages["rank"]["summary"]
+    assert rank["stratify_by"] == "task"
     assert [b["rows"] for b in rank["buckets"]] == [40, 40, 40, 40] and rank["dropped_rows"] == 40
     ranked = pa.concat_tables([pq.read_table(path) for path in sorted((run_dir / "rank").glob("bucket=*/*.parquet"))])
-    assert sorted(ranked["difficulty_rank"].to_pylist()) == list(range(1, 161))
+    for task in set(ranked["task"].to_pylist()):
+        within = ranked.filter(pc.equal(ranked["task"], task))
+        assert sorted(within["difficulty_rank"].to_pylist()) == list(range(1, 41)), task
+        assert [within["bucket"].to_pylist().count(b) for b in range(4)] == [10, 10, 10, 10], task
 
     # Distill: 3 stages on 2 gloo workers; the student is saved in save_pretrained format and loads.
     distill = stages["distill"]["summary"]

@@ -8,7 +8,7 @@ Protocol (results in bench/results/cluster_faults.{json,md}):
 - The tiny pair and the quickstart's demo data (400 rows), ``teacher_signal: topk`` (k 8), 2 reflect and
   2 teacher-pass actors, 2 Train workers (DDP, gloo), checkpoints every 4 steps, 3 stages of 8 steps.
 - Runs: ``clean`` (no fault), then one run per fault point, each on a fresh run directory: once the stage
-  has written its first output (a reflect shard, a signal shard, a distill checkpoint), one worker node
+  has written its first output (a reflect shard, a signal shard, a committed distill checkpoint), one worker node
   is removed (its raylet killed: every actor and worker on it dies), and a fresh one-CPU node is added
   10 s later.
 - Reported per run: exit status, wall time and its ratio to ``clean``, for every stage output the rows
@@ -35,7 +35,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
-FAULTS = {"reflect": "reflect/shards", "teacher_signal": "teacher_signal/shards", "distill": "distill/ray_train"}
+# Where each stage's first output shows, and what it is: a shard, or (distill) Ray Train's snapshot of its
+# registered checkpoints, written once the first checkpoint is committed (so the restart has one to resume).
+FAULTS = {
+    "reflect": ("reflect/shards", ".parquet"),
+    "teacher_signal": ("teacher_signal/shards", ".parquet"),
+    "distill": ("distill/ray_train", "checkpoint_manager_snapshot.json"),
+}
 
 PIPELINE = """
 engine: {{name: transformers}}
@@ -77,11 +83,11 @@ def inputs(work: Path) -> dict[str, str]:
     return {"train": demo["train"], "heldout": demo["heldout"], **models}
 
 
-def outputs_written(run_dir: Any, folder: str) -> int:
-    """How many files a stage has written under ``folder`` of the run directory (0 while none)."""
+def outputs_written(run_dir: Any, folder: str, suffix: str) -> int:
+    """How many files ending in ``suffix`` a stage has written under ``folder`` of the run directory."""
     location = run_dir / folder
     try:
-        return len([info for info in location.files() if info.path.endswith((".parquet", ".pt"))])
+        return len([info for info in location.files() if info.path.endswith(suffix)])
     except OSError:
         return 0
 
@@ -100,7 +106,7 @@ def run_once(cluster: Any, bucket: Any, data: dict[str, str], work: Path, name: 
     removed_at = None
     run_dir = bucket / "faults" / name
     while fault is not None and job.poll() is None and removed_at is None:
-        if outputs_written(run_dir, FAULTS[fault]):
+        if outputs_written(run_dir, *FAULTS[fault]):
             victim = next(node for node in cluster.worker_nodes)
             cluster.remove_node(victim, allow_graceful=False)
             removed_at = time.perf_counter() - started

@@ -5,6 +5,9 @@ workers spread over the two nodes. ``srd run`` attaches to it as a user's job do
 - The whole pipeline with ``teacher_signal: topk`` and its run directory on a local S3 server (moto).
 - A node that cannot see a local run directory stops the run before any stage, naming it.
 - A stage that asks for more than the cluster has waits for nodes to join, saying so, then runs.
+- Node loss (``pytest -m node_loss``, outside the default run for time; ``bench/cluster_faults.py`` measures
+  every stage's): the node of a Train worker is removed after distill's first committed checkpoint and a
+  fresh one joins; the run finishes, resumed from that checkpoint, every row once.
 """
 
 from __future__ import annotations
@@ -127,3 +130,45 @@ def test_a_stage_waits_for_nodes_to_join_then_runs(cluster, tmp_path, tiny_model
     assert "reflect: the stage runs 3 reflect actors (1 CPU, 0 GPU each) at once" in "".join(lines)
     scored = pq.read_table(tmp_path / "runs" / "grow" / "reflect" / "shards")
     assert scored.num_rows == 160
+
+
+NODE_LOSS = PIPELINE.replace("log_every_steps: 2", "log_every_steps: 1\n  checkpoint_every_steps: 2").replace(
+    "steps: 2,", "steps: 4,"
+)
+
+
+@pytest.mark.node_loss
+def test_losing_a_node_mid_distill_resumes_from_the_last_committed_checkpoint(
+    cluster, object_store, tmp_path, tiny_models, demo_data
+):
+    spec = spec_file(tmp_path, tiny_models, demo_data, f"s3://{object_store.path}/loss", "loss", NODE_LOSS)
+    run_dir = object_store / "loss" / "loss"
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    job = subprocess.Popen([sys.executable, "-m", "srd_ray.cli", "run", str(spec)], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 900
+
+    def committed() -> bool:  # Ray Train writes this snapshot once a checkpoint is registered
+        try:
+            return any(info.path.endswith("checkpoint_manager_snapshot.json")
+                       for info in (run_dir / "distill" / "ray_train").files())  # fmt: skip
+        except OSError:
+            return False
+
+    while not committed():
+        assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()
+        time.sleep(0.5)
+    cluster.remove_node(next(iter(cluster.worker_nodes)), allow_graceful=False)
+    time.sleep(5)
+    cluster.add_node(num_cpus=1)
+    output, _ = job.communicate(timeout=900)
+    assert job.returncode == 0, output[-3000:]
+    metrics = [json.loads(line) for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["global_step"] for m in metrics if "event" not in m]
+    resumed = [m for m in metrics if m.get("event") == "resumed"]
+    assert resumed and resumed[0]["global_step"] >= 2, "resumed from a checkpoint, not from the start"
+    assert sorted(set(steps)) == list(range(1, 13)) and len(steps) - len(set(steps)) <= 4
+    shards = (run_dir / "reflect" / "shards").files()
+    ids = [i for info in shards for i in Location(run_dir.filesystem, info.path).read_parquet(columns=["example_id"])
+           ["example_id"].to_pylist()]  # fmt: skip
+    assert len(ids) == len(set(ids)) == 160

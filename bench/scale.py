@@ -234,7 +234,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "# Cost against data set size (#29)", "",
         f"Machine: {summary['machine']}. Protocol: the `bench/scale.py` docstring (tiny pair, topk k 64, one "
         f"epoch per stage, 2 Train workers). Codes: `after` = {summary['after']}, `before` = {summary['before']} "
-        "(every Train worker holds every row and the whole signal).", "",
+        f"(every Train worker holds every row and the whole signal). Models: {summary['models']}.", "",
         "## Wall time per training row (ms)", "",
         "| code | rows | " + " | ".join(STAGES) + " | signal MB | steps |",
         "|---|---|" + "---|" * len(STAGES) + "---|---|",
@@ -294,9 +294,15 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--before", default="7b1073e", help="the commit before streaming")
     parser.add_argument("--before-sizes", default="10000,30000", help="sizes the before code runs ('' for none)")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        help="a folder with teacher/ and student/ to use as they are "
+        "(the results say so) instead of making the quickstart pair and fine-tuning its teacher",
+    )
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
-    models = prepare_models(CACHE)
+    models = args.models.resolve() if args.models else prepare_models(CACHE)
     after = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     results = [run_size(ROOT, "after", int(n), models, CACHE) for n in args.sizes.split(",") if n]
     before_sizes = [int(n) for n in args.before_sizes.split(",") if n]
@@ -311,6 +317,7 @@ def main() -> None:
     summary = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
         "after": after.stdout.strip(), "before": args.before if before_sizes else None,
+        "models": str(models) if args.models else "the quickstart pair, teacher fine-tuned",
         "results": results, "ratios": ratios(results),
         "worker_mb_per_signal_mb": {code: worker_mb_per_signal_mb(results, code) for code in codes},
     }  # fmt: skip

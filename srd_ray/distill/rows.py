@@ -21,11 +21,11 @@ downloaded once per node) are read by range and then dropped.
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -44,7 +44,7 @@ def write_rows(table: pa.Table, place: Place) -> None:
     storage.write_parquet(place, rows, row_group_size=ROW_GROUP_ROWS)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per row of a dataset in every worker: no per-instance dict
 class RowAddress:
     file: int  # index into the files
     group: int  # row group within the file
@@ -96,8 +96,14 @@ class RowReader:
             addresses = [self.source.where[example_id] for example_id in ids]
         except KeyError as missing:
             raise DataError(f"row {missing.args[0]} is in none of the files read ({self.columns})") from None
-        parts = [self._group(address.file, address.group).slice(address.offset, 1) for address in addresses]
-        return pa.concat_tables(parts) if parts else pa.table({c: [] for c in self.columns})
+        if not addresses:
+            return pa.table({c: [] for c in self.columns})
+        # Each row group once, then one take over them all (not a slice and a concatenation per row).
+        keys = list(dict.fromkeys((address.file, address.group) for address in addresses))
+        groups = [self._group(*key) for key in keys]
+        starts = dict(zip(keys, itertools.accumulate((g.num_rows for g in groups), initial=0), strict=False))
+        rows = [starts[(address.file, address.group)] + address.offset for address in addresses]
+        return pa.concat_tables(groups).take(pa.array(rows, pa.int64()))
 
     def _group(self, file: int, group: int) -> pa.Table:
         key = (file, group)
@@ -131,7 +137,3 @@ def lengths_of(files: RowFiles, encode) -> tuple[dict[str, int], dict[str, int]]
             example = encode(prompt, response)
             lengths[example_id], scored[example_id] = len(example.input_ids), example.scored_tokens
     return lengths, scored
-
-
-def as_array(values: dict[str, int], ids: Sequence[str]) -> np.ndarray:
-    return np.fromiter((values[i] for i in ids), dtype=np.int64, count=len(ids))

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
-from srd_ray.distill.rows import RowFiles, RowReader, write_rows
+from srd_ray import storage
+from srd_ray.distill.rows import SCAN_ROWS, RowFile, write_rows
 from srd_ray.distill.worker import SIGNAL_DATASET, LocalHost, StagePlan, Trainer
 from srd_ray.engines import TransformersEngine
+from srd_ray.errors import DataError
 from srd_ray.shards import ROW_GROUP_ROWS
 from srd_ray.spec import DataSourceSpec, DataSpec, ModelSpec, StageSpec
 from srd_ray.teacher_signal import score_signal
@@ -23,18 +26,35 @@ def rows_table(n: int) -> pa.Table:
                      "response": [f"r{i}" for i in range(n)], "extra": list(range(n))})  # fmt: skip
 
 
-def test_rows_are_written_sorted_in_small_row_groups_and_read_by_id(tmp_path):
+def test_rows_are_written_sorted_and_read_by_id_from_a_node_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("SRD_CACHE_DIR", str(tmp_path / "cache"))
     write_rows(rows_table(50), tmp_path / "part.parquet")
     parquet = pq.ParquetFile(tmp_path / "part.parquet")
     assert parquet.schema_arrow.names == ["example_id", "prompt", "response"]
     assert [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)] == [16, 16, 16, 2]
-    files = RowFiles([tmp_path / "part.parquet"])
-    assert files.ids() == sorted(f"row-{i:04d}" for i in range(50)) and len(files) == 50
-    reader = RowReader(files, ["example_id", "prompt"], cache_groups=2)
+    rows = RowFile([tmp_path / "part.parquet"])
+    assert rows.ids() == sorted(f"row-{i:04d}" for i in range(50)) and len(rows) == 50
     wanted = ["row-0049", "row-0000", "row-0020", "row-0049"]
-    assert reader.read(wanted)["example_id"].to_pylist() == wanted  # in the order asked, repeats kept
-    assert reader.read(["row-0021"])["prompt"].to_pylist() == ["p28"]  # ids were written in reverse
-    assert reader.peak_rows <= 2 * ROW_GROUP_ROWS, "the cache holds at most cache_groups row groups"
+    assert rows.read(wanted)["example_id"].to_pylist() == wanted  # in the order asked, repeats kept
+    assert rows.read(["row-0021"], ["prompt"])["prompt"].to_pylist() == ["p28"]  # ids were written in reverse
+    assert rows.peak_rows == 4, "a read holds the rows asked for, nothing more"
+    assert RowFile([tmp_path / "part.parquet"]).node_folder == rows.node_folder, "one copy per node"
+    with pytest.raises(DataError, match="row nope is in none"):
+        rows.read(["row-0001", "nope"])
+
+
+def test_a_node_copy_of_several_files_keeps_their_rows_and_refuses_a_repeated_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("SRD_CACHE_DIR", str(tmp_path / "cache"))
+    table = rows_table(40)
+    storage.write_parquet(tmp_path / "a" / "0.parquet", table.slice(0, 25), row_group_size=ROW_GROUP_ROWS)
+    storage.write_parquet(tmp_path / "a" / "1.parquet", table.slice(25), row_group_size=ROW_GROUP_ROWS)
+    rows = RowFile(sorted((tmp_path / "a").glob("*.parquet")))
+    assert rows.read(["row-0000", "row-0039"])["extra"].to_pylist() == [39, 0]
+    assert [t.num_rows for t in rows.scan(["example_id"], rows=16)] == [16, 16, 8]
+    storage.write_parquet(tmp_path / "b" / "0.parquet", table.slice(0, 3))
+    storage.write_parquet(tmp_path / "b" / "1.parquet", table.slice(2, 3))
+    with pytest.raises(DataError, match="row-0037 appears more than once"):
+        RowFile(sorted((tmp_path / "b").glob("*.parquet")))
 
 
 def signal_rows(tiny_models, rows: pa.Table) -> pa.Table:
@@ -46,8 +66,8 @@ def signal_rows(tiny_models, rows: pa.Table) -> pa.Table:
 
 def test_a_worker_holds_the_rows_of_its_batches_not_the_data_set(tmp_path, tiny_models, demo_data):
     """#29: with a top-k signal, 160 rows instead of 64 change neither the rows nor the signal bytes a worker
-    holds at once: its readers keep 2 row groups per micro-batch row (batch 1 here: 32 rows), whatever the
-    data's size."""
+    holds at once: a read holds one micro-batch's rows (batch 1 here), or the rows of one step of the scan
+    that learns the rows' lengths, whatever the data's size."""
     from srd_ray.data import load_source
 
     data = DataSpec(train=DataSourceSpec(path=demo_data["train"]), max_response_tokens=32)
@@ -62,7 +82,7 @@ def test_a_worker_holds_the_rows_of_its_batches_not_the_data_set(tmp_path, tiny_
         trainer = Trainer(job, host)
         trainer.run()
         peaks[size] = trainer.rows.peak_held()
-    assert peaks[64]["rows"] <= 2 * ROW_GROUP_ROWS and peaks[160]["rows"] <= 2 * ROW_GROUP_ROWS, peaks
+    assert peaks[64]["rows"] <= SCAN_ROWS and peaks[160]["rows"] <= SCAN_ROWS, peaks
     assert peaks[160]["bytes"] <= 1.2 * peaks[64]["bytes"], peaks
 
 

@@ -9,12 +9,15 @@ rows are read, tokenized and paired with their signal when it is built.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from srd_ray.distill.batches import MicroBatch
-from srd_ray.distill.rows import TRAINING_COLUMNS, RowFiles, RowReader, lengths_of
+from srd_ray.distill.rows import RowFile, lengths_of
 from srd_ray.errors import DataError
 from srd_ray.models import TrainingExample, encode_example
 from srd_ray.signals import TopK, signal_columns, signals_by_id
@@ -29,39 +32,49 @@ class RowHost(Protocol):
 
 @dataclass(frozen=True)
 class Dataset:
-    """One dataset's rows, known by id and length; read through ``reader`` when a batch needs them."""
+    """One dataset's rows in example_id order, known by length; read from ``rows`` when a batch needs them."""
 
-    ids: list[str]
-    lengths: list[int]
-    scored_tokens: list[int]
-    reader: RowReader
+    rows: RowFile
+    lengths: np.ndarray  # int32, in example_id order
+    scored_tokens: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 class Pool:
-    """One stage's rows: ``lengths`` and ``scored_tokens`` for the plan, rows read when a batch is built."""
+    """One stage's rows (its datasets' rows one after another): ``lengths`` and ``scored_tokens`` for the
+    plan, rows read when a batch is built."""
 
     def __init__(self, rows: RowPool, datasets: Sequence[Dataset]) -> None:
-        self.rows = rows
-        self.where = [(dataset, i) for dataset in datasets for i in range(len(dataset.ids))]
-        self.lengths = [dataset.lengths[i] for dataset, i in self.where]
-        self.scored_tokens = [dataset.scored_tokens[i] for dataset, i in self.where]
+        self.rows, self.datasets = rows, list(datasets)
+        self.starts = np.cumsum([0] + [len(d) for d in self.datasets]).tolist()
+        self.lengths = np.concatenate([d.lengths for d in self.datasets] or [[]]).astype(int).tolist()
+        self.scored_tokens = np.concatenate([d.scored_tokens for d in self.datasets] or [[]]).astype(int).tolist()
 
     def __len__(self) -> int:
-        return len(self.where)
+        return self.starts[-1]
+
+    def _where(self, row: int) -> tuple[int, int]:
+        """(dataset number, rank of the row in that dataset's example_id order)."""
+        number = bisect.bisect_right(self.starts, row) - 1
+        return number, row - self.starts[number]
 
     def ids(self, rows: Sequence[int]) -> list[str]:
-        return [self.where[row][0].ids[self.where[row][1]] for row in rows]
+        return [self.datasets[d].rows.sorted_ids[i].decode() for d, i in map(self._where, rows)]
 
     def examples(self, rows: Sequence[int]) -> list[TrainingExample]:
         """The rows, read and encoded, in order."""
-        text: dict[str, tuple[str, str]] = {}
-        for dataset in {id(self.where[row][0]): self.where[row][0] for row in rows}.values():
-            wanted = [dataset.ids[i] for d, i in (self.where[row] for row in rows) if d is dataset]
-            table = dataset.reader.read(wanted)
-            text.update(zip(table["example_id"].to_pylist(),
+        where = [self._where(row) for row in rows]
+        text: dict[tuple[int, int], tuple[str, str]] = {}
+        for number in sorted({d for d, _ in where}):
+            wanted = [i for d, i in where if d == number]
+            source = self.datasets[number].rows
+            table = source.read_at(source.positions[wanted], ["prompt", "response"])
+            text.update(zip(((number, i) for i in wanted),
                             zip(table["prompt"].to_pylist(), table["response"].to_pylist(), strict=True),
                             strict=True))  # fmt: skip
-        return [self.rows.encode(*text[example_id]) for example_id in self.ids(rows)]
+        return [self.rows.encode(*text[place]) for place in where]
 
     def micro_batch(self, rows: Sequence[int], pad_token_id: int) -> MicroBatch:
         examples = self.examples(rows)
@@ -88,19 +101,17 @@ class ExamplePool:
 
 
 class RowPool:
-    """A worker's datasets, opened once each (indexed by example_id, lengths learned by tokenizing a row
-    group at a time), and the stored teacher signal."""
+    """A worker's datasets, opened once each (ids indexed, lengths learned by tokenizing every row once),
+    and the stored teacher signal."""
 
-    def __init__(self, host: RowHost, tokenizer: Any, data: Any, topk: bool, tail_temperatures: tuple[float, ...],
-                 batch_size: int = 8) -> None:  # fmt: skip
+    def __init__(
+        self, host: RowHost, tokenizer: Any, data: Any, topk: bool, tail_temperatures: tuple[float, ...]
+    ) -> None:
         self.host, self.tokenizer, self.data = host, tokenizer, data
         self.tail_temperatures = tail_temperatures
-        # A micro-batch's rows lie in at most batch_size row groups: keep twice that, whatever the data's size.
-        self.cache_groups = 2 * batch_size
         self.datasets: dict[str, Dataset] = {}
-        signals = RowFiles(host.files(SIGNAL_DATASET)) if topk else None
-        columns = signal_columns(signals.files[0].schema_arrow.names) if signals else []
-        self.signals = RowReader(signals, columns, self.cache_groups) if signals else None
+        self.signals = RowFile(host.files(SIGNAL_DATASET)) if topk else None
+        self.signal_columns = signal_columns(self.signals.schema.names) if self.signals else []
 
     def encode(self, prompt: str, response: str) -> TrainingExample:
         data = self.data
@@ -108,11 +119,9 @@ class RowPool:
 
     def dataset(self, name: str) -> Dataset:
         if name not in self.datasets:
-            files = RowFiles(self.host.files(name))
-            lengths, scored = lengths_of(files, self.encode)
-            ids = files.ids()
-            self.datasets[name] = Dataset(ids, [lengths[i] for i in ids], [scored[i] for i in ids],
-                                          RowReader(files, TRAINING_COLUMNS, self.cache_groups))  # fmt: skip
+            rows = RowFile(self.host.files(name))
+            lengths, scored = lengths_of(rows, self.encode)  # in file order
+            self.datasets[name] = Dataset(rows, lengths[rows.positions], scored[rows.positions])
         return self.datasets[name]
 
     def stage(self, names: Sequence[str]) -> Pool:
@@ -123,7 +132,7 @@ class RowPool:
         tokens as training tokenizes them."""
         if self.signals is None:
             return None
-        by_id = signals_by_id(self.signals.read(list(ids)), self.tail_temperatures)
+        by_id = signals_by_id(self.signals.read(list(ids), self.signal_columns), self.tail_temperatures)
         for example_id, example in zip(ids, examples, strict=True):
             signal = by_id.get(example_id)
             if signal is None or len(signal.tail) != example.scored_tokens:
@@ -145,6 +154,6 @@ class RowPool:
 
     def peak_held(self) -> dict[str, int]:
         """The most rows and bytes any of this worker's readers held at once (the memory bound, measured)."""
-        readers = [d.reader for d in self.datasets.values()] + ([self.signals] if self.signals else [])
+        readers = [d.rows for d in self.datasets.values()] + ([self.signals] if self.signals else [])
         return {"rows": max((r.peak_rows for r in readers), default=0),
                 "bytes": sum(r.peak_bytes for r in readers)}  # fmt: skip

@@ -187,7 +187,7 @@ class Trainer:
         else:
             torch.manual_seed(self.job.seed + self.host.rank)
         self.rows = RowPool(self.host, self.tokenizer, self.job.data, self.job.teacher_signal == "topk",
-                            self.job.tail_temperatures, self.training.batch_size)  # fmt: skip
+                            self.job.tail_temperatures)  # fmt: skip
         self.scaler = self.precision.grad_scaler(self.device)
         self.optimizer = self.scheduler = None
         generating = self.job.student_generation.mode != "off"

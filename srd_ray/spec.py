@@ -18,6 +18,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -457,6 +458,11 @@ class TeacherSftSpec(TrainingSpec):
     lr: PositiveFloat = 1e-4
 
 
+def _yaml_on_off(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted ``on`` / ``off`` as true / false: a choice with those values takes them."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class StudentGenerationSpec(PoolSpec):
     """Student-generated responses during distillation (GKD, DistiLLM): see srd_ray/distill/student_generation.py.
 
@@ -466,7 +472,7 @@ class StudentGenerationSpec(PoolSpec):
     between fresh samples, the buffer and the references. The pool settings (concurrency, num_cpus_per_actor,
     num_gpus_per_actor, batch_size) size the vLLM generation actors."""
 
-    mode: Literal["off", "on", "mixed", "adaptive"] = "off"
+    mode: Annotated[Literal["off", "on", "mixed", "adaptive"], BeforeValidator(_yaml_on_off)] = "off"
     mixed_alpha: UnitFloat = 0.5
     replay_capacity: PositiveInt = 1000  # rows
     init_threshold: UnitFloat = 0.5

@@ -115,3 +115,14 @@ def test_every_job_spec_in_jobs_validates():
     assert jobs, "jobs/ has no specs"
     for job in jobs:
         load_spec(job)
+
+
+def test_unquoted_on_and_off_are_the_choices_not_booleans(tmp_path):
+    """YAML 1.1 reads ``mode: on`` as true: the choice takes it, in the file and from --set (#31)."""
+    text = MINIMAL + "distill:\n  loss: jsd\n  student_generation: {mode: on}\n"
+    assert load_spec(write_spec(tmp_path, text)).distill.student_generation.mode == "on"
+    spec = load_spec(write_spec(tmp_path, MINIMAL), ["distill.loss=jsd", "distill.student_generation.mode=on"])
+    assert spec.distill.student_generation.mode == "on"
+    spec = load_spec(write_spec(tmp_path, MINIMAL), ["distill.student_generation.mode=off"])
+    assert spec.distill.student_generation.mode == "off"
+    assert "mode" in spec_error(tmp_path, MINIMAL, ["distill.student_generation.mode=yes please"])

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from srd_ray.console import RunConsole
-from srd_ray.errors import SrdError
+from srd_ray.errors import NothingToDo, SrdError
 
 
 def _stage_list(text: str) -> list[str]:
@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from srd_ray.console import run_console
     from srd_ray.failures import InfrastructureError, StageFailed, explain
-    from srd_ray.pipeline import NothingToDo
 
     with run_console(verbose=getattr(args, "verbose", False)) as console:
         try:

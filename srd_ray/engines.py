@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from srd_ray.devices import device_for, uses_cuda
-from srd_ray.distill.losses import ScoredPositions, gather_scored, tempered_tail
 from srd_ray.errors import ModelError, SpecError
 from srd_ray.models import (
     IGNORE_INDEX,
@@ -45,6 +44,7 @@ from srd_ray.models import (
 )
 from srd_ray.signals import TopK
 from srd_ray.spec import DataSpec, GenerationSpec, ModelSpec, PoolSpec, VllmSpec
+from srd_ray.tokens import ScoredPositions, gather_scored, tempered_tail
 
 
 @dataclass(frozen=True)
@@ -546,7 +546,7 @@ class VLLMEngine:
         """From ``prompt_logprobs=k``: at each position vLLM returns the k most likely tokens (ranks 1..k),
         plus the actual token when it ranks lower, which is left out here. vLLM returns nothing of the
         tail but its mass, so the tempered tails are extrapolated from the top k
-        (:func:`~srd_ray.distill.losses.tempered_tail`), not exact as with the transformers engine."""
+        (:func:`~srd_ray.tokens.tempered_tail`), not exact as with the transformers engine."""
         examples = self._examples(prompts, responses)
         outputs = self._prompt_logprobs([e.input_ids for e in examples], k)
         results = []

@@ -23,3 +23,7 @@ class RunDirError(SrdError):
 
 class ResourceError(SrdError):
     """The cluster cannot hold what a stage asks for; the message names the setting and the numbers."""
+
+
+class NothingToDo(Exception):
+    """The stages asked for are all off for this spec; the message says why (not an error: exit 0)."""

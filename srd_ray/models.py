@@ -22,11 +22,11 @@ from transformers import (
 )
 
 from srd_ray import storage
-from srd_ray.distill.losses import IGNORE_INDEX, Head
 from srd_ray.errors import ModelError
 from srd_ray.failures import InfrastructureError, chain
 from srd_ray.spec import LoraSpec, ModelSpec
 from srd_ray.storage import Location, is_uri
+from srd_ray.tokens import IGNORE_INDEX, Head
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -26,7 +26,7 @@ from srd_ray.console import verbose as console_is_verbose
 from srd_ray.data import LoadedData, drop_long_prompts, load_eval_sets, load_training_data
 from srd_ray.demo_data import write_demo_data
 from srd_ray.engines import check_context, resolve_engine
-from srd_ray.errors import SpecError
+from srd_ray.errors import NothingToDo, SpecError
 from srd_ray.failures import explain
 from srd_ray.models import check_model_path, check_same_tokenizer, load_tokenizer
 from srd_ray.resources import check_stage
@@ -48,10 +48,6 @@ TRAINING_DATA = (
     "data.on_bad_row",
     "data.truncate_long_prompts",
 )
-
-
-class NothingToDo(Exception):
-    """The stages asked for are all off for this spec; the message says why."""
 
 
 def ensure_ray(spec: RaySpec, verbose: bool = False) -> None:

@@ -26,8 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from srd_ray.distill.losses import DEFAULT_LOSS, KD_LOSS_NAMES, TEMPERATURE_SCALINGS, LossSettings
 from srd_ray.errors import SpecError
+from srd_ray.loss_settings import DEFAULT_LOSS, KD_LOSS_NAMES, TEMPERATURE_SCALINGS, LossSettings
 from srd_ray.storage import absolute_path, is_uri
 
 MINILLM_TEMPLATE_WITH_INPUT = (

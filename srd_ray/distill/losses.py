@@ -22,13 +22,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from srd_ray.loss_settings import (  # noqa: F401 (re-exported: callers import the settings from here too)
+    DEFAULT_LOSS,
+    KD_LOSS_NAMES,
+    TEMPERATURE_SCALINGS,
+    LossSettings,
+    temperature_factor,
+)
+from srd_ray.tokens import (  # noqa: F401 (re-exported)
+    IGNORE_INDEX,
+    Head,
+    ScoredPositions,
+    gather_scored,
+    tempered_tail,
+)
 
 TokenDivergence = Callable[..., torch.Tensor]
 
@@ -96,45 +109,9 @@ KD_LOSSES: dict[str, TokenDivergence] = {
     "srkl": skew_reverse_kl,
     "sft": no_distillation,
 }
-KD_LOSS_NAMES = tuple(KD_LOSSES)
-TEMPERATURE_SCALINGS = ("t_squared", "none", "srd_release")
-
-# The SRD release multiplies only these losses by T² (its `srd_release` scaling mode).
-_SRD_RELEASE_T_SQUARED = frozenset({"fkl", "jsd", "srkl"})
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """Which divergence and its parameters. The spec's ``distill`` defaults are read from this class."""
-
-    name: str = "fkl"
-    temperature_scaling: str = "t_squared"
-    jsd_beta: float = 0.9  # GKD's β: the student's weight in the JSD mixture
-    skew_alpha: float = 0.1  # DistiLLM's α: the teacher's weight (skl) or student's (srkl) in the mixture
-
-    def __post_init__(self) -> None:
-        if self.name not in KD_LOSSES:
-            raise ValueError(f"unknown KD loss {self.name!r}; choose from {sorted(KD_LOSSES)}")
-        if self.temperature_scaling not in TEMPERATURE_SCALINGS:
-            raise ValueError(
-                f"unknown temperature_scaling {self.temperature_scaling!r}; use {', '.join(TEMPERATURE_SCALINGS)}"
-            )
-
-    def for_heldout(self) -> LossSettings:
-        """The held-out metric: the same divergence (fkl for SFT runs) at T = 1 with no T² factor."""
-        return LossSettings("fkl" if self.name == "sft" else self.name, "none", self.jsd_beta, self.skew_alpha)
-
-
-DEFAULT_LOSS = LossSettings()
-
-
-def temperature_factor(name: str, temperature: float, scaling: str) -> float:
-    """The factor a KD loss is multiplied by: T² (``t_squared``), 1 (``none``), or the release's rule."""
-    if scaling == "t_squared" or (scaling == "srd_release" and name in _SRD_RELEASE_T_SQUARED):
-        return temperature**2
-    if scaling in ("none", "srd_release"):
-        return 1.0
-    raise ValueError(f"unknown temperature_scaling {scaling!r}; use t_squared, none or srd_release")
+# The settings (names, scalings, LossSettings) live in a torch-free module: the spec reads them.
+if tuple(KD_LOSSES) != KD_LOSS_NAMES:
+    raise RuntimeError(f"KD_LOSSES {tuple(KD_LOSSES)} and loss_settings.KD_LOSS_NAMES {KD_LOSS_NAMES} differ")
 
 
 def token_kd(
@@ -174,67 +151,8 @@ def kd_loss(
 # What is scored: response positions
 
 
-@dataclass(frozen=True)
-class ScoredPositions:
-    """The positions a batch is scored at: hidden state ``index`` (flat over [batch, seq]) predicts token
-    ``targets``. Only response tokens are scored; prompt and padding positions never reach the head."""
-
-    index: torch.Tensor  # long [n]
-    targets: torch.Tensor  # long [n]
-
-    @classmethod
-    def of(cls, labels: torch.Tensor) -> ScoredPositions:
-        """From right-shifted labels (IGNORE_INDEX on prompt and padding). Computed on the CPU tensors a
-        batch is built from: selecting with a boolean mask on the GPU would stall on a host sync."""
-        following = labels[:, 1:]  # position t predicts token t + 1
-        rows, columns = (following != IGNORE_INDEX).nonzero(as_tuple=True)
-        return cls(index=rows * labels.size(1) + columns, targets=following[rows, columns])
-
-    def to(self, device: torch.device) -> ScoredPositions:
-        return ScoredPositions(self.index.to(device, non_blocking=True), self.targets.to(device, non_blocking=True))
-
-
-def gather_scored(hidden: torch.Tensor, positions: ScoredPositions) -> torch.Tensor:
-    """[batch, seq, hidden] -> [n, hidden] at the scored positions."""
-    return hidden.reshape(-1, hidden.size(-1)).index_select(0, positions.index)
-
-
 # --------------------------------------------------------------------------------------------------------
 # The chunked, fused loss
-
-
-@dataclass(frozen=True)
-class Head:
-    """An LM head as the loss needs it: logits = softcap(scale · (h Wᵀ + b)), cut to the tokenizer's
-    ``vocab_size`` rows (padded heads carry no real tokens)."""
-
-    weight: torch.Tensor  # [head rows, hidden]
-    bias: torch.Tensor | None
-    vocab_size: int
-    scale: float = 1.0  # e.g. Cohere's logit_scale
-    softcap: float | None = None  # e.g. Gemma 2's final_logit_softcapping
-
-    def raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """h Wᵀ + b over the tokenizer's rows: the matmul in the weight's dtype, the result in fp32."""
-        weight = self.weight[: self.vocab_size]
-        bias = None if self.bias is None else self.bias[: self.vocab_size]
-        return F.linear(hidden.to(weight.dtype), weight, bias).float()
-
-    def finish(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw fp32 logits -> the model's logits (its scale and soft cap, if any)."""
-        logits = raw * self.scale if self.scale != 1.0 else raw
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.raw_logits(hidden))
-
-    def in_dtype(self, dtype: torch.dtype) -> Head:
-        """The head with its weights detached and cast once (per micro-batch, not per chunk) to the compute
-        dtype: the loss computes their gradients itself."""
-        bias = None if self.bias is None else self.bias.detach().to(dtype)
-        return replace(self, weight=self.weight.detach().to(dtype), bias=bias)
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -435,35 +353,6 @@ class SparseTeacher:
         if stored and self.tempered_tails is not None:
             return self.tempered_tails[rows, stored[0]]
         return tempered_tail(self.logprobs[rows], self.tail[rows], vocab_size, temperature)
-
-
-def tempered_tail(top_logprobs: torch.Tensor, tail: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
-    """log Σ_tail p_j^(1/T) (unnormalised, like the re-tempered top-k) from the top-k log-probs and the
-    tail's log-mass at T = 1: fit log p = a − α log r on ranks 1..k, spread the tail mass over ranks
-    k+1..V with that slope (the sum taken as an integral), then temper. Exact at T = 1 (returns ``tail``)."""
-    k = top_logprobs.size(-1)
-    if temperature == 1.0 or k >= vocab_size:
-        return tail / temperature
-    log_rank = torch.log(torch.arange(1, k + 1, device=tail.device, dtype=torch.float64))
-    centred = log_rank - log_rank.mean()
-    y = top_logprobs.double()
-    slope = ((y - y.mean(-1, keepdim=True)) * centred).sum(-1) / (centred**2).sum()
-    alpha = (-slope).clamp(min=0.0)
-    low, high = math.log(k + 0.5), math.log(vocab_size + 0.5)
-    tempered = tail.double() / temperature + _log_power_integral(alpha / temperature, low, high)
-    tempered = tempered - _log_power_integral(alpha, low, high) / temperature
-    return torch.where(torch.isfinite(tail), tempered.float(), tail)
-
-
-def _log_power_integral(beta: torch.Tensor, log_low: float, log_high: float) -> torch.Tensor:
-    """log ∫ x^−β dx from e^log_low to e^log_high, elementwise over β (the β = 1 limit is log(high/low))."""
-    one = 1 - beta
-    near_one = one.abs() < 1e-4
-    one = torch.where(near_one, torch.full_like(one, 1e-4), one)
-    ends = torch.stack([one * log_high, one * log_low])
-    top, bottom = ends.max(0).values, ends.min(0).values
-    value = top + torch.log1p(-torch.exp(bottom - top)) - torch.log(one.abs())
-    return torch.where(near_one, torch.full_like(value, math.log(log_high - log_low)), value)
 
 
 def distillation_loss(

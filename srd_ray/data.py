@@ -7,6 +7,10 @@ Every row gets
   defines "input order" for the ranking independently of how Ray schedules blocks;
 - ``prompt``: the templated prompt; ``references``: list of reference responses; ``response``: the first
   reference, used as the training target.
+A chat row (a ``messages`` column: OpenAI-style ``{role, content}`` turns, the last the assistant's) also
+keeps ``messages`` (JSON text): models render it with their chat template (``srd_ray.chat``). Its
+``response`` is the last assistant turn and its ``prompt`` the turns before it as plain "role: text" lines
+(for ids, clustering and reading; no model sees that text).
 Other scalar columns (``topic``, ``category``, the demo data's ``difficulty``) are passed through.
 """
 
@@ -22,6 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from srd_ray.chat import message_problem
 from srd_ray.errors import DataError
 from srd_ray.spec import DataSourceSpec, DataSpec
 from srd_ray.storage import Location, is_uri
@@ -29,7 +34,7 @@ from srd_ray.storage import Location, is_uri
 # File kinds a data folder is read for.
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
-CORE_COLUMNS = ("example_id", "input_position", "prompt", "references", "response")
+CORE_COLUMNS = ("example_id", "input_position", "prompt", "references", "response", "messages")
 _USUAL_NAMES = {
     "prompt": ("prompt",),
     "instruction": ("instruction",),
@@ -189,6 +194,11 @@ def _iter_hub(source: DataSourceSpec) -> Iterator[tuple[str, dict[str, Any]]]:
 def _resolve_mapping(source: DataSourceSpec, record: dict[str, Any], where: str) -> dict[str, str | None]:
     """Pick the source column for each role, from the spec or the usual names."""
     mapping: dict[str, str | None] = {"id": source.fields.id}
+    chat = _chat_column(source, record, where)
+    if chat is not None:
+        if mapping["id"] is not None and mapping["id"] not in record:
+            raise DataError(f"{where}: id column {mapping['id']!r} is missing; columns: {sorted(record)}")
+        return {**mapping, "messages": chat}
     for role, usual in _USUAL_NAMES.items():
         chosen = getattr(source.fields, role)
         if chosen is not None and chosen not in record:
@@ -205,7 +215,58 @@ def _resolve_mapping(source: DataSourceSpec, record: dict[str, Any], where: str)
     return mapping
 
 
+def _chat_column(source: DataSourceSpec, record: dict[str, Any], where: str) -> str | None:
+    """The messages column if rows are chat rows (named by data.fields.messages, or a `messages` column in
+    data that names no prompt columns), else None."""
+    named = source.fields.messages
+    if named is not None:
+        if named not in record:
+            raise DataError(f"{where}: column {named!r} (data.fields.messages) is missing; columns: {sorted(record)}")
+        return named
+    prompt_named = source.fields.prompt is not None or source.fields.instruction is not None
+    return "messages" if "messages" in record and not prompt_named else None
+
+
+def _normalise_chat(record: dict[str, Any], mapping: dict[str, str | None], where: str) -> dict[str, Any]:
+    messages = record.get(mapping["messages"])
+    if isinstance(messages, str):  # a JSON string column (Parquet written without nested types)
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: column {mapping['messages']!r} is text that is not a JSON list") from None
+    problem = message_problem(messages)
+    if problem:
+        raise DataError(f"{where}: column {mapping['messages']!r}: {problem}")
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    text = json.dumps(messages, ensure_ascii=False)
+    response = messages[-1]["content"]
+    row = _with_id(record, mapping, text, [response], where)
+    prompt = "\n".join(f"{m['role']}: {m['content']}" for m in messages[:-1])
+    return {**row, "prompt": prompt, "references": [response], "response": response, "messages": text}
+
+
+def _with_id(record: dict[str, Any], mapping: dict[str, str | None], text: str, references: list[str],
+             where: str) -> dict[str, Any]:  # fmt: skip
+    """``example_id`` (from the id column, else a hash of the row's text) and the passthrough columns."""
+    if mapping["id"] is not None:
+        example_id = record.get(mapping["id"])
+        if example_id is None or str(example_id) == "":
+            raise DataError(f"{where}: id column {mapping['id']!r} is empty")
+        example_id = str(example_id)
+    else:
+        example_id = example_id_for(text, references)
+    used = {name for name in mapping.values() if name}
+    passthrough = {
+        key: value
+        for key, value in record.items()
+        if key not in used and key not in CORE_COLUMNS and isinstance(value, str | int | float | bool)
+    }
+    return {"example_id": example_id, **passthrough}
+
+
 def _normalise(record: dict[str, Any], mapping: dict[str, str | None], data: DataSpec, where: str) -> dict[str, Any]:
+    if mapping.get("messages"):
+        return _normalise_chat(record, mapping, where)
     references = _references(record.get(mapping["response"]), mapping["response"], where)
     if mapping["prompt"] is not None:
         prompt = _text(record.get(mapping["prompt"]), mapping["prompt"], where)
@@ -216,26 +277,8 @@ def _normalise(record: dict[str, Any], mapping: dict[str, str | None], data: Dat
             raise DataError(f"{where}: column {mapping['input']!r} must be a string, got {type(extra).__name__}")
         template = data.prompt_template if extra and extra.strip() else data.prompt_template_no_input
         prompt = template.format(instruction=instruction, input=extra or "")
-    if mapping["id"] is not None:
-        example_id = record.get(mapping["id"])
-        if example_id is None or str(example_id) == "":
-            raise DataError(f"{where}: id column {mapping['id']!r} is empty")
-        example_id = str(example_id)
-    else:
-        example_id = example_id_for(prompt, references)
-    used = {name for name in mapping.values() if name}
-    passthrough = {
-        key: value
-        for key, value in record.items()
-        if key not in used and key not in CORE_COLUMNS and isinstance(value, str | int | float | bool)
-    }
-    return {
-        "example_id": example_id,
-        "prompt": prompt,
-        "references": references,
-        "response": references[0],
-        **passthrough,
-    }
+    row = _with_id(record, mapping, prompt, references, where)
+    return {**row, "prompt": prompt, "references": references, "response": references[0]}
 
 
 def _text(value: Any, column: str | None, where: str) -> str:
@@ -263,6 +306,8 @@ def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
         "references": pa.array([r["references"] for r in rows], pa.list_(pa.string())),
         "response": pa.array([r["response"] for r in rows], pa.string()),
     }
+    if "messages" in rows[0]:
+        core["messages"] = pa.array([r["messages"] for r in rows], pa.string())
     # Passthrough columns keep a type only if every row agrees; mixed columns are dropped, not coerced.
     extra_names = sorted({key for row in rows for key in row if key not in core})
     for name in extra_names:

@@ -148,6 +148,9 @@ class FieldMapping(_Strict):
     # The row's task (skill, domain, source data set): kept as a column for rank.stratify_by and for the
     # rank stage's per-task report. None: the first present of TASK_COLUMNS.
     task: str | None = None
+    # A chat row's list of {role, content} messages (the last one the assistant's). None: a `messages` column
+    # makes every row a chat row; without one, rows are prompt/response rows.
+    messages: str | None = None
 
 
 # Columns taken as a row's task when data.train.fields.task names none (Dolly: category or topic; S-NI and
@@ -184,6 +187,21 @@ class DataSpec(_Strict):
     # The SRD/MiniLLM protocol keeps the last max_prompt_tokens of a longer prompt. false: a longer prompt
     # is a bad row instead (see on_bad_row).
     truncate_long_prompts: bool = True
+    # Chat rows (messages) are rendered with a chat template: `model`, each tokenizer's own, or a Jinja file
+    # that replaces it; chat_template_kwargs go to every render (e.g. enable_thinking: false). Training
+    # scores every assistant turn, or only the last (train_on). Prompt/response rows use prompt_template.
+    chat_template: str = "model"
+    chat_template_kwargs: dict[str, Any] = {}
+    train_on: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file(cls, value: str) -> str:
+        if value == "model" or is_uri(value):
+            return value
+        if not Path(value).expanduser().is_file():
+            raise ValueError(f"must be 'model' or a Jinja file; {value} does not exist")
+        return absolute_path(value)  # read by Ray workers, which run in other directories
 
     @field_validator("eval_sets", mode="before")
     @classmethod

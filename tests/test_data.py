@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -134,3 +135,50 @@ def test_a_hub_dataset_reads_the_named_files_of_its_repository(tmp_path, monkeyp
     table = load_source(data.train, data, label="data.train").table
     assert table["response"].to_pylist() == ["0", "1", "2"]
     assert table["prompt"][0].as_py().endswith("### Instruction:\nSay 0.\n\n### Response:\n")
+
+
+CHAT_ROWS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                  {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Of Spain?"},
+                  {"role": "assistant", "content": "Madrid."}], "topic": "geo"},
+    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "topic": "math"},
+]  # fmt: skip
+
+
+def test_chat_rows_from_jsonl_and_parquet_keep_their_messages(tmp_path):
+    """#30: a `messages` column makes chat rows: the last assistant turn is the response, the turns before it
+    a readable prompt, the messages kept as JSON for the models' chat templates; JSONL and Parquet alike."""
+    loaded = load(write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)).table
+    assert loaded["response"].to_pylist() == ["Madrid.", "4"] and loaded["references"][1].as_py() == ["4"]
+    assert loaded["prompt"][1].as_py() == "user: 2+2?"
+    assert json.loads(loaded["messages"][0].as_py()) == CHAT_ROWS[0]["messages"]
+    assert loaded["topic"].to_pylist() == ["geo", "math"]
+    pq.write_table(pa.Table.from_pylist(CHAT_ROWS), tmp_path / "chat.parquet")  # list<struct> messages
+    from_parquet = load(tmp_path / "chat.parquet").table
+    assert from_parquet["messages"].to_pylist() == loaded["messages"].to_pylist()
+    assert from_parquet["example_id"].to_pylist() == loaded["example_id"].to_pylist(), "ids from content"
+    as_text = [{"conversation": json.dumps(row["messages"])} for row in CHAT_ROWS]
+    named = load(write_jsonl(tmp_path / "text.jsonl", as_text), fields={"messages": "conversation"}).table
+    assert named["messages"].to_pylist() == loaded["messages"].to_pylist()
+
+
+@pytest.mark.parametrize(
+    ("messages", "reason"),
+    [
+        ([{"role": "user", "content": "q"}], "last message must be the assistant's"),
+        ([{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}], "role 'robot'"),
+        ([{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}], "message 0 (user) has empty"),
+        ([{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}], "where 'user' was due"),
+    ],
+)
+def test_bad_chat_rows_follow_on_bad_row_and_are_named(tmp_path, messages, reason):
+    path = write_jsonl(tmp_path / "chat.jsonl", [*CHAT_ROWS, {"messages": messages}])
+    with pytest.raises(DataError, match=f"chat.jsonl:3: column 'messages': .*{re.escape(reason)}"):
+        load(path)
+    skipped = load(path, on_bad_row="skip")
+    assert skipped.table.num_rows == 2 and reason in skipped.skipped[0]["reason"]
+
+
+def test_a_named_messages_column_that_is_missing_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"column 'conversation' \(data.fields.messages\) is missing"):
+        load(write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS), fields={"messages": "conversation"})

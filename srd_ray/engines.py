@@ -27,13 +27,12 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from srd_ray.devices import device_for, uses_cuda
+from srd_ray.encoding import Prompt, RowFormat
 from srd_ray.errors import ModelError, SpecError
 from srd_ray.models import (
     IGNORE_INDEX,
     TrainingExample,
     collate,
-    encode_example,
-    encode_prompt,
     final_hidden_states,
     load_model,
     load_tokenizer,
@@ -61,20 +60,20 @@ class CrossEntropies:
 
 
 class Engine(Protocol):
-    def generate(self, prompts: list[str], settings: GenerationSpec, seeds: list[int]) -> Generations:
+    def generate(self, prompts: list[Prompt], settings: GenerationSpec, seeds: list[int]) -> Generations:
         """One answer per prompt; ``seeds`` are per prompt (engines that seed per batch use the first)."""
 
-    def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> CrossEntropies:
+    def response_cross_entropy(self, prompts: list[Prompt], responses: list[str]) -> CrossEntropies:
         """Teacher-forced cross-entropy of each response given its prompt, response tokens only."""
 
     def response_topk(
-        self, prompts: list[str], responses: list[str], k: int, temperatures: tuple[float, ...] = ()
+        self, prompts: list[Prompt], responses: list[str], k: int, temperatures: tuple[float, ...] = ()
     ) -> list[TopK]:
         """Teacher-forced top-k distribution at every response token (the tokens training scores), with
         the tail's tempered mass at each of ``temperatures``."""
 
     def reflect(
-        self, prompts: list[str], responses: list[str] | None, settings: GenerationSpec | None, seeds: list[int]
+        self, prompts: list[Prompt], responses: list[str] | None, settings: GenerationSpec | None, seeds: list[int]
     ) -> tuple[Generations | None, CrossEntropies | None]:
         """Answers (when ``settings``) and reference cross-entropies (when ``responses``), as the engine
         does them best together."""
@@ -188,6 +187,7 @@ class TransformersEngine:
         self.tokenizer = load_tokenizer(model)
         self.model = load_model(model, self.device).eval()
         self.data = data
+        self.format = RowFormat(self.tokenizer, data)
         self.batch_size = batch_size
         self.lock = threading.Lock()
 
@@ -197,15 +197,15 @@ class TransformersEngine:
         return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
 
     def reflect(
-        self, prompts: list[str], responses: list[str] | None, settings: GenerationSpec | None, seeds: list[int]
+        self, prompts: list[Prompt], responses: list[str] | None, settings: GenerationSpec | None, seeds: list[int]
     ) -> tuple[Generations | None, CrossEntropies | None]:
         answers = self.generate(prompts, settings, seeds) if settings is not None else None
         return answers, (self.response_cross_entropy(prompts, responses) if responses is not None else None)
 
     @_one_call_at_a_time
     @torch.inference_mode()
-    def generate(self, prompts: list[str], settings: GenerationSpec, seeds: list[int]) -> Generations:
-        encoded = [encode_prompt(self.tokenizer, p, self.data.max_prompt_tokens) for p in prompts]
+    def generate(self, prompts: list[Prompt], settings: GenerationSpec, seeds: list[int]) -> Generations:
+        encoded = [self.format.prompt_ids(p) for p in prompts]
         tokens = self._sample([e.ids for e in encoded], settings, seeds)
         texts = [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
         return Generations(texts, [len(ids) for ids in tokens], [e.truncated for e in encoded])
@@ -243,11 +243,8 @@ class TransformersEngine:
 
     @_one_call_at_a_time
     @torch.inference_mode()
-    def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> CrossEntropies:
-        examples = [
-            encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
-            for p, r in zip(prompts, responses, strict=True)
-        ]
+    def response_cross_entropy(self, prompts: list[Prompt], responses: list[str]) -> CrossEntropies:
+        examples = [self.format.example(p, r) for p, r in zip(prompts, responses, strict=True)]
         means: list[float] = [0.0] * len(examples)
         counts: list[int] = [0] * len(examples)
         for rows in self._batches([len(e.input_ids) for e in examples]):
@@ -267,16 +264,13 @@ class TransformersEngine:
     @_one_call_at_a_time
     @torch.inference_mode()
     def response_topk(
-        self, prompts: list[str], responses: list[str], k: int, temperatures: tuple[float, ...] = (),
+        self, prompts: list[Prompt], responses: list[str], k: int, temperatures: tuple[float, ...] = (),
         coverage: float | None = None,
     ) -> list[TopK]:  # fmt: skip
         """From final hidden states at response positions through the LM head, in chunks of rows (the
         head's output for a whole batch would be [batch, seq, vocab]). Tempered tails are exact. With
         ``coverage``, each token keeps the ids that cover it (see :func:`topk_of`), at most ``k``."""
-        examples = [
-            encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
-            for p, r in zip(prompts, responses, strict=True)
-        ]
+        examples = [self.format.example(p, r) for p, r in zip(prompts, responses, strict=True)]
         head = output_head(self.model, len(self.tokenizer))
         results: list[TopK | None] = [None] * len(examples)
         for rows in self._batches([len(e.input_ids) for e in examples]):
@@ -435,6 +429,7 @@ class VLLMEngine:
 
         self.tokenizer = load_tokenizer(model)
         self.data = data
+        self.format = RowFormat(self.tokenizer, data)
         options: dict[str, Any] = {}
         if settings.tensor_parallel_size > 1:
             options["distributed_executor_backend"] = "mp"  # the actor holds all of its GPUs
@@ -467,14 +462,14 @@ class VLLMEngine:
 
         return (ValueError, VLLMClientError)
 
-    def generate(self, prompts: list[str], settings: GenerationSpec, seeds: list[int]) -> Generations:
+    def generate(self, prompts: list[Prompt], settings: GenerationSpec, seeds: list[int]) -> Generations:
         return self.reflect(prompts, None, settings, seeds)[0]
 
-    def response_cross_entropy(self, prompts: list[str], responses: list[str]) -> CrossEntropies:
+    def response_cross_entropy(self, prompts: list[Prompt], responses: list[str]) -> CrossEntropies:
         return self.reflect(prompts, responses, None, [])[1]
 
     def reflect(
-        self, prompts: list[str], responses: list[str] | None, settings: GenerationSpec | None, seeds: list[int]
+        self, prompts: list[Prompt], responses: list[str] | None, settings: GenerationSpec | None, seeds: list[int]
     ) -> tuple[Generations | None, CrossEntropies | None]:
         """Answers (with ``settings``) and reference cross-entropies (with ``responses``) in one engine call:
         vLLM schedules the scoring requests among the generation ones, so neither waits for the other."""
@@ -482,7 +477,7 @@ class VLLMEngine:
 
         requests, params, encoded, examples = [], [], [], []
         if settings is not None:
-            encoded = [encode_prompt(self.tokenizer, p, self.data.max_prompt_tokens) for p in prompts]
+            encoded = [self.format.prompt_ids(p) for p in prompts]
             requests += [TokensPrompt(prompt_token_ids=e.ids) for e in encoded]
             params += [self._sampling(settings, seed) for seed in seeds]
         if responses is not None:
@@ -541,7 +536,7 @@ class VLLMEngine:
         return SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
 
     def response_topk(
-        self, prompts: list[str], responses: list[str], k: int, temperatures: tuple[float, ...] = ()
+        self, prompts: list[Prompt], responses: list[str], k: int, temperatures: tuple[float, ...] = ()
     ) -> list[TopK]:
         """From ``prompt_logprobs=k``: at each position vLLM returns the k most likely tokens (ranks 1..k),
         plus the actual token when it ranks lower, which is left out here. vLLM returns nothing of the
@@ -565,12 +560,9 @@ class VLLMEngine:
             results.append(TopK(ids, logprobs, tail, tempered))
         return results
 
-    def _examples(self, prompts: list[str], responses: list[str]) -> list[TrainingExample]:
+    def _examples(self, prompts: list[Prompt], responses: list[str]) -> list[TrainingExample]:
         """Prompt + reference, tokenized exactly as training tokenizes them."""
-        return [
-            encode_example(self.tokenizer, p, r, self.data.max_prompt_tokens, self.data.max_response_tokens)
-            for p, r in zip(prompts, responses, strict=True)
-        ]
+        return [self.format.example(p, r) for p, r in zip(prompts, responses, strict=True)]
 
     def _prompt_logprobs(self, token_ids: list[list[int]], k: int) -> list:
         from vllm.inputs import TokensPrompt

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from srd_ray import storage
+from srd_ray.encoding import CHAT_COLUMN, prompts_of
 from srd_ray.engines import build_engine, row_seed
 from srd_ray.failures import reraise_srd_error
 from srd_ray.pools import map_with_engine_actors
@@ -62,18 +63,23 @@ def summarize(predictions: pa.Table) -> dict[str, dict[str, Any]]:
     return summary
 
 
+def chat_column(table: pa.Table) -> list[str]:
+    """The messages column, for chat rows (the models render them with their chat templates)."""
+    return [CHAT_COLUMN] if CHAT_COLUMN in table.column_names else []
+
+
 def expand_seeds(eval_sets: dict[str, pa.Table], seeds: list[int], max_examples: int | None) -> pa.Table:
     """One row per (eval set, seed, example): the work list for generation."""
     parts = []
     for name, table in eval_sets.items():
-        table = table.sort_by("input_position").select(["example_id", "prompt", "references"])
+        table = table.sort_by("input_position").select(["example_id", "prompt", "references", *chat_column(table)])
         if max_examples is not None:
             table = table.slice(0, max_examples)
         for seed in seeds:
             parts.append(
                 table.append_column("eval_set", pa.array([name] * table.num_rows, pa.string()))
                 .append_column("seed", pa.array([seed] * table.num_rows, pa.int64()))
-                .select(PREDICTION_COLUMNS)
+                .select([*PREDICTION_COLUMNS, *chat_column(table)])
             )
     return pa.concat_tables(parts)
 
@@ -91,7 +97,7 @@ class EvalActor:
         seeds = [
             row_seed(s, e) for s, e in zip(batch["seed"].to_pylist(), batch["example_id"].to_pylist(), strict=True)
         ]
-        answers = self.engine.generate(batch["prompt"].to_pylist(), self.evaluate.generation, seeds)
+        answers = self.engine.generate(prompts_of(batch), self.evaluate.generation, seeds)
         return score_predictions(batch.append_column("prediction", pa.array(answers.texts, pa.string())))
 
 

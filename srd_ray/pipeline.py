@@ -278,14 +278,14 @@ def _distill(run: Run) -> dict[str, Any]:
 
 def heldout_rows(run: Run) -> pa.Table:
     """The eval rows of the held-out KD metric (none without eval sets)."""
-    from srd_ray.distill.stage import TRAINING_COLUMNS
+    from srd_ray.encoding import TEXT_COLUMNS, training_text
 
     distill = run.spec.distill
     name = distill.heldout_eval_set or next(iter(run.spec.data.eval_sets), None)
     if name is None:
-        return pa.table({column: pa.array([], pa.string()) for column in TRAINING_COLUMNS})
+        return pa.table({column: pa.array([], pa.string()) for column in TEXT_COLUMNS})
     table = run.eval_sets[name].table.sort_by("input_position").slice(0, distill.heldout_rows)
-    return table.select(TRAINING_COLUMNS)
+    return training_text(table)
 
 
 def _evaluate(run: Run) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import torch
 
 from srd_ray.devices import uses_cuda
+from srd_ray.encoding import prompts_of
 from srd_ray.engines import Engine, build_engine, engine_version, row_seed
 from srd_ray.errors import ModelError
 from srd_ray.scoring import rouge_l
@@ -54,7 +55,7 @@ SETTINGS_KEY = b"srd_ray.reflect"
 
 def engine_signals(rows: pa.Table, engine: Engine, generation: GenerationSpec, teacher: Engine | None) -> pa.Table:
     """The engine's part: the student's answer and cross-entropies for every row (order kept)."""
-    prompts = rows["prompt"].to_pylist()
+    prompts = prompts_of(rows)
     responses = rows["response"].to_pylist()
     seeds = [row_seed(generation.seed, example_id) for example_id in rows["example_id"].to_pylist()]
     answers, student = engine.reflect(prompts, responses, generation, seeds)

@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from srd_ray.encoding import RowFormat, prompts_of, training_text
 from srd_ray.engines import Engine, build_engine, engine_version
 from srd_ray.errors import DataError
-from srd_ray.models import encode_example
 from srd_ray.shards import ShardedPass, ShardEngine, ShardWriter, split_into_shards
 from srd_ray.signals import (  # noqa: F401 (TopK, signals_by_id re-exported)
     ADAPTIVE_COLUMN,
@@ -79,7 +79,7 @@ def score_signal(
 ) -> pa.Table:  # fmt: skip
     """The signal columns for ``rows`` (example_id, input_position, prompt, response), order kept. With
     ``coverage`` (adaptive k, at most ``k``) each token's kept ids only, and their count."""
-    prompts, responses = rows["prompt"].to_pylist(), rows["response"].to_pylist()
+    prompts, responses = prompts_of(rows), rows["response"].to_pylist()
     extra = {"coverage": coverage} if coverage is not None else {}
     signals = engine.response_topk(prompts, responses, k, temperatures, **extra)
     # float16 has no room below -65504: clamp there (a probability of e^-65504 is zero in any case).
@@ -155,7 +155,7 @@ def run_teacher_signal(
     settings = spec.teacher_signal
     sharded = signal_pass(stage_dir, signal_settings(spec, teacher, engine))
     # The pass's own positions: rows in example_id order, so the same rows always make the same shards.
-    rows = unique_rows(rows.select(["example_id", "prompt", "response"]))
+    rows = unique_rows(training_text(rows))
     rows = rows.append_column("input_position", pa.array(np.arange(rows.num_rows), pa.int64()))
     shards = split_into_shards(rows, settings.shard_rows)
     todo = sharded.pending(shards)
@@ -273,9 +273,10 @@ def check_signal(rows: pa.Table, signal: pa.Table, tokenizer: Any, data: DataSpe
             f"teacher_signal has no signal for {len(missing)} of {rows.num_rows} rows distillation needs "
             f"(first: {missing[0]}); rerun with --redo teacher_signal"
         )
-    for example_id, prompt, response in zip(*(rows[c].to_pylist() for c in ("example_id", "prompt", "response")),
-                                            strict=True):  # fmt: skip
-        example = encode_example(tokenizer, prompt, response, data.max_prompt_tokens, data.max_response_tokens)
+    encode = RowFormat(tokenizer, data).example
+    for example_id, prompt, response in zip(rows["example_id"].to_pylist(), prompts_of(rows),
+                                            rows["response"].to_pylist(), strict=True):  # fmt: skip
+        example = encode(prompt, response)
         expected = example.scored_tokens
         if counts[example_id] != expected:
             raise DataError(

@@ -18,8 +18,9 @@ import numpy as np
 
 from srd_ray.distill.batches import MicroBatch
 from srd_ray.distill.rows import RowFile, lengths_of
+from srd_ray.encoding import Prompt, RowFormat, prompts_of, text_columns
 from srd_ray.errors import DataError
-from srd_ray.models import TrainingExample, encode_example
+from srd_ray.models import TrainingExample
 from srd_ray.signals import TopK, signal_columns, signals_by_id
 
 SIGNAL_DATASET = "teacher_signal"  # the dataset of stored top-k teacher signals, when there is one
@@ -66,13 +67,13 @@ class Pool:
     def examples(self, rows: Sequence[int]) -> list[TrainingExample]:
         """The rows, read and encoded, in order."""
         where = [self._where(row) for row in rows]
-        text: dict[tuple[int, int], tuple[str, str]] = {}
+        text: dict[tuple[int, int], tuple[Prompt, str]] = {}
         for number in sorted({d for d, _ in where}):
             wanted = [i for d, i in where if d == number]
             source = self.datasets[number].rows
-            table = source.read_at(source.positions[wanted], ["prompt", "response"])
+            table = source.read_at(source.positions[wanted], text_columns(source.schema.names)[1:])
             text.update(zip(((number, i) for i in wanted),
-                            zip(table["prompt"].to_pylist(), table["response"].to_pylist(), strict=True),
+                            zip(prompts_of(table), table["response"].to_pylist(), strict=True),
                             strict=True))  # fmt: skip
         return [self.rows.encode(*text[place]) for place in where]
 
@@ -108,14 +109,14 @@ class RowPool:
         self, host: RowHost, tokenizer: Any, data: Any, topk: bool, tail_temperatures: tuple[float, ...]
     ) -> None:
         self.host, self.tokenizer, self.data = host, tokenizer, data
+        self.format = RowFormat(tokenizer, data)
         self.tail_temperatures = tail_temperatures
         self.datasets: dict[str, Dataset] = {}
         self.signals = RowFile(host.files(SIGNAL_DATASET)) if topk else None
         self.signal_columns = signal_columns(self.signals.schema.names) if self.signals else []
 
-    def encode(self, prompt: str, response: str) -> TrainingExample:
-        data = self.data
-        return encode_example(self.tokenizer, prompt, response, data.max_prompt_tokens, data.max_response_tokens)
+    def encode(self, prompt: Prompt, response: str) -> TrainingExample:
+        return self.format.example(prompt, response)
 
     def dataset(self, name: str) -> Dataset:
         if name not in self.datasets:

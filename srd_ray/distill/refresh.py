@@ -36,8 +36,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from srd_ray.distill.driver import run_training, trained_model
-from srd_ray.distill.stage import TRAINING_COLUMNS, bucket_name
+from srd_ray.distill.stage import bucket_name
 from srd_ray.distill.worker import TrainingJob
+from srd_ray.encoding import training_text
 from srd_ray.rank import MANIFEST, bucket_dir, bucket_quotas, read_manifest, read_ranked, run_refresh_rank
 from srd_ray.spec import JobSpec, ModelSpec
 from srd_ray.storage import Location
@@ -82,7 +83,7 @@ def train_with_refresh(
     rank = resolve_strata(spec.rank, initial, task_column(spec.data.train.fields.task, initial.column_names))
     reflector = dataclasses.replace(reflector, spec=spec.model_copy(update={"rank": rank}))
     quotas = bucket_quotas(initial, rank.strata_column, rank.num_buckets)
-    buckets = {0: initial.filter(pc.equal(initial["bucket"], 0)).select(TRAINING_COLUMNS)}
+    buckets = {0: training_text(initial.filter(pc.equal(initial["bucket"], 0)))}
     planned = {bucket_name(b): sum(quota[b] for quota in quotas.values()) for b in range(len(job.plan))}
     refreshes, wall, summary = [], 0.0, {}
     for stage in job.plan:
@@ -131,7 +132,7 @@ def refreshed_bucket(
         cost = {"reflect_wall_s": round(time.perf_counter() - started, 2), "after_stage": stage - 1,
                 **{key: reflected[key] for key in ("rows_scored", "generated_tokens", "shards_reused")}}  # fmt: skip
         run_refresh_rank(spec.rank, read_scored(folder), initial, rank_folder, stage, quotas, extra=cost)
-    table = bucket_dir(rank_folder, stage).read_parquet(columns=TRAINING_COLUMNS)
+    table = training_text(bucket_dir(rank_folder, stage).read_parquet())
     return table, read_manifest(rank_folder)
 
 

@@ -30,18 +30,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from srd_ray import storage
+from srd_ray.encoding import prompts_of, text_columns, training_text
 from srd_ray.errors import DataError
 from srd_ray.shards import ROW_GROUP_ROWS
 from srd_ray.storage import Location, Place
 
-TRAINING_COLUMNS = ["example_id", "prompt", "response"]
 ROWS_FILE, IDS_FILE = "rows.arrow", "ids.arrow"  # a node's copy: one record batch per row; ids in file order
 SCAN_ROWS = 64  # rows a scan reads at a time (a worker tokenizing a dataset once to learn its lengths)
 
 
 def write_rows(table: pa.Table, place: Place) -> None:
     """A dataset's training rows, sorted by example_id, in small row groups (atomically)."""
-    rows = table.select(TRAINING_COLUMNS).sort_by("example_id")
+    rows = training_text(table).sort_by("example_id")
     storage.write_parquet(place, rows, row_group_size=ROW_GROUP_ROWS)
 
 
@@ -142,8 +142,8 @@ def lengths_of(rows: RowFile, encode) -> tuple[np.ndarray, np.ndarray]:
     ``SCAN_ROWS`` rows at a time."""
     lengths, scored = np.zeros(len(rows), np.int32), np.zeros(len(rows), np.int32)
     position = 0
-    for table in rows.scan(["prompt", "response"]):
-        for prompt, response in zip(table["prompt"].to_pylist(), table["response"].to_pylist(), strict=True):
+    for table in rows.scan(text_columns(rows.schema.names)[1:]):
+        for prompt, response in zip(prompts_of(table), table["response"].to_pylist(), strict=True):
             example = encode(prompt, response)
             lengths[position], scored[position] = len(example.input_ids), example.scored_tokens
             position += 1

@@ -13,6 +13,7 @@ import pyarrow as pa
 from srd_ray.distill.driver import run_training
 from srd_ray.distill.losses import LossSettings
 from srd_ray.distill.worker import StagePlan, TrainingJob
+from srd_ray.encoding import prompts_of, training_text
 from srd_ray.engines import resolve_engine
 from srd_ray.errors import DataError, SpecError
 from srd_ray.models import load_tokenizer
@@ -23,8 +24,6 @@ from srd_ray.teacher_signal import check_signal, read_signal
 
 if TYPE_CHECKING:
     from srd_ray.distill.refresh import Reflector
-
-TRAINING_COLUMNS = ["example_id", "prompt", "response"]
 
 
 def bucket_name(bucket: int) -> str:
@@ -56,7 +55,7 @@ def run_teacher_sft(spec: JobSpec, train_rows: pa.Table, stage_dir: Place) -> di
         spec, stage_dir, name="teacher_sft", training=sft, student=spec.models.teacher, teacher=None, plan=plan,
         loss=LossSettings("sft"),
     )  # fmt: skip
-    return run_training(job, {"all": train_rows.select(TRAINING_COLUMNS)}, stage_dir)
+    return run_training(job, {"all": training_text(train_rows)}, stage_dir)
 
 
 def check_buckets(rank_dir: Location, used: range) -> None:
@@ -74,14 +73,14 @@ def check_buckets(rank_dir: Location, used: range) -> None:
 def bucket_tables(rank_dir: Location, buckets: range) -> dict[int, pa.Table]:
     """The training columns of each rank bucket."""
     check_buckets(rank_dir, buckets)
-    return {b: bucket_dir(rank_dir, b).read_parquet(columns=TRAINING_COLUMNS) for b in buckets}
+    return {b: training_text(bucket_dir(rank_dir, b).read_parquet()) for b in buckets}
 
 
 def training_rows(spec: JobSpec, rank_dir: Place | None, train_rows: pa.Table) -> pa.Table:
     """Every row distillation may train on: the kept buckets (SRD), or all rows (``curriculum: none``, and
     ``rank.refresh: every_stage``, whose later buckets are chosen during training)."""
     if rank_dir is None or spec.rank.refresh == "every_stage":
-        return train_rows.select(TRAINING_COLUMNS)
+        return training_text(train_rows)
     return pa.concat_tables(bucket_tables(Location.of(rank_dir), range(spec.rank.keep_buckets)).values())
 
 
@@ -118,7 +117,7 @@ def run_distill(
     plan = plan_curriculum(distill)
     refreshing = rank_dir is not None and spec.rank.refresh == "every_stage"
     if rank_dir is None:
-        tables = {"all": train_rows.select(TRAINING_COLUMNS)}
+        tables = {"all": training_text(train_rows)}
     elif refreshing:
         tables = {}  # the buckets come one stage at a time
     else:
@@ -133,7 +132,8 @@ def run_distill(
         spec, stage_dir, name="distill", training=distill, student=spec.models.student, teacher=teacher,
         plan=plan, loss=distill.loss_settings, reset_optimizer_each_stage=distill.reset_optimizer_each_stage,
         teacher_dtype=distill.teacher_dtype, teacher_signal=distill.teacher_signal,
-        heldout=tuple(zip(*(heldout[c].to_pylist() for c in TRAINING_COLUMNS), strict=True)),
+        heldout=tuple(zip(heldout["example_id"].to_pylist(), prompts_of(heldout), heldout["response"].to_pylist(),
+                          strict=True)),
         generation_engine=generation_engine(spec), vllm=spec.engine.vllm,
         signal_files=str(Location.of(signal_dir) / "shards") if signal_dir is not None else None,
     )  # fmt: skip

@@ -143,9 +143,13 @@ class ReplayBuffer:
 
 
 def prompt_ids(example: TrainingExample) -> list[int]:
-    """A training row's prompt tokens: those before its first label."""
-    first = next(t for t, label in enumerate(example.labels) if label != IGNORE_INDEX)
-    return example.input_ids[:first]
+    """A training row's prompt tokens: those before its last run of labels (a chat row's earlier assistant
+    turns are labelled too, and belong to the prompt the student answers)."""
+    labels = example.labels
+    start = max(t for t, label in enumerate(labels) if label != IGNORE_INDEX)
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return example.input_ids[:start]
 
 
 def generated_example(prompt: list[int], sampled: list[int]) -> TrainingExample:

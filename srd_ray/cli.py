@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--heldout-rows", type=int, default=200)
     demo.add_argument("--pretrain-rows", type=int, default=1200)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--chat", action="store_true", help="train and held-out rows as chat rows (messages)")
     return parser
 
 
@@ -116,7 +117,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         paths = write_demo_data(
             args.out, train_rows=args.train_rows, heldout_rows=args.heldout_rows,
-            pretrain_rows=args.pretrain_rows, seed=args.seed,
+            pretrain_rows=args.pretrain_rows, seed=args.seed, chat=args.chat,
         )  # fmt: skip
         print("\n".join(f"{split}: {path}" for split, path in paths.items()))
         return 0

@@ -115,13 +115,23 @@ def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
     storage.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def as_chat(row: dict) -> dict:
+    """A demo row as a chat row: the question (and its given text) from the user, the answer from the
+    assistant; task and difficulty kept."""
+    question = f"{row['instruction']}\n\n{row['input']}" if row["input"] else row["instruction"]
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": row["output"]}]
+    return {"messages": messages, "task": row["task"], "difficulty": row["difficulty"]}
+
+
 def write_demo_data(
-    out_dir: str | os.PathLike, *, train_rows: int, heldout_rows: int, pretrain_rows: int, seed: int
-) -> dict[str, str]:
+    out_dir: str | os.PathLike, *, train_rows: int, heldout_rows: int, pretrain_rows: int, seed: int,
+    chat: bool = False,
+) -> dict[str, str]:  # fmt: skip
     """Write the train, held-out and pretraining splits of one world as JSONL; returns their paths.
 
     Every fact is asked in two phrasings in train and in the third in held-out (so the two never share a
-    prompt); pretraining repeats easy facts often and hard ones rarely or never."""
+    prompt); pretraining repeats easy facts often and hard ones rarely or never. With ``chat``, train and
+    held-out rows are chat rows (``messages``); pretraining stays plain text."""
     countries = -(-train_rows // (len(_QUESTIONS) * (PHRASINGS - 1)))
     facts = make_world(seed, countries)
     rng = random.Random(seed)
@@ -136,6 +146,11 @@ def write_demo_data(
         "pretrain": generate_rows(facts, pretrain_rows, seed + 1, PRETRAIN_WEIGHTS),
     }
     paths = {}
+    if chat:
+        splits["train"], splits["heldout"] = (
+            [as_chat(r) for r in splits["train"]],
+            [as_chat(r) for r in splits["heldout"]],
+        )
     for split, rows in splits.items():
         path = Location.of(out_dir) / f"demo_{split}.jsonl"
         write_jsonl(rows, path)

@@ -198,6 +198,7 @@ def _prepare(run: Run) -> dict[str, Any]:
             heldout_rows=demo.heldout_rows,
             pretrain_rows=demo.pretrain_rows,
             seed=demo.seed,
+            chat=demo.chat,
         )
     if prepare.tiny_models:
         rows = run.train.table

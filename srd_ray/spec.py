@@ -217,6 +217,7 @@ class DemoDataSpec(_Strict):
     heldout_rows: PositiveInt = 200
     pretrain_rows: PositiveInt = 1200
     seed: int = 0
+    chat: bool = False  # train and held-out rows as chat rows (messages)
 
 
 class TinyModelSpec(_Strict):
@@ -243,6 +244,7 @@ class TinyModelsSpec(_Strict):
     student: TinyModelSpec = TinyModelSpec()
     pretrain_lr: PositiveFloat = 3e-3
     pretrain_batch_size: PositiveInt = 32
+    chat: bool = False  # a ChatML tokenizer: <|im_start|>/<|im_end|>, a chat template, <|im_end|> ending turns
 
 
 class PrepareSpec(_Strict):

@@ -30,10 +30,19 @@ log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# ChatML, with the assistant's text marked for transformers' assistant masks (srd_ray.chat).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (any text encodes) that splits digits one by one, so arithmetic is learnable."""
+def train_tokenizer(texts: list[str], vocab_size: int, chat: bool = False) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (any text encodes) that splits digits one by one, so arithmetic is learnable. With
+    ``chat``: ChatML's tokens and template, and <|im_end|> as the end of a turn (EOS)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -41,13 +50,16 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS, PAD],
+        special_tokens=[EOS, PAD, *([IM_START, IM_END] if chat else [])],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     # Built through the `tokenizers` object: transformers 5 ignores some legacy constructor keywords.
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=PAD)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=IM_END if chat else EOS, pad_token=PAD)
+    if chat:
+        wrapped.chat_template = CHATML_TEMPLATE
+    return wrapped
 
 
 def build_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -> PreTrainedModel:
@@ -95,7 +107,7 @@ def pretrain(
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1), eta_min=lr / 10)
-    encoded = [tokenizer(text + EOS, add_special_tokens=False)["input_ids"] for text in texts]
+    encoded = [tokenizer(text + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for text in texts]
     model.train()
     loss_value = float("nan")
     for _ in range(steps):
@@ -123,7 +135,7 @@ def make_tiny_models(
 ) -> dict[str, str]:
     """Build ``out_dir/teacher`` and ``out_dir/student`` (each a full save_pretrained folder with the
     shared tokenizer), each written atomically. Returns the two paths."""
-    tokenizer = train_tokenizer(tokenizer_texts, spec.vocab_size)
+    tokenizer = train_tokenizer(tokenizer_texts, spec.vocab_size, chat=spec.chat)
     paths = {}
     for offset, (role, model_spec) in enumerate((("teacher", spec.teacher), ("student", spec.student))):
         model = build_model(model_spec, tokenizer, seed + offset)

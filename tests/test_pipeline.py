@@ -179,3 +179,45 @@ def test_missing_model_fails_before_writing_anything(tmp_path, demo_data, capsys
     assert main(["run", str(spec_path)]) == 2
     assert f"models.teacher.path: {tmp_path / 'no-teacher'} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def chat_quickstart(text: str = REDUCED_QUICKSTART) -> str:
+    """The reduced quickstart on chat rows and the tiny ChatML pair, with a stored top-k teacher signal."""
+    text = text.replace("pretrain_rows: 400, seed: 0}", "pretrain_rows: 400, seed: 0, chat: true}")
+    text = text.replace("    vocab_size: 400\n", "    vocab_size: 400\n    chat: true\n")
+    return text.replace("distill:\n", "teacher_signal: {k: 16}\ndistill:\n  teacher_signal: topk\n")
+
+
+@pytest.mark.slow
+def test_chat_quickstart_end_to_end_with_topk_then_mixed_generation(tmp_path, ray_session):
+    """#30: chat rows (messages) on a ChatML pair through every stage: each model renders them with its chat
+    template, the teacher pass stores exactly the assistant tokens training scores, evaluation answers the
+    rendered conversation; then distill again with mixed on-policy generation on the same rows."""
+    from transformers import AutoTokenizer
+
+    from srd_ray.encoding import RowFormat, prompts_of
+
+    spec = load_spec(write(tmp_path, chat_quickstart()))
+    manifest = run_pipeline(spec)
+    run_dir = Path(spec.run_dir)
+    assert all(manifest["stages"][s]["status"] == "complete" for s in ("reflect", "teacher_signal", "evaluate"))
+    scored = pq.read_table(run_dir / "reflect/shards")
+    assert scored.num_rows == 160 and "messages" in scored.column_names
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "prepare/student")
+    row = scored.slice(0, 1)
+    example = RowFormat(tokenizer, spec.data).example(prompts_of(row)[0], row["response"][0].as_py())
+    assert tokenizer.decode([t for t in example.labels if t >= 0]) == row["response"][0].as_py() + "<|im_end|>"
+    assert tokenizer.decode(example.input_ids).startswith("<|im_start|>user\n")
+    signal = pq.read_table(run_dir / "teacher_signal/shards", columns=["example_id", "num_tokens"])
+    counts = dict(zip(signal["example_id"].to_pylist(), signal["num_tokens"].to_pylist(), strict=True))
+    assert counts[row["example_id"][0].as_py()] == example.scored_tokens
+    predictions = pq.read_table(run_dir / "evaluate/student_after/predictions.parquet")
+    assert "messages" in predictions.column_names and predictions.num_rows == 2 * 24
+
+    overrides = ["distill.teacher_signal=online", "distill.loss=jsd", "distill.student_generation.mode=mixed",
+                 "distill.student_generation.mixed_alpha=1.0", "distill.num_workers=1"]  # fmt: skip
+    mixed = load_spec(write(tmp_path, chat_quickstart()), overrides)
+    run_pipeline(mixed, stages=["distill"], redo=["distill"])
+    metrics = [json.loads(line) for line in (run_dir / "distill/metrics.jsonl").read_text().splitlines()]
+    sources = [m["sources"] for m in metrics if "sources" in m]
+    assert sources and any(s.get("samples", 0) + s.get("buffer", 0) > 0 for s in sources), sources

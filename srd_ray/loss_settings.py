@@ -6,6 +6,7 @@ themselves are in ``srd_ray.distill.losses``, which checks that it implements ex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # fkl / rkl: forward / reverse KL; jsd: generalized JSD (GKD); tvd: total variation; skl / srkl: skew KL /
 # skew reverse KL (DistiLLM); sft: no KD term.
@@ -39,6 +40,12 @@ class LossSettings:
 
 
 DEFAULT_LOSS = LossSettings()
+
+
+def mix(ce: Any, kd: Any, kd_weight: float) -> Any:
+    """The training loss from its parts, ``(1 - kd_weight)·CE + kd_weight·KD`` (numbers or tensors): the one
+    place the mix is written."""
+    return (1 - kd_weight) * ce + kd_weight * kd
 
 
 def temperature_factor(name: str, temperature: float, scaling: str) -> float:

@@ -33,6 +33,7 @@ from srd_ray.loss_settings import (  # noqa: F401 (re-exported: callers import t
     KD_LOSS_NAMES,
     TEMPERATURE_SCALINGS,
     LossSettings,
+    mix,
     temperature_factor,
 )
 from srd_ray.tokens import (  # noqa: F401 (re-exported)
@@ -269,8 +270,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         ctx.dtypes = [t.dtype if t is not None else None for t in (hidden, weight, bias)]
         ctx.wants_grad = wants_grad
         ctx.mark_non_differentiable(ce_total, kd_total)
-        ce_factor, kd_factor = (1 - job.stage.kd_weight) * job.scale, job.stage.kd_weight * job.scale
-        return ce_factor * ce_total + kd_factor * kd_total, ce_total, kd_total
+        return mix(ce_total, kd_total, job.stage.kd_weight) * job.scale, ce_total, kd_total
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
@@ -387,7 +387,7 @@ def distillation_loss(
         loss, ce_sum, kd_sum = _FusedHeadLoss.apply(*inputs, job)
         return LossSums(loss=loss, ce_sum=ce_sum, kd_sum=kd_sum)
     (ce_sum, kd_sum), _ = _fused_forward(*inputs, job, wants_grad=[False, False, False])
-    loss = ((1 - stage.kd_weight) * ce_sum + stage.kd_weight * kd_sum) * job.scale
+    loss = mix(ce_sum, kd_sum, stage.kd_weight) * job.scale
     return LossSums(loss=loss, ce_sum=ce_sum, kd_sum=kd_sum)
 
 

@@ -13,7 +13,6 @@ length and plan identically; each reads only the rows of its own micro-batches, 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import socket
@@ -31,13 +30,14 @@ from torch import nn
 from srd_ray import storage
 from srd_ray.devices import uses_cuda
 from srd_ray.distill.batches import BatchLayout, MicroBatch, StepPlan, deal_step, epoch_seed, plan_epoch, stage_steps
-from srd_ray.distill.losses import LossSettings, StageWeights
-from srd_ray.distill.metric_sinks import MetricSinks
+from srd_ray.distill.checkpointer import Checkpointer
+from srd_ray.distill.losses import LossSettings, StageWeights, mix
+from srd_ray.distill.metrics_log import MetricsLog
 from srd_ray.distill.model_factory import ModelFactory
 from srd_ray.distill.parallel import all_reduce_sum, gather_objects, resolve_precision, setup_device_math
 from srd_ray.distill.pool import SIGNAL_DATASET, ExamplePool, Pool, RowPool
 from srd_ray.distill.rows import local_files, write_rows
-from srd_ray.distill.state import MERGED_DIR, MODEL_DIR, TrainState, capture_rng, restore_rng
+from srd_ray.distill.state import TrainState, restore_rng
 from srd_ray.distill.step import StepResult, StepSettings, heldout_kd, train_step
 from srd_ray.distill.strategy import strategy_for
 from srd_ray.distill.student_generation import (
@@ -49,11 +49,10 @@ from srd_ray.distill.student_generation import (
     prompt_ids,
 )
 from srd_ray.errors import DataError
-from srd_ray.models import load_adapter, load_model, load_tokenizer
+from srd_ray.models import load_tokenizer
 from srd_ray.shards import ROW_GROUP_ROWS
 from srd_ray.signals import tail_temperatures
 from srd_ray.spec import DataSpec, ModelSpec, StageSpec, StudentGenerationSpec, TrainingSpec, VllmSpec
-from srd_ray.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +168,9 @@ class Trainer:
 
     def setup(self) -> None:
         setup_device_math(self.device)
-        metrics = self.training.metrics
-        self.sinks = None
-        if self.host.rank == 0 and (metrics.tensorboard or metrics.mlflow):
-            stage_dir = Location.of(self.job.metrics_path).parent
-            self.sinks = MetricSinks(metrics, stage_dir, self.job.name, self.job.run_name)
+        job = self.job
+        self.metrics = MetricsLog(job.metrics_path, self.host.rank, self.training.metrics, job.name, job.run_name)
+        self.checkpointer = Checkpointer(job, self.host, self.strategy, self.tokenizer, self.device)
         with self.host.checkpoint() as folder:
             self.state = TrainState.load(folder) if folder else TrainState()
             self.model = self.build_model(folder)
@@ -283,8 +280,7 @@ class Trainer:
             for stage in self.job.plan[self.state.stage : self.job.stages_to_run]:
                 self.run_stage(stage)
         finally:
-            if self.sinks is not None:
-                self.sinks.close()
+            self.metrics.close()
             if self.generation is not None:
                 self.generation.sampler.close()
 
@@ -360,7 +356,7 @@ class Trainer:
         elapsed = time.perf_counter() - window.started
         metrics = {
             "stage": stage.index, "epoch": epoch, "global_step": self.state.global_step,
-            "ce": ce, "kd": kd, "loss": (1 - kd_weight) * ce + kd_weight * kd,
+            "ce": ce, "kd": kd, "loss": mix(ce, kd, kd_weight),
             "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(result.grad_norm),
             "tokens_seen": self.state.tokens_seen, "tokens_per_s": window.tokens / max(elapsed, 1e-9),
             "padding_fraction": window.padding / max(window.positions, 1),
@@ -373,27 +369,7 @@ class Trainer:
             self.host.report(metrics, None)  # every rank, every log step: report is a barrier
 
     def _append_metrics(self, metrics: dict[str, Any]) -> None:
-        if self.host.rank != 0:
-            return
-        storage.append_line(self.job.metrics_path, json.dumps(metrics))
-        if self.sinks is not None and metrics.get("event") in (None, "heldout"):
-            self.sinks.log(metrics, metrics.get("global_step", self.state.global_step))
-        if metrics.get("event") == "heldout":
-            log.info("held-out KD loss after stage %d: %.4f", metrics["after_stage"], metrics["heldout_kd"])
-        elif metrics.get("event") == "resumed":
-            log.info("resuming at stage %d, step %d of the stage", metrics["stage"], metrics["stage_step"])
-        elif metrics.get("event") == "workers":
-            log.info("%d worker(s) on %d node(s)", len(metrics["nodes"]), len(set(metrics["nodes"])))
-        elif metrics.get("event") == "stage_end":
-            log.info("stage %d done: %.1f%% of positions were padding", metrics["stage"],
-                     100 * metrics["padding_fraction"])  # fmt: skip
-        else:
-            log.info(
-                "stage %d epoch %d step %d: loss %.4f (ce %.4f, kd %.4f), lr %.2e, %.0f tokens/s, %.0f%% padding%s",
-                metrics["stage"], metrics["epoch"], metrics["global_step"], metrics["loss"], metrics["ce"],
-                metrics["kd"], metrics["lr"], metrics["tokens_per_s"], 100 * metrics["padding_fraction"],
-                _generation_note(metrics),
-            )  # fmt: skip
+        self.metrics.append(metrics, self.state.global_step)
 
     def _log_stage_start(self, stage: StagePlan, pool: Pool, total: int, per_epoch: int) -> None:
         if self.host.rank == 0:
@@ -418,50 +394,10 @@ class Trainer:
                               "teacher_signal": self.job.teacher_signal})  # fmt: skip
 
     def save_checkpoint(self, final: bool = False) -> None:
-        """Report a checkpoint that resumes at ``self.state``'s position. Collective: under FSDP gathering
-        full weights and optimizer state takes every worker; they land on rank 0 only, which writes."""
-        lora = getattr(self.job.student, "lora", None) is not None
-        weights = self.strategy.student_state_dict(self.model, trainable_only=lora)
-        state = TrainState(
-            stage=self.state.stage, stage_step=self.state.stage_step, global_step=self.state.global_step,
-            tokens_seen=self.state.tokens_seen,
-            optimizer=self.strategy.optimizer_state(self.model, self.optimizer),
-            scheduler=self.scheduler.state_dict(),
-            grad_scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            rng=gather_objects(capture_rng(self.device)),
-            replay=self.generation.buffer.state() if self.generation is not None else None,
-        )  # fmt: skip
-        metrics = {"stage": state.stage, "stage_step": state.stage_step, "global_step": state.global_step,
-                   "tokens_seen": state.tokens_seen, **self.latest_metrics, "checkpoint": True}  # fmt: skip
-        if self.host.rank != 0:
-            self.host.report(metrics, None)
-            return
-        if self.sinks is not None:
-            self.sinks.publish()
-        with tempfile.TemporaryDirectory(prefix="srd-checkpoint-") as scratch:
-            folder = Path(scratch)
-            student = self.strategy.pair(self.model).student
-            student.save_pretrained(folder / MODEL_DIR, state_dict=weights, safe_serialization=True)
-            self.tokenizer.save_pretrained(folder / MODEL_DIR)
-            state.save(folder)
-            if final and getattr(self.job.student, "lora", None):
-                self._save_merged(folder)
-            self.host.report(metrics, folder)
-
-    def _save_merged(self, folder: Path) -> None:
-        """The LoRA student users get: adapters merged into the base, a plain save_pretrained folder."""
-        merged = load_adapter(load_model(self.job.student, "cpu"), str(folder / MODEL_DIR)).merge_and_unload()
-        merged.save_pretrained(folder / MERGED_DIR, safe_serialization=True)
-        self.tokenizer.save_pretrained(folder / MERGED_DIR)
-
-
-def _generation_note(metrics: dict[str, Any]) -> str:
-    """Student generation's share of the window, for the log line."""
-    if "generate_s" not in metrics:
-        return ""
-    sources = ", ".join(f"{count} {name}" for name, count in sorted(metrics["sources"].items()))
-    return (f"; steps: {sources}; generate {metrics['generate_s']:.1f}s, sync {metrics['sync_s']:.1f}s, "
-            f"train {metrics['train_s']:.1f}s")  # fmt: skip
+        """Report a checkpoint that resumes at ``self.state``'s position (collective: see ``checkpointer``)."""
+        if self.host.rank == 0:
+            self.metrics.publish()
+        self.checkpointer.save(self.model, self.state, self, self.latest_metrics, final)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -13,9 +13,13 @@
     (length-grouped plan, fused chunked loss), with the padding share of each.
 (c) ``--gpu``: GPT-2 sizes (124M student, 1.5B teacher, random weights, vocab 50,257, 8 x 512 tokens) on a
     CUDA device: bf16-mixed vs fp32 tokens/s, peak memory and model FLOPs utilisation. Runs without Ray.
+(d) ``--long-row``: one chat-length row, 8,192 tokens (1,024 context + 7,168 scored) at the same vocabulary:
+    the chunked loss's peak against one fp32 logits tensor of that row [8192, 151936] (4.6 GiB), which is
+    the bound a long row must stay under (#30).
 
     python bench/kd_step.py           # (a) and (b): bench/results/kd_step.{json,md}
     python bench/kd_step.py --gpu     # (c): bench/results/kd_step_gpu.{json,md}
+    python bench/kd_step.py --long-row  # (d): bench/results/kd_step_long_row.{json,md}
 """
 
 from __future__ import annotations
@@ -37,31 +41,32 @@ BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 QWEN_VOCAB = 151_936
 SEQ, PROMPT = 512, 256
+LONG_SEQ, LONG_PROMPT = 8192, 1024
 CHUNK = TrainingSpec.model_fields["loss_chunk_tokens"].default
 
 
-def tiny_llama_pair(vocab: int, device: str = "cpu"):
+def tiny_llama_pair(vocab: int, device: str = "cpu", positions: int = SEQ):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     def build(hidden: int, layers: int, seed: int):
         torch.manual_seed(seed)
         config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                              num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
-                             max_position_embeddings=SEQ, tie_word_embeddings=True)  # fmt: skip
+                             max_position_embeddings=positions, tie_word_embeddings=True)  # fmt: skip
         return AutoModelForCausalLM.from_config(config).to(device)
 
     return build(64, 2, 1), build(128, 2, 0).eval().requires_grad_(False)
 
 
-def synthetic_batch(rows: int, vocab: int, seed: int = 0):
-    """Rows of 256 prompt + 256 response tokens (labels IGNORE_INDEX on the prompt)."""
+def synthetic_batch(rows: int, vocab: int, seed: int = 0, seq: int = SEQ, prompt: int = PROMPT):
+    """Rows of ``prompt`` + ``seq - prompt`` response tokens (labels IGNORE_INDEX on the prompt)."""
     from srd_ray.models import TrainingExample
 
     generator = torch.Generator().manual_seed(seed)
     examples = []
     for _ in range(rows):
-        ids = torch.randint(0, vocab, (SEQ,), generator=generator).tolist()
-        examples.append(TrainingExample(ids, [-100] * PROMPT + ids[PROMPT:], False))
+        ids = torch.randint(0, vocab, (seq,), generator=generator).tolist()
+        examples.append(TrainingExample(ids, [-100] * prompt + ids[prompt:], False))
     return examples
 
 
@@ -70,20 +75,20 @@ def memory_mb() -> tuple[float, float]:
     return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
 
 
-def measure_memory(variant: str, rows: int) -> dict:
+def measure_memory(variant: str, rows: int, seq: int = SEQ, prompt: int = PROMPT) -> dict:
     """Runs in its own process: peak memory of one forward + backward (the second one: the first warms up)
     above what the process held before it."""
     from srd_ray.distill.batches import MicroBatch
-    from srd_ray.distill.losses import LossSettings, StageWeights, dense_loss_sums
+    from srd_ray.distill.losses import LossSettings, StageWeights, dense_loss_sums, mix
     from srd_ray.distill.parallel import Precision
     from srd_ray.distill.step import DistillationModel, StepSettings, forward_micro_batch
     from srd_ray.models import collate
 
     torch.set_num_threads(os.cpu_count() or 1)
-    student, teacher = tiny_llama_pair(QWEN_VOCAB)
-    examples = synthetic_batch(rows, QWEN_VOCAB)
+    student, teacher = tiny_llama_pair(QWEN_VOCAB, positions=seq)
+    examples = synthetic_batch(rows, QWEN_VOCAB, seq=seq, prompt=prompt)
     stage, loss = StageWeights(kd_weight=0.9, temperature=2.0), LossSettings("fkl")
-    tokens = rows * (SEQ - PROMPT)
+    tokens = rows * (seq - prompt)
     if variant == "before":
         batch = collate(examples, 0)
     else:
@@ -99,7 +104,7 @@ def measure_memory(variant: str, rows: int) -> dict:
                 teacher_logits = teacher(**inputs).logits.float()
             ce, kd = dense_loss_sums(student_logits, teacher_logits, batch["labels"], vocab_size=QWEN_VOCAB,
                                      stage=stage, settings=loss)  # fmt: skip
-            ((1 - stage.kd_weight) * ce + stage.kd_weight * kd).div(tokens).backward()
+            mix(ce, kd, stage.kd_weight).div(tokens).backward()
         else:
             forward_micro_batch(pair, batch, settings, tokens, Precision("fp32"), torch.device("cpu")).loss.backward()
         student.zero_grad(set_to_none=True)  # as the training loop does after each optimizer step
@@ -111,23 +116,28 @@ def measure_memory(variant: str, rows: int) -> dict:
     micro_step()
     wall = time.perf_counter() - started
     _, peak = memory_mb()
-    logits_mb = rows * SEQ * QWEN_VOCAB * 4 / 2**20
-    return {"variant": variant, "rows": rows, "peak_over_baseline_mb": peak - baseline, "logits_tensor_mb": logits_mb,
+    logits_mb = rows * seq * QWEN_VOCAB * 4 / 2**20
+    return {"variant": variant, "rows": rows, "tokens_per_row": seq, "scored_per_row": seq - prompt,
+            "peak_over_baseline_mb": peak - baseline, "logits_tensor_mb": logits_mb,
             "x_logits": (peak - baseline) / logits_mb, "step_s": wall}  # fmt: skip
 
 
+def memory_in_process(variant: str, rows: int, seq: int = SEQ, prompt: int = PROMPT) -> dict:
+    """``measure_memory`` in a fresh process. A fixed mmap threshold: every large tensor is its own
+    mapping, returned when freed, so resident memory follows live tensors (glibc's adaptive threshold
+    otherwise keeps freed heap, run to run)."""
+    output = subprocess.run(
+        [sys.executable, __file__, "--measure-memory", variant, "--rows", str(rows), "--seq", str(seq),
+         "--prompt", str(prompt)],
+        capture_output=True, text=True, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"},
+    )  # fmt: skip
+    result = json.loads(output.stdout.strip().splitlines()[-1])
+    print(result, flush=True)
+    return result
+
+
 def memory_side_by_side() -> list[dict]:
-    results = []
-    for variant, rows in (("before", 4), ("after", 4), ("after", 8)):
-        # A fixed mmap threshold: every large tensor is its own mapping, returned when freed, so resident
-        # memory follows live tensors (glibc's adaptive threshold otherwise keeps freed heap, run to run).
-        output = subprocess.run(
-            [sys.executable, __file__, "--measure-memory", variant, "--rows", str(rows)],
-            capture_output=True, text=True, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"},
-        )  # fmt: skip
-        results.append(json.loads(output.stdout.strip().splitlines()[-1]))
-        print(results[-1], flush=True)
-    return results
+    return [memory_in_process(variant, rows) for variant, rows in (("before", 4), ("after", 4), ("after", 8))]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -157,7 +167,7 @@ def quickstart_pair(cache: Path) -> tuple[list, dict[str, str]]:
 
 def throughput(pairs: list, models: dict[str, str], variant: str, epochs: int = 2, batch_size: int = 32) -> dict:
     from srd_ray.distill.batches import BatchLayout, MicroBatch, epoch_seed, plan_epoch
-    from srd_ray.distill.losses import LossSettings, StageWeights, dense_loss_sums
+    from srd_ray.distill.losses import LossSettings, StageWeights, dense_loss_sums, mix
     from srd_ray.distill.parallel import Precision
     from srd_ray.distill.step import DistillationModel, StepSettings, train_step
     from srd_ray.models import collate, encode_example, load_model, load_tokenizer
@@ -187,7 +197,7 @@ def throughput(pairs: list, models: dict[str, str], variant: str, epochs: int = 
                     teacher_logits = teacher(**inputs).logits.float()
                 ce, kd = dense_loss_sums(logits, teacher_logits, batch["labels"], vocab_size=len(tokenizer),
                                          stage=stage, settings=loss)  # fmt: skip
-                ((1 - stage.kd_weight) * ce + stage.kd_weight * kd).div(step_tokens).backward()
+                mix(ce, kd, stage.kd_weight).div(step_tokens).backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -287,11 +297,28 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="(c): GPT-2 sizes on a CUDA device")
     parser.add_argument("--measure-memory", choices=["before", "after"], help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--seq", type=int, default=SEQ, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt", type=int, default=PROMPT, help=argparse.SUPPRESS)
+    parser.add_argument("--long-row", action="store_true", help="(d): one 8,192-token row")
     args = parser.parse_args()
     if args.measure_memory:
-        print(json.dumps(measure_memory(args.measure_memory, args.rows)))
+        print(json.dumps(measure_memory(args.measure_memory, args.rows, args.seq, args.prompt)))
         return
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    if args.long_row:
+        run = memory_in_process("after", 1, LONG_SEQ, LONG_PROMPT)
+        table = [
+            f"# One chat-length row: {LONG_SEQ:,} tokens ({LONG_SEQ - LONG_PROMPT:,} scored), vocab {QWEN_VOCAB:,}", "",
+            f"Machine: {machine}. Reproduce: `python bench/kd_step.py --long-row`. Tiny Llama pair (student 64x2, "
+            f"teacher 128x2), fkl at T 2, loss chunk {CHUNK} tokens, fp32; peak of the second forward + backward "
+            "over the set-up baseline.", "",
+            "| tokens | scored | one fp32 logits tensor MB | peak over baseline MB | x logits | step s |",
+            "|---|---|---|---|---|---|",
+            f"| {run['tokens_per_row']} | {run['scored_per_row']} | {run['logits_tensor_mb']:.0f} | "
+            f"{run['peak_over_baseline_mb']:.0f} | {run['x_logits']:.2f} | {run['step_s']:.1f} |",
+        ]  # fmt: skip
+        write_results("kd_step_long_row", {"machine": machine, "run": run}, table)
+        return
     if args.gpu:
         runs = [gpu_throughput(name) for name in ("fp32", "bf16-mixed")]
         table = [

@@ -150,8 +150,8 @@ def trained_ids(run: Path, variant: str) -> list[str] | None:
     """The example ids of the rows a run ever trained on (None: every training row, as KD does)."""
     import pyarrow.parquet as pq
 
-    from srd_ray.distill.refresh import refresh_dir
     from srd_ray.rank import bucket_dir
+    from srd_ray.refresh import refresh_dir
 
     if variant == "kd":
         return None

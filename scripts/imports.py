@@ -1,10 +1,11 @@
 """The package's import graph, checked: imports that point up and import cycles.
 
-Layers, top down: the orchestration and what the user sees of it (``cli``, ``pipeline``, ``report``); the
-stages (``reflect``, ``rank``, ``teacher_signal``, ``evaluate``, the ``distill`` package), each of which
-may import only generic modules and itself; the generic modules (data, models, engines, storage, spec,
-...), which import neither stages nor orchestration. Imports inside functions count too (they are still
-dependencies); ``TYPE_CHECKING`` blocks do not. Exit status 1 if there is either.
+Layers, top down: orchestration and what the user sees of it (``cli``, ``pipeline``, ``distill_stage``,
+``refresh``, ``report``); the stages (``reflect``, ``rank``, ``teacher_signal``, ``evaluate``, the
+``distill`` training package), each of which may import only generic modules and itself; the generic
+modules (data, models, engines, storage, spec, ...), which import neither stages nor orchestration.
+Imports inside functions count too (they are still dependencies); ``TYPE_CHECKING`` blocks do not. Exit
+status 1 if there is either.
 
     python scripts/imports.py            # the findings, one per line
     python scripts/imports.py --summary  # also lines per module and the largest classes
@@ -19,7 +20,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "srd_ray"
-TOP = ("srd_ray.cli", "srd_ray.pipeline", "srd_ray.report", "srd_ray.__main__")
+TOP = (
+    "srd_ray.cli",
+    "srd_ray.pipeline",
+    "srd_ray.distill_stage",
+    "srd_ray.refresh",
+    "srd_ray.report",
+    "srd_ray.__main__",
+)
 STAGES = ("srd_ray.reflect", "srd_ray.rank", "srd_ray.teacher_signal", "srd_ray.evaluate", "srd_ray.distill")
 
 

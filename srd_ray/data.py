@@ -322,24 +322,28 @@ def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
 def drop_long_prompts(loaded: LoadedData, data: DataSpec, count_tokens: Callable[[list[str]], list[int]]) -> LoadedData:
     """With ``truncate_long_prompts: false``, a prompt over ``max_prompt_tokens`` is a bad row."""
     lengths = count_tokens(loaded.table["prompt"].to_pylist())
-    too_long = [i for i, length in enumerate(lengths) if length > data.max_prompt_tokens]
-    if not too_long:
+    reasons = {i: f"prompt has {length} tokens, over data.max_prompt_tokens ({data.max_prompt_tokens}) and "
+               "data.truncate_long_prompts is false" for i, length in enumerate(lengths)
+               if length > data.max_prompt_tokens}  # fmt: skip
+    return drop_bad_rows(
+        loaded, data, reasons, f"every prompt is over data.max_prompt_tokens ({data.max_prompt_tokens})"
+    )
+
+
+def drop_bad_rows(loaded: LoadedData, data: DataSpec, reasons: dict[int, str], all_bad: str) -> LoadedData:
+    """Rows found bad after loading (``reasons``: row number -> why): an error naming the first
+    (``on_bad_row: error``), or dropped and listed with the rows skipped while loading."""
+    if not reasons:
         return loaded
     ids, positions = loaded.table["example_id"], loaded.table["input_position"]
-    problems = [
-        {
-            "where": f"example_id {ids[i].as_py()} (input position {positions[i].as_py()})",
-            "reason": f"prompt has {lengths[i]} tokens, over data.max_prompt_tokens ({data.max_prompt_tokens}) "
-            "and data.truncate_long_prompts is false",
-        }
-        for i in too_long
-    ]
+    problems = [{"where": f"example_id {ids[i].as_py()} (input position {positions[i].as_py()})", "reason": reason}
+                for i, reason in sorted(reasons.items())]  # fmt: skip
     if data.on_bad_row == "error":
         first = problems[0]
         raise DataError(f"{first['where']}: {first['reason']} ({len(problems)} such rows)")
-    if len(too_long) == loaded.table.num_rows:
-        raise DataError(f"every prompt is over data.max_prompt_tokens ({data.max_prompt_tokens}); no usable rows")
-    keep = pa.array([length <= data.max_prompt_tokens for length in lengths])
+    if len(reasons) == loaded.table.num_rows:
+        raise DataError(f"{all_bad}; no usable rows")
+    keep = pa.array([i not in reasons for i in range(loaded.table.num_rows)])
     return LoadedData(loaded.table.filter(keep), loaded.skipped + problems, loaded.dropped_columns)
 
 

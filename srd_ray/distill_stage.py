@@ -1,4 +1,6 @@
-"""The training stages of the pipeline: their inputs turned into a ``TrainingJob`` and Ray datasets.
+"""The pipeline's training stages (teacher_sft, distill): their inputs turned into a ``TrainingJob`` and the
+tables it trains on. Orchestration, above the stages it reads (rank buckets, the teacher signal) and the
+training package it runs (``srd_ray.distill``).
 
 SRD feeds the rank stage's buckets (one Ray dataset each; stage s trains on buckets 0..s), the matched
 baseline (``curriculum: none``) and teacher SFT feed all training rows.
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from srd_ray.distill.curriculum import bucket_name, plan_curriculum
 from srd_ray.distill.driver import run_training
 from srd_ray.distill.losses import LossSettings
 from srd_ray.distill.worker import StagePlan, TrainingJob
@@ -18,25 +21,12 @@ from srd_ray.engines import resolve_engine
 from srd_ray.errors import DataError, SpecError
 from srd_ray.models import load_tokenizer
 from srd_ray.rank import bucket_dir, read_manifest
-from srd_ray.spec import DistillSpec, JobSpec, ModelSpec, StageSpec
+from srd_ray.spec import JobSpec, ModelSpec, StageSpec
 from srd_ray.storage import Location, Place
 from srd_ray.teacher_signal import check_signal, read_signal
 
 if TYPE_CHECKING:
-    from srd_ray.distill.refresh import Reflector
-
-
-def bucket_name(bucket: int) -> str:
-    return f"bucket_{bucket}"
-
-
-def plan_curriculum(spec: DistillSpec) -> tuple[StagePlan, ...]:
-    """SRD: stage s trains on buckets 0..s. none: every stage trains on all rows (the matched baseline)."""
-    if spec.curriculum == "none":
-        return tuple(StagePlan(i, ("all",), stage) for i, stage in enumerate(spec.stages))
-    return tuple(
-        StagePlan(i, tuple(bucket_name(b) for b in range(i + 1)), stage) for i, stage in enumerate(spec.stages)
-    )
+    from srd_ray.refresh import Reflector
 
 
 def training_job(spec: JobSpec, stage_dir: Place, **settings: Any) -> TrainingJob:
@@ -112,7 +102,7 @@ def run_distill(
 ) -> dict[str, Any]:
     """Curriculum KD from the rank stage's buckets (SRD) or from all rows (``curriculum: none``); with a
     ``signal_dir`` the teacher's stored top-k signal replaces the teacher model. With ``rank.refresh:
-    every_stage`` the ``reflector`` scores the rows left between stages (see ``srd_ray.distill.refresh``)."""
+    every_stage`` the ``reflector`` scores the rows left between stages (see ``srd_ray.refresh``)."""
     distill = spec.distill
     plan = plan_curriculum(distill)
     refreshing = rank_dir is not None and spec.rank.refresh == "every_stage"
@@ -138,7 +128,7 @@ def run_distill(
         signal_files=str(Location.of(signal_dir) / "shards") if signal_dir is not None else None,
     )  # fmt: skip
     if refreshing:
-        from srd_ray.distill.refresh import train_with_refresh
+        from srd_ray.refresh import train_with_refresh
 
         if reflector is None:
             raise ValueError("rank.refresh every_stage needs a reflector")

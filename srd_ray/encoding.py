@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from srd_ray.chat import ChatTemplate, encode_chat
+from srd_ray.chat import ChatTemplate, assistant_difference, encode_chat
 from srd_ray.models import EncodedPrompt, TrainingExample, encode_example, encode_prompt
 
 TEXT_COLUMNS = ("example_id", "prompt", "response")
@@ -59,6 +59,18 @@ def template_of(tokenizer: Any, data: Any) -> ChatTemplate:
     """The chat template a model renders chat rows with (``data.chat_template``: its own, or a file's)."""
     text = None if data.chat_template == "model" else Path(data.chat_template).read_text()
     return ChatTemplate(tokenizer, text, dict(data.chat_template_kwargs))
+
+
+def template_mismatches(rows: pa.Table, student: RowFormat, teacher: RowFormat) -> dict[int, str]:
+    """Chat rows whose scored (assistant) tokens differ between the student's and the teacher's chat
+    templates (white-box KD compares the two models token by token on them): row number -> where."""
+    problems = {}
+    for number, (prompt, response) in enumerate(zip(prompts_of(rows), rows["response"].to_pylist(), strict=True)):
+        if isinstance(prompt, Conversation):
+            difference = assistant_difference(student.example(prompt, response), teacher.example(prompt, response))
+            if difference:
+                problems[number] = f"{difference} (data.chat_template: model renders each model with its own)"
+    return problems
 
 
 class RowFormat:

@@ -106,7 +106,7 @@ def evaluation_identity(spec: JobSpec, engine: str, model: ModelSpec, eval_sets:
     location = Location.of(model.path) if is_uri(model.path) or Path(model.path).exists() else None
     files = [f"{info.path}:{info.size}:{info.mtime_ns}" for info in location.files()] if location else []
     rows = {name: table["example_id"].to_pylist() for name, table in sorted(eval_sets.items())}
-    settings = {"evaluate": spec.evaluate.model_dump(mode="json"), "engine": engine,
+    settings = {"evaluate": spec.evaluate.model_dump(mode="json", exclude={"lm_eval"}), "engine": engine,
                 "vllm": spec.engine.vllm.model_dump(mode="json"), "max_prompt_tokens": spec.data.max_prompt_tokens,
                 "files": files, "rows": rows}  # fmt: skip
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

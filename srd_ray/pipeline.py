@@ -23,10 +23,10 @@ import pyarrow as pa
 
 from srd_ray.console import adopt_library_loggers, attach_run_log, log_traceback
 from srd_ray.console import verbose as console_is_verbose
-from srd_ray.data import LoadedData, drop_long_prompts, load_eval_sets, load_training_data
+from srd_ray.data import LoadedData, drop_bad_rows, drop_long_prompts, load_eval_sets, load_training_data
 from srd_ray.demo_data import write_demo_data
 from srd_ray.engines import check_context, resolve_engine
-from srd_ray.errors import NothingToDo, SpecError
+from srd_ray.errors import ModelError, NothingToDo, SpecError
 from srd_ray.failures import explain
 from srd_ray.models import check_model_path, check_same_tokenizer, load_tokenizer
 from srd_ray.resources import check_stage
@@ -124,7 +124,7 @@ class Run:
     @cached_property
     def generation_engine(self) -> str:
         """distill.student_generation's resolved engine (vllm runs actors beside the Train workers)."""
-        from srd_ray.distill.stage import generation_engine
+        from srd_ray.distill_stage import generation_engine
 
         return generation_engine(self.spec)
 
@@ -146,12 +146,30 @@ class Run:
         return {name: self._checked(loaded) for name, loaded in load_eval_sets(self.spec.data).items()}
 
     def _checked(self, loaded: LoadedData) -> LoadedData:
+        loaded = self._same_assistant_tokens(loaded)
         if self.spec.data.truncate_long_prompts:
             return loaded
         tokenizer = load_tokenizer(self.spec.models.student)
         return drop_long_prompts(
             loaded, self.spec.data, lambda prompts: [len(ids) for ids in tokenizer(prompts)["input_ids"]]
         )
+
+    def _same_assistant_tokens(self, loaded: LoadedData) -> LoadedData:
+        """Chat rows with a teacher whose own chat template differs from the student's: a row whose assistant
+        tokens differ between the two renderings is a bad row (naming the first differing token)."""
+        from srd_ray.encoding import CHAT_COLUMN, RowFormat, template_mismatches
+
+        data, models = self.spec.data, self.spec.models
+        if CHAT_COLUMN not in loaded.table.column_names or data.chat_template != "model":
+            return loaded
+        try:
+            student, teacher = load_tokenizer(models.student), load_tokenizer(models.teacher)
+        except ModelError:  # made by the prepare stage: one tokenizer for both
+            return loaded
+        if student.chat_template == teacher.chat_template:
+            return loaded
+        problems = template_mismatches(loaded.table, RowFormat(student, data), RowFormat(teacher, data))
+        return drop_bad_rows(loaded, data, problems, "every chat renders other assistant tokens for the teacher")
 
     @property
     def teacher(self) -> ModelSpec:
@@ -219,7 +237,7 @@ def _prompt_and_output(jsonl_line: str) -> str:
 
 
 def _teacher_sft(run: Run) -> dict[str, Any]:
-    from srd_ray.distill.stage import run_teacher_sft
+    from srd_ray.distill_stage import run_teacher_sft
 
     return run_teacher_sft(run.spec, run.train.table, run.run_dir.stage_dir("teacher_sft"))
 
@@ -249,7 +267,7 @@ def _rank(run: Run) -> dict[str, Any]:
 
 
 def _teacher_signal(run: Run) -> dict[str, Any]:
-    from srd_ray.distill.stage import training_rows
+    from srd_ray.distill_stage import training_rows
     from srd_ray.teacher_signal import run_teacher_signal
 
     rows = pa.concat_tables([training_rows(run.spec, run.rank_dir, run.train.table), heldout_rows(run)])
@@ -259,8 +277,8 @@ def _teacher_signal(run: Run) -> dict[str, Any]:
 
 
 def _distill(run: Run) -> dict[str, Any]:
-    from srd_ray.distill.refresh import Reflector
-    from srd_ray.distill.stage import run_distill
+    from srd_ray.distill_stage import run_distill
+    from srd_ray.refresh import Reflector
 
     spec = run.spec
     reflector = Reflector(spec, run.engine, run.teacher if spec.reflect.teacher_ce else None)
@@ -294,18 +312,23 @@ def _evaluate(run: Run) -> dict[str, Any]:
 
     if not run.spec.data.eval_sets:
         return {"skipped": "no data.eval_sets"}
-    models = {
-        "teacher": run.teacher,
-        "student_before": run.spec.models.student,
-        "student_after": run.distilled_student,
-    }
     eval_tables: dict[str, pa.Table] = {name: loaded.table for name, loaded in run.eval_sets.items()}
     return {
-        label: evaluate_once(
-            run.spec, run.engine, models[label], eval_tables, run.run_dir.stage_dir("evaluate") / label
-        )
-        for label in run.spec.evaluate.models
+        label: evaluate_once(run.spec, run.engine, model, eval_tables, run.run_dir.stage_dir("evaluate") / label)
+        for label, model in evaluated_models(run).items()
     }
+
+
+def evaluated_models(run: Run) -> dict[str, ModelSpec]:
+    """The models ``evaluate.models`` names, by label: the teacher, the student before and after."""
+    models = {"teacher": run.teacher, "student_before": run.spec.models.student, "student_after": run.distilled_student}
+    return {label: models[label] for label in run.spec.evaluate.models}
+
+
+def _lm_eval(run: Run) -> dict[str, Any]:
+    from srd_ray.benchmarks import run_benchmarks
+
+    return run_benchmarks(run.spec.evaluate, evaluated_models(run), run.run_dir.stage_dir("lm_eval"))
 
 
 def evaluate_model(spec: JobSpec, model_path: str, label: str) -> dict[str, Any]:
@@ -393,6 +416,12 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "evaluate", ("evaluate", "engine", "models", "data.eval_sets", "data.max_prompt_tokens"),
         ("prepare", "teacher_sft", "distill"), "the evaluation summaries", _evaluate,
+    ),
+    Stage(
+        "lm_eval", ("evaluate.lm_eval", "evaluate.models", "evaluate.num_cpus_per_actor",
+                    "evaluate.num_gpus_per_actor", "models"),
+        ("prepare", "teacher_sft", "distill"), "the lm-eval scores", _lm_eval,
+        off=_off_unless(lambda spec: spec.evaluate.lm_eval is not None, "evaluate.lm_eval is not set"),
     ),
 )  # fmt: skip
 STAGE_NAMES = tuple(stage.name for stage in STAGES)

@@ -35,8 +35,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from srd_ray.distill.curriculum import bucket_name
 from srd_ray.distill.driver import run_training, trained_model
-from srd_ray.distill.stage import bucket_name
 from srd_ray.distill.worker import TrainingJob
 from srd_ray.encoding import training_text
 from srd_ray.rank import MANIFEST, bucket_dir, bucket_quotas, read_manifest, read_ranked, run_refresh_rank

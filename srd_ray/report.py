@@ -84,6 +84,25 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
                 for name in sets
             )
             lines.append(f"    {label:<16}{cells}")
+    lines += lm_eval_lines(stages.get("lm_eval", {}).get("summary") or {})
+    return lines
+
+
+def lm_eval_columns(scores: dict[str, dict[str, dict[str, float]]]) -> list[tuple[str, str]]:
+    """(task, metric) pairs any model has a score for, stderr left out, sorted."""
+    return sorted({(task, metric) for tasks in scores.values() for task, metrics in tasks.items()
+                   for metric in metrics if "_stderr" not in metric})  # fmt: skip
+
+
+def lm_eval_lines(scores: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """The console's lm-eval table (x100): one row per model, one column per task and metric."""
+    columns = lm_eval_columns(scores)
+    if not columns:
+        return []
+    lines = ["  lm-eval (x100):", "    " + f"{'model':<16}" + "".join(f"{f'{t} {m}':>22}" for t, m in columns)]
+    for label, tasks in scores.items():
+        cells = "".join(f"{100 * tasks[t][m]:>22.2f}" if m in tasks.get(t, {}) else f"{'-':>22}" for t, m in columns)
+        lines.append(f"    {label:<16}{cells}")
     return lines
 
 
@@ -116,6 +135,9 @@ def compare_runs(run_dirs: list[Place]) -> str:
         evaluation = stage_summary(manifest, "evaluate").get("student_after", {})
         distill = stage_summary(manifest, "distill")
         scores = {name: result["rouge_l"] for name, result in evaluation.items()}
+        benchmarks = stage_summary(manifest, "lm_eval").get("student_after", {})
+        lm_eval = {f"lm-eval {t} {m}": 100 * v for t, metrics in benchmarks.items() for m, v in metrics.items()
+                   if "_stderr" not in m}  # fmt: skip
         rows.append(
             {
                 "run": manifest["run"],
@@ -125,21 +147,23 @@ def compare_runs(run_dirs: list[Place]) -> str:
                 "train_wall_s": distill.get("train_wall_s"),
                 "optimizer_steps": distill.get("optimizer_steps"),
                 "tokens_seen": distill.get("tokens_seen"),
+                **lm_eval,
             }
         )
     sets = sorted({name for row in rows for name in row["scores"]})
-    columns = [*sets, "average", "train_wall_s", "optimizer_steps", "tokens_seen"]
+    benchmark_columns = sorted({key for row in rows for key in row if key.startswith("lm-eval ")})
+    columns = [*sets, "average", "train_wall_s", "optimizer_steps", "tokens_seen", *benchmark_columns]
     lines = [
         "| run | curriculum | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
     for row in rows:
-        values = [row["scores"].get(name) for name in sets] + [row[c] for c in columns[len(sets) :]]
+        values = [row["scores"].get(name) for name in sets] + [row.get(c) for c in columns[len(sets) :]]
         lines.append(f"| {row['run']} | {row['curriculum']} | " + " | ".join(_cell(v) for v in values) + " |")
     base = rows[0]
     for row in rows[1:]:
         ratios = [_ratio(row["scores"].get(n), base["scores"].get(n)) for n in sets]
-        ratios += [_ratio(row[c], base[c]) for c in columns[len(sets) :]]
+        ratios += [_ratio(row.get(c), base.get(c)) for c in columns[len(sets) :]]
         lines.append(f"| {row['run']} / {base['run']} | ratio | " + " | ".join(ratios) + " |")
     return "\n".join(lines) + "\n"
 
@@ -224,6 +248,9 @@ def _write_report_files(manifest: dict[str, Any], run_dir: Place, out: Path) -> 
     evaluation = stage_summary(manifest, "evaluate")
     if evaluation and "skipped" not in evaluation:
         sections.append(_eval_table(evaluation))
+    benchmarks = stage_summary(manifest, "lm_eval")
+    if lm_eval_columns(benchmarks):
+        sections.append(_lm_eval_table(benchmarks))
     page = (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>srd-ray run {html.escape(manifest['run'])}</title>"
@@ -435,6 +462,18 @@ def refresh_section(distill: dict[str, Any]) -> str:
         f"{rows}</table><p>Extra generation: {cost['rows_scored']} rows, {cost['generated_tokens']} tokens, "
         f"{cost['reflect_wall_s']:.1f}s.</p>"
     )
+
+
+def _lm_eval_table(scores: dict[str, Any]) -> str:
+    columns = lm_eval_columns(scores)
+    head = "<tr><th>model</th>" + "".join(f"<th>{html.escape(f'{t} {m}')}</th>" for t, m in columns) + "</tr>"
+    body = ""
+    for label, tasks in scores.items():
+        cells = "".join(
+            f"<td>{100 * tasks[t][m]:.2f}</td>" if m in tasks.get(t, {}) else "<td>-</td>" for t, m in columns
+        )
+        body += f"<tr><td>{html.escape(label)}</td>{cells}</tr>"
+    return f"<h2>Benchmarks (lm-evaluation-harness, x100)</h2><table>{head}{body}</table>"
 
 
 def _eval_table(evaluation: dict[str, Any]) -> str:

@@ -61,6 +61,9 @@ def stage_asks(spec: JobSpec, stage: str, generation_engine: str = "transformers
             asks.append(Ask("distill.student_generation", "generation actors", generation.concurrency,
                             generation.num_cpus_per_actor, generation.num_gpus_per_actor))  # fmt: skip
         return asks
+    if stage == "lm_eval":  # one model at a time, with evaluate's per-actor resources
+        pool = spec.evaluate
+        return [Ask("evaluate", "lm-eval task", 1, pool.num_cpus_per_actor, pool.num_gpus_per_actor)]
     return []
 
 

@@ -360,7 +360,7 @@ class RankSpec(_Strict):
     keep_buckets: PositiveInt = 3
     # once: difficulty is measured by the untrained student only (the release). every_stage: after each
     # distill stage but the last, the student as trained so far re-reflects the rows not yet admitted, and
-    # the next bucket is the easiest 1/num_buckets of all rows among them (see srd_ray.distill.refresh).
+    # the next bucket is the easiest 1/num_buckets of all rows among them (see srd_ray.refresh).
     refresh: Literal["once", "every_stage"] = "once"
     # Rank within strata instead of over all rows, so that no stratum (task) is dropped whole: each stratum
     # is ranked on its own and split into near-equal parts, bucket b being every stratum's part b (see
@@ -550,6 +550,32 @@ class DistillSpec(TrainingSpec):
         return LossSettings(self.loss, self.temperature_scaling, self.jsd_beta, self.skew_alpha)
 
 
+class LmEvalSpec(_Strict):
+    """Standard benchmarks beside ROUGE-L: EleutherAI's lm-evaluation-harness (``pip install
+    'srd-ray[lmeval]'``) on each evaluated model, one Ray task per model with evaluate's per-actor CPUs and
+    GPUs. Task names are lm-eval's (e.g. ifeval, gsm8k), or tasks defined by YAML files in
+    ``include_path``."""
+
+    tasks: list[str] = Field(min_length=1)
+    num_fewshot: Annotated[int, Field(ge=0)] | None = None  # None: each task's own default
+    limit: PositiveFloat | None = None  # rows per task (a number), or a fraction of them (below 1)
+    batch_size: PositiveInt = 8
+    include_path: str | None = None  # a folder of task YAML files (custom tasks, local data)
+    # auto: vLLM where it is installed and the model gets GPUs, else transformers (lm-eval's "hf").
+    backend: Literal["auto", "vllm", "hf"] = "auto"
+    apply_chat_template: bool = False  # render few-shot prompts with the model's chat template
+    seed: int = 1234
+
+    @field_validator("include_path")
+    @classmethod
+    def _task_folder(cls, value: str | None) -> str | None:
+        if value is None or is_uri(value):
+            return value
+        if not Path(value).expanduser().is_dir():
+            raise ValueError(f"must be a folder of lm-eval task YAML files; {value} is not a folder")
+        return absolute_path(value)
+
+
 class EvaluateSpec(PoolSpec):
     # Which models to score: the (fine-tuned) teacher, the student before and after distillation.
     models: list[Literal["teacher", "student_before", "student_after"]] = [
@@ -561,6 +587,7 @@ class EvaluateSpec(PoolSpec):
     max_examples: PositiveInt | None = None
     batch_size: PositiveInt = 32
     generation: GenerationSpec = GenerationSpec(temperature=1.0)
+    lm_eval: LmEvalSpec | None = None  # standard benchmarks on the same models (the lm_eval stage)
 
 
 class JobSpec(_Strict):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from srd_ray.chat import ChatTemplate, ChatTemplateError, assistant_difference, encode_chat, message_problem
+from srd_ray.errors import DataError
 from srd_ray.models import IGNORE_INDEX
 from srd_ray.tiny_models import train_tokenizer
 
@@ -150,3 +151,33 @@ def test_bad_chat_rows_are_named(messages, problem):
 
 def test_good_chat_rows_have_no_problem():
     assert message_problem(CHAT) is None and message_problem(CHAT[1:3]) is None
+
+
+def test_rows_whose_assistant_tokens_differ_under_the_teachers_template_are_bad_rows(tokenizer, tmp_path):
+    """#30: student and teacher each render with their own template; a row whose scored tokens differ is a
+    bad row naming the row and the first differing token (on_bad_row: error), or is dropped and listed."""
+    import copy
+    import json
+
+    from srd_ray.data import drop_bad_rows, load_source
+    from srd_ray.encoding import RowFormat, template_mismatches
+    from srd_ray.spec import DataSourceSpec, DataSpec
+
+    rows = [{"messages": CHAT[1:3]}, {"messages": CHAT}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = DataSpec(train=DataSourceSpec(path=str(path)), on_bad_row="skip")
+    loaded = load_source(data.train, data, label="data.train")
+    student, teacher = copy.deepcopy(tokenizer), copy.deepcopy(tokenizer)
+    student.chat_template = PLAIN
+    teacher.chat_template = MARKED
+    assert template_mismatches(loaded.table, RowFormat(student, data), RowFormat(teacher, data)) == {}
+    teacher.chat_template = MARKED.replace(
+        "{% generation %}{{ m['content'] + '", "{% generation %}{{ m['content'] + '!"
+    )
+    problems = template_mismatches(loaded.table, RowFormat(student, data), RowFormat(teacher, data))
+    assert sorted(problems) == [0, 1] and problems[0].startswith("assistant token ")
+    kept = drop_bad_rows(loaded, data, {1: problems[1]}, "no row")
+    assert kept.table.num_rows == 1 and "assistant token" in kept.skipped[0]["reason"]
+    with pytest.raises(DataError, match=r"example_id .* \(input position 0\): assistant token \d+ is"):
+        drop_bad_rows(loaded, data.model_copy(update={"on_bad_row": "error"}), problems, "no row")

@@ -297,7 +297,7 @@ def test_spec_refuses_generation_without_a_teacher_signal_per_sample():
 
 
 def test_lora_students_sample_in_the_workers(tmp_path):
-    from srd_ray.distill.stage import generation_engine
+    from srd_ray.distill_stage import generation_engine
     from srd_ray.spec import JobSpec
 
     def spec(**generation):

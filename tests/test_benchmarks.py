@@ -1,0 +1,91 @@
+"""Standard benchmarks (``srd_ray.benchmarks``): lm-evaluation-harness on a local custom task (a
+multiple-choice and a generate-until task, local JSONL), offline, on the tiny pair."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from srd_ray.benchmarks import backend_for, run_lm_eval, scores_of
+from srd_ray.errors import SpecError
+from srd_ray.spec import LmEvalSpec
+
+pytest.importorskip("lm_eval")
+
+ANSWERS = [0, 1, 2, 0, 1, 2]  # the multiple-choice task's correct choices
+CHOICES = ["the", "is", "of"]  # one token each (with lm-eval's leading space) in the tiny tokenizer
+
+
+def write_demo_tasks(folder: Path) -> Path:
+    """A folder lm-eval reads tasks from: srd_demo_mc (6 rows, 3 choices) and srd_demo_gen (4 rows)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"question": f"Question {i}: which colour?", "choices": CHOICES, "answer": a}
+            for i, a in enumerate(ANSWERS)]  # fmt: skip
+    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gen = [{"question": f"Say red {i}.", "answer": "red"} for i in range(4)]
+    (folder / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen))
+    common = "dataset_path: json\ntest_split: test\n"
+    (folder / "mc.yaml").write_text(
+        f"task: srd_demo_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}} Answer:'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: answer\nmetric_list:\n  - metric: acc\n"
+    )
+    (folder / "gen.yaml").write_text(
+        f"task: srd_demo_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
+        "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 4\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    return folder
+
+
+def fixed_choice_model(source: str, out: Path) -> Path:
+    """The tiny student with its final norm zeroed: every context gives the same (uniform) next-token
+    distribution, so every one-token choice scores alike and lm-eval's argmax takes the first: it always
+    answers choice 0."""
+    model = AutoModelForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
+def test_a_model_that_always_answers_the_first_choice_scores_what_it_must_and_the_same_on_a_rerun(
+    tmp_path, tiny_models
+):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
+    assert all(len(tokenizer(f" {c}", add_special_tokens=False)["input_ids"]) == 1 for c in CHOICES), "one token each"
+    settings = LmEvalSpec(tasks=["srd_demo_mc", "srd_demo_gen"], include_path=str(write_demo_tasks(tmp_path / "t")))
+    model = fixed_choice_model(tiny_models["student"], tmp_path / "fixed")
+    scores = run_lm_eval(str(model), settings, "hf", "cpu")
+    assert scores["srd_demo_mc"]["acc"] == pytest.approx(ANSWERS.count(0) / len(ANSWERS))
+    assert "acc_stderr" in scores["srd_demo_mc"] and "exact_match" in scores["srd_demo_gen"]
+    assert run_lm_eval(str(model), settings, "hf", "cpu") == scores, "seeded: a rerun scores the same"
+
+
+def test_an_unknown_task_is_named_before_any_model_loads(tmp_path):
+    settings = LmEvalSpec(tasks=["srd_no_such_task"], include_path=str(write_demo_tasks(tmp_path / "t")))
+    with pytest.raises(SpecError, match="lm-eval knows no task 'srd_no_such_task'"):
+        run_lm_eval("/nonexistent/model", settings, "hf", "cpu")
+
+
+def test_scores_keep_numbers_and_name_filters():
+    gsm8k = {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
+             "exact_match,flexible-extract": 0.5}  # fmt: skip
+    results = {"gsm8k": gsm8k, "mc": {"acc,none": 0.5, "acc_stderr,none": 0.2, "sample_len": 6, "name": "mc"}}
+    assert scores_of(results) == {
+        "gsm8k": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
+                  "exact_match,flexible-extract": 0.5},
+        "mc": {"acc": 0.5, "acc_stderr": 0.2},
+    }  # fmt: skip
+
+
+def test_the_backend_is_vllm_only_with_gpus_and_vllm_installed():
+    settings = LmEvalSpec(tasks=["x"])
+    assert backend_for(settings, 0) == "hf"
+    assert backend_for(settings.model_copy(update={"backend": "vllm"}), 0) == "vllm"

@@ -273,13 +273,18 @@ class VllmSpec(_Strict):
     enforce_eager: bool = False
 
 
+# An inference engine: auto is vLLM when the vllm package is importable, else transformers (resolved by
+# engines.resolve_engine). The three passes that choose one default differently, for the reasons given there.
+EngineChoice = Literal["auto", "vllm", "transformers"]
+
+
 class EngineSpec(_Strict):
     """The inference engine of the passes that generate (reflect, evaluate); the teacher pass has its own
     (``teacher_signal.engine``), and so has on-policy generation (``distill.student_generation.engine``)."""
 
     # auto: vLLM when the vllm package is importable, else transformers. The engine actually used is
     # recorded in every shard and in run.json.
-    name: Literal["auto", "vllm", "transformers"] = "auto"
+    name: EngineChoice = "auto"
     vllm: VllmSpec = VllmSpec()
 
 
@@ -311,7 +316,7 @@ class TeacherSignalSpec(PoolSpec):
     # transformers (the default) stores the tail's exact tempered mass at each stage temperature; vLLM
     # returns only the top k, so with it the tempered tail is extrapolated (a teacher-forced pass gains
     # little from vLLM's generation machinery). auto: vllm when the vllm package is installed.
-    engine: Literal["auto", "vllm", "transformers"] = "transformers"
+    engine: EngineChoice = "transformers"
     # Stored log-probabilities: float16 halves the storage (k * 6 + 4 bytes per response token, plus 4
     # per stage temperature other than 1 for the tempered tail).
     logprob_dtype: Literal["float16", "float32"] = "float16"
@@ -502,10 +507,8 @@ class StudentGenerationSpec(PoolSpec):
     # vllm: generation actors holding a copy of the student, updated every sync_every_steps optimizer
     # steps. transformers: each training worker samples its own rows with the model it trains (the SRD
     # release's way). auto: vllm when the vllm package is installed.
-    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    engine: EngineChoice = "auto"
     sync_every_steps: PositiveInt = 1
-    concurrency: PositiveInt = 1
-    num_cpus_per_actor: PositiveFloat = 1.0
 
 
 class DistillSpec(TrainingSpec):

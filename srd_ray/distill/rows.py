@@ -116,8 +116,8 @@ class RowFile:
     def read_at(self, positions: Sequence[int], columns: Sequence[str] | None = None) -> pa.Table:
         """The rows at these file positions, in that order, as one chunk."""
         batches = [self.reader.get_batch(int(p)) for p in positions]
-        table = pa.Table.from_batches(batches, schema=self.schema).combine_chunks()
-        table = table.select(list(columns)) if columns is not None else table
+        table = pa.Table.from_batches(batches, schema=self.schema)
+        table = (table.select(list(columns)) if columns is not None else table).combine_chunks()
         self.peak_rows, self.peak_bytes = max(self.peak_rows, table.num_rows), max(self.peak_bytes, table.nbytes)
         return table
 

@@ -395,8 +395,7 @@ class Trainer:
 
     def save_checkpoint(self, final: bool = False) -> None:
         """Report a checkpoint that resumes at ``self.state``'s position (collective: see ``checkpointer``)."""
-        if self.host.rank == 0:
-            self.metrics.publish()
+        self.metrics.publish()  # rank 0's sinks, if any
         self.checkpointer.save(self.model, self.state, self, self.latest_metrics, final)
 
 

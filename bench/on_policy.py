@@ -136,7 +136,7 @@ def sync_breakdown(work: Path, repeats: int) -> dict[str, Any]:
 
     spec = load_spec(next((work / "specs").glob("speed-vllm*.yaml")))
     student = load_model(spec.models.student)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         actor = (
             ray.remote(TensorDictActor)

@@ -76,7 +76,8 @@ import json, sys
 import ray
 from srd_ray.benchmarks import run_benchmarks
 from srd_ray.spec import EvaluateSpec, LmEvalSpec, ModelSpec
-ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
+# "local": a private Ray, never a cluster an earlier test left running on this machine (as CI had).
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
 settings = LmEvalSpec(tasks=["srd_demo_mc"], include_path=sys.argv[1])
 scores = run_benchmarks(EvaluateSpec(num_gpus_per_actor=1, lm_eval=settings), {"student": ModelSpec(path=sys.argv[2])},
                         sys.argv[3])

@@ -109,9 +109,10 @@ def test_replay_buffer_keeps_the_newest_rows_and_draws_without_replacement():
     buffer.push([[4], [5], [6], [7]], [[14], [15], [16], [17]])
     assert buffer.full and buffer.prompts == [[3], [4], [5], [6], [7]]  # first in, first out
     assert buffer.responses == [[13], [14], [15], [16], [17]]
-    prompts, responses = buffer.draw(4, seed=0, step=9)
+    prompts, responses, teacher_prompts = buffer.draw(4, seed=0, step=9)
     assert len({p[0] for p in prompts}) == 4 and all(r[0] == p[0] + 10 for p, r in zip(prompts, responses, strict=True))
-    assert buffer.draw(4, seed=0, step=9) == (prompts, responses)  # every worker draws the same rows
+    assert teacher_prompts == prompts  # no row pushed with a teacher rendering of its own
+    assert buffer.draw(4, seed=0, step=9) == (prompts, responses, prompts)  # every worker draws the same rows
     seen = {p[0] for step in range(200) for p in buffer.draw(2, seed=0, step=step)[0]}
     assert seen == {3, 4, 5, 6, 7}
     with pytest.raises(ValueError, match="holds 5 rows; a step needs 6"):
@@ -121,12 +122,16 @@ def test_replay_buffer_keeps_the_newest_rows_and_draws_without_replacement():
 def test_replay_buffer_state_survives_a_weights_only_checkpoint(tmp_path):
     buffer = ReplayBuffer(capacity=4)
     buffer.push([[1, 2], [3]], [[4, 5, 6], [7]])
+    buffer.push([[8]], [[9]], teacher_prompts=[[0, 8]])  # a row the teacher renders its own way
     torch.save({"replay": buffer.state()}, tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)["replay"]
     restored = ReplayBuffer.from_state(state, capacity=4)
     assert restored == buffer
-    assert ReplayBuffer.from_state(state, capacity=1).prompts == [[3]]  # a smaller capacity keeps the newest
+    newest = ReplayBuffer.from_state(state, capacity=1)  # a smaller capacity keeps the newest
+    assert (newest.prompts, newest.teacher_prompts) == ([[8]], [[0, 8]])
     assert ReplayBuffer.from_state(None, capacity=3) == ReplayBuffer(3)
+    before = ReplayBuffer.from_state({"prompts": [[1]], "responses": [[2]]}, capacity=2)  # an older checkpoint
+    assert before.draw(1, seed=0, step=0) == ([[1]], [[2]], [[1]])
 
 
 def test_generated_rows_are_labelled_with_the_sampled_tokens(tiny_models):
@@ -165,8 +170,8 @@ def test_rows_for_generates_pushes_draws_and_syncs_every_n_steps():
     prompts = [[1, 2], [3, 4, 5]]
     for step in range(5):
         source = generation.choose(step)
-        rows = generation.rows_for(source, step, prompts, model=f"model@{step}")
-        assert source.train_on is Source.BUFFER and len(rows) == 2
+        rows, teacher_rows = generation.rows_for(source, step, prompts, model=f"model@{step}")
+        assert source.train_on is Source.BUFFER and len(rows) == 2 and teacher_rows is None
         for row in rows:  # drawn from the buffer: each row's labels are the tokens sampled for its prompt
             prompt_length = len(row.input_ids) - 3
             assert row.input_ids[prompt_length:] == [prompt_length, 5, 2]
@@ -393,3 +398,21 @@ def test_generation_actors_get_weights_in_their_own_dtype():
     assert back["w"].dtype == torch.bfloat16 and torch.equal(back["w"], weights["w"].to(torch.bfloat16))
     assert back["position_ids"].dtype == torch.int64 and packed.arrays["w"].nbytes == 4 * 4 * 2
     assert generation_dtype(0, "float32") == "float32"  # on GPUs: bfloat16 or float16 (the GPU check)
+
+
+def test_rows_for_gives_the_teacher_the_sampled_tokens_after_its_own_prompt():
+    """#30: a teacher that renders a chat row its own way scores the student's samples after its prompt,
+    fresh or drawn from the buffer."""
+    sampler = RecordingSampler()
+    settings = StudentGenerationSpec(mode="mixed", mixed_alpha=1.0, replay_capacity=2)
+    generation = StudentGeneration(StepSourcePolicy(settings, 0), ReplayBuffer(2), sampler, 1, total_steps=4)
+    prompts, teacher_prompts = [[1, 2], [3, 4, 5]], [[9, 1, 2], [9, 9, 3, 4, 5]]
+    for step in range(3):
+        rows, teacher_rows = generation.rows_for(generation.choose(step), step, prompts, "model", teacher_prompts)
+        for row, teacher_row in zip(rows, teacher_rows, strict=True):
+            sampled = [label for label in row.labels if label != IGNORE_INDEX]
+            assert [label for label in teacher_row.labels if label != IGNORE_INDEX] == sampled
+            assert teacher_row.input_ids[: -len(sampled)] in teacher_prompts
+            assert teacher_prompts.index(teacher_row.input_ids[: -len(sampled)]) == prompts.index(
+                row.input_ids[: -len(sampled)]
+            )

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from srd_ray.distill.losses import ScoredPositions, SparseTeacher
+from srd_ray.errors import DataError
 from srd_ray.models import TrainingExample, collate
 from srd_ray.signals import TopK
 from srd_ray.spec import StageSpec
@@ -117,14 +118,39 @@ def deal_step(rows: list[int], lengths: Sequence[int], response_tokens: Sequence
 
 
 @dataclass
+class TeacherView:
+    """A micro-batch as the teacher's own chat template renders it, for a teacher model that runs in the
+    step and renders chat rows differently from the student (another system prompt or header): its scored
+    tokens are the student's, in the same order, at other positions."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    scored_index: torch.Tensor  # the teacher's hidden-state positions of the student's scored tokens
+
+    @classmethod
+    def of(cls, examples: Sequence[TrainingExample], pad_token_id: int, student: ScoredPositions) -> TeacherView:
+        batch = collate(list(examples), pad_token_id)
+        scored = ScoredPositions.of(batch["labels"])
+        if not torch.equal(scored.targets, student.targets):  # the data check before any stage makes this so
+            raise DataError("a row's scored tokens differ between the teacher's and the student's chat templates")
+        return cls(batch["input_ids"], batch["attention_mask"], scored.index)
+
+    def to(self, device: torch.device) -> TeacherView:
+        return TeacherView(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask,
+                                                                       self.scored_index)))  # fmt: skip
+
+
+@dataclass
 class MicroBatch:
     """Right-padded token ids, attention mask, the positions the loss scores and, with a stored teacher
-    signal, the teacher's top-k at those positions."""
+    signal, the teacher's top-k at those positions; with a teacher that renders rows its own way, the
+    teacher's view of the rows."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     scored: ScoredPositions
     teacher_topk: SparseTeacher | None = None
+    teacher_view: TeacherView | None = None
 
     @classmethod
     def of(
@@ -133,9 +159,13 @@ class MicroBatch:
         pad_token_id: int,
         signals: Sequence[TopK] | None = None,
         tail_temperatures: tuple[float, ...] = (),
+        teacher_examples: Sequence[TrainingExample] | None = None,
     ) -> MicroBatch:
-        """``tail_temperatures``: the temperatures of the signals' tempered-tail columns, in order."""
+        """``tail_temperatures``: the temperatures of the signals' tempered-tail columns, in order.
+        ``teacher_examples``: the same rows as the teacher renders them, where that differs."""
         batch = collate(list(examples), pad_token_id)
+        scored = ScoredPositions.of(batch["labels"])
+        view = None if teacher_examples is None else TeacherView.of(teacher_examples, pad_token_id, scored)
         topk = None
         if signals is not None:  # rows in batch order, tokens in order: aligned with the scored positions
             width = max(s.ids.shape[1] for s in signals)  # adaptive k: rows differ; padding fills the rest
@@ -147,7 +177,7 @@ class MicroBatch:
                 torch.from_numpy(np.concatenate([s.tempered_tails for s in signals])).float(),
                 tail_temperatures,
             )
-        return cls(batch["input_ids"], batch["attention_mask"], ScoredPositions.of(batch["labels"]), topk)
+        return cls(batch["input_ids"], batch["attention_mask"], scored, topk, view)
 
     def to(self, device: torch.device) -> MicroBatch:
         return MicroBatch(
@@ -155,4 +185,5 @@ class MicroBatch:
             self.attention_mask.to(device, non_blocking=True),
             self.scored.to(device),
             None if self.teacher_topk is None else self.teacher_topk.to(device),
+            None if self.teacher_view is None else self.teacher_view.to(device),
         )

@@ -18,7 +18,7 @@ import numpy as np
 
 from srd_ray.distill.batches import MicroBatch
 from srd_ray.distill.rows import RowFile, lengths_of
-from srd_ray.encoding import Prompt, RowFormat, prompts_of, text_columns
+from srd_ray.encoding import Conversation, Prompt, RowFormat, prompts_of, text_columns
 from srd_ray.errors import DataError
 from srd_ray.models import TrainingExample
 from srd_ray.signals import TopK, signal_columns, signals_by_id
@@ -66,6 +66,10 @@ class Pool:
 
     def examples(self, rows: Sequence[int]) -> list[TrainingExample]:
         """The rows, read and encoded, in order."""
+        return [self.rows.encode(*text) for text in self.texts(rows)]
+
+    def texts(self, rows: Sequence[int]) -> list[tuple[Prompt, str]]:
+        """The rows' (prompt, response), read, in order."""
         where = [self._where(row) for row in rows]
         text: dict[tuple[int, int], tuple[Prompt, str]] = {}
         for number in sorted({d for d, _ in where}):
@@ -75,19 +79,25 @@ class Pool:
             text.update(zip(((number, i) for i in wanted),
                             zip(prompts_of(table), table["response"].to_pylist(), strict=True),
                             strict=True))  # fmt: skip
-        return [self.rows.encode(*text[place]) for place in where]
+        return [text[place] for place in where]
 
     def micro_batch(self, rows: Sequence[int], pad_token_id: int) -> MicroBatch:
-        examples = self.examples(rows)
+        texts = self.texts(rows)
+        examples = [self.rows.encode(*text) for text in texts]
         signals = self.rows.signals_for(self.ids(rows), examples)
-        return MicroBatch.of(examples, pad_token_id, signals, self.rows.tail_temperatures)
+        return MicroBatch.of(examples, pad_token_id, signals, self.rows.tail_temperatures,
+                             self.rows.teacher_examples(texts, examples))  # fmt: skip
 
 
 class ExamplePool:
-    """Rows already encoded (the student's samples): the same interface as ``Pool``."""
+    """Rows already encoded (the student's samples, and the teacher's rendering of them where it differs):
+    the same interface as ``Pool``."""
 
-    def __init__(self, examples: Sequence[TrainingExample]) -> None:
+    def __init__(
+        self, examples: Sequence[TrainingExample], teacher_examples: Sequence[TrainingExample] | None = None
+    ) -> None:
         self.items = list(examples)
+        self.teacher_items = None if teacher_examples is None else list(teacher_examples)
         self.lengths = [len(e.input_ids) for e in self.items]
         self.scored_tokens = [e.scored_tokens for e in self.items]
 
@@ -98,18 +108,27 @@ class ExamplePool:
         return [self.items[row] for row in rows]
 
     def micro_batch(self, rows: Sequence[int], pad_token_id: int) -> MicroBatch:
-        return MicroBatch.of(self.examples(rows), pad_token_id)
+        teacher = None if self.teacher_items is None else [self.teacher_items[row] for row in rows]
+        return MicroBatch.of(self.examples(rows), pad_token_id, teacher_examples=teacher)
 
 
 class RowPool:
     """A worker's datasets, opened once each (ids indexed, lengths learned by tokenizing every row once),
-    and the stored teacher signal."""
+    and the stored teacher signal. ``teacher_tokenizer``: a teacher model that runs in the step, which
+    renders chat rows with its own chat template."""
 
     def __init__(
-        self, host: RowHost, tokenizer: Any, data: Any, topk: bool, tail_temperatures: tuple[float, ...]
+        self,
+        host: RowHost,
+        tokenizer: Any,
+        data: Any,
+        topk: bool,
+        tail_temperatures: tuple[float, ...],
+        teacher_tokenizer: Any = None,
     ) -> None:
         self.host, self.tokenizer, self.data = host, tokenizer, data
         self.format = RowFormat(tokenizer, data)
+        self.teacher_format = None if teacher_tokenizer is None else RowFormat(teacher_tokenizer, data)
         self.tail_temperatures = tail_temperatures
         self.datasets: dict[str, Dataset] = {}
         self.signals = RowFile(host.files(SIGNAL_DATASET)) if topk else None
@@ -117,6 +136,20 @@ class RowPool:
 
     def encode(self, prompt: Prompt, response: str) -> TrainingExample:
         return self.format.example(prompt, response)
+
+    def teacher_examples(
+        self, texts: Sequence[tuple[Prompt, str]], examples: Sequence[TrainingExample] | None = None
+    ) -> list[TrainingExample] | None:
+        """The rows as the teacher renders them (chat rows with its template), or None when no row differs
+        from the student's ``examples`` (prompt/response rows never do: one prompt template, one vocabulary)."""
+        if self.teacher_format is None or not any(isinstance(prompt, Conversation) for prompt, _ in texts):
+            return None
+        examples = examples or [self.encode(*text) for text in texts]
+        teacher = [self.teacher_format.example(*text) if isinstance(text[0], Conversation) else example
+                   for text, example in zip(texts, examples, strict=True)]  # fmt: skip
+        if all(t.input_ids == s.input_ids for t, s in zip(teacher, examples, strict=True)):
+            return None
+        return teacher
 
     def dataset(self, name: str) -> Dataset:
         if name not in self.datasets:
@@ -143,14 +176,16 @@ class RowPool:
 
     def heldout_batches(self, heldout: Sequence[tuple[str, str, str]], batch_size: int) -> list[MicroBatch]:
         """The held-out KD metric's rows (few: given with the job) in micro-batches."""
-        examples = [self.encode(prompt, response) for _, prompt, response in heldout]
+        texts = [(prompt, response) for _, prompt, response in heldout]
+        examples = [self.encode(*text) for text in texts]
         ids = [example_id for example_id, _, _ in heldout]
         pad = self.tokenizer.pad_token_id
         batches = []
         for start in range(0, len(examples), batch_size):
-            part = examples[start : start + batch_size]
-            signals = self.signals_for(ids[start : start + batch_size], part)
-            batches.append(MicroBatch.of(part, pad, signals, self.tail_temperatures))
+            part, window = examples[start : start + batch_size], slice(start, start + batch_size)
+            signals = self.signals_for(ids[window], part)
+            teacher = self.teacher_examples(texts[window], part)
+            batches.append(MicroBatch.of(part, pad, signals, self.tail_temperatures, teacher))
         return batches
 
     def peak_held(self) -> dict[str, int]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from srd_ray.distill.batches import MicroBatch
+from srd_ray.distill.batches import MicroBatch, TeacherView
 from srd_ray.distill.losses import (
     DenseTeacher,
     Head,
@@ -82,13 +82,17 @@ class DistillationModel(nn.Module):
         gradient_scale: float,
         chunk_tokens: int,
         teacher_topk: SparseTeacher | None = None,
+        teacher_view: TeacherView | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(normalised loss, CE sum, KD sum) of one micro-batch; a tuple, which DDP passes through. The KD
-        teacher is the stored top-k signal when given, else the teacher model."""
+        teacher is the stored top-k signal when given, else the teacher model (on ``teacher_view`` when the
+        teacher renders the rows its own way)."""
         positions = ScoredPositions(scored_index, targets)
         teacher = None
         if stage.kd_weight > 0 and settings.name != "sft":
-            teacher = self._teacher(input_ids, attention_mask, positions, teacher_topk)
+            view = teacher_view or TeacherView(input_ids, attention_mask, scored_index)
+            teacher = self._teacher(view.input_ids, view.attention_mask, ScoredPositions(view.scored_index, targets),
+                                    teacher_topk)  # fmt: skip
         hidden = gather_scored(final_hidden_states(self.student, input_ids, attention_mask), positions)
         sums = distillation_loss(
             hidden, output_head(self.student, self.vocab_size), teacher, targets,
@@ -139,6 +143,7 @@ def forward_micro_batch(
             batch.input_ids, batch.attention_mask, batch.scored.index, batch.scored.targets,
             stage=settings.stage, settings=settings.loss, num_items_in_batch=num_items,
             gradient_scale=settings.world, chunk_tokens=settings.chunk_tokens, teacher_topk=batch.teacher_topk,
+            teacher_view=batch.teacher_view,
         )  # fmt: skip
     return LossSums(loss, ce_sum, kd_sum)
 

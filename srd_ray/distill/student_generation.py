@@ -102,12 +102,14 @@ class StepSourcePolicy:
 
 @dataclass
 class ReplayBuffer:
-    """The newest ``capacity`` generated rows, as (prompt ids, sampled ids); drawn from without replacement
-    with a (seed, step) generator, so every worker draws the same rows."""
+    """The newest ``capacity`` generated rows, as (prompt ids, sampled ids, and the teacher's prompt ids
+    where the teacher renders the row its own way, else None); drawn from without replacement with a
+    (seed, step) generator, so every worker draws the same rows."""
 
     capacity: int
     prompts: list[list[int]] = field(default_factory=list)
     responses: list[list[int]] = field(default_factory=list)
+    teacher_prompts: list[list[int] | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -116,28 +118,37 @@ class ReplayBuffer:
     def full(self) -> bool:
         return len(self) >= self.capacity
 
-    def push(self, prompts: list[list[int]], responses: list[list[int]]) -> None:
+    def push(
+        self, prompts: list[list[int]], responses: list[list[int]], teacher_prompts: list[list[int]] | None = None
+    ) -> None:
         self.prompts += prompts
         self.responses += responses
+        self.teacher_prompts += teacher_prompts or [None] * len(prompts)
         overflow = len(self) - self.capacity
         if overflow > 0:  # first in, first out
-            del self.prompts[:overflow], self.responses[:overflow]
+            del self.prompts[:overflow], self.responses[:overflow], self.teacher_prompts[:overflow]
 
-    def draw(self, rows: int, seed: int, step: int) -> tuple[list[list[int]], list[list[int]]]:
+    def draw(self, rows: int, seed: int, step: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+        """(prompts, responses, teacher prompts) of ``rows`` rows; a row the teacher renders as the student
+        does has the student's prompt as the teacher's."""
         if rows > len(self):
             raise ValueError(f"the replay buffer holds {len(self)} rows; a step needs {rows}")
         chosen = np.random.default_rng([seed, step, 0xB0FF]).choice(len(self), size=rows, replace=False)
-        return [self.prompts[i] for i in chosen], [self.responses[i] for i in chosen]
+        prompts = [self.prompts[i] for i in chosen]
+        teacher = [self.teacher_prompts[i] or prompt for i, prompt in zip(chosen, prompts, strict=True)]
+        return prompts, [self.responses[i] for i in chosen], teacher
 
     def state(self) -> dict[str, Any]:
         """Plain lists: a checkpoint's training state loads with ``weights_only=True``."""
-        return {"prompts": self.prompts, "responses": self.responses}
+        return {"prompts": self.prompts, "responses": self.responses, "teacher_prompts": self.teacher_prompts}
 
     @classmethod
     def from_state(cls, state: dict[str, Any] | None, capacity: int) -> ReplayBuffer:
         if not state:
             return cls(capacity)
-        buffer = cls(capacity, list(state["prompts"]), list(state["responses"]))
+        prompts = list(state["prompts"])
+        teacher = list(state.get("teacher_prompts") or [None] * len(prompts))  # checkpoints before it had none
+        buffer = cls(capacity, prompts, list(state["responses"]), teacher)
         buffer.push([], [])  # a smaller capacity than the checkpoint's keeps the newest rows
         return buffer
 
@@ -378,10 +389,16 @@ class StudentGeneration:
         return self.policy.choose(step, self.total_steps, self.buffer.full)
 
     def rows_for(
-        self, source: StepSource, step: int, prompts: list[list[int]], model: nn.Module
-    ) -> list[TrainingExample]:
-        """The step's training rows for a generated or replayed source (``prompts``: the step's rows'
-        prompts, in plan order)."""
+        self,
+        source: StepSource,
+        step: int,
+        prompts: list[list[int]],
+        model: nn.Module,
+        teacher_prompts: list[list[int]] | None = None,
+    ) -> tuple[list[TrainingExample], list[TrainingExample] | None]:
+        """The step's training rows for a generated or replayed source, and the teacher's rendering of them
+        where it renders rows its own way (``prompts``, ``teacher_prompts``: the step's rows' prompts, in
+        plan order). The teacher scores the same sampled tokens after its own prompt."""
         if source.generate:
             if self.synced_at is None or step - self.synced_at >= self.sync_every_steps:
                 started = time.perf_counter()
@@ -392,7 +409,12 @@ class StudentGeneration:
             sampled = self.sampler.sample(prompts, self.policy.seed * 1_000_003 + step)
             self.times.generate_s += time.perf_counter() - started
             if source.push:
-                self.buffer.push(prompts, sampled)
+                self.buffer.push(prompts, sampled, teacher_prompts)
         if source.train_on is Source.BUFFER:
-            prompts, sampled = self.buffer.draw(len(prompts), self.policy.seed, step)
-        return [generated_example(p, s) for p, s in zip(prompts, sampled, strict=True)]
+            prompts, sampled, teacher_prompts = self.buffer.draw(len(prompts), self.policy.seed, step)
+            if teacher_prompts == prompts:
+                teacher_prompts = None
+        rows = [generated_example(p, s) for p, s in zip(prompts, sampled, strict=True)]
+        if teacher_prompts is None:
+            return rows, None
+        return rows, [generated_example(p, s) for p, s in zip(teacher_prompts, sampled, strict=True)]

@@ -183,8 +183,10 @@ class Trainer:
             self._append_metrics({"event": "resumed", **at})
         else:
             torch.manual_seed(self.job.seed + self.host.rank)
+        # A teacher model that runs in the step reads chat rows in its own chat template.
+        teacher_tokenizer = load_tokenizer(self.job.teacher) if self.job.uses_teacher_model else None
         self.rows = RowPool(self.host, self.tokenizer, self.job.data, self.job.teacher_signal == "topk",
-                            self.job.tail_temperatures)  # fmt: skip
+                            self.job.tail_temperatures, teacher_tokenizer)  # fmt: skip
         self.scaler = self.precision.grad_scaler(self.device)
         self.optimizer = self.scheduler = None
         generating = self.job.student_generation.mode != "off"
@@ -331,10 +333,14 @@ class Trainer:
         if source.train_on is Source.REFERENCE:
             return pool, plan, source.train_on
         planned = [i for micro in plan.groups for part in micro for i in part]
-        prompts = [prompt_ids(example) for example in pool.examples(planned)]
-        rows = self.generation.rows_for(source, self.state.global_step, prompts, self.model)
-        generated = ExamplePool(rows)
-        return generated, deal_step(list(range(len(rows))), generated.lengths, generated.scored_tokens,
+        texts = pool.texts(planned)
+        examples = [self.rows.encode(*text) for text in texts]
+        teacher_rows = self.rows.teacher_examples(texts, examples)  # None unless the teacher renders its own
+        prompts = [prompt_ids(example) for example in examples]
+        teacher_prompts = None if teacher_rows is None else [prompt_ids(example) for example in teacher_rows]
+        generated = ExamplePool(*self.generation.rows_for(source, self.state.global_step, prompts, self.model,
+                                                          teacher_prompts))  # fmt: skip
+        return generated, deal_step(list(range(len(generated))), generated.lengths, generated.scored_tokens,
                                     self.layout), source.train_on  # fmt: skip
 
     def _step(self, pool: Pool, plan: StepPlan, settings: StepSettings) -> StepResult:

@@ -29,19 +29,16 @@ class Checkpointer:
     def lora(self) -> bool:
         return getattr(self.job.student, "lora", None) is not None
 
-    def save(self, model: nn.Module, position: TrainState, training: Any, metrics: dict[str, Any],
-             final: bool = False) -> None:  # fmt: skip
-        """Report a checkpoint that resumes at ``position``. ``training`` holds the optimizer, scheduler,
-        grad scaler and (student generation) the replay buffer; ``metrics`` ride along with the report."""
+    def save(self, model: nn.Module, position: TrainState, optimization: Any, replay: dict[str, Any] | None,
+             metrics: dict[str, Any], final: bool = False) -> None:  # fmt: skip
+        """Report a checkpoint that resumes at ``position``, with ``optimization``'s states (an
+        ``optimization.Optimization``) and (student generation) the replay buffer's; ``metrics`` ride along
+        with the report."""
         weights = self.strategy.student_state_dict(model, trainable_only=self.lora)
         state = TrainState(
             stage=position.stage, stage_step=position.stage_step, global_step=position.global_step,
-            tokens_seen=position.tokens_seen,
-            optimizer=self.strategy.optimizer_state(model, training.optimizer),
-            scheduler=training.scheduler.state_dict(),
-            grad_scaler=training.scaler.state_dict() if training.scaler.is_enabled() else None,
-            rng=gather_objects(capture_rng(self.device)),
-            replay=training.generation.buffer.state() if training.generation is not None else None,
+            tokens_seen=position.tokens_seen, **optimization.state(model, self.strategy),
+            rng=gather_objects(capture_rng(self.device)), replay=replay,
         )  # fmt: skip
         report = {"stage": state.stage, "stage_step": state.stage_step, "global_step": state.global_step,
                   "tokens_seen": state.tokens_seen, **metrics, "checkpoint": True}  # fmt: skip

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from srd_ray import storage
@@ -17,6 +19,31 @@ from srd_ray.spec import MetricsSpec
 from srd_ray.storage import Location
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Window:
+    """Steps since the last log line: throughput, padding and (student generation) steps per source."""
+
+    started: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    positions: int = 0
+    padding: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+
+    def add(self, plan: Any, source: str = "reference") -> None:
+        """One step's plan (a ``batches.StepPlan``) and where its rows came from."""
+        self.sources[source] = self.sources.get(source, 0) + 1
+        self.tokens += plan.num_items
+        self.positions += plan.positions
+        self.padding += plan.padding
+
+    @property
+    def padding_fraction(self) -> float:
+        return self.padding / max(self.positions, 1)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
 
 class MetricsLog:

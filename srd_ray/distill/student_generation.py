@@ -39,7 +39,10 @@ import torch
 from torch import nn
 
 from srd_ray.devices import uses_cuda
+from srd_ray.distill.batches import BatchLayout, StepPlan, deal_step
 from srd_ray.distill.parallel import broadcast_object, gather_objects
+from srd_ray.distill.pool import ExamplePool, Pool, RowPool
+from srd_ray.errors import DataError
 from srd_ray.models import DTYPES, IGNORE_INDEX, TrainingExample
 from srd_ray.spec import DataSpec, GenerationSpec, ModelSpec, StudentGenerationSpec, VllmSpec
 
@@ -418,3 +421,39 @@ class StudentGeneration:
         if teacher_prompts is None:
             return rows, None
         return rows, [generated_example(p, s) for p, s in zip(teacher_prompts, sampled, strict=True)]
+
+    def step_rows(
+        self, pool: Pool, plan: StepPlan, rows: RowPool, layout: BatchLayout, step: int, model: nn.Module
+    ) -> tuple[Pool | ExamplePool, StepPlan, Source]:
+        """The step's rows: the planned references, or the student's samples of the planned rows' prompts
+        or a draw from the replay buffer, dealt to workers like planned rows."""
+        source = self.choose(step)
+        if source.train_on is Source.REFERENCE:
+            return pool, plan, source.train_on
+        texts = pool.texts([i for micro in plan.groups for part in micro for i in part])
+        examples = [rows.encode(*text) for text in texts]
+        teacher_rows = rows.teacher_examples(texts, examples)  # None unless the teacher renders its own
+        prompts = [prompt_ids(example) for example in examples]
+        teacher_prompts = None if teacher_rows is None else [prompt_ids(example) for example in teacher_rows]
+        generated = ExamplePool(*self.rows_for(source, step, prompts, model, teacher_prompts))
+        dealt = deal_step(list(range(len(generated))), generated.lengths, generated.scored_tokens, layout)
+        return generated, dealt, source.train_on
+
+
+def student_generation(
+    job: Any, replay: dict[str, Any] | None, rows_per_step: int, *, tokenizer: Any, rank: int, world: int,
+    strategy: Any, total_steps: int,
+) -> StudentGeneration:  # fmt: skip
+    """A training job's on-policy machinery (``job``: a ``worker.TrainingJob``), its replay buffer restored
+    from a checkpoint's ``replay`` state."""
+    settings = job.student_generation
+    if settings.mode in ("mixed", "adaptive") and settings.replay_capacity < rows_per_step:
+        raise DataError(
+            f"distill.student_generation.replay_capacity ({settings.replay_capacity}) is smaller than one "
+            f"step's rows ({rows_per_step}): a step could not be drawn from the buffer"
+        )
+    sampler = build_sampler(settings, job.generation_engine, job.student, job.data, job.vllm, tokenizer=tokenizer,
+                            rank=rank, world=world, strategy=strategy)  # fmt: skip
+    buffer = ReplayBuffer.from_state(replay, settings.replay_capacity)
+    return StudentGeneration(StepSourcePolicy(settings, job.seed), buffer, sampler, settings.sync_every_steps,
+                             total_steps)  # fmt: skip

@@ -17,7 +17,6 @@ import logging
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,41 +28,29 @@ from torch import nn
 
 from srd_ray import storage
 from srd_ray.devices import uses_cuda
-from srd_ray.distill.batches import BatchLayout, MicroBatch, StepPlan, deal_step, epoch_seed, plan_epoch, stage_steps
+from srd_ray.distill.batches import BatchLayout, StepPlan, epoch_seed, plan_epoch
 from srd_ray.distill.checkpointer import Checkpointer
+from srd_ray.distill.curriculum import StagePlan, planned_steps, steps_of_stage
 from srd_ray.distill.losses import LossSettings, StageWeights, mix
-from srd_ray.distill.metrics_log import MetricsLog
+from srd_ray.distill.metrics_log import MetricsLog, Window
 from srd_ray.distill.model_factory import ModelFactory
+from srd_ray.distill.optimization import Optimization
 from srd_ray.distill.parallel import all_reduce_sum, gather_objects, resolve_precision, setup_device_math
-from srd_ray.distill.pool import SIGNAL_DATASET, ExamplePool, Pool, RowPool
+from srd_ray.distill.pool import SIGNAL_DATASET, Pool, RowPool
 from srd_ray.distill.rows import local_files, write_rows
 from srd_ray.distill.state import TrainState, restore_rng
 from srd_ray.distill.step import StepResult, StepSettings, heldout_kd, train_step
 from srd_ray.distill.strategy import strategy_for
-from srd_ray.distill.student_generation import (
-    ReplayBuffer,
-    Source,
-    StepSourcePolicy,
-    StudentGeneration,
-    build_sampler,
-    prompt_ids,
-)
+from srd_ray.distill.student_generation import Source, StudentGeneration, student_generation
 from srd_ray.errors import DataError
 from srd_ray.models import load_tokenizer
 from srd_ray.shards import ROW_GROUP_ROWS
 from srd_ray.signals import tail_temperatures
-from srd_ray.spec import DataSpec, ModelSpec, StageSpec, StudentGenerationSpec, TrainingSpec, VllmSpec
+from srd_ray.spec import DataSpec, ModelSpec, StudentGenerationSpec, TrainingSpec, VllmSpec
+
+__all__ = ["SIGNAL_DATASET", "LocalHost", "RayTrainHost", "StagePlan", "Trainer", "TrainingJob"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """What one curriculum stage trains on, and how."""
-
-    index: int
-    datasets: tuple[str, ...]
-    settings: StageSpec
 
 
 @dataclass(frozen=True)
@@ -131,25 +118,10 @@ class Host(Protocol):
     def report(self, metrics: dict[str, Any], folder: Path | None) -> None: ...
 
 
-@dataclass
-class Window:
-    """Steps since the last log line: throughput and padding."""
-
-    started: float = field(default_factory=time.perf_counter)
-    tokens: int = 0
-    positions: int = 0
-    padding: int = 0
-
-    sources: dict[str, int] = field(default_factory=dict)  # steps per source (student generation only)
-
-    def add(self, plan: StepPlan, source: Source = Source.REFERENCE) -> None:
-        self.sources[source.value] = self.sources.get(source.value, 0) + 1
-        self.tokens += plan.num_items
-        self.positions += plan.positions
-        self.padding += plan.padding
-
-
 class Trainer:
+    """One worker's training job: ``setup``, then ``run_stage`` for each curriculum stage, a ``step`` at a
+    time, with a ``save_checkpoint`` at the end of each stage (and every ``checkpoint_every_steps``)."""
+
     def __init__(self, job: TrainingJob, host: Host) -> None:
         self.job, self.host, self.training = job, host, job.training
         self.device = host.device
@@ -160,8 +132,13 @@ class Trainer:
             self.training.group_by_length,
         )  # fmt: skip
         self.tokenizer = load_tokenizer(job.student)
+        self.optimization = Optimization(self.training, self.precision, self.device, job.reset_optimizer_each_stage)
         self.latest_metrics: dict[str, float] = {}  # rides along with each checkpoint report
         self.generation: StudentGeneration | None = None
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        return self.optimization.scaler
 
     # ----------------------------------------------------------------------------------------------------
     # Setup
@@ -174,104 +151,51 @@ class Trainer:
         with self.host.checkpoint() as folder:
             self.state = TrainState.load(folder) if folder else TrainState()
             self.model = self.build_model(folder)
-        nodes = gather_objects(self.host.node)  # where each rank runs: a restart may move them
-        self._append_metrics({"event": "workers", "nodes": nodes})
-        if self.state.rng:
-            self._check_same_workers()
-            restore_rng(self.state.rng[self.host.rank], self.device)
-            at = {"stage": self.state.stage, "stage_step": self.state.stage_step, "global_step": self.state.global_step}
-            self._append_metrics({"event": "resumed", **at})
-        else:
-            torch.manual_seed(self.job.seed + self.host.rank)
+        self._append_metrics({"event": "workers", "nodes": gather_objects(self.host.node)})  # a restart may move them
+        self._seed_or_resume()
         # A teacher model that runs in the step reads chat rows in its own chat template.
-        teacher_tokenizer = load_tokenizer(self.job.teacher) if self.job.uses_teacher_model else None
-        self.rows = RowPool(self.host, self.tokenizer, self.job.data, self.job.teacher_signal == "topk",
-                            self.job.tail_temperatures, teacher_tokenizer)  # fmt: skip
-        self.scaler = self.precision.grad_scaler(self.device)
-        self.optimizer = self.scheduler = None
-        generating = self.job.student_generation.mode != "off"
-        if generating or not self.job.reset_optimizer_each_stage:  # these plan over every stage's steps
-            total_steps = self._planned_steps()
-        if not self.job.reset_optimizer_each_stage:
-            self._new_optimizer(self.job.plan[0].settings.lr, total_steps)
+        teacher_tokenizer = load_tokenizer(job.teacher) if job.uses_teacher_model else None
+        self.rows = RowPool(self.host, self.tokenizer, job.data, job.teacher_signal == "topk", job.tail_temperatures,
+                            teacher_tokenizer)  # fmt: skip
+        generating = job.student_generation.mode != "off"
+        if generating or not job.reset_optimizer_each_stage:  # these plan over every stage's steps
+            total_steps = planned_steps(job.plan, dict(job.planned_rows), self.layout, lambda s: len(self._pool(s)))
+        if not job.reset_optimizer_each_stage:
+            self.optimization.start(self.model, job.plan[0].settings.lr, total_steps)
         if generating:
-            self.generation = self._student_generation(total_steps)
-        self.heldout = self._heldout_batches()
+            self.generation = student_generation(
+                job, self.state.replay, self.layout.rows_per_step, tokenizer=self.tokenizer, rank=self.host.rank,
+                world=self.host.world, strategy=self.strategy, total_steps=total_steps,
+            )  # fmt: skip
+        has_heldout = job.teacher is not None and job.heldout
+        self.heldout = self.rows.heldout_batches(job.heldout, self.training.batch_size) if has_heldout else []
         if self.state.global_step == 0 and self.state.stage == 0:
             self._record_heldout(after_stage=-1)
 
-    def _student_generation(self, total_steps: int) -> StudentGeneration:
-        settings, job = self.job.student_generation, self.job
-        if settings.mode in ("mixed", "adaptive") and settings.replay_capacity < self.layout.rows_per_step:
-            raise DataError(
-                f"distill.student_generation.replay_capacity ({settings.replay_capacity}) is smaller than one "
-                f"step's rows ({self.layout.rows_per_step}): a step could not be drawn from the buffer"
-            )
-        sampler = build_sampler(
-            settings, job.generation_engine, job.student, job.data, job.vllm, tokenizer=self.tokenizer,
-            rank=self.host.rank, world=self.host.world, strategy=self.strategy,
-        )  # fmt: skip
-        buffer = ReplayBuffer.from_state(self.state.replay, settings.replay_capacity)
-        policy = StepSourcePolicy(settings, self.job.seed)
-        return StudentGeneration(policy, buffer, sampler, settings.sync_every_steps, total_steps)
-
     def build_model(self, checkpoint: Path | None) -> nn.Module:
         """Student (from the spec or the checkpoint) and frozen teacher, spread over workers by the strategy."""
-        factory = ModelFactory(self.job, self.tokenizer, self.device, checkpoint, self.host.rank)
-        return self.strategy.build(factory)
+        return self.strategy.build(ModelFactory(self.job, self.tokenizer, self.device, checkpoint, self.host.rank))
 
-    def _check_same_workers(self) -> None:
-        """A checkpoint resumes only on as many workers as wrote it: the step plan and every worker's RNG
-        stream depend on the count (review C8)."""
-        if len(self.state.rng) != self.host.world:
+    def _seed_or_resume(self) -> None:
+        """A fresh job seeds each rank; a resumed one checks it has the workers that wrote the checkpoint
+        (the step plan and every rank's RNG stream depend on the count, review C8) and restores their RNG."""
+        state = self.state
+        if not state.rng:
+            torch.manual_seed(self.job.seed + self.host.rank)
+            return
+        if len(state.rng) != self.host.world:
             raise DataError(
-                f"{self.job.name}: the checkpoint was written by {len(self.state.rng)} worker(s), this run has "
+                f"{self.job.name}: the checkpoint was written by {len(state.rng)} worker(s), this run has "
                 f"{self.host.world} ({self.job.name}.num_workers): resume with the same number, or rerun with "
                 f"--redo {self.job.name}"
             )
+        restore_rng(state.rng[self.host.rank], self.device)
+        self._append_metrics({"event": "resumed", "stage": state.stage, "stage_step": state.stage_step,
+                              "global_step": state.global_step})  # fmt: skip
 
     def _pool(self, stage: StagePlan) -> Pool:
         """The stage's rows: each dataset opened once, when its first stage starts."""
         return self.rows.stage(stage.datasets)
-
-    def _planned_steps(self) -> int:
-        """Every stage's optimizer steps; a stage whose rows are not known yet counts its planned rows."""
-        planned = dict(self.job.planned_rows)
-        total = 0
-        for stage in self.job.plan:
-            if all(name in planned for name in stage.datasets):
-                total += stage_steps(sum(planned[name] for name in stage.datasets), stage.settings, self.layout)
-            else:
-                total += self._stage_steps(stage, self._pool(stage))
-        return total
-
-    def _stage_steps(self, stage: StagePlan, pool: Pool) -> int:
-        steps = stage_steps(len(pool), stage.settings, self.layout)
-        if steps == 0:
-            raise DataError(f"stage {stage.index} has {len(pool)} training rows: too few for {self.host.world} workers")
-        return steps
-
-    def _heldout_batches(self) -> list[MicroBatch]:
-        if self.job.teacher is None or not self.job.heldout:
-            return []
-        return self.rows.heldout_batches(self.job.heldout, self.training.batch_size)
-
-    def _new_optimizer(self, lr: float, total_steps: int) -> None:
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=self.training.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=total_steps, eta_min=self.training.min_lr
-        )
-
-    def _restore_optimizer(self) -> None:
-        """After a resume: the checkpoint's optimizer and schedule, unless it was taken at the end of a stage
-        and every stage starts a fresh optimizer (the release's default)."""
-        optimizer, scheduler, scaler = self.state.release_optimizer()
-        if scaler:
-            self.scaler.load_state_dict(scaler)
-        if optimizer is not None and (self.state.stage_step > 0 or not self.job.reset_optimizer_each_stage):
-            self.strategy.load_optimizer_state(self.model, self.optimizer, optimizer)
-            self.scheduler.load_state_dict(scheduler)
 
     # ----------------------------------------------------------------------------------------------------
     # Training
@@ -288,29 +212,27 @@ class Trainer:
 
     def run_stage(self, stage: StagePlan) -> None:
         pool = self._pool(stage)
-        total = self._stage_steps(stage, pool)
+        total = steps_of_stage(stage, len(pool), self.layout)
         steps_per_epoch = self.layout.steps_per_epoch(len(pool))
         if self.job.reset_optimizer_each_stage:
-            self._new_optimizer(stage.settings.lr, total)
-        self._restore_optimizer()
-        first_step = self.state.stage_step
+            self.optimization.start(self.model, stage.settings.lr, total)
+        self.optimization.restore(self.model, self.state, self.strategy)
         settings = StepSettings(
             StageWeights(stage.settings.kd_weight, stage.settings.temperature), self.job.loss,
             self.training.loss_chunk_tokens, self.training.max_grad_norm, self.host.world,
         )  # fmt: skip
         self._log_stage_start(stage, pool, total, steps_per_epoch)
         window, stage_window, plans = Window(), Window(), None
-        for stage_step in range(first_step, total):
+        for stage_step in range(self.state.stage_step, total):
             epoch, within = divmod(stage_step, steps_per_epoch)
             if plans is None or within == 0:
                 seed = epoch_seed(self.job.seed, stage.index, epoch)
                 plans = plan_epoch(pool.lengths, pool.scored_tokens, self.layout, seed)
-            step_pool, plan, source = self._step_rows(pool, plans[within])
-            result = self._step(step_pool, plan, settings)
+            result, plan, source = self.step(pool, plans[within], settings)
             self.state.stage_step, self.state.global_step = stage_step + 1, self.state.global_step + 1
             self.state.tokens_seen += plan.num_items
-            window.add(plan, source)
-            stage_window.add(plan, source)
+            window.add(plan, source.value)
+            stage_window.add(plan, source.value)
             # Every log_every_steps, and the last step of each stage: a short stage still reports its losses.
             if self.state.global_step % self.training.log_every_steps == 0 or stage_step + 1 == total:
                 self._log_step(stage, epoch, result, plan, window)
@@ -319,37 +241,25 @@ class Trainer:
             if every and self.state.global_step % every == 0 and stage_step + 1 < total:
                 self.save_checkpoint()
         self._append_metrics({"event": "stage_end", "stage": stage.index,
-                              "padding_fraction": stage_window.padding / max(stage_window.positions, 1)})  # fmt: skip
+                              "padding_fraction": stage_window.padding_fraction})  # fmt: skip
         self._record_heldout(after_stage=stage.index)
         self.state.stage, self.state.stage_step = stage.index + 1, 0
         self.save_checkpoint(final=stage.index + 1 == self.job.stages_to_run)
 
-    def _step_rows(self, pool: Pool, plan: StepPlan) -> tuple[Pool, StepPlan, Source]:
-        """The step's rows: the planned references, or (student generation) the student's samples of the
-        planned rows' prompts or a draw from the replay buffer, dealt to workers like planned rows."""
-        if self.generation is None:
-            return pool, plan, Source.REFERENCE
-        source = self.generation.choose(self.state.global_step)
-        if source.train_on is Source.REFERENCE:
-            return pool, plan, source.train_on
-        planned = [i for micro in plan.groups for part in micro for i in part]
-        texts = pool.texts(planned)
-        examples = [self.rows.encode(*text) for text in texts]
-        teacher_rows = self.rows.teacher_examples(texts, examples)  # None unless the teacher renders its own
-        prompts = [prompt_ids(example) for example in examples]
-        teacher_prompts = None if teacher_rows is None else [prompt_ids(example) for example in teacher_rows]
-        generated = ExamplePool(*self.generation.rows_for(source, self.state.global_step, prompts, self.model,
-                                                          teacher_prompts))  # fmt: skip
-        return generated, deal_step(list(range(len(generated))), generated.lengths, generated.scored_tokens,
-                                    self.layout), source.train_on  # fmt: skip
-
-    def _step(self, pool: Pool, plan: StepPlan, settings: StepSettings) -> StepResult:
+    def step(self, pool: Pool, plan: StepPlan, settings: StepSettings) -> tuple[StepResult, StepPlan, Source]:
+        """One optimizer step on the planned rows (or, with student generation, the student's samples)."""
+        source = Source.REFERENCE
+        if self.generation is not None:
+            pool, plan, source = self.generation.step_rows(pool, plan, self.rows, self.layout,
+                                                           self.state.global_step, self.model)  # fmt: skip
         pad = self.tokenizer.pad_token_id
         batches = [pool.micro_batch(rows, pad) for rows in plan.micro_batches(self.host.rank)]
-        return train_step(
-            self.model, batches, plan.num_items, optimizer=self.optimizer, scheduler=self.scheduler,
-            scaler=self.scaler, settings=settings, precision=self.precision, device=self.device,
+        optimization = self.optimization
+        result = train_step(
+            self.model, batches, plan.num_items, optimizer=optimization.optimizer, scheduler=optimization.scheduler,
+            scaler=optimization.scaler, settings=settings, precision=self.precision, device=self.device,
         )  # fmt: skip
+        return result, plan, source
 
     # ----------------------------------------------------------------------------------------------------
     # Metrics and checkpoints
@@ -358,14 +268,13 @@ class Trainer:
         """Reads the step's sums back (the only host sync of a step, and only at log steps)."""
         sums = all_reduce_sum(torch.stack([result.ce_sum, result.kd_sum]).float())
         ce, kd = (sums / max(plan.num_items, 1)).tolist()
-        kd_weight = stage.settings.kd_weight
-        elapsed = time.perf_counter() - window.started
+        elapsed = window.elapsed()
         metrics = {
             "stage": stage.index, "epoch": epoch, "global_step": self.state.global_step,
-            "ce": ce, "kd": kd, "loss": mix(ce, kd, kd_weight),
-            "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(result.grad_norm),
+            "ce": ce, "kd": kd, "loss": mix(ce, kd, stage.settings.kd_weight),
+            "lr": self.optimization.learning_rate, "grad_norm": float(result.grad_norm),
             "tokens_seen": self.state.tokens_seen, "tokens_per_s": window.tokens / max(elapsed, 1e-9),
-            "padding_fraction": window.padding / max(window.positions, 1),
+            "padding_fraction": window.padding_fraction,
         }  # fmt: skip
         if self.generation is not None:
             metrics.update(self.generation.times.take(elapsed), sources=window.sources)
@@ -402,7 +311,8 @@ class Trainer:
     def save_checkpoint(self, final: bool = False) -> None:
         """Report a checkpoint that resumes at ``self.state``'s position (collective: see ``checkpointer``)."""
         self.metrics.publish()  # rank 0's sinks, if any
-        self.checkpointer.save(self.model, self.state, self, self.latest_metrics, final)
+        replay = self.generation.buffer.state() if self.generation is not None else None
+        self.checkpointer.save(self.model, self.state, self.optimization, replay, self.latest_metrics, final)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 
 from srd_ray import storage
 from srd_ray.errors import SpecError
-from srd_ray.models import local_model_path
+from srd_ray.models import local_model_path, weights_dtype
 from srd_ray.spec import EvaluateSpec, LmEvalSpec, ModelSpec
 from srd_ray.storage import Location, Place, is_uri
 
@@ -126,4 +126,5 @@ def _score_model(model: ModelSpec, settings: LmEvalSpec, backend: str, num_gpus:
     """In a Ray worker: the model fetched to this node, scored on the device Ray lent the task."""
     from srd_ray.devices import device_for
 
-    return run_lm_eval(local_model_path(model), settings, backend, str(device_for(num_gpus)), model.dtype)
+    device = device_for(num_gpus)
+    return run_lm_eval(local_model_path(model), settings, backend, str(device), weights_dtype(model, device))

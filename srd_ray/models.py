@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from srd_ray import storage
+from srd_ray import auto, storage
 from srd_ray.errors import ModelError
 from srd_ray.failures import InfrastructureError, chain
 from srd_ray.spec import LoraSpec, ModelSpec
@@ -136,8 +136,14 @@ def _from_pretrained(spec: ModelSpec, path: str, dtype: Any) -> PreTrainedModel:
         raise loading_error(f"model from {spec.path}", error) from error
 
 
+def weights_dtype(spec: ModelSpec, device: torch.device | str = "cpu") -> str:
+    """The dtype a model's weights load in: the spec's, ``auto`` (a frozen teacher) resolved for the device
+    that computes with them (``srd_ray.auto``)."""
+    return auto.frozen_weights_dtype(spec.dtype, *auto.device_facts(torch.device(device).type))
+
+
 def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> PreTrainedModel:
-    return _from_pretrained(spec, local_model_path(spec), DTYPES[spec.dtype]).to(device)
+    return _from_pretrained(spec, local_model_path(spec), DTYPES[weights_dtype(spec, device)]).to(device)
 
 
 def build_on_meta(spec: ModelSpec) -> PreTrainedModel:
@@ -145,7 +151,7 @@ def build_on_meta(spec: ModelSpec) -> PreTrainedModel:
     config = load_config(spec)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(
-            config, dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code
+            config, dtype=DTYPES[weights_dtype(spec)], trust_remote_code=spec.trust_remote_code
         )
 
 

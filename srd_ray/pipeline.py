@@ -21,11 +21,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from srd_ray import auto
 from srd_ray.console import adopt_library_loggers, attach_run_log, log_traceback
 from srd_ray.console import verbose as console_is_verbose
 from srd_ray.data import LoadedData, drop_bad_rows, drop_long_prompts, load_eval_sets, load_training_data
 from srd_ray.demo_data import write_demo_data
-from srd_ray.engines import check_context, resolve_engine
+from srd_ray.engines import check_context
 from srd_ray.errors import ModelError, NothingToDo, SpecError
 from srd_ray.failures import explain
 from srd_ray.models import check_model_path, check_same_tokenizer, load_tokenizer
@@ -132,7 +133,7 @@ class Run:
         """Each inference pass this command runs, by its spec section, with its resolved engine."""
         engines = {"reflect": self.engine, "evaluate": self.engine}
         if self.spec.distill.teacher_signal == "topk":
-            engines["teacher_signal"] = resolve_engine(self.spec.teacher_signal.engine, "teacher_signal.engine")
+            engines["teacher_signal"] = auto.engine(self.spec.teacher_signal.engine, "teacher_signal.engine")
         if self.spec.distill.student_generation.mode != "off":
             engines["distill.student_generation"] = self.generation_engine
         return {section: engine for section, engine in engines.items() if section.split(".")[0] in self.stages}
@@ -195,7 +196,7 @@ class Run:
 
     @property
     def engine(self) -> str:
-        return resolve_engine(self.spec.engine.name)
+        return auto.engine(self.spec.engine.name)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -272,7 +273,7 @@ def _teacher_signal(run: Run) -> dict[str, Any]:
 
     rows = pa.concat_tables([training_rows(run.spec, run.rank_dir, run.train.table), heldout_rows(run)])
     stage_dir = run.run_dir.stage_dir("teacher_signal")
-    engine = resolve_engine(run.spec.teacher_signal.engine, "teacher_signal.engine")
+    engine = auto.engine(run.spec.teacher_signal.engine, "teacher_signal.engine")
     return run_teacher_signal(run.spec, rows, stage_dir, teacher=run.teacher, engine=engine)
 
 
@@ -340,7 +341,7 @@ def evaluate_model(spec: JobSpec, model_path: str, label: str) -> dict[str, Any]
         raise SpecError("data.eval_sets is empty: nothing to evaluate on")
     model = spec.models.student.model_copy(update={"path": resolve_local_path(model_path), "lora": None})
     check_model_path(model, "--model")
-    engine = resolve_engine(spec.engine.name)
+    engine = auto.engine(spec.engine.name)
     check_context(model, spec.data, spec.evaluate.generation.max_new_tokens, engine)
     eval_sets = {name: loaded.table for name, loaded in load_eval_sets(spec.data).items()}
     attach_run_log(spec.run_dir)

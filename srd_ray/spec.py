@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -128,6 +129,10 @@ class StudentModelSpec(ModelSpec):
 
 
 class TeacherModelSpec(ModelSpec):
+    # The frozen teacher's weights in every pass that runs it (teacher signal, online distillation,
+    # evaluation): auto = bfloat16 on GPUs (float16 on GPUs without native bf16), float32 on CPUs. Its own
+    # SFT trains float32 weights under mixed precision. (Was distill.teacher_dtype, still read with a warning.)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # A peft adapter (e.g. a LoRA SFT of the teacher): merged into the teacher once per node when loaded.
     adapter: PathOrHubId | None = None
 
@@ -274,7 +279,7 @@ class VllmSpec(_Strict):
 
 
 # An inference engine: auto is vLLM when the vllm package is importable, else transformers (resolved by
-# engines.resolve_engine). The three passes that choose one default differently, for the reasons given there.
+# srd_ray.auto.engine). The three passes that choose one default differently, for the reasons given there.
 EngineChoice = Literal["auto", "vllm", "transformers"]
 
 
@@ -525,8 +530,6 @@ class DistillSpec(TrainingSpec):
     # online: the teacher runs in every training step. topk: its top-k distributions are computed once by the
     # teacher_signal stage (see the teacher_signal section) and no teacher is loaded for training.
     teacher_signal: Literal["online", "topk"] = "online"
-    # The frozen teacher's weights: auto = bfloat16 on GPU (half the memory), float32 on CPU.
-    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # KD loss (T = 1) on held-out rows before training and after each stage: the eval set to take them
     # from (default: the first of data.eval_sets; none when there are no eval sets), and how many.
     heldout_eval_set: str | None = None
@@ -606,6 +609,27 @@ class JobSpec(_Strict):
     teacher_signal: TeacherSignalSpec = TeacherSignalSpec()
     distill: DistillSpec = DistillSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_settings(cls, data: Any) -> Any:
+        """``distill.teacher_dtype`` became ``models.teacher.dtype`` (one setting for every pass that runs the
+        teacher): an old spec still validates, with a warning, its value moved where ``models.teacher``
+        does not set a dtype of its own."""
+        distill = data.get("distill") if isinstance(data, dict) else None
+        if not isinstance(distill, dict) or "teacher_dtype" not in distill:
+            return data
+        value = distill["teacher_dtype"]
+        data = {**data, "distill": {k: v for k, v in distill.items() if k != "teacher_dtype"}}
+        models = data.get("models")
+        teacher = models.get("teacher") if isinstance(models, dict) else None
+        kept = isinstance(teacher, dict) and "dtype" in teacher
+        if isinstance(teacher, dict) and not kept:
+            data["models"] = {**models, "teacher": {**teacher, "dtype": value}}
+        where = "which this spec also sets, and which wins" if kept else f"now {value}"
+        message = f"models.teacher.dtype ({where}), which applies to every pass that runs the teacher"
+        warnings.warn(f"distill.teacher_dtype is deprecated: set {message}", FutureWarning, stacklevel=2)
+        return data
 
     @model_validator(mode="after")
     def _gpus_cover_tensor_parallel(self) -> JobSpec:

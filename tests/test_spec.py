@@ -126,3 +126,42 @@ def test_unquoted_on_and_off_are_the_choices_not_booleans(tmp_path):
     spec = load_spec(write_spec(tmp_path, MINIMAL), ["distill.student_generation.mode=off"])
     assert spec.distill.student_generation.mode == "off"
     assert "mode" in spec_error(tmp_path, MINIMAL, ["distill.student_generation.mode=yes please"])
+
+
+def test_the_teacher_dtype_is_one_setting_and_its_old_name_still_validates(tmp_path):
+    """#31: ``models.teacher.dtype`` (default auto) for every pass that runs the teacher; the old
+    ``distill.teacher_dtype`` moves there with a warning, unless the teacher sets a dtype of its own."""
+    assert load_spec(write_spec(tmp_path, MINIMAL)).models.teacher.dtype == "auto"
+    old = MINIMAL + "distill: {teacher_dtype: bfloat16}\n"
+    with pytest.warns(FutureWarning, match=r"distill.teacher_dtype is deprecated: set models.teacher.dtype \(now bf"):
+        spec = load_spec(write_spec(tmp_path, old))
+    assert spec.models.teacher.dtype == "bfloat16" and "teacher_dtype" not in spec.distill.model_dump()
+    with pytest.warns(FutureWarning, match="deprecated"):
+        spec = load_spec(write_spec(tmp_path, MINIMAL), ["distill.teacher_dtype=float16"])
+    assert spec.models.teacher.dtype == "float16"
+    both = old.replace("teacher: {path: /models/teacher}", "teacher: {path: /models/teacher, dtype: float32}")
+    with pytest.warns(FutureWarning, match="which this spec also sets, and which wins"):
+        assert load_spec(write_spec(tmp_path, both)).models.teacher.dtype == "float32"
+    assert "models.student.dtype" in spec_error(tmp_path, MINIMAL.replace("student}", "student, dtype: auto}"))
+    with pytest.warns(FutureWarning, match="now float8"):  # a bad old value: the warning says where it went
+        assert "models.teacher.dtype" in spec_error(tmp_path, MINIMAL, ["distill.teacher_dtype=float8"])
+
+
+def test_every_auto_resolves_by_one_rule():
+    """#31: precision, a frozen model's weights, trained weights and the engine, from the facts of the
+    process that computes (on a GPU, with native bfloat16)."""
+    import importlib.util
+
+    from srd_ray import auto
+
+    assert [auto.precision("auto", *facts) for facts in ((False, False), (True, True), (True, False))] == [
+        "fp32", "bf16-mixed", "fp16-mixed"]  # fmt: skip
+    assert [auto.frozen_weights_dtype("auto", *facts) for facts in ((False, False), (True, True), (True, False))] == [
+        "float32", "bfloat16", "float16"]  # fmt: skip
+    assert auto.precision("fp16-mixed", False, False) == "fp16-mixed"
+    assert auto.frozen_weights_dtype("float16", False, False) == "float16"
+    assert auto.trained_weights_dtype("auto") == "float32" and auto.trained_weights_dtype("bfloat16") == "bfloat16"
+    installed = importlib.util.find_spec("vllm") is not None
+    assert auto.engine("auto") == ("vllm" if installed else "transformers")
+    assert auto.engine("transformers") == "transformers"
+    assert auto.device_facts("cpu") == (False, False)

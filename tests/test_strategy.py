@@ -72,7 +72,7 @@ def test_the_fsdp_teacher_is_a_bf16_root_of_its_own_released_after_each_micro_ba
     from torch.distributed.tensor import DTensor
 
     job = make_job(tmp_path, tiny_models, strategy="fsdp", plan=(TWO_STAGES[0],))
-    job = type(job)(**{**job.__dict__, "teacher_dtype": "bfloat16"})
+    job = type(job)(**{**job.__dict__, "teacher": job.teacher.model_copy(update={"dtype": "bfloat16"})})
     trainer = Trainer(job, LocalHost({"all": rows}, tmp_path / "ck", CPU))
     trainer.run()
     pair = trainer.model

@@ -5,8 +5,8 @@ loaded on a device, or as meta-device skeletons to shard first.
   already hold what the spec's ``adapter`` added (a teacher SFT of an adapted teacher): it is not merged a
   second time (review C1). A LoRA student is its base plus adapters: new ones (seeded, so every worker
   starts equal) or the checkpoint's.
-- The teacher is loaded frozen, in ``teacher_dtype`` (``auto``: bfloat16 on GPUs, the spec's dtype on
-  CPUs), unless training reads the stored top-k signal instead.
+- The teacher is loaded frozen, in ``models.teacher.dtype`` (``auto``: bfloat16 on GPUs, float32 on CPUs;
+  see ``srd_ray.auto``), unless training reads the stored top-k signal instead.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from srd_ray.models import (
     load_adapter,
     load_model,
     load_tokenizer,
+    weights_dtype,
 )
 from srd_ray.spec import ModelSpec
 
@@ -91,7 +92,4 @@ class ModelFactory:
         teacher = self.job.teacher
         if not self.job.uses_teacher_model:
             return None
-        choice = self.job.teacher_dtype
-        if choice == "auto":
-            choice = "bfloat16" if self.device.type == "cuda" else teacher.dtype
-        return teacher.model_copy(update={"dtype": choice})
+        return teacher.model_copy(update={"dtype": weights_dtype(teacher, self.device)})

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from srd_ray import auto
 from srd_ray.errors import SpecError
 
 PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16, "fp32": None}
@@ -40,13 +41,8 @@ class Precision:
 
 
 def resolve_precision(choice: str, device: torch.device) -> Precision:
-    """``auto``: bf16-mixed on GPUs that have bf16 (fp16-mixed on older ones), fp32 on CPUs (CPU autocast
-    is emulated and slower than fp32)."""
-    if choice != "auto":
-        return Precision(choice)
-    if device.type != "cuda":
-        return Precision("fp32")
-    return Precision("bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16-mixed")
+    """The precision ``choice`` names, ``auto`` resolved for ``device`` (``srd_ray.auto``)."""
+    return Precision(auto.precision(choice, *auto.device_facts(device.type)))
 
 
 def precision_problem(choice: str, device_name: str, bf16_supported: bool) -> str | None:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from srd_ray import auto
 from srd_ray.devices import uses_cuda
 from srd_ray.distill.batches import BatchLayout, StepPlan, deal_step
 from srd_ray.distill.parallel import broadcast_object, gather_objects
@@ -272,11 +273,11 @@ class PackedWeights:
 
 
 def generation_dtype(num_gpus: float, trained: str) -> str:
-    """The dtype generation actors sample in: half precision on GPUs (bf16 where the GPU computes it
-    natively), the student's own dtype on CPUs."""
+    """The dtype generation actors sample in: a frozen copy's (``srd_ray.auto``) on GPUs, the student's own
+    dtype on CPUs."""
     if not uses_cuda(num_gpus):
         return trained
-    return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+    return auto.frozen_weights_dtype("auto", *auto.device_facts("cuda"))
 
 
 class GenerationActor:
@@ -370,7 +371,7 @@ def build_sampler(
     settings: StudentGenerationSpec, engine: str, student: ModelSpec, data: DataSpec, vllm: VllmSpec, *,
     tokenizer: Any, rank: int, world: int, strategy: Any,
 ) -> Sampler:  # fmt: skip
-    """``engine`` is resolved (see :func:`srd_ray.engines.resolve_engine`)."""
+    """``engine`` is resolved (see :func:`srd_ray.auto.engine`)."""
     if engine == "transformers":
         return InWorkerSampler(sampling_settings(settings, data), tokenizer, rank, world, strategy)
     return ActorSampler(engine, student, data, settings, vllm, rank, strategy)

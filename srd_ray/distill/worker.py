@@ -67,7 +67,6 @@ class TrainingJob:
     seed: int
     metrics_path: str
     reset_optimizer_each_stage: bool = True
-    teacher_dtype: str = "auto"  # auto: bfloat16 on GPU, the spec's dtype on CPU
     # online: the teacher model runs in every step. topk: the teacher_signal dataset replaces it.
     teacher_signal: str = "online"
     run_name: str = "srd"  # the MLflow experiment, when metrics go there

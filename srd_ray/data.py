@@ -34,6 +34,7 @@ from srd_ray.storage import Location, is_uri
 # File kinds a data folder is read for.
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
+CHUNK_ROWS = 8192  # rows held as Python objects at once while loading (see _TableBuilder)
 CORE_COLUMNS = ("example_id", "input_position", "prompt", "references", "response", "messages")
 _USUAL_NAMES = {
     "prompt": ("prompt",),
@@ -61,7 +62,7 @@ def load_source(source: DataSourceSpec, data: DataSpec, *, label: str) -> Loaded
     """Load and normalise one source (training data or an eval set). ``label`` names it in errors."""
     files = _resolve_files(source, label)
     records = _iter_records(source, files)
-    rows: list[dict[str, Any]] = []
+    rows = _TableBuilder()
     skipped: list[dict[str, Any]] = []
     seen_ids: dict[str, str] = {}
     mapping: dict[str, str | None] | None = None
@@ -83,13 +84,13 @@ def load_source(source: DataSourceSpec, data: DataSpec, *, label: str) -> Loaded
             continue
         seen_ids[row["example_id"]] = where
         row["input_position"] = len(rows) + len(skipped)
-        rows.append(row)
+        rows.add(row)
         if source.max_rows is not None and len(rows) >= source.max_rows:
             break
-    if not rows:
+    if not len(rows):
         raise DataError(f"{label}: {source.path} has no usable rows ({len(skipped)} skipped)")
-    table = _to_table(rows)
-    dropped = {name: "values of mixed types" for row in rows for name in row if name not in table.column_names}
+    table, mixed = rows.table()
+    dropped = dict.fromkeys(mixed, "values of mixed types")
     dropped.update({name: "lists or objects, not one value per row" for name in nested - set(mapping.values())})
     return LoadedData(table=table, skipped=skipped, dropped_columns=dropped)
 
@@ -296,6 +297,60 @@ def _references(value: Any, column: str | None, where: str) -> list[str]:
             raise DataError(f"{where}: column {column!r} is an empty list of references")
         return [_text(item, column, where) for item in value]
     return [_text(value, column, where)]
+
+
+class _TableBuilder:
+    """Rows into one Arrow table, ``CHUNK_ROWS`` at a time: a large source never exists as Python dicts
+    all at once (they take ~50x the memory of its Arrow columns). A passthrough column keeps a type only if
+    every row agrees, across chunks too; one whose values are of mixed types is dropped, not coerced."""
+
+    def __init__(self) -> None:
+        self.chunks: list[pa.Table] = []
+        self.pending: list[dict[str, Any]] = []
+        self.mixed: set[str] = set()
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.pending.append(row)
+        self.count += 1
+        if len(self.pending) >= CHUNK_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            chunk = _to_table(self.pending)
+            self.mixed.update(name for row in self.pending for name in row if name not in chunk.column_names)
+            self.chunks.append(chunk)
+            self.pending = []
+
+    def table(self) -> tuple[pa.Table, set[str]]:
+        """The rows' table and the names of the columns dropped for mixed types."""
+        self._flush()
+        types: dict[str, set[pa.DataType]] = {}
+        for chunk in self.chunks:
+            for schema_field in chunk.schema:
+                if not pa.types.is_null(schema_field.type):  # a chunk where every value is missing agrees
+                    types.setdefault(schema_field.name, set()).add(schema_field.type)
+        for name, kinds in types.items():  # as one array would: integers and floats together are floats
+            if len(kinds) > 1 and all(pa.types.is_integer(k) or pa.types.is_floating(k) for k in kinds):
+                types[name] = {pa.float64()}
+        self.mixed |= {name for name, kinds in types.items() if len(kinds) > 1}
+        core = [name for name in self.chunks[0].column_names if name in CORE_COLUMNS]
+        extra = sorted({n for c in self.chunks for n in c.column_names} - set(core) - self.mixed)
+        schema = pa.schema([(name, next(iter(types[name])) if name in types else pa.null()) for name in core + extra])
+        unified = [_conform(chunk, schema) for chunk in self.chunks]
+        self.chunks = []
+        return pa.concat_tables(unified), self.mixed
+
+
+def _conform(chunk: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``chunk`` with ``schema``'s columns in its order: a column the chunk lacks is all null."""
+    columns = [chunk[f.name].cast(f.type) if f.name in chunk.column_names else pa.nulls(chunk.num_rows, f.type)
+               for f in schema]  # fmt: skip
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _to_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -182,3 +182,36 @@ def test_bad_chat_rows_follow_on_bad_row_and_are_named(tmp_path, messages, reaso
 def test_a_named_messages_column_that_is_missing_is_named(tmp_path):
     with pytest.raises(DataError, match=r"column 'conversation' \(data.fields.messages\) is missing"):
         load(write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS), fields={"messages": "conversation"})
+
+
+def test_loading_in_chunks_gives_the_table_one_chunk_gives(tmp_path, monkeypatch):
+    """#29: rows become Arrow a chunk at a time; passthrough columns are typed over all chunks: a column
+    whose values disagree in another chunk is dropped, integers with floats are floats, and a column that
+    is missing or empty in one chunk is null there."""
+    import srd_ray.data as data_module
+
+    rows = []
+    for i in range(10):
+        row = {
+            "prompt": f"q{i}",
+            "output": f"a{i}",
+            "level": i,
+            "label": "x" if i < 6 else i,
+            "score": i if i < 3 else i / 2,
+        }
+        if i >= 4:
+            row["late"] = f"t{i}"
+        row["sparse"] = None if i < 3 else True
+        rows.append(row)
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    whole = load(path)
+    monkeypatch.setattr(data_module, "CHUNK_ROWS", 3)
+    chunked = load(path)
+    assert chunked.table.equals(whole.table), (chunked.table.schema, whole.table.schema)
+    assert chunked.dropped_columns == whole.dropped_columns == {"label": "values of mixed types"}
+    assert chunked.table.column_names == ["example_id", "input_position", "prompt", "references", "response",
+                                          "late", "level", "score", "sparse"]  # fmt: skip
+    assert chunked.table["late"].to_pylist()[:5] == [None] * 4 + ["t4"]
+    assert pa.types.is_floating(chunked.table["score"].type) and chunked.table["input_position"].to_pylist() == list(
+        range(10)
+    )

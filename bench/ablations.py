@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,16 +35,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from srd_vs_kd import (  # noqa: E402  (the shared pair settings and run helpers)
+from common import (  # noqa: E402  (the shared pair settings, run helpers and tables)
     RESULTS,
-    base_scores,
     compared_spec,
-    evaluated,
-    mean_std,
     pair_settings,
+    paired_markdown,
     prepare_base,
-    run_record,
     srd,
+    summarise_paired,
     write_spec,
 )
 
@@ -72,64 +68,6 @@ def variant_spec(base: dict, settings: dict, work: Path, variant: str, seed: int
     return spec
 
 
-def record(run_dir: Path) -> dict[str, Any]:
-    result = run_record(run_dir)
-    result["average"] = statistics.fmean(result["scores"].values())
-    return result
-
-
-def paired_differences(runs: list[dict], baseline: list[dict], sets: list[str]) -> dict[str, tuple[float, float]]:
-    """Per set and for the average: mean ± std over seeds of (run - baseline run of the same seed)."""
-    pairs = list(zip(runs, baseline, strict=True))
-    differences = {name: mean_std([r["scores"][name] - b["scores"][name] for r, b in pairs]) for name in sets}
-    return differences | {"average": mean_std([r["average"] - b["average"] for r, b in pairs])}
-
-
-def summarise(work: Path, variants: list[str], seeds: list[int], comparisons: list[tuple[str, str]]) -> dict:
-    """Over the seeds whose every variant finished (all of ``seeds`` unless a run was cut short), with the
-    paired differences of each (variant, baseline) in ``comparisons``."""
-    seeds = [seed for seed in seeds if all(evaluated(work / f"{variant}-seed{seed}") for variant in variants)]
-    runs = {variant: [record(work / f"{variant}-seed{seed}") for seed in seeds] for variant in variants}
-    sets = sorted(runs[variants[0]][0]["scores"])
-    return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-        "seeds": seeds,
-        "eval_sets": sets,
-        "reference": base_scores(work),
-        "runs": runs,
-        "differences": [
-            {"variant": v, "baseline": b, "difference": paired_differences(runs[v], runs[b], sets)}
-            for v, b in comparisons
-        ],
-    }
-
-
-def markdown(results: dict[str, Any], title: str, protocol: str) -> str:
-    sets = results["eval_sets"]
-    lines = [
-        f"# {title}", "",
-        f"Machine: {results['machine']}. Protocol: {protocol}. Training seeds {results['seeds']}; ROUGE-L x100, "
-        "mean ± std over training seeds.", "",
-        "| variant | " + " | ".join(sets) + " | average | steps | train s | end-to-end s |",
-        "|---|" + "---|" * (len(sets) + 4),
-    ]  # fmt: skip
-    for label, scores in results["reference"].items():
-        cells = " | ".join(f"{scores[name]:.2f}" for name in sets)
-        lines.append(f"| {label} | {cells} | {statistics.fmean(scores.values()):.2f} | | | |")
-    for variant, runs in results["runs"].items():
-        cells = [mean_std([run["scores"][name] for run in runs]) for name in sets]
-        cells.append(mean_std([run["average"] for run in runs]))
-        timing = [statistics.fmean(run[key] for run in runs) for key in ("train_wall_s", "end_to_end_s")]
-        lines.append(f"| {variant} | " + " | ".join("{:.2f} ± {:.2f}".format(*c) for c in cells)
-                     + f" | {runs[0]['optimizer_steps']} | {timing[0]:.1f} | {timing[1]:.1f} |")  # fmt: skip
-    lines += ["", "Paired differences (variant - baseline of the same training seed, mean ± std over seeds):", ""]
-    lines += ["| variant - baseline | " + " | ".join(sets) + " | average |", "|---|" + "---|" * (len(sets) + 1)]
-    for comparison in results["differences"]:
-        cells = ["{:+.2f} ± {:.2f}".format(*comparison["difference"][name]) for name in [*sets, "average"]]
-        lines.append(f"| {comparison['variant']} - {comparison['baseline']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--summarize", action="store_true", help="only rewrite the results from finished runs")
@@ -143,10 +81,10 @@ def main() -> None:
         for seed in SEEDS:  # seed-major: an interrupted run still leaves whole seeds to compare
             for variant in VARIANTS:
                 srd("run", str(write_spec(variant_spec(base, settings, work, variant, seed), work)))
-    results = summarise(work, VARIANTS, SEEDS, [(variant, "srd") for variant in VARIANTS[1:]])
+    results = summarise_paired(work, VARIANTS, SEEDS, [(variant, "srd") for variant in VARIANTS[1:]])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ablations_tiny.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results, "SRD ablations: tiny pair", "the `bench/ablations.py` docstring; fkl")
+    table = paired_markdown(results, "SRD ablations: tiny pair", "the `bench/ablations.py` docstring; fkl")
     (RESULTS / "ablations_tiny.md").write_text(table)
     print(table)
 

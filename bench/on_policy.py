@@ -46,7 +46,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from srd_vs_kd import (  # noqa: E402  (the shared pair settings and run helpers)
+from common import (  # noqa: E402  (the shared pair settings, run helpers and tables)
     RESULTS,
     base_scores,
     compared_spec,

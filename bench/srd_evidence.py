@@ -65,19 +65,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ablations import markdown, summarise  # noqa: E402  (the shared tables)
-from real_split import read_rows, write_split  # noqa: E402
-from srd_vs_kd import (  # noqa: E402
+from common import (  # noqa: E402
     RESULTS,
     STAGE_SETTINGS,
     base_spec,
     compared_spec,
     evaluated,
     pair_settings,
+    paired_markdown,
     prepare_base,
     srd,
+    summarise_paired,
     write_spec,
 )
+from real_split import read_rows, write_split  # noqa: E402
 from teacher_signal import run_spec as topk_spec  # noqa: E402
 
 SEEDS = [0, 1, 2, 3, 4]
@@ -292,7 +293,7 @@ def clusters_without_training(work: Path, seeds: list[int]) -> None:
 
 
 def cluster_markdown(agreement: dict[str, Any]) -> str:
-    from srd_vs_kd import mean_std
+    from common import mean_std
 
     ari, chance = mean_std(agreement["ari"]), mean_std(agreement["ari_chance"])
     return (
@@ -335,7 +336,7 @@ def write_results(experiment: str, work: Path, base: dict, seeds: list[int]) -> 
         raise SystemExit(f"no training seed has every variant of {VARIANTS[experiment]} evaluated yet under {work}")
     variants = finished_variants(work, seeds)
     comparisons = [(v, b) for v, b in COMPARISONS if v in variants and b in variants]
-    results = summarise(work, variants, seeds, comparisons)
+    results = summarise_paired(work, variants, seeds, comparisons)
     results["experiment"] = experiment
     results["by_task"] = by_task(experiment, work, base, variants, results["seeds"])
     results["cluster_agreement"] = cluster_agreement(experiment, work, base, results["seeds"])
@@ -343,7 +344,7 @@ def write_results(experiment: str, work: Path, base: dict, seeds: list[int]) -> 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     title = f"SRD evidence ({experiment}): KD vs SRD vs stratified SRD, healed 12-layer SmolLM2 student"
-    table = markdown(results, title, "the `bench/srd_evidence.py` docstring")
+    table = paired_markdown(results, title, "the `bench/srd_evidence.py` docstring")
     if len(results["seeds"]) < len(SEEDS):  # say so where a reader looks first
         table = table.replace(
             "\n\n",

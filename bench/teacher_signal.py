@@ -103,7 +103,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from srd_vs_kd import (  # noqa: E402  (the shared pair settings and run helpers)
+from common import (  # noqa: E402  (the shared pair settings, run helpers and tables)
     RESULTS,
     SHARED_EVAL,
     base_scores,

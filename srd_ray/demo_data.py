@@ -115,6 +115,41 @@ def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
     storage.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+LM_EVAL_TASK = "srd_demo_facts"
+CHOICES = 4
+
+
+def write_lm_eval_task(folder: Location, heldout: list[tuple[Fact, dict]], facts: list[Fact], chat: bool,
+                       seed: int) -> str:  # fmt: skip
+    """A multiple-choice lm-eval task (``srd_demo_facts``) on the held-out questions: the answer sentence
+    with the true value against 3 with another country's value of the same relation; lm-eval's ``acc`` is
+    the share where the model finds the true one likeliest. The context is what the models are trained
+    on: the templated prompt, or for chat data the question as the user's turn (rendered with the model's
+    chat template under ``evaluate.lm_eval.apply_chat_template``); the answer follows it directly."""
+    rng = random.Random(seed + 2)
+    values: dict[str, list[str]] = {}
+    for fact in facts:
+        values.setdefault(fact.relation, []).append(fact.value)
+    docs = []
+    for fact, row in heldout:
+        others = sorted(set(values[fact.relation]) - {fact.value})
+        answers = [_ANSWERS[fact.relation].format(country=fact.country, value=value)
+                   for value in [fact.value, *rng.sample(others, CHOICES - 1)]]  # fmt: skip
+        choices = rng.sample(answers, CHOICES)
+        question = as_chat(row)["messages"][0]["content"] if chat else row["prompt"]
+        docs.append({"question": question, "choices": choices, "answer": choices.index(answers[0]),
+                     "task": fact.relation})  # fmt: skip
+    data = folder / f"{LM_EVAL_TASK}.jsonl"
+    write_jsonl(docs, data)
+    storage.write_text(folder / f"{LM_EVAL_TASK}.yaml", (
+        f"task: {LM_EVAL_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: answer\ntarget_delimiter: ''\n"
+        "metric_list:\n  - metric: acc\n"
+    ))  # fmt: skip
+    return str(folder)
+
+
 def as_chat(row: dict) -> dict:
     """A demo row as a chat row: the question (and its given text) from the user, the answer from the
     assistant; task and difficulty kept."""
@@ -127,7 +162,8 @@ def write_demo_data(
     out_dir: str | os.PathLike, *, train_rows: int, heldout_rows: int, pretrain_rows: int, seed: int,
     chat: bool = False,
 ) -> dict[str, str]:  # fmt: skip
-    """Write the train, held-out and pretraining splits of one world as JSONL; returns their paths.
+    """Write the train, held-out and pretraining splits of one world as JSONL, and a multiple-choice
+    lm-eval task on the held-out facts (``lm_eval_tasks``); returns their paths.
 
     Every fact is asked in two phrasings in train and in the third in held-out (so the two never share a
     prompt); pretraining repeats easy facts often and hard ones rarely or never. With ``chat``, train and
@@ -139,10 +175,12 @@ def write_demo_data(
     for fact in facts:
         phrasings = rng.sample(range(PHRASINGS), PHRASINGS)
         train += [_row(fact, p) for p in phrasings[:-1]]
-        heldout.append(_row(fact, phrasings[-1]))
+        heldout.append((fact, _row(fact, phrasings[-1])))
+    train = rng.sample(train, min(train_rows, len(train)))
+    heldout = rng.sample(heldout, min(heldout_rows, len(heldout)))
     splits = {
-        "train": rng.sample(train, min(train_rows, len(train))),
-        "heldout": rng.sample(heldout, min(heldout_rows, len(heldout))),
+        "train": train,
+        "heldout": [row for _, row in heldout],
         "pretrain": generate_rows(facts, pretrain_rows, seed + 1, PRETRAIN_WEIGHTS),
     }
     paths = {}
@@ -155,4 +193,5 @@ def write_demo_data(
         path = Location.of(out_dir) / f"demo_{split}.jsonl"
         write_jsonl(rows, path)
         paths[split] = str(path)
+    paths["lm_eval_tasks"] = write_lm_eval_task(Location.of(out_dir) / "lm_eval_tasks", heldout, facts, chat, seed)
     return paths

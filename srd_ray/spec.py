@@ -575,11 +575,7 @@ class LmEvalSpec(_Strict):
     @field_validator("include_path")
     @classmethod
     def _task_folder(cls, value: str | None) -> str | None:
-        if value is None or is_uri(value):
-            return value
-        if not Path(value).expanduser().is_dir():
-            raise ValueError(f"must be a folder of lm-eval task YAML files; {value} is not a folder")
-        return absolute_path(value)
+        return value if value is None or is_uri(value) else absolute_path(value)
 
 
 class EvaluateSpec(PoolSpec):
@@ -630,6 +626,18 @@ class JobSpec(_Strict):
         message = f"models.teacher.dtype ({where}), which applies to every pass that runs the teacher"
         warnings.warn(f"distill.teacher_dtype is deprecated: set {message}", FutureWarning, stacklevel=2)
         return data
+
+    @model_validator(mode="after")
+    def _lm_eval_tasks_exist(self) -> JobSpec:
+        """A folder of lm-eval tasks must exist, unless the run's prepare stage writes it (the demo data's)."""
+        folder = self.evaluate.lm_eval.include_path if self.evaluate.lm_eval else None
+        if folder is None or is_uri(folder) or Path(folder).is_dir():
+            return self
+        if self.prepare.demo_data is not None and Path(folder).is_relative_to(Path(self.run_dir) / "prepare"):
+            return self
+        raise ValueError(
+            f"evaluate.lm_eval.include_path must be a folder of lm-eval task YAML files; {folder} is not a folder"
+        )
 
     @model_validator(mode="after")
     def _gpus_cover_tensor_parallel(self) -> JobSpec:

@@ -96,3 +96,27 @@ def test_the_backend_is_vllm_only_with_gpus_and_a_vllm_lm_eval_can_load(monkeypa
     assert backend_for(settings, 1) == "hf"
     with pytest.raises(SpecError, match="backend is vllm, but no package named vllm"):
         run_lm_eval("/nonexistent/model", settings.model_copy(update={"backend": "vllm"}), "vllm", "cpu")
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["prompt-response", "chat"])
+def test_the_demo_data_writes_a_multiple_choice_task_on_its_held_out_facts(tmp_path, tiny_models, chat):
+    """#30: ``write_demo_data`` writes ``srd_demo_facts``: per held-out question, its answer sentence among
+    3 with other values of the same relation, after the context the models train on; lm-eval reads it."""
+    from srd_ray.demo_data import LM_EVAL_TASK, write_demo_data
+
+    paths = write_demo_data(tmp_path, train_rows=48, heldout_rows=12, pretrain_rows=1, seed=0, chat=chat)
+    heldout = [json.loads(line) for line in Path(paths["heldout"]).read_text().splitlines()]
+    docs = [
+        json.loads(line) for line in (Path(paths["lm_eval_tasks"]) / f"{LM_EVAL_TASK}.jsonl").read_text().splitlines()
+    ]
+    assert len(docs) == len(heldout) == 12
+    for doc, row in zip(docs, heldout, strict=True):
+        true = row["messages"][-1]["content"] if chat else row["output"]
+        assert doc["choices"][doc["answer"]] == true and len(set(doc["choices"])) == 4
+        assert doc["question"] == (row["messages"][0]["content"] if chat else row["prompt"])
+        prefix = true.rsplit(" ", 1)[0]  # the sentence up to the value: the distractors differ only there
+        assert all(choice.rsplit(" ", 1)[0] == prefix for choice in doc["choices"]), doc
+    if not chat:  # the tiny pair is not a chat pair; the chat flavour runs in the chat quickstart test
+        settings = LmEvalSpec(tasks=[LM_EVAL_TASK], include_path=paths["lm_eval_tasks"])
+        scores = run_lm_eval(tiny_models["student"], settings, "hf", "cpu")
+        assert 0 <= scores[LM_EVAL_TASK]["acc"] <= 1

@@ -194,30 +194,28 @@ def chat_quickstart(text: str = REDUCED_QUICKSTART) -> str:
 def test_chat_quickstart_end_to_end_with_topk_then_mixed_generation(tmp_path, ray_session):
     """#30: chat rows (messages) on a ChatML pair through every stage: each model renders them with its chat
     template, the teacher pass stores exactly the assistant tokens training scores, evaluation answers the
-    rendered conversation and lm-eval scores every model on a local custom task; then distill again with
-    mixed on-policy generation on the same rows."""
+    rendered conversation and lm-eval scores every model on the demo data's multiple-choice task (rendered
+    with each model's chat template); then distill again with mixed on-policy generation on the same rows."""
     from transformers import AutoTokenizer
 
     from srd_ray.encoding import RowFormat, prompts_of
     from srd_ray.report import compare_runs, summary_lines
-    from tests.test_benchmarks import write_demo_tasks
-
-    tasks = write_demo_tasks(tmp_path / "lm_eval_tasks")
-    lm_eval = f"lm_eval: {{tasks: [srd_demo_mc, srd_demo_gen], include_path: {tasks}}}}}"
+    tasks = "'${run_dir}/prepare/lm_eval_tasks'"
+    lm_eval = f"lm_eval: {{tasks: [srd_demo_facts], include_path: {tasks}, apply_chat_template: true}}}}"
     evaluate = "evaluate: {seeds: [10], batch_size: 16, generation: {max_new_tokens: 8}"
     text = chat_quickstart().replace(evaluate + "}", f"{evaluate}, {lm_eval}")
     spec = load_spec(write(tmp_path, text))
     manifest = run_pipeline(spec)
     run_dir = Path(spec.run_dir)
-    # lm-eval beside ROUGE-L: every evaluated model scored on both local tasks, in run.json, the console
+    # lm-eval beside ROUGE-L: every evaluated model scored on the demo task, in run.json, the console
     # summary and srd compare.
     benchmarks = manifest["stages"]["lm_eval"]["summary"]
     assert set(benchmarks) == {"teacher", "student_before", "student_after"}
-    assert all({"srd_demo_mc", "srd_demo_gen"} <= set(scores) for scores in benchmarks.values())
-    assert 0 <= benchmarks["student_after"]["srd_demo_mc"]["acc"] <= 1
+    assert all("srd_demo_facts" in scores for scores in benchmarks.values())
+    assert 0 <= benchmarks["student_after"]["srd_demo_facts"]["acc"] <= 1
     lines = summary_lines(manifest)
-    assert any("lm-eval (x100)" in line for line in lines) and any("srd_demo_mc acc" in line for line in lines)
-    assert "lm-eval srd_demo_mc acc" in compare_runs([run_dir])
+    assert any("lm-eval (x100)" in line for line in lines) and any("srd_demo_facts acc" in line for line in lines)
+    assert "lm-eval srd_demo_facts acc" in compare_runs([run_dir])
     print("\n".join(lines))  # the note quotes this summary
     assert all(manifest["stages"][s]["status"] == "complete" for s in ("reflect", "teacher_signal", "evaluate"))
     scored = pq.read_table(run_dir / "reflect/shards")

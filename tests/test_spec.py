@@ -165,3 +165,11 @@ def test_every_auto_resolves_by_one_rule():
     assert auto.engine("auto") == ("vllm" if installed else "transformers")
     assert auto.engine("transformers") == "transformers"
     assert auto.device_facts("cpu") == (False, False)
+
+
+def test_an_lm_eval_folder_must_exist_unless_the_demo_data_writes_it(tmp_path):
+    lm_eval = "evaluate: {lm_eval: {tasks: [t], include_path: FOLDER}}\n"
+    missing = MINIMAL + lm_eval.replace("FOLDER", str(tmp_path / "nowhere"))
+    assert "evaluate.lm_eval.include_path must be a folder" in spec_error(tmp_path, missing)
+    written = MINIMAL + "prepare: {demo_data: {}}\n" + lm_eval.replace("FOLDER", "'${run_dir}/prepare/lm_eval_tasks'")
+    assert load_spec(write_spec(tmp_path, written)).evaluate.lm_eval.include_path.endswith("prepare/lm_eval_tasks")

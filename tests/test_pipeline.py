@@ -200,6 +200,7 @@ def test_chat_quickstart_end_to_end_with_topk_then_mixed_generation(tmp_path, ra
 
     from srd_ray.encoding import RowFormat, prompts_of
     from srd_ray.report import compare_runs, summary_lines
+
     tasks = "'${run_dir}/prepare/lm_eval_tasks'"
     lm_eval = f"lm_eval: {{tasks: [srd_demo_facts], include_path: {tasks}, apply_chat_template: true}}}}"
     evaluate = "evaluate: {seeds: [10], batch_size: 16, generation: {max_new_tokens: 8}"

@@ -114,7 +114,7 @@ def deal_step(rows: list[int], lengths: Sequence[int], response_tokens: Sequence
     groups = tuple(tuple(tuple(part) for part in _split(band, layout.world)) for band in bands)
     positions = sum(len(part) * max(lengths[i] for i in part) for micro in groups for part in micro)
     real = sum(lengths[i] for i in rows)
-    return StepPlan(groups, sum(response_tokens[i] for i in rows), positions, positions - real)
+    return StepPlan(groups, int(sum(response_tokens[i] for i in rows)), int(positions), int(positions - real))
 
 
 @dataclass

@@ -50,8 +50,9 @@ class Pool:
     def __init__(self, rows: RowPool, datasets: Sequence[Dataset]) -> None:
         self.rows, self.datasets = rows, list(datasets)
         self.starts = np.cumsum([0] + [len(d) for d in self.datasets]).tolist()
-        self.lengths = np.concatenate([d.lengths for d in self.datasets] or [[]]).astype(int).tolist()
-        self.scored_tokens = np.concatenate([d.scored_tokens for d in self.datasets] or [[]]).astype(int).tolist()
+        # int32 arrays, not lists of Python ints (36 B a row each): a worker's plan inputs stay small.
+        self.lengths = np.concatenate([d.lengths for d in self.datasets] or [[]]).astype(np.int32)
+        self.scored_tokens = np.concatenate([d.scored_tokens for d in self.datasets] or [[]]).astype(np.int32)
 
     def __len__(self) -> int:
         return self.starts[-1]

@@ -122,10 +122,11 @@ CHOICES = 4
 def write_lm_eval_task(folder: Location, heldout: list[tuple[Fact, dict]], facts: list[Fact], chat: bool,
                        seed: int) -> str:  # fmt: skip
     """A multiple-choice lm-eval task (``srd_demo_facts``) on the held-out questions: the answer sentence
-    with the true value against 3 with another country's value of the same relation; lm-eval's ``acc`` is
-    the share where the model finds the true one likeliest. The context is what the models are trained
-    on: the templated prompt, or for chat data the question as the user's turn (rendered with the model's
-    chat template under ``evaluate.lm_eval.apply_chat_template``); the answer follows it directly."""
+    with the true value against 3 (fewer in a world of fewer countries) with another country's value of the
+    same relation; lm-eval's ``acc`` is the share where the model finds the true one likeliest. The context
+    is what the models are trained on: the templated prompt, or for chat data the question as the user's
+    turn (rendered with the model's chat template under ``evaluate.lm_eval.apply_chat_template``); the
+    answer follows it directly."""
     rng = random.Random(seed + 2)
     values: dict[str, list[str]] = {}
     for fact in facts:
@@ -134,8 +135,8 @@ def write_lm_eval_task(folder: Location, heldout: list[tuple[Fact, dict]], facts
     for fact, row in heldout:
         others = sorted(set(values[fact.relation]) - {fact.value})
         answers = [_ANSWERS[fact.relation].format(country=fact.country, value=value)
-                   for value in [fact.value, *rng.sample(others, CHOICES - 1)]]  # fmt: skip
-        choices = rng.sample(answers, CHOICES)
+                   for value in [fact.value, *rng.sample(others, min(CHOICES - 1, len(others)))]]  # fmt: skip
+        choices = rng.sample(answers, len(answers))  # fewer than 4 in a world of fewer countries
         question = as_chat(row)["messages"][0]["content"] if chat else row["prompt"]
         docs.append({"question": question, "choices": choices, "answer": choices.index(answers[0]),
                      "task": fact.relation})  # fmt: skip

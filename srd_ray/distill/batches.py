@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,11 @@ class BatchLayout:
     accumulation: int  # micro-batches per optimizer step
     world: int  # workers
     group_by_length: bool = True
+
+    @classmethod
+    def of(cls, training: Any, world: int) -> BatchLayout:
+        """From a job's training settings (``spec.TrainingSpec``), over ``world`` workers."""
+        return cls(training.batch_size, training.gradient_accumulation_steps, world, training.group_by_length)
 
     @property
     def rows_per_step(self) -> int:

@@ -45,6 +45,11 @@ class Window:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
+    def throughput(self, tokens_seen: int) -> dict[str, float]:
+        """A log line's throughput and padding fields for the window's steps."""
+        return {"tokens_seen": tokens_seen, "tokens_per_s": self.tokens / max(self.elapsed(), 1e-9),
+                "padding_fraction": self.padding_fraction}  # fmt: skip
+
 
 class MetricsLog:
     """Rank 0's writer of a job's metrics (other ranks' appends do nothing)."""
@@ -62,6 +67,15 @@ class MetricsLog:
         if self.sinks is not None and metrics.get("event") in (None, "heldout"):
             self.sinks.log(metrics, metrics.get("global_step", global_step))
         log.info(*log_line(metrics))
+
+    def stage_start(self, stage: Any, rows: int, world: int, how: str, total: int, per_epoch: int) -> None:
+        """The log line that opens a curriculum stage (``stage``: a ``curriculum.StagePlan``)."""
+        if self.rank == 0:
+            log.info(
+                "stage %d: %d rows from %s over %d worker(s) (%s), %d steps (%d per epoch), kd_weight %.2f, T %.2f",
+                stage.index, rows, ",".join(stage.datasets), world, how, total, per_epoch,
+                stage.settings.kd_weight, stage.settings.temperature,
+            )  # fmt: skip
 
     def publish(self) -> None:
         """Before a checkpoint: the sinks' files brought up to date (they ride along with it)."""

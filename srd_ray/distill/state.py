@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from srd_ray.errors import DataError
+
 TRAINING_STATE = "training_state.pt"
 MODEL_DIR = "model"
 MERGED_DIR = "merged"
@@ -43,6 +45,20 @@ class TrainState:
         states = self.optimizer, self.scheduler, self.grad_scaler
         self.optimizer = self.scheduler = self.grad_scaler = None
         return states
+
+
+def seed_or_resume_rng(state: TrainState, seed: int, rank: int, world: int, device: torch.device, job: str) -> None:
+    """A fresh job seeds each rank; a resumed one checks it has as many workers as wrote the checkpoint (the
+    step plan and every rank's RNG stream depend on the count, review C8) and restores this rank's RNG."""
+    if not state.rng:
+        torch.manual_seed(seed + rank)
+        return
+    if len(state.rng) != world:
+        raise DataError(
+            f"{job}: the checkpoint was written by {len(state.rng)} worker(s), this run has {world} "
+            f"({job}.num_workers): resume with the same number, or rerun with --redo {job}"
+        )
+    restore_rng(state.rng[rank], device)
 
 
 def capture_rng(device: torch.device) -> dict[str, torch.Tensor]:

@@ -38,11 +38,10 @@ from srd_ray.distill.optimization import Optimization
 from srd_ray.distill.parallel import all_reduce_sum, gather_objects, resolve_precision, setup_device_math
 from srd_ray.distill.pool import SIGNAL_DATASET, Pool, RowPool
 from srd_ray.distill.rows import local_files, write_rows
-from srd_ray.distill.state import TrainState, restore_rng
+from srd_ray.distill.state import TrainState, seed_or_resume_rng
 from srd_ray.distill.step import StepResult, StepSettings, heldout_kd, train_step
 from srd_ray.distill.strategy import strategy_for
 from srd_ray.distill.student_generation import Source, StudentGeneration, student_generation
-from srd_ray.errors import DataError
 from srd_ray.models import load_tokenizer
 from srd_ray.shards import ROW_GROUP_ROWS
 from srd_ray.signals import tail_temperatures
@@ -126,10 +125,7 @@ class Trainer:
         self.device = host.device
         self.precision = resolve_precision(self.training.precision, self.device)
         self.strategy = strategy_for(self.training.strategy, self.device, host.rank, host.world, self.precision)
-        self.layout = BatchLayout(
-            self.training.batch_size, self.training.gradient_accumulation_steps, host.world,
-            self.training.group_by_length,
-        )  # fmt: skip
+        self.layout = BatchLayout.of(self.training, host.world)
         self.tokenizer = load_tokenizer(job.student)
         self.optimization = Optimization(self.training, self.precision, self.device, job.reset_optimizer_each_stage)
         self.latest_metrics: dict[str, float] = {}  # rides along with each checkpoint report
@@ -151,7 +147,10 @@ class Trainer:
             self.state = TrainState.load(folder) if folder else TrainState()
             self.model = self.build_model(folder)
         self._append_metrics({"event": "workers", "nodes": gather_objects(self.host.node)})  # a restart may move them
-        self._seed_or_resume()
+        seed_or_resume_rng(self.state, job.seed, self.host.rank, self.host.world, self.device, job.name)
+        if self.state.rng:
+            at = {"stage": self.state.stage, "stage_step": self.state.stage_step, "global_step": self.state.global_step}
+            self._append_metrics({"event": "resumed", **at})
         # A teacher model that runs in the step reads chat rows in its own chat template.
         teacher_tokenizer = load_tokenizer(job.teacher) if job.uses_teacher_model else None
         self.rows = RowPool(self.host, self.tokenizer, job.data, job.teacher_signal == "topk", job.tail_temperatures,
@@ -174,23 +173,6 @@ class Trainer:
     def build_model(self, checkpoint: Path | None) -> nn.Module:
         """Student (from the spec or the checkpoint) and frozen teacher, spread over workers by the strategy."""
         return self.strategy.build(ModelFactory(self.job, self.tokenizer, self.device, checkpoint, self.host.rank))
-
-    def _seed_or_resume(self) -> None:
-        """A fresh job seeds each rank; a resumed one checks it has the workers that wrote the checkpoint
-        (the step plan and every rank's RNG stream depend on the count, review C8) and restores their RNG."""
-        state = self.state
-        if not state.rng:
-            torch.manual_seed(self.job.seed + self.host.rank)
-            return
-        if len(state.rng) != self.host.world:
-            raise DataError(
-                f"{self.job.name}: the checkpoint was written by {len(state.rng)} worker(s), this run has "
-                f"{self.host.world} ({self.job.name}.num_workers): resume with the same number, or rerun with "
-                f"--redo {self.job.name}"
-            )
-        restore_rng(state.rng[self.host.rank], self.device)
-        self._append_metrics({"event": "resumed", "stage": state.stage, "stage_step": state.stage_step,
-                              "global_step": state.global_step})  # fmt: skip
 
     def _pool(self, stage: StagePlan) -> Pool:
         """The stage's rows: each dataset opened once, when its first stage starts."""
@@ -220,7 +202,8 @@ class Trainer:
             StageWeights(stage.settings.kd_weight, stage.settings.temperature), self.job.loss,
             self.training.loss_chunk_tokens, self.training.max_grad_norm, self.host.world,
         )  # fmt: skip
-        self._log_stage_start(stage, pool, total, steps_per_epoch)
+        self.metrics.stage_start(stage, len(pool), self.host.world, f"{self.training.strategy}, {self.precision.name} "
+                                 f"on {self.device}", total, steps_per_epoch)  # fmt: skip
         window, stage_window, plans = Window(), Window(), None
         for stage_step in range(self.state.stage_step, total):
             epoch, within = divmod(stage_step, steps_per_epoch)
@@ -267,16 +250,11 @@ class Trainer:
         """Reads the step's sums back (the only host sync of a step, and only at log steps)."""
         sums = all_reduce_sum(torch.stack([result.ce_sum, result.kd_sum]).float())
         ce, kd = (sums / max(plan.num_items, 1)).tolist()
-        elapsed = window.elapsed()
-        metrics = {
-            "stage": stage.index, "epoch": epoch, "global_step": self.state.global_step,
-            "ce": ce, "kd": kd, "loss": mix(ce, kd, stage.settings.kd_weight),
-            "lr": self.optimization.learning_rate, "grad_norm": float(result.grad_norm),
-            "tokens_seen": self.state.tokens_seen, "tokens_per_s": window.tokens / max(elapsed, 1e-9),
-            "padding_fraction": window.padding_fraction,
-        }  # fmt: skip
+        metrics = {"stage": stage.index, "epoch": epoch, "global_step": self.state.global_step, "ce": ce, "kd": kd,
+                   "loss": mix(ce, kd, stage.settings.kd_weight), "lr": self.optimization.learning_rate,
+                   "grad_norm": float(result.grad_norm), **window.throughput(self.state.tokens_seen)}  # fmt: skip
         if self.generation is not None:
-            metrics.update(self.generation.times.take(elapsed), sources=window.sources)
+            metrics.update(self.generation.times.take(window.elapsed()), sources=window.sources)
         self.latest_metrics = {k: metrics[k] for k in ("loss", "ce", "kd", "lr", "tokens_per_s")}
         self._append_metrics(metrics)
         if self.training.report_every_log_step:
@@ -284,16 +262,6 @@ class Trainer:
 
     def _append_metrics(self, metrics: dict[str, Any]) -> None:
         self.metrics.append(metrics, self.state.global_step)
-
-    def _log_stage_start(self, stage: StagePlan, pool: Pool, total: int, per_epoch: int) -> None:
-        if self.host.rank == 0:
-            log.info(
-                "stage %d: %d rows from %s over %d worker(s) (%s, %s on %s), %d steps (%d per epoch), "
-                "kd_weight %.2f, T %.2f",
-                stage.index, len(pool), ",".join(stage.datasets), self.host.world,
-                self.training.strategy, self.precision.name, self.device, total, per_epoch,
-                stage.settings.kd_weight, stage.settings.temperature,
-            )  # fmt: skip
 
     def _record_heldout(self, after_stage: int) -> None:
         if not self.heldout:

@@ -20,6 +20,7 @@ Protocol (results in bench/results/scale.{json,md,png}):
 
     python bench/scale.py                      # about 3 hours on 2 cores
     python bench/scale.py --sizes 10000 --before-sizes ''   # one size, this code only
+    python bench/scale.py --sizes 10000,100000 --name scale_driver   # results under another name
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def memory_cell(memory: dict[str, Any], role: str, each: bool = False) -> str:
     return f"{peak} ({', '.join(f'{mb:.0f}' for mb in memory[role]['each_mb'])})" if each else peak
 
 
-def markdown(summary: dict[str, Any]) -> str:
+def markdown(summary: dict[str, Any], name: str = "scale") -> str:
     results = summary["results"]
     lines = [
         "# Cost against data set size (#29)", "",
@@ -259,7 +260,7 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {entry['code']} | {entry['rows']} | {times} | {memory} |")
     per_signal = ", ".join(f"{code} {value} MB/MB" for code, value in summary["worker_mb_per_signal_mb"].items())
     lines += ["", f"Extra Train worker memory per MB of stored teacher signal (smallest to largest size): {per_signal}",
-              "", "![peak RSS and time per row against rows](scale.png)"]  # fmt: skip
+              "", f"![peak RSS and time per row against rows]({name}.png)"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -294,6 +295,7 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--before", default="7b1073e", help="the commit before streaming")
     parser.add_argument("--before-sizes", default="10000,30000", help="sizes the before code runs ('' for none)")
+    parser.add_argument("--name", default="scale", help="results file name: bench/results/<name>.{json,md,png}")
     parser.add_argument(
         "--models",
         type=Path,
@@ -322,9 +324,9 @@ def main() -> None:
         "worker_mb_per_signal_mb": {code: worker_mb_per_signal_mb(results, code) for code in codes},
     }  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (RESULTS / "scale.md").write_text(markdown(summary))
-    plot(summary, RESULTS / "scale.png")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(summary, args.name))
+    plot(summary, RESULTS / f"{args.name}.png")
     print(markdown(summary))
 
 

@@ -16,13 +16,7 @@ import importlib.util
 
 from srd_ray.errors import SpecError
 
-
-def precision(choice: str, on_gpu: bool, bf16: bool) -> str:
-    if choice != "auto":
-        return choice
-    if not on_gpu:
-        return "fp32"
-    return "bf16-mixed" if bf16 else "fp16-mixed"
+_PRECISION_OF = {"float32": "fp32", "bfloat16": "bf16-mixed", "float16": "fp16-mixed"}
 
 
 def frozen_weights_dtype(choice: str, on_gpu: bool, bf16: bool) -> str:
@@ -31,6 +25,11 @@ def frozen_weights_dtype(choice: str, on_gpu: bool, bf16: bool) -> str:
     if not on_gpu:
         return "float32"
     return "bfloat16" if bf16 else "float16"
+
+
+def precision(choice: str, on_gpu: bool, bf16: bool) -> str:
+    """Training computes in the dtype a frozen model would be held in on that device (one rule)."""
+    return choice if choice != "auto" else _PRECISION_OF[frozen_weights_dtype("auto", on_gpu, bf16)]
 
 
 def trained_weights_dtype(choice: str) -> str:

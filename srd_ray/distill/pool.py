@@ -113,6 +113,13 @@ class ExamplePool:
         return MicroBatch.of(self.examples(rows), pad_token_id, teacher_examples=teacher)
 
 
+def renders_apart(student: RowFormat, teacher: RowFormat) -> bool:
+    """Whether two models can render a chat differently: another template text, or other special tokens
+    for the template to insert (the vocabulary is the same: checked before training)."""
+    same_tokens = student.tokenizer.special_tokens_map == teacher.tokenizer.special_tokens_map
+    return student.template.text != teacher.template.text or not same_tokens
+
+
 class RowPool:
     """A worker's datasets, opened once each (ids indexed, lengths learned by tokenizing every row once),
     and the stored teacher signal. ``teacher_tokenizer``: a teacher model that runs in the step, which
@@ -130,6 +137,7 @@ class RowPool:
         self.host, self.tokenizer, self.data = host, tokenizer, data
         self.format = RowFormat(tokenizer, data)
         self.teacher_format = None if teacher_tokenizer is None else RowFormat(teacher_tokenizer, data)
+        self._teacher_renders_apart: bool | None = None  # decided at the first chat row, then kept
         self.tail_temperatures = tail_temperatures
         self.datasets: dict[str, Dataset] = {}
         self.signals = RowFile(host.files(SIGNAL_DATASET)) if topk else None
@@ -144,6 +152,10 @@ class RowPool:
         """The rows as the teacher renders them (chat rows with its template), or None when no row differs
         from the student's ``examples`` (prompt/response rows never do: one prompt template, one vocabulary)."""
         if self.teacher_format is None or not any(isinstance(prompt, Conversation) for prompt, _ in texts):
+            return None
+        if self._teacher_renders_apart is None:
+            self._teacher_renders_apart = renders_apart(self.format, self.teacher_format)
+        if not self._teacher_renders_apart:  # the same template and special tokens: the same tokens, row by row
             return None
         examples = examples or [self.encode(*text) for text in texts]
         teacher = [self.teacher_format.example(*text) if isinstance(text[0], Conversation) else example

@@ -128,6 +128,12 @@ class StepSettings:
     max_grad_norm: float
     world: int  # data-parallel wrappers average gradients over workers: the loss is scaled back by this
 
+    @classmethod
+    def of_stage(cls, stage: Any, loss: LossSettings, training: Any, world: int) -> StepSettings:
+        """A curriculum stage's step (``stage``: its ``spec.StageSpec``) under the job's training settings."""
+        weights = StageWeights(stage.kd_weight, stage.temperature)
+        return cls(weights, loss, training.loss_chunk_tokens, training.max_grad_norm, world)
+
 
 def forward_micro_batch(
     model: nn.Module,

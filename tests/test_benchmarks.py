@@ -75,6 +75,14 @@ def test_an_unknown_task_is_named_before_any_model_loads(tmp_path):
         run_lm_eval("/nonexistent/model", settings, "hf", "cpu")
 
 
+def test_tasks_of_the_include_path_alone_skip_indexing_lm_evals_own(tmp_path):
+    folder = str(write_demo_tasks(tmp_path / "t"))
+    own = benchmarks.task_manager(LmEvalSpec(tasks=["srd_demo_mc", "srd_demo_gen"], include_path=folder))
+    assert sorted(own.all_tasks) == ["srd_demo_gen", "srd_demo_mc"], "only the include_path was indexed"
+    both = benchmarks.task_manager(LmEvalSpec(tasks=["srd_demo_mc", "arc_easy"], include_path=folder))
+    assert both.match_tasks(["srd_demo_mc"]) and both.match_tasks(["arc_easy"]), "a built-in task is still found"
+
+
 def test_scores_keep_numbers_and_name_filters():
     gsm8k = {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
              "exact_match,flexible-extract": 0.5}  # fmt: skip

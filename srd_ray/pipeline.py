@@ -509,6 +509,10 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str]
         preflight(run)
     check_run_resources(run)  # needs no models: before prepare makes them
     attach_run_log(spec.run_dir)  # the inputs passed their checks: from here on, noise goes to logs/
+    if not redo and all(run.run_dir.is_complete(stage.name, run.fingerprints[stage.name]) for stage in selected):
+        for stage in selected:  # a finished run: nothing needs Ray (starting one takes seconds)
+            log.info("%s: already complete, skipping", stage.name)
+        return run.run_dir.manifest
     ensure_ray(spec.ray, verbose=console_is_verbose())
     _check_cluster(run)
     check_every_node_sees(run.run_dir.location)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM
 
+from srd_ray import pipeline
 from srd_ray.cli import main
 from srd_ray.errors import DataError, RunDirError
 from srd_ray.pipeline import run_pipeline
@@ -63,7 +64,7 @@ CONSOLE_LINE_BUDGET = 60
 
 
 @pytest.mark.slow
-def test_reduced_quickstart_end_to_end(tmp_path, ray_session):
+def test_reduced_quickstart_end_to_end(tmp_path, ray_session, monkeypatch):
     spec_path = write(tmp_path, REDUCED_QUICKSTART)
     spec = load_spec(spec_path)
     # As a user runs it (its own local Ray, output not a terminal: plain progress lines).
@@ -120,9 +121,11 @@ def test_reduced_quickstart_end_to_end(tmp_path, ray_session):
     predictions = pq.read_table(run_dir / "evaluate/student_after/predictions.parquet")
     assert predictions.num_rows == 2 * 24
 
-    # A rerun finds every stage complete and redoes nothing.
+    # A rerun finds every stage complete and redoes nothing, without starting Ray.
     finished = {name: record["finished"] for name, record in stages.items()}
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda *a, **k: pytest.fail("a finished run started Ray"))
     again = run_pipeline(load_spec(write(tmp_path, REDUCED_QUICKSTART)))
+    monkeypatch.undo()
     assert {name: record["finished"] for name, record in again["stages"].items()} == finished
 
     # The report has every plot; compare and evaluate --model work on the finished run.

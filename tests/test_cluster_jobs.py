@@ -117,7 +117,7 @@ def head_node(log_path: Path, env: dict[str, str], client: dict[str, str] | None
     finally:
         kill_tree(head.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            head.wait(timeout=30)
+            head.wait(timeout=5)  # a disposable cluster: a head that ignores SIGTERM for 30 s is killed sooner
         kill_tree(head.pid)
         log.close()
 

@@ -26,7 +26,6 @@ steps, train wall and end-to-end wall (reflect + rank + distill).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -36,11 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import (  # noqa: E402  (the shared pair settings, run helpers and tables)
-    RESULTS,
     compared_spec,
     pair_settings,
     paired_markdown,
     prepare_base,
+    save_results,
     srd,
     summarise_paired,
     write_spec,
@@ -82,11 +81,8 @@ def main() -> None:
             for variant in VARIANTS:
                 srd("run", str(write_spec(variant_spec(base, settings, work, variant, seed), work)))
     results = summarise_paired(work, VARIANTS, SEEDS, [(variant, "srd") for variant in VARIANTS[1:]])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ablations_tiny.json").write_text(json.dumps(results, indent=2) + "\n")
     table = paired_markdown(results, "SRD ablations: tiny pair", "the `bench/ablations.py` docstring; fkl")
-    (RESULTS / "ablations_tiny.md").write_text(table)
-    print(table)
+    save_results("ablations_tiny", results, table)
 
 
 if __name__ == "__main__":

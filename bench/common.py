@@ -266,3 +266,12 @@ def paired_markdown(results: dict[str, Any], title: str, protocol: str) -> str:
         cells = ["{:+.2f} ± {:.2f}".format(*comparison["difference"][name]) for name in [*sets, "average"]]
         lines.append(f"| {comparison['variant']} - {comparison['baseline']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def save_results(name: str, results: Any, table: str) -> None:
+    """A benchmark's results: ``bench/results/<name>.json`` (the numbers) and ``<name>.md`` (the table,
+    also printed)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(table)
+    print(table)

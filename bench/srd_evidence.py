@@ -74,6 +74,7 @@ from common import (  # noqa: E402
     pair_settings,
     paired_markdown,
     prepare_base,
+    save_results,
     srd,
     summarise_paired,
     write_spec,
@@ -340,9 +341,6 @@ def write_results(experiment: str, work: Path, base: dict, seeds: list[int]) -> 
     results["experiment"] = experiment
     results["by_task"] = by_task(experiment, work, base, variants, results["seeds"])
     results["cluster_agreement"] = cluster_agreement(experiment, work, base, results["seeds"])
-    name = f"srd_evidence_{experiment}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     title = f"SRD evidence ({experiment}): KD vs SRD vs stratified SRD, healed 12-layer SmolLM2 student"
     table = paired_markdown(results, title, "the `bench/srd_evidence.py` docstring")
     if len(results["seeds"]) < len(SEEDS):  # say so where a reader looks first
@@ -355,8 +353,7 @@ def write_results(experiment: str, work: Path, base: dict, seeds: list[int]) -> 
     if results["cluster_agreement"]:
         table += cluster_markdown(results["cluster_agreement"])
     table += by_task_markdown(results["by_task"])
-    (RESULTS / f"{name}.md").write_text(table)
-    print(table)
+    save_results(f"srd_evidence_{experiment}", results, table)
 
 
 if __name__ == "__main__":

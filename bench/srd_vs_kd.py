@@ -30,7 +30,6 @@ ratios. Results go to bench/results/srd_vs_kd_<pair>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -41,7 +40,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
-    RESULTS,
     ROOT,
     base_scores,
     compared_spec,
@@ -51,6 +49,7 @@ from common import (
     pair_settings,
     prepare_base,
     run_record,
+    save_results,
     srd,
     write_spec,
 )
@@ -155,11 +154,7 @@ def main() -> None:
                 srd("run", str(write_spec(compared_spec(base, settings, work, loss, seed, curriculum), work)))
 
     results = summarise(args.pair, work, losses, seeds, settings)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"srd_vs_kd_{args.pair}.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(args.pair, results)
-    (RESULTS / f"srd_vs_kd_{args.pair}.md").write_text(table)
-    print(table)
+    save_results(f"srd_vs_kd_{args.pair}", results, markdown(args.pair, results))
 
 
 if __name__ == "__main__":

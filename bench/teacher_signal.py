@@ -112,6 +112,7 @@ from common import (  # noqa: E402  (the shared pair settings, run helpers and t
     mean_std,
     pair_settings,
     prepare_base,
+    save_results,
     srd,
     write_spec,
 )
@@ -679,10 +680,7 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=2) + "\n")
     results = {pair: json.loads(path.read_text()) for pair in ("tiny", "smollm2")
                if (path := RESULTS / f"teacher_signal_{pair}.json").exists()}  # fmt: skip
-    (RESULTS / "teacher_signal.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (RESULTS / "teacher_signal.md").write_text(table)
-    print(table)
+    save_results("teacher_signal", results, markdown(results))
 
 
 if __name__ == "__main__":

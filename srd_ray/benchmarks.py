@@ -89,13 +89,14 @@ def run_lm_eval(model_path: str, settings: LmEvalSpec, backend: str, device: str
 
 def task_manager(settings: LmEvalSpec) -> Any:
     """lm-eval's index of the tasks asked for. Indexing lm-eval's ~15,000 built-in task configs takes seconds
-    in every process that scores a model, so an ``include_path`` that holds every asked-for task is indexed
-    alone; otherwise the built-ins are indexed too (they may hold the rest)."""
+    in every process that scores a model, so an ``include_path`` whose own plain tasks are every asked-for
+    task is indexed alone. Otherwise (a name it lacks, or a group or tag there, which may list built-in
+    tasks) the built-ins are indexed too."""
     from lm_eval.tasks import TaskManager
 
     if settings.include_path:
         own = TaskManager(include_path=settings.include_path, include_defaults=False)
-        if all(own.match_tasks([task]) for task in settings.tasks):
+        if set(settings.tasks) <= set(own.all_subtasks):
             return own
         return TaskManager(include_path=settings.include_path)
     return TaskManager()

@@ -81,6 +81,10 @@ def test_tasks_of_the_include_path_alone_skip_indexing_lm_evals_own(tmp_path):
     assert sorted(own.all_tasks) == ["srd_demo_gen", "srd_demo_mc"], "only the include_path was indexed"
     both = benchmarks.task_manager(LmEvalSpec(tasks=["srd_demo_mc", "arc_easy"], include_path=folder))
     assert both.match_tasks(["srd_demo_mc"]) and both.match_tasks(["arc_easy"]), "a built-in task is still found"
+    # A group of the include_path may list built-in tasks: they are indexed too.
+    (Path(folder) / "group.yaml").write_text("group: srd_demo_group\ntask: [srd_demo_mc, arc_easy]\n")
+    grouped = benchmarks.task_manager(LmEvalSpec(tasks=["srd_demo_group"], include_path=folder))
+    assert grouped.match_tasks(["arc_easy"]), "a group's built-in member is indexed"
 
 
 def test_scores_keep_numbers_and_name_filters():

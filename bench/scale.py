@@ -119,12 +119,15 @@ def role_of(process: psutil.Process, driver: int) -> str | None:
 
 class MemorySampler(threading.Thread):
     """Every ``interval`` seconds the RSS of the driver and its Ray workers, kept as the peak per stage
-    (the one run.json says is running), role and process."""
+    (the one run.json says is running), role and process. Also the peak of RSS without shared pages
+    (psutil's ``shared``: file-backed and shared-memory pages, the object store's among them), which
+    tells a process's own growth from object-store pages it maps."""
 
     def __init__(self, driver: int, manifest: Path, interval: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.driver, self.manifest, self.interval = driver, manifest, interval
         self.peaks: dict[tuple[str, str, int], int] = defaultdict(int)
+        self.private_peaks: dict[tuple[str, str, int], int] = defaultdict(int)
         self.stopping = threading.Event()
 
     def current_stage(self) -> str | None:
@@ -146,19 +149,24 @@ class MemorySampler(threading.Thread):
                 if role is None or stage is None:
                     continue
                 try:
-                    rss = process.memory_info().rss
+                    memory = process.memory_info()
                 except psutil.Error:
                     continue
                 key = (stage, role, process.pid)
-                self.peaks[key] = max(self.peaks[key], rss)
+                self.peaks[key] = max(self.peaks[key], memory.rss)
+                private = memory.rss - getattr(memory, "shared", 0)
+                self.private_peaks[key] = max(self.private_peaks[key], private)
 
     def by_stage(self) -> dict[str, dict[str, Any]]:
-        """Per stage and role: the peak RSS in MB (max over processes) and each process's peak."""
+        """Per stage and role: the peak RSS in MB (max over processes), each process's peak, and the peak
+        without shared pages."""
         result: dict[str, dict[str, Any]] = defaultdict(dict)
-        for (stage, role, _pid), rss in sorted(self.peaks.items()):
-            entry = result[stage].setdefault(role, {"peak_mb": 0.0, "each_mb": []})
+        for (stage, role, pid), rss in sorted(self.peaks.items()):
+            entry = result[stage].setdefault(role, {"peak_mb": 0.0, "each_mb": [], "peak_private_mb": 0.0})
             entry["each_mb"].append(round(rss / 2**20, 1))
             entry["peak_mb"] = max(entry["peak_mb"], round(rss / 2**20, 1))
+            private = round(self.private_peaks[(stage, role, pid)] / 2**20, 1)
+            entry["peak_private_mb"] = max(entry["peak_private_mb"], private)
         return dict(result)
 
 
@@ -258,10 +266,25 @@ def markdown(summary: dict[str, Any], name: str = "scale") -> str:
         times = ", ".join(f"{s} {v:.2f}x" for s, v in entry["time_per_row"].items())
         memory = ", ".join(f"{k} {v:.2f}x" for k, v in entry["memory"].items())
         lines.append(f"| {entry['code']} | {entry['rows']} | {times} | {memory} |")
+    lines += private_memory_lines(results)
     per_signal = ", ".join(f"{code} {value} MB/MB" for code, value in summary["worker_mb_per_signal_mb"].items())
     lines += ["", f"Extra Train worker memory per MB of stored teacher signal (smallest to largest size): {per_signal}",
               "", f"![peak RSS and time per row against rows]({name}.png)"]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def private_memory_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The driver's peak RSS without shared pages, per stage (runs sampled before it was recorded have none)."""
+    sampled = [r for r in results if any("peak_private_mb" in m.get("driver", {}) for m in r["memory"].values())]
+    if not sampled:
+        return []
+    lines = ["", "## Driver peak RSS without shared pages (MB)", "", "| code | rows | " + " | ".join(STAGES) + " |",
+             "|---|---|" + "---|" * len(STAGES)]  # fmt: skip
+    for r in sampled:
+        peaks = [r["memory"].get(stage, {}).get("driver", {}).get("peak_private_mb") for stage in STAGES]
+        cells = ["-" if mb is None else f"{mb:.0f}" for mb in peaks]
+        lines.append(f"| {r['code']} | {r['rows']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:

@@ -46,6 +46,7 @@ RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / "bench" / ".cache" / "scale"
 SIZES = (10_000, 30_000, 100_000)
 EVAL_ROWS = 200
+BEFORE_STREAMING = "every Train worker holds every row and the whole signal"
 STAGES = ("reflect", "rank", "teacher_signal", "distill", "evaluate")
 
 
@@ -170,10 +171,11 @@ class MemorySampler(threading.Thread):
         return dict(result)
 
 
-def run_size(checkout: Path, code: str, rows: int, models: Path, work: Path) -> dict[str, Any]:
-    """One pipeline at ``rows`` training rows by the code at ``checkout``: walls and sampled memory."""
+def run_size(checkout: Path, code: str, rows: int, models: Path, work: Path, commit: str) -> dict[str, Any]:
+    """One pipeline at ``rows`` training rows by the code at ``checkout`` (``commit``): walls and sampled
+    memory. A cached result is reused only if the same commit made it."""
     cached = work / "runs" / f"{code}-{rows}.json"
-    if cached.exists():
+    if cached.exists() and json.loads(cached.read_text()).get("commit") == commit:
         return json.loads(cached.read_text())
     data = prepare_data(work, rows)
     out = work / "runs" / f"{code}-{rows}"
@@ -194,7 +196,7 @@ def run_size(checkout: Path, code: str, rows: int, models: Path, work: Path) -> 
     manifest = json.loads((out / "scale" / "run.json").read_text())
     signal = manifest["stages"]["teacher_signal"]["summary"]
     result = {
-        "code": code, "rows": rows, "memory": sampler.by_stage(),
+        "code": code, "commit": commit, "rows": rows, "memory": sampler.by_stage(),
         "wall_s": {stage: manifest["stages"][stage]["wall_s"] for stage in STAGES},
         "signal_mb": round(signal["stored_bytes"] / 2**20, 1), "signal_rows": signal["rows"],
         "optimizer_steps": manifest["stages"]["distill"]["summary"]["optimizer_steps"],
@@ -243,7 +245,7 @@ def markdown(summary: dict[str, Any], name: str = "scale") -> str:
         "# Cost against data set size (#29)", "",
         f"Machine: {summary['machine']}. Protocol: the `bench/scale.py` docstring (tiny pair, topk k 64, one "
         f"epoch per stage, 2 Train workers). Codes: `after` = {summary['after']}, `before` = {summary['before']} "
-        f"(every Train worker holds every row and the whole signal). Models: {summary['models']}.", "",
+        f"({summary.get('before_is', BEFORE_STREAMING)}). Models: {summary['models']}.", "",
         "## Wall time per training row (ms)", "",
         "| code | rows | " + " | ".join(STAGES) + " | signal MB | steps |",
         "|---|---|" + "---|" * len(STAGES) + "---|---|",
@@ -317,6 +319,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--before", default="7b1073e", help="the commit before streaming")
+    parser.add_argument("--before-is", default=BEFORE_STREAMING, help="what the before code is, for the results")
     parser.add_argument("--before-sizes", default="10000,30000", help="sizes the before code runs ('' for none)")
     parser.add_argument("--name", default="scale", help="results file name: bench/results/<name>.{json,md,png}")
     parser.add_argument(
@@ -329,19 +332,19 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     models = args.models.resolve() if args.models else prepare_models(CACHE)
     after = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    results = [run_size(ROOT, "after", int(n), models, CACHE) for n in args.sizes.split(",") if n]
+    results = [run_size(ROOT, "after", int(n), models, CACHE, after.stdout.strip()) for n in args.sizes.split(",") if n]
     before_sizes = [int(n) for n in args.before_sizes.split(",") if n]
     if before_sizes:
         checkout = Path(tempfile.mkdtemp(prefix="scale-before-")) / "checkout"
         subprocess.run(["git", "worktree", "add", "--detach", str(checkout), args.before], cwd=ROOT, check=True)
         try:
-            results += [run_size(checkout, "before", n, models, CACHE) for n in before_sizes]
+            results += [run_size(checkout, "before", n, models, CACHE, args.before) for n in before_sizes]
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(checkout)], cwd=ROOT, check=False)
     codes = sorted({r["code"] for r in results})
     summary = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-        "after": after.stdout.strip(), "before": args.before if before_sizes else None,
+        "after": after.stdout.strip(), "before": args.before if before_sizes else None, "before_is": args.before_is,
         "models": str(models) if args.models else "the quickstart pair, teacher fine-tuned",
         "results": results, "ratios": ratios(results),
         "worker_mb_per_signal_mb": {code: worker_mb_per_signal_mb(results, code) for code in codes},

@@ -165,8 +165,9 @@ def run_reflect(
     writer = ShardWriter(sharded, add_rouge, shard_columns, "generated_tokens")
     engine_kwargs = {"spec": spec, "engine": engine, "teacher": teacher}
     progress = sharded.score(todo, ReflectEngine, engine_kwargs, spec.reflect, writer, "generated tokens")
-    scored = sharded.read()
-    sharded.check_complete(table["example_id"].to_pylist(), scored)
+    # Only what the check and the summary need: the driver never holds every prompt and answer at once.
+    scored = sharded.read(columns=["example_id", "rouge_l", "student_ce", "teacher_ce", "prompt_truncated"])
+    sharded.check_complete(table["example_id"], scored)
     wall = time.perf_counter() - started
     return {
         "rows": scored.num_rows,

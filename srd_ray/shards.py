@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -35,11 +36,12 @@ ROW_GROUP_ROWS = 16
 def split_into_shards(table: pa.Table, shard_rows: int) -> list[pa.Table]:
     """Fixed shards by input position: the same data and shard size always give the same shards. Each
     shard carries its ``shard_index`` column."""
-    ordered = table.sort_by("input_position")
+    positions = table["input_position"].to_numpy()
+    # Loaded data is already in input order: slicing it copies nothing (sorting would copy every row).
+    ordered = table if bool(np.all(positions[1:] >= positions[:-1])) else table.sort_by("input_position")
     return [
         ordered.slice(start, shard_rows).append_column(
-            "shard_index",
-            pa.array([start // shard_rows] * min(shard_rows, ordered.num_rows - start), pa.int32()),
+            "shard_index", pa.array(np.full(min(shard_rows, ordered.num_rows - start), start // shard_rows), pa.int32())
         )
         for start in range(0, ordered.num_rows, shard_rows)
     ]
@@ -160,16 +162,21 @@ class ShardedPass:
             total = sum(shard.num_rows for shard in todo)
             return follow_progress(self.stage, written.iter_rows(), total, tokens_label)
 
-    def check_complete(self, expected_ids: Iterable[str], done: pa.Table) -> None:
-        """Every input example_id done exactly once (or rejected): nothing lost, duplicated or foreign."""
-        expected = set(expected_ids) - {row["example_id"] for row in self.rejected()}
-        got = done["example_id"].to_pylist()
-        duplicates = done.num_rows - len(set(got))
-        missing, extra = expected - set(got), set(got) - expected
+    def check_complete(self, expected_ids: pa.ChunkedArray | Iterable[str], done: pa.Table) -> None:
+        """Every input example_id done exactly once (or rejected): nothing lost, duplicated or foreign.
+        Counted with Arrow's hash sets: no Python object per row, as the driver may hold millions of ids."""
+        if not isinstance(expected_ids, pa.Array | pa.ChunkedArray):
+            expected_ids = pa.array(list(expected_ids), pa.string())
+        done_ids = done["example_id"]
+        rejected = pa.array([row["example_id"] for row in self.rejected()], pa.string())
+        expected = pc.filter(expected_ids, pc.invert(pc.is_in(expected_ids, value_set=rejected)))
+        duplicates = len(done_ids) - pc.count_distinct(done_ids).as_py()
+        missing = pc.sum(pc.invert(pc.is_in(expected, value_set=done_ids))).as_py() or 0
+        extra = pc.sum(pc.invert(pc.is_in(done_ids, value_set=expected))).as_py() or 0
         if missing or extra or duplicates:
             raise DataError(
-                f"{self.stage} shards hold {done.num_rows} rows for {len(expected)} inputs: {len(missing)} "
-                f"missing, {len(extra)} not in the input, {duplicates} duplicated; rerun with --redo {self.stage}"
+                f"{self.stage} shards hold {done.num_rows} rows for {len(expected)} inputs: {missing} "
+                f"missing, {extra} not in the input, {duplicates} duplicated; rerun with --redo {self.stage}"
             )
 
 

@@ -175,7 +175,7 @@ def run_teacher_signal(
     engine_kwargs = {"spec": spec, "teacher": teacher, "engine": engine}
     progress = sharded.score(todo, SignalEngine, engine_kwargs, settings, writer, "response tokens")
     done = sharded.read(columns=["example_id", "num_tokens"])
-    sharded.check_complete(rows["example_id"].to_pylist(), done)
+    sharded.check_complete(rows["example_id"], done)
     tokens = pc.sum(done["num_tokens"]).as_py() or 0
     adaptive = settings.k == "adaptive"
     mass_columns = ["num_tokens", "topk_logprobs", "tail_logprob", "tempered_tail_logprobs"]

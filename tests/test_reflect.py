@@ -196,6 +196,9 @@ def test_shards_follow_input_position(rows):
     assert [s.num_rows for s in shards] == [4, 4, 2]
     assert shards[0]["input_position"].to_pylist() == [0, 1, 2, 3]
     assert shards[2]["shard_index"].to_pylist() == [2, 2]
+    # Rows already in input order (as loaded) are sliced, not copied: the driver holds one copy of the data.
+    in_order = split_into_shards(rows, 4)
+    assert in_order[1]["prompt"].chunks[0].buffers()[2].address == rows["prompt"].chunks[0].buffers()[2].address
 
 
 def test_shard_schema_is_explicit_and_carries_settings(engine, rows, tmp_path):
@@ -225,6 +228,8 @@ def test_completeness_check_catches_lost_and_duplicated_rows(rows, tmp_path):
         sharded.check_complete(ids, rows.slice(1))
     with pytest.raises(DataError, match="1 duplicated"):
         sharded.check_complete(ids, pa.concat_tables([rows, rows.slice(0, 1)]))
+    with pytest.raises(DataError, match="1 not in the input"):
+        sharded.check_complete(ids[1:], rows)
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):

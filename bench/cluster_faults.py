@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -33,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from common import MACHINE, save_results  # noqa: E402  (bench/ is on sys.path as the script's folder)
+
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 # Where each stage's first output shows, and what it is: a shard, or (distill) Ray Train's snapshot of its
@@ -193,12 +195,8 @@ def main() -> None:
                 runs.append(run_once(cluster, bucket, data, work, f"lose-node-in-{fault}", fault))
         finally:
             cluster.shutdown()
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU", "runs": runs}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cluster_faults.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (RESULTS / "cluster_faults.md").write_text(table)
-    print(table)
+    results = {"machine": MACHINE, "runs": runs}
+    save_results("cluster_faults", results, markdown(results))
 
 
 if __name__ == "__main__":

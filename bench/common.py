@@ -23,6 +23,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_EVAL = ROOT.parent / "shared" / "data" / "eval"
 RESULTS = ROOT / "bench" / "results"
+# Where the benchmarks run (GPU results come from scripts/gpu-check.sh and say their card).
+MACHINE = f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"
 STAGE_SETTINGS = [(0.8, 1.0), (0.9, 1.5), (1.0, 2.0)]  # the release's kd_weight / temperature per stage
 
 
@@ -230,7 +232,7 @@ def summarise_paired(work: Path, variants: list[str], seeds: list[int], comparis
     runs = {variant: [record(work / f"{variant}-seed{seed}") for seed in seeds] for variant in variants}
     sets = sorted(runs[variants[0]][0]["scores"])
     return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+        "machine": MACHINE,
         "seeds": seeds,
         "eval_sets": sets,
         "reference": base_scores(work),

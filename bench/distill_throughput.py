@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,6 +24,9 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
+
+from common import MACHINE  # noqa: E402  (bench/ is on sys.path as the script's folder)
+
 GLOBAL_BATCH = 16
 
 
@@ -145,13 +147,12 @@ def main() -> None:
             f"| {name} | {r['steps']} | {r['tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | "
             f"{r['x_plain']:.2f} | {r['steady_tokens_per_s']:.0f} | {r['steady_x_plain']:.2f} |"
         )
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "distill_throughput.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+    (RESULTS / "distill_throughput.json").write_text(json.dumps({"machine": MACHINE, "results": results}, indent=2))
     table = [
         f"# Distill throughput: {train.num_rows} rows x {stage.epochs} epochs, global batch {GLOBAL_BATCH}",
         "",
-        f"Machine: {machine}. Whole-call figures include worker start-up, model loading and the final checkpoint.",
+        f"Machine: {MACHINE}. Whole-call figures include worker start-up, model loading and the final checkpoint.",
         "",
         "| config | steps | tokens | wall s | tokens/s | x plain | steady tokens/s | steady x plain |",
         "|---|---|---|---|---|---|---|---|",

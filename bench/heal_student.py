@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -44,6 +43,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from common import MACHINE  # noqa: E402  (bench/ is on sys.path as the script's folder)
+
 sys.path.insert(0, str(ROOT / "bench"))
 
 from smollm2 import materialize, prune_layers  # noqa: E402
@@ -148,7 +150,7 @@ def heal(cache: Path, target: Path) -> None:
     train, validation = corpus[:TRAIN_SAMPLES], corpus[TRAIN_SAMPLES:]
 
     original = AutoModelForCausalLM.from_pretrained(teacher)
-    record: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"}
+    record: dict = {"machine": MACHINE}
     record["validation_ce"] = {"original": validation_ce(original, validation)}
     kept, record["validation_ce_by_first_layers_kept"] = best_middle_cut(original, validation)
     record["kept_layers"] = kept

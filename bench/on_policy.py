@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import (  # noqa: E402  (the shared pair settings, run helpers and tables)
+    MACHINE,
     RESULTS,
     base_scores,
     compared_spec,
@@ -281,7 +281,7 @@ def main() -> None:
     base = prepare_base(settings, work)
     path = RESULTS / "on_policy.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"
+    results["machine"] = MACHINE
     if "speed" in parts:  # per pair and response length
         key = args.pair
         if args.speed_response_tokens:

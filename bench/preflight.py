@@ -19,9 +19,7 @@ the run directory, and the last line printed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from common import MACHINE, save_results  # noqa: E402  (bench/ is on sys.path as the script's folder)
+
 RESULTS = ROOT / "bench" / "results"
 CASES = {
     "reflect_gpu": ["reflect.num_gpus_per_actor=1"],
@@ -107,13 +108,9 @@ def main() -> None:
                  for name, settings in CASES.items()}  # fmt: skip
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, check=False)
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU", "before": args.before,
+    results = {"machine": MACHINE, "before": args.before,
                "limit": args.limit, "cases": cases}  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "preflight.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (RESULTS / "preflight.md").write_text(table)
-    print(table)
+    save_results("preflight", results, markdown(results))
 
 
 if __name__ == "__main__":

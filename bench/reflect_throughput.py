@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import time
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ import pyarrow.compute as pc
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
+
+from common import MACHINE  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 
 def prepare_inputs(model: str, rows: int, cache: Path) -> tuple[str, str]:
@@ -341,7 +342,7 @@ def write_results(args, model_path: str, settings: dict, results: list[dict], ou
     name = args.name or args.model
     record = {
         "model": args.model, "model_path": model_path, "data": args.data or "demo", "rows": args.rows,
-        "settings": settings, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU", "results": results,
+        "settings": settings, "machine": MACHINE, "results": results,
     }  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"reflect_throughput_{name}.json").write_text(json.dumps(record, indent=2) + "\n")

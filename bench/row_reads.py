@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -36,6 +35,9 @@ from types import SimpleNamespace
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from common import MACHINE  # noqa: E402  (bench/ is on sys.path as the script's folder)
+
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_RUN = ROOT / "bench/.cache/scale/runs/after-20000/scale"
 ROWS_READ, MICRO_BATCH = 1600, 8
@@ -138,7 +140,7 @@ def main() -> None:
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(checkout)], cwd=ROOT, check=False)
     measured = run_code(ROOT, run, tokenizer)
-    summary = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU", "run": str(run.relative_to(ROOT)),
+    summary = {"machine": MACHINE, "run": str(run.relative_to(ROOT)),
                "before_commit": args.before, "after_commit": after.stdout.strip(), "pool_rows": measured["pool_rows"],
                "signal_rows": measured["rows"]["teacher_signal"], "before": before, "after": measured}  # fmt: skip
     write_results(summary)

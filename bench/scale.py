@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -42,6 +41,9 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from common import MACHINE  # noqa: E402  (bench/ is on sys.path as the script's folder)
+
 RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / "bench" / ".cache" / "scale"
 SIZES = (10_000, 30_000, 100_000)
@@ -343,7 +345,7 @@ def main() -> None:
             subprocess.run(["git", "worktree", "remove", "--force", str(checkout)], cwd=ROOT, check=False)
     codes = sorted({r["code"] for r in results})
     summary = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+        "machine": MACHINE,
         "after": after.stdout.strip(), "before": args.before if before_sizes else None, "before_is": args.before_is,
         "models": str(models) if args.models else "the quickstart pair, teacher fine-tuned",
         "results": results, "ratios": ratios(results),

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    MACHINE,
     ROOT,
     base_scores,
     compared_spec,
@@ -101,7 +101,7 @@ def markdown(pair: str, results: dict[str, Any]) -> str:
 def summarise(pair: str, work: Path, losses: list[str], seeds: list[int], settings: dict[str, Any]) -> dict:
     results: dict[str, Any] = {
         "pair": pair,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+        "machine": MACHINE,
         "seeds": seeds,
         "eval_seeds": settings["eval_seeds"],
         "eval_rows": settings["eval_rows"],

@@ -92,7 +92,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -104,6 +103,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import (  # noqa: E402  (the shared pair settings, run helpers and tables)
+    MACHINE,
     RESULTS,
     SHARED_EVAL,
     base_scores,
@@ -495,7 +495,7 @@ def trained_runs(pair: str, seeds: list[int], labels: list[str], prefix: str = "
     n_teacher, n_student = matmul_parameters(teacher), matmul_parameters(student)
     return {
         "pair": pair,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+        "machine": MACHINE,
         "settings": {"k": K, "seeds": seeds, "srd_epochs": settings["srd_epochs"], **EVAL[pair]},
         "reference": base_scores(work),
         "runs": {

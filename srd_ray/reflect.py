@@ -27,29 +27,13 @@ from srd_ray.devices import uses_cuda
 from srd_ray.encoding import prompts_of
 from srd_ray.engines import Engine, build_engine, engine_version, row_seed
 from srd_ray.errors import ModelError
-from srd_ray.scoring import rouge_l
+from srd_ray.reflect_columns import SIGNAL_FIELDS, add_rouge, shard_columns
 from srd_ray.shards import ShardedPass, ShardEngine, ShardWriter, split_into_shards
 from srd_ray.spec import GenerationSpec, JobSpec, ModelSpec
 from srd_ray.storage import Location, Place
 
 log = logging.getLogger(__name__)
 
-INPUT_FIELDS = [
-    pa.field("example_id", pa.string()),
-    pa.field("input_position", pa.int64()),
-    pa.field("prompt", pa.string()),
-    pa.field("references", pa.list_(pa.string())),
-    pa.field("response", pa.string()),
-]
-SIGNAL_FIELDS = [
-    pa.field("student_answer", pa.string()),
-    pa.field("rouge_l", pa.float64()),
-    pa.field("student_ce", pa.float64()),
-    pa.field("teacher_ce", pa.float64()),  # null unless reflect.teacher_ce
-    pa.field("response_tokens", pa.int32()),
-    pa.field("generated_tokens", pa.int32()),
-    pa.field("prompt_truncated", pa.bool_()),
-]
 SETTINGS_KEY = b"srd_ray.reflect"
 
 
@@ -74,26 +58,10 @@ def engine_signals(rows: pa.Table, engine: Engine, generation: GenerationSpec, t
     return rows
 
 
-def add_rouge(rows: pa.Table) -> pa.Table:
-    """The CPU part: ROUGE-L F of each answer against its best reference."""
-    references = rows["references"].to_pylist()
-    scores = [
-        rouge_l(answer, refs) for answer, refs in zip(rows["student_answer"].to_pylist(), references, strict=True)
-    ]
-    return rows.append_column(pa.field("rouge_l", pa.float64()), pa.array(scores, pa.float64()))
-
-
 def score_table(rows: pa.Table, engine: Engine, generation: GenerationSpec, teacher: Engine | None = None) -> pa.Table:
     """Add the student's answer and the difficulty signals to every row (order kept): both parts at once."""
     scored = add_rouge(engine_signals(rows, engine, generation, teacher))
     return scored.select([*rows.column_names, *(f.name for f in SIGNAL_FIELDS)])
-
-
-def shard_columns(rows: pa.Table | None) -> pa.Schema:
-    """The fixed input and signal columns first, then the data's passthrough columns."""
-    fixed = {field.name for field in INPUT_FIELDS + SIGNAL_FIELDS}
-    passthrough = [field for field in rows.schema if field.name not in fixed] if rows is not None else []
-    return pa.schema(INPUT_FIELDS + SIGNAL_FIELDS + passthrough)
 
 
 def reflect_settings(spec: JobSpec, engine: str, teacher: ModelSpec | None) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from srd_ray.data import LoadedData, drop_long_prompts, load_source
 from srd_ray.engines import NoRepeatNGram, TransformersEngine, check_context
 from srd_ray.errors import DataError, ModelError, RunDirError
 from srd_ray.models import check_model_path
-from srd_ray.reflect import INPUT_FIELDS, SETTINGS_KEY, SIGNAL_FIELDS, add_rouge, score_table, shard_columns
+from srd_ray.reflect import SETTINGS_KEY, score_table
+from srd_ray.reflect_columns import INPUT_FIELDS, SIGNAL_FIELDS, add_rouge, shard_columns
 from srd_ray.scoring import rouge_l
 from srd_ray.shards import (
     PASS_COLUMNS,

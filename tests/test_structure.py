@@ -42,3 +42,26 @@ def test_the_import_checker_finds_planted_upward_imports_and_cycles():
     }
     assert imports.upward(edges) == [("srd_ray.models", "srd_ray.distill.losses"), ("srd_ray.rank", "srd_ray.pipeline")]
     assert imports.cycles(edges) == [["srd_ray.distill.a", "srd_ray.distill.b"]]
+
+
+def test_the_reflect_writer_actor_loads_no_torch(tmp_path):
+    """The writer actor of the reflect pass computes ROUGE-L and writes Parquet: what it is built from
+    (pickled by Ray as here) must not pull in torch or transformers, which cost it seconds of CPU while the
+    engines start, and hundreds of MB."""
+    from ray import cloudpickle
+
+    from srd_ray.reflect import SETTINGS_KEY
+    from srd_ray.reflect_columns import add_rouge, shard_columns
+    from srd_ray.shards import ShardedPass, ShardWriter
+    from srd_ray.storage import Location
+
+    writer = ShardWriter(ShardedPass("reflect", Location.of(tmp_path), SETTINGS_KEY, {}), add_rouge, shard_columns, "n")
+    (tmp_path / "writer.pkl").write_bytes(cloudpickle.dumps(writer.settings()))
+    code = (
+        "import pickle, sys; settings = pickle.load(open(sys.argv[1], 'rb')); "
+        "heavy = [m for m in ('torch', 'transformers', 'vllm') if m in sys.modules]; "
+        "assert settings['finish'].__name__ == 'add_rouge' and not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "writer.pkl")], cwd=ROOT, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -11,13 +11,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from srd_ray import auto
 from srd_ray.distill.curriculum import bucket_name, plan_curriculum
 from srd_ray.distill.driver import run_training
 from srd_ray.distill.losses import LossSettings
 from srd_ray.distill.worker import StagePlan, TrainingJob
-from srd_ray.encoding import prompts_of, training_text
+from srd_ray.encoding import prompts_of, text_columns, training_text
 from srd_ray.errors import DataError, SpecError
 from srd_ray.models import load_tokenizer
 from srd_ray.rank import bucket_dir, read_manifest
@@ -63,9 +64,15 @@ def check_buckets(rank_dir: Location, used: range) -> None:
 
 
 def bucket_tables(rank_dir: Location, buckets: range) -> dict[int, pa.Table]:
-    """The training columns of each rank bucket."""
+    """The training columns of each rank bucket (only those are read: a bucket also holds every signal and
+    the student's answers)."""
     check_buckets(rank_dir, buckets)
-    return {b: training_text(bucket_dir(rank_dir, b).read_parquet()) for b in buckets}
+    return {b: read_training_text(bucket_dir(rank_dir, b)) for b in buckets}
+
+
+def read_training_text(folder: Location) -> pa.Table:
+    names = pq.ParquetDataset(folder.path, filesystem=folder.filesystem).schema.names
+    return folder.read_parquet(columns=text_columns(names))
 
 
 def training_rows(spec: JobSpec, rank_dir: Place | None, train_rows: pa.Table) -> pa.Table:

@@ -253,9 +253,11 @@ def warn_about_tail_mass(mass: dict[str, float], k: str) -> None:
 def unique_rows(rows: pa.Table) -> pa.Table:
     """One row per example_id (a training row can also be a held-out row), in example_id order."""
     rows = rows.sort_by("example_id")
-    ids = rows["example_id"].to_pylist()
-    keep = [i for i, example_id in enumerate(ids) if i == 0 or example_id != ids[i - 1]]
-    return rows.take(keep)
+    ids = rows["example_id"]
+    repeated = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))  # does row i + 1 repeat row i?
+    if not pc.any(repeated).as_py():
+        return rows
+    return rows.filter(pa.concat_arrays([pa.array([True]), pc.invert(repeated).combine_chunks()]))
 
 
 def read_signal(stage_dir: Place, columns: list[str] | None = None) -> pa.Table:

@@ -36,6 +36,7 @@ from srd_ray.teacher_signal import (
     score_signal,
     signals_by_id,
     tail_mass,
+    unique_rows,
     warn_about_tail_mass,
 )
 from tests.processes import demo_data_yaml, write_spec
@@ -395,3 +396,14 @@ def test_an_adaptive_pass_reports_ids_per_token_and_its_settings(tmp_path, ray_s
     assert summary["raw_bytes_per_token"] == pytest.approx(counts.mean() * 6 + 4 * (1 + temperatures) + 2, abs=0.1)
     assert (summary["k"], summary["coverage"], summary["max_k"]) == ("adaptive", 0.5, 300)
     assert summary["tail_mass"]["1"] <= 0.5
+
+
+def test_the_pass_scores_each_example_once_in_example_id_order():
+    """A training row that is also a held-out row is scored once; rows come in example_id order (so the same
+    rows always make the same shards), across the chunks of a concatenated table too."""
+    training = pa.table({"example_id": ["b", "a", "d"], "prompt": ["pb", "pa", "pd"]})
+    heldout = pa.table({"example_id": ["d", "c"], "prompt": ["pd", "pc"]})
+    rows = unique_rows(pa.concat_tables([training, heldout]))
+    assert rows["example_id"].to_pylist() == ["a", "b", "c", "d"]
+    assert rows["prompt"].to_pylist() == ["pa", "pb", "pc", "pd"]
+    assert unique_rows(training.slice(0, 0)).num_rows == 0

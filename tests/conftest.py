@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s, so a training job ends up to 2 s after its workers
+# (and starts later): ~4 s per job, dozens of jobs in the suite. Local Rays and `ray start` inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
 

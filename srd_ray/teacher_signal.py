@@ -47,7 +47,6 @@ from srd_ray.storage import Location, Place
 
 log = logging.getLogger(__name__)
 
-CHECK_BATCH_ROWS = 2048
 SETTINGS_KEY = b"srd_ray.teacher_signal"
 LOGPROB_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
 # Above this mean tempered mass outside the top k, the pass warns. Measured on the healed SmolLM2 pair
@@ -268,30 +267,21 @@ def read_signal(stage_dir: Place, columns: list[str] | None = None) -> pa.Table:
 
 def check_signal(rows: pa.Table, signal: pa.Table, tokenizer: Any, data: DataSpec) -> None:
     """Before training: every row has a signal, and it covers exactly the row's response tokens as
-    training tokenizes them (a shard made from other text or token limits would silently misalign). Rows
-    are encoded ``CHECK_BATCH_ROWS`` at a time: the driver never holds every row as Python objects."""
-    present = pc.is_in(rows["example_id"], value_set=signal["example_id"])
-    if not pc.all(present).as_py():
-        missing = rows.filter(pc.invert(present))["example_id"]
+    training tokenizes them (a shard made from other text or token limits would silently misalign)."""
+    counts = dict(zip(signal["example_id"].to_pylist(), signal["num_tokens"].to_pylist(), strict=True))
+    missing = [example_id for example_id in rows["example_id"].to_pylist() if example_id not in counts]
+    if missing:
         raise DataError(
             f"teacher_signal has no signal for {len(missing)} of {rows.num_rows} rows distillation needs "
-            f"(first: {missing[0].as_py()}); rerun with --redo teacher_signal"
+            f"(first: {missing[0]}); rerun with --redo teacher_signal"
         )
-    # Both in example_id order, one row per id, so row i's count is at i (the signal may hold other rows).
-    rows = unique_rows(training_text(rows))
-    counts = signal.filter(pc.is_in(signal["example_id"], value_set=rows["example_id"])).sort_by("example_id")
-    if counts.num_rows != rows.num_rows:
-        raise DataError(f"teacher_signal holds {counts.num_rows - rows.num_rows} duplicated rows; rerun with --redo "
-                        "teacher_signal")  # fmt: skip
     encode = RowFormat(tokenizer, data).example
-    for start in range(0, rows.num_rows, CHECK_BATCH_ROWS):
-        batch = rows.slice(start, CHECK_BATCH_ROWS)
-        stored = counts["num_tokens"].slice(start, CHECK_BATCH_ROWS).to_pylist()
-        texts = zip(batch["example_id"].to_pylist(), prompts_of(batch), batch["response"].to_pylist(), stored,
-                    strict=True)  # fmt: skip
-        for example_id, prompt, response, count in texts:
-            if count != (expected := encode(prompt, response).scored_tokens):
-                raise DataError(
-                    f"teacher_signal for row {example_id} covers {count} response tokens, but the row "
-                    f"tokenizes to {expected}; rerun with --redo teacher_signal"
-                )
+    for example_id, prompt, response in zip(rows["example_id"].to_pylist(), prompts_of(rows),
+                                            rows["response"].to_pylist(), strict=True):  # fmt: skip
+        example = encode(prompt, response)
+        expected = example.scored_tokens
+        if counts[example_id] != expected:
+            raise DataError(
+                f"teacher_signal for row {example_id} covers {counts[example_id]} response tokens, but the row "
+                f"tokenizes to {expected}; rerun with --redo teacher_signal"
+            )

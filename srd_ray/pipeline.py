@@ -500,6 +500,7 @@ def _check_cluster(run: Run) -> None:
 
 def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str] | None = None) -> dict[str, Any]:
     """Run the selected stages (default: all enabled) and return the manifest."""
+    use_the_system_allocator_for_arrow()
     selected = _selected_stages(spec, stages, redo)
     run = Run(spec, RunDirectory(spec), fingerprints(spec), tuple(stage.name for stage in selected))
     prepared = "prepare" not in enabled_stages(spec) or run.run_dir.is_complete("prepare", run.fingerprints["prepare"])
@@ -527,6 +528,14 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str]
             if stage.name == "prepare":
                 preflight(run)
     return run.run_dir.manifest
+
+
+def use_the_system_allocator_for_arrow() -> None:
+    """The driver's Arrow memory comes from the system allocator, which hands freed memory back; Arrow's
+    default pool (mimalloc) keeps it, so the driver grew with every table it had ever read. Reading the
+    training columns of 22,500 rows (6 MB live) left the driver 66 MB larger with mimalloc, 19 MB with the
+    system pool. Actors keep the default: their Arrow work is heavy and their tables come and go per shard."""
+    pa.set_memory_pool(pa.system_memory_pool())
 
 
 def _selected_stages(spec: JobSpec, stages: list[str] | None, redo: list[str] | None) -> list[Stage]:

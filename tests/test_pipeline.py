@@ -127,6 +127,7 @@ def test_reduced_quickstart_end_to_end(tmp_path, ray_session, monkeypatch):
     again = run_pipeline(load_spec(write(tmp_path, REDUCED_QUICKSTART)))
     monkeypatch.undo()
     assert {name: record["finished"] for name, record in again["stages"].items()} == finished
+    assert pa.default_memory_pool().backend_name == "system", "the driver's Arrow memory is handed back"
 
     # The report has every plot; compare and evaluate --model work on the finished run.
     assert main(["report", str(run_dir)]) == 0

@@ -532,9 +532,9 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str]
 
 def use_the_system_allocator_for_arrow() -> None:
     """The driver's Arrow memory comes from the system allocator, which hands freed memory back; Arrow's
-    default pool (mimalloc) keeps it, so the driver grew with every table it had ever read. Reading the
-    training columns of 22,500 rows (6 MB live) left the driver 66 MB larger with mimalloc, 19 MB with the
-    system pool. Actors keep the default: their Arrow work is heavy and their tables come and go per shard."""
+    default pool (mimalloc) keeps much of it, so the driver grew with every table it had read. Reading the
+    training columns of 22,500 rows (6 MB live) left it 75 MB larger with mimalloc, 40 MB with the system
+    pool (bench/results/arrow_pool.md). Actors keep the default: their tables come and go per shard."""
     pa.set_memory_pool(pa.system_memory_pool())
 
 

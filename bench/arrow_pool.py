@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-from common import MACHINE, save_results
+from common import MACHINE, ROOT, save_results
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "bench" / ".cache" / "scale" / "runs"
 SIZES = (10_000, 30_000)
 POOLS = ("mimalloc", "system")
@@ -31,7 +29,8 @@ from srd_ray.distill_stage import bucket_tables
 from srd_ray.teacher_signal import read_signal
 import srd_ray.models  # the driver's imports, so that they are not counted
 if sys.argv[2] == "system":
-    pa.set_memory_pool(pa.system_memory_pool())
+    from srd_ray.pipeline import use_the_system_allocator_for_arrow  # as the driver does
+    use_the_system_allocator_for_arrow()
 process = psutil.Process()
 mb = lambda: process.memory_full_info().uss / 2**20
 base = mb()

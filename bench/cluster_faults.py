@@ -31,10 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import MACHINE, save_results
+
 ROOT = Path(__file__).resolve().parents[1]
-
-from common import MACHINE, save_results  # noqa: E402  (bench/ is on sys.path as the script's folder)
-
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 # Where each stage's first output shows, and what it is: a shard, or (distill) Ray Train's snapshot of its

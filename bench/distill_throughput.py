@@ -22,11 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import MACHINE
+
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-
-from common import MACHINE  # noqa: E402  (bench/ is on sys.path as the script's folder)
-
 GLOBAL_BATCH = 16
 
 

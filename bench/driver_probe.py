@@ -15,11 +15,9 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-from common import MACHINE, save_results
+from common import MACHINE, ROOT, save_results
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "bench" / ".cache" / "scale" / "runs"
 
 PROBE = """

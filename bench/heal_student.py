@@ -43,11 +43,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from common import MACHINE  # noqa: E402  (bench/ is on sys.path as the script's folder)
-
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import MACHINE  # noqa: E402
 from smollm2 import materialize, prune_layers  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache"

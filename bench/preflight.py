@@ -27,11 +27,9 @@ import time
 from pathlib import Path
 
 import yaml
+from common import MACHINE, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from common import MACHINE, save_results  # noqa: E402  (bench/ is on sys.path as the script's folder)
-
 RESULTS = ROOT / "bench" / "results"
 CASES = {
     "reflect_gpu": ["reflect.num_gpus_per_actor=1"],

@@ -33,11 +33,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from common import MACHINE
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-
-from common import MACHINE  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 
 def prepare_inputs(model: str, rows: int, cache: Path) -> tuple[str, str]:

@@ -33,11 +33,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
+from common import MACHINE
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from common import MACHINE  # noqa: E402  (bench/ is on sys.path as the script's folder)
-
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_RUN = ROOT / "bench/.cache/scale/runs/after-20000/scale"
 ROWS_READ, MICRO_BATCH = 1600, 8

@@ -39,11 +39,9 @@ from typing import Any
 
 import psutil
 import yaml
+from common import MACHINE
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from common import MACHINE  # noqa: E402  (bench/ is on sys.path as the script's folder)
-
 RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / "bench" / ".cache" / "scale"
 SIZES = (10_000, 30_000, 100_000)

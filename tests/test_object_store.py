@@ -1,7 +1,8 @@
 """A run directory on an object store: ``output_dir: s3://...`` against a local S3 server (moto).
 
 The server speaks the S3 protocol over HTTP on 127.0.0.1; pyarrow, Ray Data and Ray Train reach it
-through the same environment a cluster would set (AWS_ENDPOINT_URL and credentials)."""
+through the same environment a cluster would set (AWS_ENDPOINT_URL and credentials). A whole run on it,
+killed and resumed, is ``test_several_nodes``'s."""
 
 from __future__ import annotations
 
@@ -14,19 +15,7 @@ from srd_ray import storage
 from srd_ray.cli import main
 from srd_ray.storage import Location
 from tests.conftest import BUCKET
-from tests.processes import (
-    DISTILL_3_STAGES,
-    DISTILL_STEPS,
-    check_resumed_in_stage_2,
-    demo_data_yaml,
-    in_stage_2,
-    kill_job,
-    rerun_job,
-    start_job,
-    step_metrics,
-    wait_until,
-    write_spec,
-)
+from tests.processes import write_spec
 
 
 def keys(folder: Location) -> list[str]:
@@ -83,64 +72,6 @@ def test_unreachable_output_dir_is_refused_by_name(tmp_path, tiny_models, monkey
     message = capsys.readouterr().err
     assert status == 2, message
     assert message.startswith(f"error: run.output_dir: cannot use s3://{BUCKET}/runs/unreachable"), message
-
-
-@pytest.mark.slow
-def test_a_run_lives_on_the_object_store_and_resumes_from_it(tmp_path, tiny_models, demo_data, object_store):
-    """Every stage on s3://: kill the job in distill stage 2, rerun (resumes from the S3 checkpoint),
-    rerun again (nothing redone), then report. Nothing is written under the local output folder."""
-    spec_path = write_spec(
-        tmp_path,
-        tiny_models,
-        demo_data_yaml(demo_data)
-        + """engine: {name: transformers}
-reflect: {shard_rows: 40, generation: {max_new_tokens: 8}}
-teacher_sft: {enabled: true, epochs: 1, batch_size: 16, num_workers: 1}
-evaluate: {models: [student_after], max_examples: 8, seeds: [0], generation: {max_new_tokens: 8}}
-"""
-        + DISTILL_3_STAGES,
-        name="on-s3",
-    )
-    run_dir = object_store / "runs" / "on-s3"
-    overrides = ("--set", f"run.output_dir=s3://{BUCKET}/runs")
-    job = start_job(spec_path, *overrides)
-    wait_until(lambda: in_stage_2(run_dir, from_step=24), "stage 2", job)
-    kill_job(job)
-    killed_at = max(r["global_step"] for r in step_metrics(run_dir))
-    assert killed_at < 30, "the kill should land inside stage 2 (steps 11..30)"
-
-    rerun = rerun_job(spec_path, *overrides)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "reflect: already complete, skipping" in rerun.stderr
-    resumed_at = check_resumed_in_stage_2(run_dir, killed_at)
-
-    objects = keys(run_dir)
-    assert len([k for k in objects if k.startswith("reflect/shards/shard-")]) == 4
-    assert {"rank/manifest.json", *(f"rank/bucket={b}/part-00000.parquet" for b in range(4))} <= set(objects)
-    for model in ("teacher_sft/model", "distill/model"):
-        assert {f"{model}/config.json", f"{model}/model.safetensors", f"{model}/tokenizer.json"} <= set(objects)
-    assert any(k.startswith("distill/ray_train/") and k.endswith("training_state.pt") for k in objects)
-    assert {"evaluate/student_after/summary.json", "evaluate/student_after/predictions.parquet"} <= set(objects)
-    manifest = json.loads((run_dir / "run.json").read_text())
-    assert {stage: record["status"] for stage, record in manifest["stages"].items()} == {
-        stage: "complete" for stage in ("teacher_sft", "reflect", "rank", "distill", "evaluate")
-    }
-    assert manifest["stages"]["reflect"]["summary"]["rows"] == 160
-    assert manifest["stages"]["distill"]["summary"]["optimizer_steps"] == DISTILL_STEPS
-    assert manifest["stages"]["distill"]["summary"]["model"] == f"s3://{BUCKET}/runs/on-s3/distill/model"
-    heldout = {r["after_stage"]: r["heldout_kd"] for r in manifest["stages"]["distill"]["summary"]["heldout_kd"]}
-    assert sorted(heldout) == [-1, 0, 1, 2], "held-out KD before training and after every stage, resumed or not"
-    assert heldout[2] < heldout[-1], f"held-out KD loss should fall: {heldout}"
-    assert not (tmp_path / "runs").exists(), "no run output on local disk"
-
-    again = rerun_job(spec_path, *overrides)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("already complete, skipping") == 5
-    assert json.loads((run_dir / "run.json").read_text())["stages"] == manifest["stages"]
-
-    assert main(["report", str(run_dir)]) == 0
-    assert {"report/report.html", "report/loss.png", "report/signals.png"} <= set(keys(run_dir))
-    print(f"on s3: {len(objects)} objects; killed at step {killed_at}, resumed at step {resumed_at}")
 
 
 def test_tensorboard_files_reach_an_object_store_run_and_mlflow_needs_a_server(object_store, tmp_path):

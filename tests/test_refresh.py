@@ -1,5 +1,10 @@
 """Dynamic reflection (rank.refresh: every_stage): the re-ranking core, the spec, and a whole run killed
-during a refresh and rerun."""
+during a refresh and rerun.
+
+A refresh is a reflect pass (``run_reflect``) over the rows not yet admitted, so the killed run is also this
+suite's check that a reflect pass killed mid-way reuses its finished shards untouched and scores the rest
+exactly once. A job killed in distill stage 2 and resumed there is checked on an object store
+(``test_several_nodes``), by SIGINT on a cluster and by a killed Train worker (``test_cluster_jobs``)."""
 
 from __future__ import annotations
 
@@ -99,13 +104,21 @@ distill:
     distill = Path(load_spec(spec_path).run_dir) / "distill"
     stages = ("--stages", "reflect,rank,teacher_signal,distill")
     job = start_job(spec_path, *stages)
-    wait_for_files(distill / "refresh_1" / "shards", "shard-*.parquet", 2, job, timeout=400)
+    shards = distill / "refresh_1" / "shards"
+    wait_for_files(shards, "shard-*.parquet", 2, job, timeout=400)
     kill_job(job)
     assert not (distill / "refresh_1" / "rank").exists(), "the kill should land mid-refresh"
+    survivors = {path.name: path.stat().st_mtime_ns for path in shards.glob("shard-*.parquet")}
 
     rerun = rerun_job(spec_path, *stages)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "stage 0 already trained" in rerun.stderr
+    assert f"reflect: 120 rows in 24 shards, {len(survivors)} already done" in rerun.stderr
+    # Shards finished before the kill are reused untouched; no partial files are left; every row once.
+    assert {name: (shards / name).stat().st_mtime_ns for name in survivors} == survivors
+    assert not list(shards.glob(".*"))
+    rescored = bucket_ids(shards)
+    assert len(rescored) == len(set(rescored)) == 120
     buckets = [
         bucket_ids(distill.parent / "rank" / "bucket=0"),
         bucket_ids(distill / "refresh_1" / "rank" / "bucket=1"),
@@ -115,6 +128,7 @@ distill:
     assert [len(b) for b in buckets] == [40, 40, 40] and len(set(admitted)) == 120
     initial = {i for b in range(4) for i in bucket_ids(distill.parent / "rank" / f"bucket={b}")}
     assert len(initial) == 160 and set(admitted) <= initial
+    assert set(rescored) == initial - set(buckets[0]), "refresh 1 scored exactly the rows stage 0 left"
     # The rerun scored only the shards the kill left undone; stage 1 then trained on what refresh 1 admitted.
     manifests = [json.loads((distill / f"refresh_{s}" / "rank" / "manifest.json").read_text()) for s in (1, 2)]
     assert manifests[0]["shards_reused"] >= 2 and manifests[0]["candidates"] == 120

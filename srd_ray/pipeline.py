@@ -11,9 +11,11 @@ change the student and reflect, rank, distill and evaluate are stale.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -140,7 +142,9 @@ class Run:
 
     @cached_property
     def train(self) -> LoadedData:
-        return self._checked(load_training_data(self.spec.data))
+        loaded = self._checked(load_training_data(self.spec.data))
+        hand_freed_memory_back()  # parsing and checking the rows left several times the table's size free
+        return loaded
 
     @cached_property
     def eval_sets(self) -> dict[str, LoadedData]:
@@ -524,6 +528,7 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str]
         for stage in selected:
             check_inputs(run, stage, done)
             _run_stage(run, stage)
+            hand_freed_memory_back()
             done.add(stage.name)
             if stage.name == "prepare":
                 preflight(run)
@@ -536,6 +541,21 @@ def use_the_system_allocator_for_arrow() -> None:
     training columns of 22,500 rows (6 MB live) left it 75 MB larger with mimalloc, 40 MB with the system
     pool (bench/results/arrow_pool.md). Actors keep the default: their tables come and go per shard."""
     pa.set_memory_pool(pa.system_memory_pool())
+
+
+def hand_freed_memory_back() -> None:
+    """Return the driver's freed heap memory to the system (glibc's ``malloc_trim``). glibc keeps what a
+    stage freed inside its heaps, in pieces between live blocks, so each stage's tables and parse buffers
+    stayed part of the driver after it: 30,000 rows loaded (a 9.4 MB table) left the driver 29 MB larger,
+    17 MB after a trim (bench/results/driver_trim.md). A no-op where the C library is not glibc."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and other C libraries: nothing to trim
+        return
+    trim(0)
 
 
 def _selected_stages(spec: JobSpec, stages: list[str] | None, redo: list[str] | None) -> list[Stage]:

@@ -350,6 +350,12 @@ def write_results(experiment: str, work: Path, base: dict, seeds: list[int]) -> 
             "finished; a ± 0.00 is one seed, not a measured spread.**\n\n",
             1,
         )
+    # The runs take hours on a development machine that does other work meanwhile (a run may also be paused
+    # and resumed): its seconds are not a cost measure, its optimizer steps are.
+    table += (
+        "\nCompute: compare the steps column. The train and end-to-end seconds are wall time on a 2-core machine "
+        "that at times ran other work beside a run, or paused and resumed it.\n"
+    )
     if results["cluster_agreement"]:
         table += cluster_markdown(results["cluster_agreement"])
     table += by_task_markdown(results["by_task"])

@@ -1,4 +1,5 @@
-"""The Ray Train distill job on the session's local Ray: 1 worker, DDP and FSDP give the same student."""
+"""The Ray Train distill job on the session's local Ray: 2 DDP and 2 FSDP workers train the same student as
+one worker alone (the same Trainer in this process, no Ray)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from transformers import AutoModelForCausalLM
 from srd_ray.data import load_source
 from srd_ray.distill.driver import run_training
 from srd_ray.distill.losses import LossSettings
-from srd_ray.distill.worker import StagePlan, TrainingJob
+from srd_ray.distill.state import MODEL_DIR
+from srd_ray.distill.worker import LocalHost, StagePlan, Trainer, TrainingJob
 from srd_ray.spec import DataSourceSpec, DataSpec, StageSpec, StudentModelSpec, TeacherModelSpec, TrainingSpec
 from tests.processes import assert_vllm_serves
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +25,10 @@ def rows(demo_data) -> pa.Table:
     return load_source(data.train, data, label="train").table
 
 
-def train(strategy: str, workers: int, rows: pa.Table, tiny_models, out, ray) -> dict:
+def distill_job(strategy: str, workers: int, tiny_models, out) -> TrainingJob:
     """3 steps of 16 rows (8 per micro-batch over the workers, 2 micro-batches a step)."""
     name = f"{strategy}_x{workers}"
-    job = TrainingJob(
+    return TrainingJob(
         name=name,
         # DDP also reports metrics at every log step: a barrier, so every rank must reach it equally often.
         training=TrainingSpec(num_workers=workers, strategy=strategy, batch_size=8 // workers,
@@ -38,7 +42,21 @@ def train(strategy: str, workers: int, rows: pa.Table, tiny_models, out, ray) ->
         seed=0,
         metrics_path=str(out / name / "metrics.jsonl"),
     )  # fmt: skip
-    return run_training(job, {"all": rows.select(["example_id", "prompt", "response"])}, out / name)
+
+
+def train(strategy: str, workers: int, rows: pa.Table, tiny_models, out) -> dict:
+    job = distill_job(strategy, workers, tiny_models, out)
+    return run_training(job, {"all": rows.select(["example_id", "prompt", "response"])}, out / job.name)
+
+
+def train_alone(rows: pa.Table, tiny_models, out) -> dict:
+    """The same job at one worker, in this process: the reference the distributed runs must equal."""
+    job = distill_job("ddp", 1, tiny_models, out)
+    host = LocalHost({"all": rows.select(["example_id", "prompt", "response"])}, out / job.name / "ck", CPU)
+    Trainer(job, host).run()
+    newest = max((out / job.name / "ck").glob("checkpoint-*"))
+    final = host.reports[-1]
+    return {"optimizer_steps": final["global_step"], "tokens_seen": final["tokens_seen"], "model": newest / MODEL_DIR}
 
 
 @pytest.mark.slow
@@ -46,9 +64,9 @@ def test_one_worker_ddp_and_fsdp_train_the_same_student(ray_session, rows, tiny_
     """Same rows per step, one global token mean, same optimizer: 1 worker, 2 DDP workers (gloo) and 2 FSDP
     workers (student and teacher sharded) end with the same weights."""
     runs = {
-        "single": train("ddp", 1, rows, tiny_models, tmp_path, ray_session),
-        "ddp": train("ddp", 2, rows, tiny_models, tmp_path, ray_session),
-        "fsdp": train("fsdp", 2, rows, tiny_models, tmp_path, ray_session),
+        "single": train_alone(rows, tiny_models, tmp_path),
+        "ddp": train("ddp", 2, rows, tiny_models, tmp_path),
+        "fsdp": train("fsdp", 2, rows, tiny_models, tmp_path),
     }
     assert {run["optimizer_steps"] for run in runs.values()} == {3}
     assert len({run["tokens_seen"] for run in runs.values()}) == 1

@@ -77,16 +77,19 @@ def rank_rows(table: pa.Table, spec: RankSpec, seed: int = 0) -> pa.Table:
     ``bucket`` follows ``spec.order`` (``hard_to_easy`` and ``random``, seeded by ``seed``, are ablations).
     With ``spec.strata_column`` each stratum is ranked alone and cut by :func:`stratum_buckets`."""
     _validate(table, spec)
-    table = table.take(np.argsort(table["input_position"].to_numpy(), kind="stable"))
     column = spec.strata_column
+    # Ranked on the signal (and stratum) columns only, in input order; the rows, text and all, are copied
+    # once, straight into curriculum order (the driver holds every scored row: one copy, not three).
+    by_position = np.argsort(table["input_position"].to_numpy(), kind="stable")
+    signals = table.select([signal.name for signal in spec.signals]).take(by_position)
     if column is None:
-        ranked = _rank_all(table, spec, np.random.default_rng(seed))
+        columns, curriculum = _rank_all(signals, spec, np.random.default_rng(seed))
     else:
-        ranked = _rank_strata(table, spec, strata_codes(table, column), seed)
-    columns, curriculum = ranked
+        columns, curriculum = _rank_strata(signals, spec, strata_codes(table, column)[by_position], seed)
+    ranked = table.take(by_position[curriculum])
     for name, values in columns.items():
-        table = table.append_column(name, pa.array(values))
-    return table.take(curriculum)
+        ranked = ranked.append_column(name, pa.array(values[curriculum]))
+    return ranked
 
 
 def _fuse(table: pa.Table, spec: RankSpec) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
@@ -165,6 +168,9 @@ def _rank_strata(table: pa.Table, spec: RankSpec, codes: np.ndarray, seed: int) 
 def bucket_summary(ranked: pa.Table, spec: RankSpec) -> list[dict[str, Any]]:
     """Rows and signal ranges per bucket; includes the mean of a true ``difficulty`` label if present."""
     summary = []
+    measured = ["bucket", *(name for name in ("rouge_l", "student_ce", "teacher_ce", "rrf_score", "difficulty")
+                            if name in ranked.column_names)]  # fmt: skip
+    ranked = ranked.select(measured)
     for b in range(spec.num_buckets):
         rows = ranked.filter(pc.equal(ranked["bucket"], b))
         entry: dict[str, Any] = {"bucket": b, "rows": rows.num_rows, "kept": b < spec.keep_buckets}
@@ -208,11 +214,20 @@ def run_rank(
     for line in summary.get("warnings", []):
         log.warning("%s", line)
     with storage.directory(stage_dir) as scratch:
-        for b in range(spec.num_buckets):
-            rows = ranked.filter(pc.equal(ranked["bucket"], b))
+        for b, rows in enumerate(bucket_rows(ranked, spec.num_buckets)):
             storage.write_parquet(bucket_dir(scratch, b) / "part-00000.parquet", rows)
         storage.write_json(scratch / MANIFEST, summary)
     return summary
+
+
+def bucket_rows(ranked: pa.Table, num_buckets: int) -> list[pa.Table]:
+    """Each bucket's rows of a ranked table, in curriculum order. Every order lays the buckets out one after
+    another, so they are slices of it (no copy); a table where they are not is filtered."""
+    buckets = ranked["bucket"].to_numpy()
+    if np.all(buckets[1:] >= buckets[:-1]):
+        edges = np.searchsorted(buckets, np.arange(num_buckets + 1), side="left")
+        return [ranked.slice(edges[b], edges[b + 1] - edges[b]) for b in range(num_buckets)]
+    return [ranked.filter(pc.equal(ranked["bucket"], b)) for b in range(num_buckets)]
 
 
 def read_manifest(stage_dir: Location | Path) -> dict[str, Any]:

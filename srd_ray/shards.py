@@ -101,12 +101,17 @@ class ShardedPass:
             )
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
-        """Every shard as one table, in input order."""
+        """Every shard as one table, in input order. Shards are read in index order, which is input order
+        unless shards were made from rows in another order: only then is the table sorted (a copy)."""
         table = pa.concat_tables(list(self.tables(columns)), promote_options="permissive")
-        return table.sort_by("input_position") if "input_position" in table.column_names else table
+        if "input_position" not in table.column_names:
+            return table
+        positions = table["input_position"].to_numpy()
+        return table if np.all(positions[1:] >= positions[:-1]) else table.sort_by("input_position")
 
     def tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
-        """Each shard's table in turn: for summaries that need not hold every shard in memory at once."""
+        """Each shard's table in turn, in shard index order (``children`` sorts by name): for summaries that
+        need not hold every shard in memory at once."""
         shards = [shard for shard in self.shards_dir.children() if shard.name.endswith(".parquet")]
         if not shards:
             raise FileNotFoundError(f"no {self.stage} shards in {self.shards_dir}")

@@ -133,3 +133,23 @@ def test_ranking_is_independent_of_shards_and_their_arrival_order():
         shards = [s.drop_columns(["shard_index"]) for s in split_into_shards(table, shard_rows)]
         arrived = pa.concat_tables([shards[i] for i in arrival])
         assert rank_rows(arrived, spec).to_pylist() == reference
+
+
+@pytest.mark.parametrize("order", ["easy_to_hard", "hard_to_easy", "random"])
+@pytest.mark.parametrize("stratify_by", [None, "task"])
+def test_buckets_are_slices_of_the_ranked_rows_in_every_order(order, stratify_by):
+    """Every order lays the buckets out one after another, so the rank stage writes them as slices of the
+    ranked table (the driver copies no row to write a bucket); a table shuffled afterwards is filtered."""
+    from srd_ray.rank import bucket_rows
+
+    n = 37
+    table = scored([(i * 7 % 5) / 4 for i in range(n)], [float(i * 3 % 11) for i in range(n)])
+    table = table.append_column("task", pa.array([f"t{i % 3}" for i in range(n)]))
+    ranked = rank_rows(table, RankSpec(order=order, stratify_by=stratify_by), seed=1)
+    filtered = [ranked.filter(pa.compute.equal(ranked["bucket"], b)) for b in range(4)]
+    buckets = bucket_rows(ranked, 4)
+    assert [b.to_pylist() for b in buckets] == [f.to_pylist() for f in filtered]
+    ids = ranked["example_id"].chunks[0].buffers()[2].address
+    assert all(b["example_id"].chunks[0].buffers()[2].address == ids for b in buckets), "slices, not copies"
+    reversed_rows = ranked.take(list(range(n))[::-1])  # buckets no longer one after another: filtered
+    assert [b.to_pylist() for b in bucket_rows(reversed_rows, 4)] == [f.to_pylist()[::-1] for f in filtered]

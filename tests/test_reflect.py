@@ -294,6 +294,9 @@ def test_engine_and_writer_stages_write_whole_shards_with_rejected_rows(rows, tm
     assert [r["example_id"] for r in sharded.rejected()] == [bad]
     written = sharded.read()
     assert written.num_rows == 9 and written["rouge_l"].to_pylist() == [1.0] * 9  # answer == reference
+    # Shards in input order are read as they are (one chunk each), not sorted into a copy.
+    assert written["input_position"].to_pylist() == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert written["example_id"].num_chunks == 3
     assert not set(written.column_names) & set(PASS_COLUMNS)
 
     pieces = ShardedPass("reflect", Location.of(tmp_path / "pieces"), SETTINGS_KEY, {"engine": "x"})

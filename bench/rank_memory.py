@@ -1,0 +1,88 @@
+"""The driver's memory in the rank stage, this code beside an earlier commit (#29).
+
+The rank stage runs in the driver (the ``srd run`` process): it reads every scored row, ranks them and
+writes the buckets. A stage that lasts a second or two is missed by ``bench/scale.py``'s 0.5 s sampler,
+so this probe runs it in-process on a finished scale run and samples the process's private memory (USS)
+every 20 ms. Printed per code and size: MB above the process's start after loading the training data,
+and the stage's peak. The rank output is rewritten (identical: ranking is deterministic).
+
+    python bench/scale.py --sizes 10000,30000 --before-sizes ''   # makes the runs probed here
+    python bench/rank_memory.py --before 9576c99                  # 10k and 30k, about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import MACHINE, ROOT, save_results
+
+RUNS = ROOT / "bench" / ".cache" / "scale" / "runs"
+
+PROBE = """
+import json, sys, threading, time
+import psutil
+from srd_ray import pipeline
+from srd_ray.run_dir import RunDirectory
+from srd_ray.spec import load_spec
+
+spec = load_spec(sys.argv[1])
+pipeline.use_the_system_allocator_for_arrow()  # as run_pipeline does
+run = pipeline.Run(spec, RunDirectory(spec), pipeline.fingerprints(spec), ("rank",))
+process, peak, done = psutil.Process(), [0], threading.Event()
+uss = lambda: process.memory_full_info().uss
+start = uss()
+run.train
+loaded = uss()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], uss())
+        time.sleep(0.02)
+
+threading.Thread(target=sample, daemon=True).start()
+pipeline._rank(run)
+done.set()
+mb = lambda value: round(value / 2**20, 1)
+print(json.dumps({"after_load_mb": mb(loaded - start), "peak_mb": mb(max(peak[0], loaded) - start)}))
+"""
+
+
+def probe(checkout: Path, rows: int) -> dict:
+    spec = RUNS / f"after-{rows}" / "spec.yaml"
+    env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", PROBE, str(spec)], capture_output=True, text=True, cwd=checkout,
+                          env=env, check=True)  # fmt: skip
+    return {"rows": rows, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", required=True, help="the earlier commit to probe beside this code")
+    parser.add_argument("--sizes", default="10000,30000")
+    args = parser.parse_args()
+    sizes = [int(size) for size in args.sizes.split(",")]
+    after = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    runs = [{"code": "after", **probe(ROOT, n)} for n in sizes]
+    checkout = Path(tempfile.mkdtemp(prefix="rank-before-")) / "checkout"
+    subprocess.run(["git", "worktree", "add", "--detach", str(checkout), args.before], cwd=ROOT, check=True)
+    try:
+        runs += [{"code": "before", **probe(checkout, n)} for n in sizes]
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(checkout)], cwd=ROOT, check=False)
+    lines = ["# The driver's memory in the rank stage (#29)", "",
+             f"Machine: {MACHINE}. Protocol: the `bench/rank_memory.py` docstring. Codes: `after` = "
+             f"{after.stdout.strip()}, `before` = {args.before}. MB of private memory above the process's start.", "",
+             "| code | rows | after loading the data | rank stage peak |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['code']} | {r['rows']} | {r['after_load_mb']} | {r['peak_mb']} |" for r in runs]
+    results = {"machine": MACHINE, "after": after.stdout.strip(), "before": args.before, "runs": runs}
+    save_results("rank_memory", results, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

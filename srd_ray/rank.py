@@ -78,8 +78,8 @@ def rank_rows(table: pa.Table, spec: RankSpec, seed: int = 0) -> pa.Table:
     With ``spec.strata_column`` each stratum is ranked alone and cut by :func:`stratum_buckets`."""
     _validate(table, spec)
     column = spec.strata_column
-    # Ranked on the signal (and stratum) columns only, in input order; the rows, text and all, are copied
-    # once, straight into curriculum order (the driver holds every scored row: one copy, not three).
+    # Ranked on the signal columns (and the rows' strata) alone, in input order; the rows, text and all, are
+    # copied once, straight into curriculum order (the driver holds every scored row: one copy, not three).
     by_position = np.argsort(table["input_position"].to_numpy(), kind="stable")
     signals = table.select([signal.name for signal in spec.signals]).take(by_position)
     if column is None:

@@ -184,6 +184,11 @@ def assert_vllm_serves(model_dir: str | Path) -> None:
     assert "VLLM_OK" in loaded.stdout, loaded.stderr[-2000:]
 
 
+def object_keys(folder: Location) -> list[str]:
+    """Every object below ``folder`` (on disk or an object store), relative to it."""
+    return [info.path.removeprefix(folder.path + "/") for info in folder.files()]
+
+
 @contextlib.contextmanager
 def local_object_store(cache_dir: Path, bucket: str) -> Iterator[Location]:
     """A local S3 server (moto) with one bucket, and the AWS variables pointing this process and its children

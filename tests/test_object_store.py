@@ -15,12 +15,7 @@ from srd_ray import storage
 from srd_ray.cli import main
 from srd_ray.storage import Location
 from tests.conftest import BUCKET
-from tests.processes import write_spec
-
-
-def keys(folder: Location) -> list[str]:
-    """Every object below ``folder``, relative to it."""
-    return [info.path.removeprefix(folder.path + "/") for info in folder.files()]
+from tests.processes import object_keys, write_spec
 
 
 def test_locations_name_local_paths_and_uris(tmp_path, object_store):
@@ -49,7 +44,8 @@ def test_object_store_writes_are_whole_and_folders_replaced(tmp_path, object_sto
         (scratch / "config.json").write_text("{}")
         (scratch / "sub").mkdir()
         (scratch / "sub" / "w.bin").write_bytes(b"new")
-    assert keys(folder / "model") == ["config.json", "sub/w.bin"], "a rewritten folder keeps none of the old files"
+    rewritten = object_keys(folder / "model")
+    assert rewritten == ["config.json", "sub/w.bin"], "a rewritten folder keeps none of the old files"
     with pytest.raises(RuntimeError), storage.directory(folder / "broken") as scratch:
         (scratch / "half.bin").write_bytes(b"half")
         raise RuntimeError("writer died")
@@ -84,7 +80,7 @@ def test_tensorboard_files_reach_an_object_store_run_and_mlflow_needs_a_server(o
     sinks = MetricSinks(MetricsSpec(tensorboard=True), stage_dir, "distill", "tb-run")
     sinks.log({"loss": 1.5, "lr": 1e-3}, step=1)
     sinks.publish()
-    assert [name.startswith("events.out.tfevents") for name in keys(stage_dir / "tensorboard")] == [True]
+    assert [name.startswith("events.out.tfevents") for name in object_keys(stage_dir / "tensorboard")] == [True]
     sinks.close()
 
     spec = {

@@ -34,6 +34,7 @@ from tests.processes import (
     demo_data_yaml,
     in_stage_2,
     kill_job,
+    object_keys,
     step_metrics,
     wait_until,
 )
@@ -87,11 +88,6 @@ def srd_run(cluster, spec: Path, *args: str, timeout: float = 1200) -> subproces
     return subprocess.run(**srd_command(cluster, spec, *args), capture_output=True, text=True, timeout=timeout)
 
 
-def keys(folder: Location) -> list[str]:
-    """Every object below ``folder``, relative to it."""
-    return [info.path.removeprefix(folder.path + "/") for info in folder.files()]
-
-
 # Teacher SFT, then the top-k signal of the fine-tuned teacher; 60 distill steps on 2 workers (one a node).
 ON_AN_OBJECT_STORE = (
     PIPELINE.split("distill:")[0]
@@ -121,7 +117,7 @@ def test_the_pipeline_spreads_over_two_nodes_lives_on_an_object_store_and_resume
     assert [name for name, record in stages.items() if record["status"] == "complete"] == [
         "teacher_sft", "reflect", "rank", "teacher_signal", "distill", "evaluate",
     ]  # fmt: skip
-    objects = keys(run_dir)
+    objects = object_keys(run_dir)
     assert len([k for k in objects if k.startswith("reflect/shards/shard-")]) == 4
     assert {"rank/manifest.json", *(f"rank/bucket={b}/part-00000.parquet" for b in range(4))} <= set(objects)
     for model in ("teacher_sft/model", "distill/model"):
@@ -146,7 +142,7 @@ def test_the_pipeline_spreads_over_two_nodes_lives_on_an_object_store_and_resume
     assert again.stderr.count("already complete, skipping") == 6
     assert json.loads((run_dir / "run.json").read_text())["stages"] == stages
     assert main(["report", str(run_dir)]) == 0
-    assert {"report/report.html", "report/loss.png", "report/signals.png"} <= set(keys(run_dir))
+    assert {"report/report.html", "report/loss.png", "report/signals.png"} <= set(object_keys(run_dir))
     print(f"on s3 over 2 nodes: {len(objects)} objects; killed at step {killed_at}, resumed at step {resumed_at}")
 
 

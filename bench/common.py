@@ -230,12 +230,17 @@ def summarise_paired(work: Path, variants: list[str], seeds: list[int], comparis
     paired differences of each (variant, baseline) in ``comparisons``."""
     seeds = [seed for seed in seeds if all(evaluated(work / f"{variant}-seed{seed}") for variant in variants)]
     runs = {variant: [record(work / f"{variant}-seed{seed}") for seed in seeds] for variant in variants}
-    sets = sorted(runs[variants[0]][0]["scores"])
+    return paired_summary(runs, seeds, base_scores(work), comparisons)
+
+
+def paired_summary(runs: dict[str, list[dict]], seeds: list[int], reference: dict, comparisons: list) -> dict:
+    """The paired tables' numbers from run records (``record``), one per seed and variant, seeds in order."""
+    sets = sorted(next(iter(runs.values()))[0]["scores"])
     return {
         "machine": MACHINE,
         "seeds": seeds,
         "eval_sets": sets,
-        "reference": base_scores(work),
+        "reference": reference,
         "runs": runs,
         "differences": [
             {"variant": v, "baseline": b, "difference": paired_differences(runs[v], runs[b], sets)}

@@ -49,11 +49,18 @@ runs of #17, before stratification existed, are kept in srd_evidence_<experiment
     python bench/srd_evidence.py --experiment healed     # about 2.5 hours on 2 cores (+25 min to heal the student)
     python bench/srd_evidence.py --experiment real       # about 7 hours on 2 cores (10 min of it the teacher)
     python bench/srd_evidence.py --experiment real --summarize   # the tables again from the finished runs
+
+Each finished run is archived in ``bench/results/srd_evidence_<experiment>_runs.json`` (committed): its
+record, its per-task scores and trained rows, its clusters' ARI, and a hash of the inputs every run shares
+(training rows, fine-tuned teacher, untrained student). The tables are made from the archive alone, and a
+rerun skips archived runs, so the protocol can be finished over several sessions on fresh machines; runs
+whose inputs hash differently are flagged in the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -68,15 +75,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import (  # noqa: E402
     RESULTS,
     STAGE_SETTINGS,
+    base_scores,
     base_spec,
     compared_spec,
     evaluated,
     pair_settings,
     paired_markdown,
+    paired_summary,
     prepare_base,
+    record,
     save_results,
     srd,
-    summarise_paired,
+    teacher_of,
     write_spec,
 )
 from real_split import read_rows, write_split  # noqa: E402
@@ -143,11 +153,6 @@ def all_variants() -> list[str]:
     return list(dict.fromkeys([*VARIANTS["real"], *OTHER_VARIANTS, *TOPK_VARIANTS]))
 
 
-def finished_variants(work: Path, seeds: list[int]) -> list[str]:
-    """The variants evaluated for every one of ``seeds``: what the tables can compare."""
-    return [v for v in all_variants() if all(evaluated(work / f"{v}-seed{seed}") for seed in seeds)]
-
-
 def trained_ids(run: Path, variant: str) -> list[str] | None:
     """The example ids of the rows a run ever trained on (None: every training row, as KD does)."""
     import pyarrow.parquet as pq
@@ -185,33 +190,49 @@ def training_tasks(experiment: str, work: Path, base: dict) -> dict[str, str]:
     return dict(zip(table["example_id"].to_pylist(), table[TASK_COLUMN[experiment]].to_pylist(), strict=True))
 
 
-def by_task(experiment: str, work: Path, base: dict, variants: list[str], seeds: list[int]) -> dict[str, Any]:
-    """Post-hoc (not in the fixed protocol): per task of each broken-down eval set, the held-out ROUGE-L
-    (mean over seeds and sampling seeds) and how many of its training rows each variant ever trained on
-    (mean over seeds)."""
+def heldout_by_task(experiment: str, work: Path, run: Path) -> dict[str, dict[str, list[float]]]:
+    """Per broken-down eval set and task, the ROUGE-L of each of the run's sampled answers."""
     import pyarrow.parquet as pq
 
-    column, train = TASK_COLUMN[experiment], training_tasks(experiment, work, base)
-    result: dict[str, Any] = {}
+    column, result = TASK_COLUMN[experiment], {}
+    predictions = pq.read_table(run / "evaluate/student_after/predictions.parquet").to_pylist()
     for eval_set, path in task_sets(experiment, work).items():
         task_of = {row["prompt"]: row[column] for row in read_rows(path)}
+        scores: dict[str, list[float]] = {}
+        for row in predictions:
+            if row["eval_set"] == eval_set:
+                scores.setdefault(task_of[row["prompt"]], []).append(row["rouge_l"])
+        result[eval_set] = dict(sorted(scores.items()))
+    return result
+
+
+def trained_rows_by_task(train: dict[str, str], run: Path, variant: str) -> dict[str, int]:
+    """How many of each task's training rows the run ever trained on."""
+    trained = dict.fromkeys(sorted(set(train.values())), 0)
+    for example_id in trained_ids(run, variant) or train:
+        trained[train[example_id]] += 1
+    return trained
+
+
+def by_task(runs: dict[str, list[dict]], totals: dict[str, int]) -> dict[str, Any]:
+    """Post-hoc (not in the fixed protocol): per task of each broken-down eval set, the held-out ROUGE-L
+    (mean over seeds and sampling seeds) and how many of its training rows each variant ever trained on
+    (mean over seeds), from the runs' evidence (``run_evidence``)."""
+    result: dict[str, Any] = {}
+    for eval_set in next(iter(runs.values()))[0]["heldout_by_task"]:
         per_variant: dict[str, Any] = {}
-        for variant in variants:
+        for variant, evidence in runs.items():
             scores: dict[str, list[float]] = {}
-            trained = dict.fromkeys(sorted(set(train.values())), 0)
-            for seed in seeds:
-                run = work / f"{variant}-seed{seed}"
-                for row in pq.read_table(run / "evaluate/student_after/predictions.parquet").to_pylist():
-                    if row["eval_set"] == eval_set:
-                        scores.setdefault(task_of[row["prompt"]], []).append(row["rouge_l"])
-                for example_id in trained_ids(run, variant) or train:
-                    trained[train[example_id]] += 1
+            for run in evidence:
+                for task, values in run["heldout_by_task"][eval_set].items():
+                    scores.setdefault(task, []).extend(values)
+            trained = {task: sum(run["trained_rows_by_task"][task] for run in evidence) for task in totals}
             per_variant[variant] = {
                 "heldout_rouge_l": {task: sum(v) / len(v) for task, v in sorted(scores.items())},
-                "trained_rows": {task: count / len(seeds) for task, count in trained.items()},
+                "trained_rows": {task: count / len(evidence) for task, count in trained.items()},
             }
         result[eval_set] = per_variant
-    result["training_rows_per_task"] = {task: list(train.values()).count(task) for task in sorted(set(train.values()))}
+    result["training_rows_per_task"] = totals
     return result
 
 
@@ -241,25 +262,27 @@ def by_task_markdown(tasks: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cluster_agreement(experiment: str, work: Path, base: dict, seeds: list[int]) -> dict[str, Any] | None:
-    """Adjusted Rand index of the srd_clusters runs' clusters against the hidden task labels, per seed, and
-    of a random permutation of the same labels (chance)."""
+def cluster_ari(train: dict[str, str], run: Path, seed: int) -> dict[str, float]:
+    """Adjusted Rand index of an srd_clusters run's clusters against the hidden task labels, and of a random
+    permutation of the same clusters (chance)."""
     import numpy as np
     from sklearn.metrics import adjusted_rand_score
 
     from srd_ray.rank import read_ranked
 
-    if not all(evaluated(work / f"srd_clusters-seed{seed}") for seed in seeds):
+    ranked = read_ranked(run / "rank")
+    truth = [train[i] for i in ranked["example_id"].to_pylist()]
+    clusters = ranked["cluster"].to_pylist()
+    chance = np.random.default_rng(seed).permutation(clusters)
+    return {"ari": adjusted_rand_score(truth, clusters), "ari_chance": adjusted_rand_score(truth, chance)}
+
+
+def cluster_agreement(runs: dict[str, list[dict]], labels: int) -> dict[str, Any] | None:
+    if "srd_clusters" not in runs:
         return None
-    train = training_tasks(experiment, work, base)
-    scores, chance = [], []
-    for seed in seeds:
-        ranked = read_ranked(work / f"srd_clusters-seed{seed}" / "rank")
-        truth = [train[i] for i in ranked["example_id"].to_pylist()]
-        clusters = ranked["cluster"].to_pylist()
-        scores.append(adjusted_rand_score(truth, clusters))
-        chance.append(adjusted_rand_score(truth, np.random.default_rng(seed).permutation(clusters)))
-    return {"clusters": CLUSTERS, "labels": len(set(train.values())), "ari": scores, "ari_chance": chance}
+    evidence = runs["srd_clusters"]
+    return {"clusters": CLUSTERS, "labels": labels, "ari": [run["cluster_ari"]["ari"] for run in evidence],
+            "ari_chance": [run["cluster_ari"]["ari_chance"] for run in evidence]}  # fmt: skip
 
 
 def clusters_without_training(work: Path, seeds: list[int]) -> None:
@@ -304,6 +327,68 @@ def cluster_markdown(agreement: dict[str, Any]) -> str:
     )
 
 
+def archive_path(experiment: str) -> Path:
+    return RESULTS / f"srd_evidence_{experiment}_runs.json"
+
+
+def read_archive(experiment: str) -> dict[str, Any]:
+    path = archive_path(experiment)
+    return json.loads(path.read_text()) if path.exists() else {"experiment": experiment, "runs": {}}
+
+
+def inputs_fingerprint(settings: dict[str, Any], work: Path) -> str:
+    """A hash of what every run of the experiment shares (the training rows, the fine-tuned teacher, the
+    untrained student). Each session on a fresh machine rebuilds them, so the archive keeps it per run: runs
+    from different builds are flagged in the table instead of being silently compared."""
+    digest = hashlib.sha256()
+    files = [Path(settings.get("train_file", work / "base/prepare/demo_train.jsonl"))]
+    for model in (teacher_of(settings, work), settings["models"]["student"]):
+        files += sorted(Path(model).glob("*.safetensors"))
+    for path in files:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def run_evidence(experiment: str, work: Path, train: dict[str, str], variant: str, seed: int) -> dict[str, Any]:
+    """Everything the tables read from one finished run, small enough to commit."""
+    run = work / f"{variant}-seed{seed}"
+    evidence = {
+        "record": record(run),
+        "heldout_by_task": heldout_by_task(experiment, work, run),
+        "trained_rows_by_task": trained_rows_by_task(train, run, variant),
+    }
+    if variant == "srd_clusters":
+        evidence["cluster_ari"] = cluster_ari(train, run, seed)
+    return evidence
+
+
+def archive_finished_runs(experiment: str, work: Path, settings: dict, base: dict, seeds: list[int]) -> dict:
+    """Adds each finished run under ``work`` that the archive (``bench/results/srd_evidence_<experiment>_runs
+    .json``) lacks. The protocol takes longer than a development session, and a new session starts on a fresh
+    machine: the archive is what carries finished seeds over, and what the tables are made from."""
+    archive = read_archive(experiment)
+    new = [(v, s) for s in seeds for v in all_variants()
+           if f"{v}-seed{s}" not in archive["runs"] and evaluated(work / f"{v}-seed{s}")]  # fmt: skip
+    if not new:
+        return archive
+    train, inputs = training_tasks(experiment, work, base), inputs_fingerprint(settings, work)
+    archive.setdefault("reference", base_scores(work))
+    archive.setdefault("training_rows_per_task", {t: [*train.values()].count(t) for t in sorted(set(train.values()))})
+    for variant, seed in new:
+        archive["runs"][f"{variant}-seed{seed}"] = {
+            "inputs": inputs,
+            **run_evidence(experiment, work, train, variant, seed),
+        }
+    path = archive_path(experiment)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(archive, indent=1, sort_keys=True) + "\n")
+    partial.rename(path)
+    return archive
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", choices=["healed", "real"], required=True)
@@ -319,28 +404,36 @@ def main() -> None:
     seeds = [int(seed) for seed in args.seeds.split(",")]
     if args.cluster_agreement:
         return clusters_without_training(work, seeds)
-    settings = experiment_settings(args.experiment, work, args.teacher)
-    base = prepare_base(settings, work) if not args.summarize else base_spec(settings, work)
-    if not args.summarize:
-        variants = args.variants.split(",") if args.variants else VARIANTS[args.experiment]
-        for seed in seeds:  # seed-major: an interrupted run still leaves whole seeds to compare
-            for variant in variants:
-                spec = variant_spec(base, settings, work, args.experiment, variant, seed)
-                srd("run", str(write_spec(spec, work)))
-    write_results(args.experiment, work, base, seeds)
+    variants = args.variants.split(",") if args.variants else VARIANTS[args.experiment]
+    archived = read_archive(args.experiment)["runs"]
+    # seed-major: an interrupted run still leaves whole seeds to compare
+    todo = [(v, s) for s in seeds for v in variants if f"{v}-seed{s}" not in archived]
+    unarchived = any(evaluated(run) for run in work.glob("*-seed*"))  # finished here, maybe not archived yet
+    if (todo and not args.summarize) or unarchived:  # building the models (settings) can take an hour
+        settings = experiment_settings(args.experiment, work, args.teacher)
+        base = prepare_base(settings, work) if not args.summarize else base_spec(settings, work)
+        archive_finished_runs(args.experiment, work, settings, base, seeds)
+        for variant, seed in [] if args.summarize else todo:
+            if not evaluated(work / f"{variant}-seed{seed}"):
+                srd("run", str(write_spec(variant_spec(base, settings, work, args.experiment, variant, seed), work)))
+            archive_finished_runs(args.experiment, work, settings, base, seeds)
+    write_results(args.experiment, read_archive(args.experiment), seeds)
 
 
-def write_results(experiment: str, work: Path, base: dict, seeds: list[int]) -> None:
+def write_results(experiment: str, archive: dict[str, Any], seeds: list[int]) -> None:
     # An interrupted protocol is summarised over the seeds whose every protocol variant finished.
-    seeds = [s for s in seeds if all(evaluated(work / f"{v}-seed{s}") for v in VARIANTS[experiment])]
+    done = archive["runs"]
+    seeds = [s for s in seeds if all(f"{v}-seed{s}" in done for v in VARIANTS[experiment])]
     if not seeds:
-        raise SystemExit(f"no training seed has every variant of {VARIANTS[experiment]} evaluated yet under {work}")
-    variants = finished_variants(work, seeds)
-    comparisons = [(v, b) for v, b in COMPARISONS if v in variants and b in variants]
-    results = summarise_paired(work, variants, seeds, comparisons)
+        raise SystemExit(f"no training seed has every variant of {VARIANTS[experiment]} in {archive_path(experiment)}")
+    evidence = {v: [done[f"{v}-seed{s}"] for s in seeds] for v in all_variants()
+                if all(f"{v}-seed{s}" in done for s in seeds)}  # fmt: skip
+    comparisons = [(v, b) for v, b in COMPARISONS if v in evidence and b in evidence]
+    runs = {variant: [run["record"] for run in runs] for variant, runs in evidence.items()}
+    results = paired_summary(runs, seeds, archive["reference"], comparisons)
     results["experiment"] = experiment
-    results["by_task"] = by_task(experiment, work, base, variants, results["seeds"])
-    results["cluster_agreement"] = cluster_agreement(experiment, work, base, results["seeds"])
+    results["by_task"] = by_task(evidence, archive["training_rows_per_task"])
+    results["cluster_agreement"] = cluster_agreement(evidence, len(archive["training_rows_per_task"]))
     title = f"SRD evidence ({experiment}): KD vs SRD vs stratified SRD, healed 12-layer SmolLM2 student"
     table = paired_markdown(results, title, "the `bench/srd_evidence.py` docstring")
     if len(results["seeds"]) < len(SEEDS):  # say so where a reader looks first
@@ -349,6 +442,11 @@ def write_results(experiment: str, work: Path, base: dict, seeds: list[int]) -> 
             f"\n\n**{len(results['seeds'])} of the protocol's {len(SEEDS)} training seeds "
             "finished; a ± 0.00 is one seed, not a measured spread.**\n\n",
             1,
+        )
+    inputs = sorted({run["inputs"] for runs in evidence.values() for run in runs})
+    if len(inputs) > 1:  # sessions rebuilt the teacher and student differently: say so, do not hide it
+        table += (
+            f"\n**The runs come from {len(inputs)} builds of the training rows, teacher and student** ({inputs}).\n"
         )
     # The runs take hours on a development machine that does other work meanwhile (a run may also be paused
     # and resumed): its seconds are not a cost measure, its optimizer steps are.

@@ -43,13 +43,13 @@ class Cluster:
     gcs_address: str  # what `srd` / ray.init attach to (RAY_ADDRESS)
     dashboard: str  # the job server `ray job submit` talks to
 
-    def submit(self, spec: Path) -> str:
-        """`ray job submit --no-wait --working-dir <project> -- srd run SPEC`, as the README shows."""
+    def submit(self, spec: Path, *args: str) -> str:
+        """`ray job submit --no-wait --working-dir <project> -- srd run SPEC [ARGS]`, as the README shows."""
         deadline = time.monotonic() + 90
         while True:
             result = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--no-wait",
-                 "--working-dir", str(ROOT), "--", "srd", "run", str(spec)],
+                 "--working-dir", str(ROOT), "--", "srd", "run", str(spec), *args],
                 capture_output=True, text=True, timeout=120, env=cluster_env(),
             )  # fmt: skip
             # A fresh head's job agent comes up a few seconds after its dashboard.
@@ -153,7 +153,7 @@ reflect:
     )
     run_dir = Path(load_spec(spec_path).run_dir)
     shards = run_dir / "reflect" / "shards"
-    job_id = cluster.submit(spec_path)
+    job_id = cluster.submit(spec_path, "--stages", "reflect")  # the later stages under faults: the next test
     wait_until(lambda: len(list(shards.glob("shard-*.parquet"))) >= 2, "2 reflect shards")
     victims = cluster.alive_actors("ReflectEngine")
     assert victims, f"no reflect actor alive: {[a.class_name for a in cluster.alive_actors('')]}"

@@ -34,13 +34,16 @@ models: {{teacher: {{path: {tiny_models["teacher"]}}}, student: {{path: {tiny_mo
     return path
 
 
-def demo_data_yaml(demo_data: dict[str, str], max_response_tokens: int = 32, heldout: bool = True) -> str:
-    """The ``data`` section for the demo split: train rows and (unless ``heldout`` is off) the held-out
-    eval set."""
+def demo_data_yaml(
+    demo_data: dict[str, str], max_response_tokens: int = 32, heldout: bool = True, max_rows: int | None = None
+) -> str:
+    """The ``data`` section for the demo split: train rows (the first ``max_rows`` of them if given) and
+    (unless ``heldout`` is off) the held-out eval set."""
     eval_sets = f"  eval_sets: {{heldout: {demo_data['heldout']}}}\n" if heldout else ""
+    limit = f"max_rows: {max_rows}, " if max_rows else ""
     return f"""
 data:
-  train: {{path: {demo_data["train"]}}}
+  train: {{{limit}path: {demo_data["train"]}}}
 {eval_sets}  max_response_tokens: {max_response_tokens}
 """
 

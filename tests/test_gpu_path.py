@@ -56,8 +56,7 @@ def srd(spec: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_the_whole_gpu_path_runs_on_a_ray_told_it_has_gpus(tmp_path, tiny_models, demo_data):
     # Half the demo rows (still 4 shards per pass): every pool is scheduled all the same, in half the time.
-    data = demo_data_yaml(demo_data).replace("train: {path: ", "train: {max_rows: 80, path: ")
-    spec = write_spec(tmp_path, tiny_models, data + GPU_EVERYWHERE, name="gpu")
+    spec = write_spec(tmp_path, tiny_models, demo_data_yaml(demo_data, max_rows=80) + GPU_EVERYWHERE, name="gpu")
     first = srd(spec)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "gpu"
@@ -65,7 +64,10 @@ def test_the_whole_gpu_path_runs_on_a_ray_told_it_has_gpus(tmp_path, tiny_models
     assert all(record["status"] == "complete" for record in stages.values()), stages.keys()
     assert set(stages) == {"teacher_sft", "reflect", "rank", "teacher_signal", "distill", "evaluate"}
     assert stages["reflect"]["summary"]["rows"] == 80
-    assert stages["teacher_signal"]["summary"]["shards"] >= 4  # 20-row shards of the trained and held-out rows
+    # The teacher pass scores the rows training uses: the kept 3 of 4 buckets and the 24 held-out rows.
+    kept = sum(bucket["rows"] for bucket in stages["rank"]["summary"]["buckets"][:3])
+    assert stages["teacher_signal"]["summary"]["rows"] == kept + 24
+    assert stages["teacher_signal"]["summary"]["shards"] >= 4  # in 20-row shards
     assert stages["distill"]["summary"]["optimizer_steps"] == 6
 
     second = srd(spec, *ON_POLICY_FSDP)

@@ -3,7 +3,9 @@ during a refresh and rerun.
 
 A refresh is a reflect pass (``run_reflect``) over the rows not yet admitted, so the killed run is also this
 suite's check that a reflect pass killed mid-way reuses its finished shards untouched and scores the rest
-exactly once. A job killed in distill stage 2 and resumed there is checked on an object store
+exactly once. It trains on the stored top-k teacher signal (``distill.teacher_signal: topk``), so it is
+also the suite's whole run of that signal: what the pass stored, training and the held-out KD metric on it,
+another k refused, and the report. A job killed in distill stage 2 and resumed there is checked on an object store
 (``test_several_nodes``), by SIGINT on a cluster and by a killed Train worker (``test_cluster_jobs``)."""
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def bucket_ids(folder: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_run_killed_during_a_refresh_resumes_it_and_admits_every_row_once(tmp_path, tiny_models, demo_data):
+def test_run_killed_during_a_refresh_resumes_it_and_admits_every_row_once(tmp_path, tiny_models, demo_data, capsys):
     """160 rows, 4 buckets of 40, 3 stages of 1 epoch, the stored top-k teacher signal; SIGKILL while the
     student after stage 0 re-reflects the 120 rows left, rerun."""
     spec_path = write_spec(
@@ -150,4 +152,27 @@ distill:
     # The operator sees each refresh: in the run summary and in the report.
     lines = summary_lines(load_manifest(distill.parent))
     assert sum("refresh before stage" in line and "Spearman" in line for line in lines) == 2
-    assert "Refreshes (rank.refresh: every_stage)" in Path(write_report(distill.parent).path).read_text()
+    report = Path(write_report(distill.parent).path).read_text()
+    assert "Refreshes (rank.refresh: every_stage)" in report
+    check_the_topk_signal(spec_path, run, report, capsys)
+
+
+def check_the_topk_signal(spec_path: Path, run: dict, report: str, capsys) -> None:
+    """What the teacher pass stored (per token k ids and log-probs, the tail and its tempered mass at T 1.5
+    and 2), that training and the held-out KD metric used it, that another k is refused, and the report."""
+    from srd_ray.cli import main
+
+    signal = run["teacher_signal"]["summary"]
+    assert signal["k"] == 8 and signal["raw_bytes_per_token"] == 8 * 6 + 4 * 3
+    assert signal["engine"] == "transformers" and signal["tail_temperatures"] == [1.5, 2.0]
+    assert signal["stored_bytes_per_token"] < signal["raw_bytes_per_token"]
+    assert list(signal["tail_mass"]) == ["1", "1.5", "2"] and 0 < signal["tail_mass"]["1"] < 1
+    distill = run["distill"]["summary"]
+    assert distill["teacher_signal"] == "topk"
+    assert {r["teacher_signal"] for r in distill["heldout_kd"]} == {"topk"}
+    assert [r["after_stage"] for r in distill["heldout_kd"]] == [-1, 0, 1, 2]
+    capsys.readouterr()
+    status = main(["run", str(spec_path), "--stages", "teacher_signal", "--set", "teacher_signal.k=16"])
+    message = capsys.readouterr().err
+    assert status == 2 and "teacher_signal.k: 8 -> 16" in message and "--redo teacher_signal" in message
+    assert "top-k</td><td>8</td>" in report and f"T 2: {100 * signal['tail_mass']['2']:.1f}%" in report

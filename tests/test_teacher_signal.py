@@ -4,15 +4,12 @@ teacher model, and the stage in a pipeline."""
 from __future__ import annotations
 
 import itertools
-import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from srd_ray.cli import main
 from srd_ray.data import load_source
 from srd_ray.distill.losses import (
     KD_LOSS_NAMES,
@@ -39,7 +36,6 @@ from srd_ray.teacher_signal import (
     unique_rows,
     warn_about_tail_mass,
 )
-from tests.processes import demo_data_yaml, write_spec
 from tests.test_trainer import make_job, step_losses
 
 DATA = DataSpec(train=DataSourceSpec(path="unused"), max_response_tokens=32)
@@ -305,48 +301,6 @@ def test_training_reads_an_adaptive_signal_padded_per_micro_batch(tmp_path, tiny
     trained("everything", score_signal(rows, engine, 400, "float32", (2.0,), coverage=1 - 1e-9))
     trained("full", score_signal(rows, engine, 400, "float32", (2.0,)))
     assert step_losses(tmp_path / "everything") == pytest.approx(step_losses(tmp_path / "full"), rel=1e-6)
-
-
-@pytest.mark.slow
-def test_topk_pipeline_trains_without_a_teacher_and_refuses_another_k(tmp_path, tiny_models, demo_data, capsys):
-    spec = write_spec(
-        tmp_path, tiny_models,
-        demo_data_yaml(demo_data) + """engine: {name: transformers}
-reflect: {generation: {max_new_tokens: 8}}
-teacher_signal: {k: 8, shard_rows: 40}
-distill:
-  teacher_signal: topk
-  num_workers: 2
-  batch_size: 4
-  log_every_steps: 2
-  stages:
-    - {steps: 4, kd_weight: 0.8, temperature: 1.0, lr: 1.0e-3}
-    - {steps: 4, kd_weight: 0.9, temperature: 1.5, lr: 1.0e-3}
-    - {steps: 4, kd_weight: 1.0, temperature: 2.0, lr: 1.0e-3}
-""", name="topk",
-    )  # fmt: skip
-    assert main(["run", str(spec), "--stages", "reflect,rank,teacher_signal,distill"]) == 0
-    run_dir = tmp_path / "runs" / "topk"
-    manifest = json.loads((run_dir / "run.json").read_text())
-    signal = manifest["stages"]["teacher_signal"]["summary"]
-    # The kept 3 of 4 buckets (120 of 160 rows) and the 24 held-out rows; per token k ids and log-probs,
-    # the tail, and its tempered mass at T 1.5 and 2.
-    assert signal["rows"] == 144 and signal["k"] == 8 and signal["raw_bytes_per_token"] == 8 * 6 + 4 * 3
-    assert signal["engine"] == "transformers" and signal["tail_temperatures"] == [1.5, 2.0]
-    assert signal["stored_bytes_per_token"] < signal["raw_bytes_per_token"]
-    assert list(signal["tail_mass"]) == ["1", "1.5", "2"] and 0 < signal["tail_mass"]["1"] < 1
-    distill = manifest["stages"]["distill"]["summary"]
-    assert distill["teacher_signal"] == "topk" and distill["optimizer_steps"] == 12
-    assert {r["teacher_signal"] for r in distill["heldout_kd"]} == {"topk"}
-    assert [r["after_stage"] for r in distill["heldout_kd"]] == [-1, 0, 1, 2]
-
-    capsys.readouterr()
-    status = main(["run", str(spec), "--stages", "teacher_signal", "--set", "teacher_signal.k=16"])
-    message = capsys.readouterr().err
-    assert status == 2 and "teacher_signal.k: 8 -> 16" in message and "--redo teacher_signal" in message
-    assert main(["report", str(run_dir)]) == 0
-    report = (Path(run_dir) / "report" / "report.html").read_text()
-    assert "top-k</td><td>8</td>" in report and f"T 2: {100 * signal['tail_mass']['2']:.1f}%" in report
 
 
 def test_the_teacher_pass_writes_whole_shards_when_ray_data_splits_them(tmp_path, ray_session, tiny_models, rows):

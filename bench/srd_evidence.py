@@ -408,7 +408,7 @@ def main() -> None:
     archived = read_archive(args.experiment)["runs"]
     # seed-major: an interrupted run still leaves whole seeds to compare
     todo = [(v, s) for s in seeds for v in variants if f"{v}-seed{s}" not in archived]
-    unarchived = any(evaluated(run) for run in work.glob("*-seed*"))  # finished here, maybe not archived yet
+    unarchived = any(run.name not in archived and evaluated(run) for run in work.glob("*-seed*"))  # finished here
     if (todo and not args.summarize) or unarchived:  # building the models (settings) can take an hour
         settings = experiment_settings(args.experiment, work, args.teacher)
         base = prepare_base(settings, work) if not args.summarize else base_spec(settings, work)

@@ -3,9 +3,13 @@ per-run evidence alone, so seeds finished in different sessions, on fresh machin
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +80,82 @@ def test_an_archive_without_a_whole_seed_says_so():
     data = archive({"kd": [10.0]})
     with pytest.raises(SystemExit, match="no training seed has every variant"):
         srd_evidence.write_results("real", data, [0])
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def finished_run(run: Path, buckets: list[list[str]] | None, predictions: list[dict], cluster_of=None) -> None:
+    """A run directory as the pipeline leaves it: run.json, the predictions and (SRD) the rank buckets."""
+    stages = {
+        "reflect": {"status": "complete", "wall_s": 1.0},
+        "rank": {"status": "complete", "wall_s": 0.5},
+        "distill": {"status": "complete", "wall_s": 10.0,
+                    "summary": {"train_wall_s": 9.0, "optimizer_steps": 7, "tokens_seen": 100}},
+        "evaluate": {"status": "complete", "summary": {"student_after": {"sinst_test": {"rouge_l": 20.0}}}},
+    }  # fmt: skip
+    write_jsonl(run / "run.json", []).write_text(json.dumps({"stages": stages}))
+    (run / "evaluate/student_after").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(predictions), run / "evaluate/student_after/predictions.parquet")
+    for bucket, ids in enumerate(buckets or []):
+        rows = {"example_id": ids, "bucket": [bucket] * len(ids)}
+        if cluster_of:
+            rows["cluster"] = [cluster_of[i] for i in ids]
+        (run / f"rank/bucket={bucket}").mkdir(parents=True)
+        pq.write_table(pa.table(rows), run / f"rank/bucket={bucket}/part-0.parquet")
+    if buckets:
+        manifest = {"buckets": [{"bucket": b} for b in range(len(buckets))]}
+        (run / "rank/manifest.json").write_text(json.dumps(manifest))
+
+
+def test_finished_run_directories_are_archived_once_with_what_the_tables_need(tmp_path, monkeypatch):
+    from srd_ray.data import load_training_data
+    from srd_ray.spec import DataSpec
+
+    work = tmp_path / "work"
+    topics = ["brainstorming", "brainstorming", "task001", "task001"]
+    train = write_jsonl(work / "split/train.jsonl", [
+        {"topic": t, "prompt": f"question {i}", "output": f"answer {i}"} for i, t in enumerate(topics)
+    ])  # fmt: skip
+    write_jsonl(work / "split/sinst_test.jsonl", [{"topic": "task001", "prompt": "p1"}])
+    write_jsonl(work / "split/dolly_test.jsonl", [{"topic": "brainstorming", "prompt": "p2"}])
+    ids = load_training_data(DataSpec.model_validate({"train": {"path": str(train)}})).table["example_id"].to_pylist()
+    predictions = [{"eval_set": "sinst_test", "prompt": "p1", "rouge_l": 30.0},
+                   {"eval_set": "dolly_test", "prompt": "p2", "rouge_l": 10.0}]  # fmt: skip
+    finished_run(work / "kd-seed0", None, predictions)
+    finished_run(work / "srd-seed0", [[ids[0]], [ids[2]], [ids[3]], [ids[1]]], predictions)
+    clusters = dict(zip(ids, [0, 0, 1, 1], strict=True))  # exactly the topics
+    finished_run(work / "srd_clusters-seed0", [[ids[0]], [ids[2]], [ids[3]], [ids[1]]], predictions, clusters)
+    for label in ("teacher", "student_before"):
+        write_jsonl(work / f"base/evaluate/{label}/summary.json", []).write_text(
+            json.dumps({"sets": {"sinst_test": {"rouge_l": 5.0}}})
+        )
+    models = {}
+    for role in ("teacher", "student"):
+        (tmp_path / role).mkdir()
+        (tmp_path / role / "model.safetensors").write_bytes(role.encode())
+        models[role] = str(tmp_path / role)
+    settings = {"train_file": str(train), "teacher_sft": None, "models": models}
+    base = {"data": {"train": {"path": str(train)}}}
+    monkeypatch.setattr(srd_evidence, "archive_path", lambda experiment: tmp_path / f"{experiment}_runs.json")
+
+    archive = srd_evidence.archive_finished_runs("real", work, settings, base, [0])
+    assert sorted(archive["runs"]) == ["kd-seed0", "srd-seed0", "srd_clusters-seed0"]
+    assert archive["training_rows_per_task"] == {"brainstorming": 2, "task001": 2}
+    assert archive["reference"]["teacher"] == {"sinst_test": 5.0}
+    kd, srd, clustered = (archive["runs"][name] for name in ("kd-seed0", "srd-seed0", "srd_clusters-seed0"))
+    assert kd["trained_rows_by_task"] == {"brainstorming": 2, "task001": 2}
+    assert srd["trained_rows_by_task"] == {"brainstorming": 1, "task001": 2}  # bucket 3 (ids[1]) dropped
+    assert srd["heldout_by_task"] == {"sinst_test": {"task001": [30.0]}, "dolly_test": {"brainstorming": [10.0]}}
+    assert srd["record"]["optimizer_steps"] == 7 and srd["record"]["average"] == 20.0
+    assert clustered["cluster_ari"]["ari"] == 1.0
+    assert len({run["inputs"] for run in archive["runs"].values()}) == 1
+    assert json.loads((tmp_path / "real_runs.json").read_text()) == archive
+
+    # Archived runs are not read again: their directories can be gone (a new session, a fresh machine).
+    for name in archive["runs"]:
+        shutil.rmtree(work / name)
+    assert srd_evidence.archive_finished_runs("real", work, settings, base, [0]) == archive

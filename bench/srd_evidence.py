@@ -381,12 +381,16 @@ def archive_finished_runs(experiment: str, work: Path, settings: dict, base: dic
             "inputs": inputs,
             **run_evidence(experiment, work, train, variant, seed),
         }
+    write_archive(experiment, archive)
+    return archive
+
+
+def write_archive(experiment: str, archive: dict[str, Any]) -> None:
     path = archive_path(experiment)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(archive, indent=1, sort_keys=True) + "\n")
     partial.rename(path)
-    return archive
 
 
 def main() -> None:
@@ -405,29 +409,56 @@ def main() -> None:
     if args.cluster_agreement:
         return clusters_without_training(work, seeds)
     variants = args.variants.split(",") if args.variants else VARIANTS[args.experiment]
-    archived = read_archive(args.experiment)["runs"]
-    # seed-major: an interrupted run still leaves whole seeds to compare
-    todo = [(v, s) for s in seeds for v in variants if f"{v}-seed{s}" not in archived]
-    unarchived = any(run.name not in archived and evaluated(run) for run in work.glob("*-seed*"))  # finished here
+    archive = read_archive(args.experiment)
+    todo = [s for s in seeds if not finished_seed(archive, variants, s)]
+    unarchived = any(run.name not in archive["runs"] and evaluated(run) for run in work.glob("*-seed*"))
     if (todo and not args.summarize) or unarchived:  # building the models (settings) can take an hour
         settings = experiment_settings(args.experiment, work, args.teacher)
         base = prepare_base(settings, work) if not args.summarize else base_spec(settings, work)
         archive_finished_runs(args.experiment, work, settings, base, seeds)
-        for variant, seed in [] if args.summarize else todo:
-            if not evaluated(work / f"{variant}-seed{seed}"):
-                srd("run", str(write_spec(variant_spec(base, settings, work, args.experiment, variant, seed), work)))
-            archive_finished_runs(args.experiment, work, settings, base, seeds)
+        if not args.summarize:
+            run_protocol(args.experiment, work, settings, base, todo, variants)
     write_results(args.experiment, read_archive(args.experiment), seeds)
+
+
+def seed_runs(archive: dict[str, Any], variants: list[str], seed: int) -> dict[str, dict]:
+    return {v: archive["runs"][f"{v}-seed{seed}"] for v in variants if f"{v}-seed{seed}" in archive["runs"]}
+
+
+def finished_seed(archive: dict[str, Any], variants: list[str], seed: int) -> bool:
+    """Every variant of the seed archived, from one build of the inputs: a paired difference compares runs
+    of the same teacher and student. (A rebuild on a fresh machine need not give the same bits: one gave
+    the pruned student's validation CEs of bench/results/healed_student.md within 0.06, not equal.)"""
+    runs = seed_runs(archive, variants, seed)
+    return len(runs) == len(variants) and len({run["inputs"] for run in runs.values()}) == 1
+
+
+def run_protocol(experiment: str, work: Path, settings: dict, base: dict, seeds: list[int], variants: list[str]):
+    """Seed-major, so that an interrupted run still leaves whole seeds to compare. An unfinished seed's
+    archived runs from another build of the inputs (an earlier session's) are run again with this one."""
+    inputs = inputs_fingerprint(settings, work)
+    for seed in seeds:
+        archive = read_archive(experiment)
+        stale = [f"{v}-seed{seed}" for v, run in seed_runs(archive, variants, seed).items() if run["inputs"] != inputs]
+        if stale:
+            print(f"[bench] seed {seed}: {stale} came from another build of the inputs; running them again", flush=True)
+            write_archive(experiment, {**archive, "runs": {k: v for k, v in archive["runs"].items() if k not in stale}})
+        for variant in variants:
+            if f"{variant}-seed{seed}" in read_archive(experiment)["runs"]:
+                continue
+            if not evaluated(work / f"{variant}-seed{seed}"):
+                srd("run", str(write_spec(variant_spec(base, settings, work, experiment, variant, seed), work)))
+            archive_finished_runs(experiment, work, settings, base, [seed])
 
 
 def write_results(experiment: str, archive: dict[str, Any], seeds: list[int]) -> None:
     # An interrupted protocol is summarised over the seeds whose every protocol variant finished.
-    done = archive["runs"]
-    seeds = [s for s in seeds if all(f"{v}-seed{s}" in done for v in VARIANTS[experiment])]
+    seeds = [s for s in seeds if finished_seed(archive, VARIANTS[experiment], s)]
     if not seeds:
         raise SystemExit(f"no training seed has every variant of {VARIANTS[experiment]} in {archive_path(experiment)}")
-    evidence = {v: [done[f"{v}-seed{s}"] for s in seeds] for v in all_variants()
-                if all(f"{v}-seed{s}" in done for s in seeds)}  # fmt: skip
+    build = {s: seed_runs(archive, VARIANTS[experiment][:1], s)[VARIANTS[experiment][0]]["inputs"] for s in seeds}
+    evidence = {v: [archive["runs"][f"{v}-seed{s}"] for s in seeds] for v in all_variants()
+                if all(seed_runs(archive, [v], s).get(v, {}).get("inputs") == build[s] for s in seeds)}  # fmt: skip
     comparisons = [(v, b) for v, b in COMPARISONS if v in evidence and b in evidence]
     runs = {variant: [run["record"] for run in runs] for variant, runs in evidence.items()}
     results = paired_summary(runs, seeds, archive["reference"], comparisons)

@@ -68,12 +68,41 @@ def test_the_tables_come_from_the_archive_over_the_seeds_with_every_variant(save
     assert "builds of the training rows" not in table
 
 
-def test_runs_from_different_builds_of_the_models_are_flagged(saved):
-    data = archive({v: [10.0, 11.0] for v in srd_evidence.VARIANTS["real"]})
-    data["runs"]["kd-seed1"]["inputs"] = "build-b"
-    srd_evidence.write_results("real", data, [0, 1])
+def test_seeds_from_different_builds_of_the_models_are_flagged_and_a_mixed_seed_is_left_out(saved):
+    data = archive({v: [10.0, 11.0, 12.0] for v in srd_evidence.VARIANTS["real"]})
+    for variant in srd_evidence.VARIANTS["real"]:
+        data["runs"][f"{variant}-seed1"]["inputs"] = "build-b"
+    data["runs"]["kd-seed2"]["inputs"] = "build-b"  # seed 2 pairs runs of two builds: not comparable
+    srd_evidence.write_results("real", data, [0, 1, 2])
     assert saved["results"]["seeds"] == [0, 1]
     assert "**The runs come from 2 builds of the training rows, teacher and student**" in saved["table"]
+
+
+def test_an_unfinished_seed_from_another_build_is_run_again_and_a_finished_one_is_kept(tmp_path, monkeypatch):
+    variants = ["kd", "srd"]
+    data = archive({"kd": [10.0, 11.0], "srd": [10.0]})  # seed 0 finished, seed 1 has only kd: both build-a
+    path = tmp_path / "real_runs.json"
+    monkeypatch.setattr(srd_evidence, "archive_path", lambda experiment: path)
+    srd_evidence.write_archive("real", data)
+    ran = []
+
+    def run_and_archive(experiment, work, settings, base, seeds):
+        runs = srd_evidence.read_archive(experiment)
+        runs["runs"][ran[-1]] = evidence(1.0, {}, inputs="build-b")
+        srd_evidence.write_archive(experiment, runs)
+
+    monkeypatch.setattr(srd_evidence, "inputs_fingerprint", lambda settings, work: "build-b")
+    monkeypatch.setattr(srd_evidence, "variant_spec", lambda *a: {"run": {"name": f"{a[4]}-seed{a[5]}"}})
+    monkeypatch.setattr(srd_evidence, "write_spec", lambda spec, work: spec["run"]["name"])
+    monkeypatch.setattr(srd_evidence, "srd", lambda command, name: ran.append(name))
+    monkeypatch.setattr(srd_evidence, "archive_finished_runs", run_and_archive)
+    todo = [s for s in (0, 1) if not srd_evidence.finished_seed(data, variants, s)]
+    srd_evidence.run_protocol("real", tmp_path, {}, {}, todo, variants)
+    assert todo == [1] and ran == ["kd-seed1", "srd-seed1"]
+    runs = srd_evidence.read_archive("real")["runs"]
+    assert {name: run["inputs"] for name, run in runs.items()} == {
+        "kd-seed0": "build-a", "srd-seed0": "build-a", "kd-seed1": "build-b", "srd-seed1": "build-b",
+    }  # fmt: skip
 
 
 def test_an_archive_without_a_whole_seed_says_so():

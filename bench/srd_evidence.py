@@ -47,14 +47,16 @@ runs of #17, before stratification existed, are kept in srd_evidence_<experiment
   steps; the currency task within 2 points of KD.
 
     python bench/srd_evidence.py --experiment healed     # about 2.5 hours on 2 cores (+25 min to heal the student)
-    python bench/srd_evidence.py --experiment real       # about 7 hours on 2 cores (10 min of it the teacher)
+    python bench/srd_evidence.py --experiment real       # about 7.5 hours on 2 cores (+50 min: heal, teacher)
     python bench/srd_evidence.py --experiment real --summarize   # the tables again from the finished runs
 
 Each finished run is archived in ``bench/results/srd_evidence_<experiment>_runs.json`` (committed): its
 record, its per-task scores and trained rows, its clusters' ARI, and a hash of the inputs every run shares
 (training rows, fine-tuned teacher, untrained student). The tables are made from the archive alone, and a
-rerun skips archived runs, so the protocol can be finished over several sessions on fresh machines; runs
-whose inputs hash differently are flagged in the table.
+rerun skips archived runs, so the protocol can be finished over several sessions on fresh machines. A
+seed counts once all its variants come from one build of the inputs (a fresh machine's rebuild need not
+be bit-identical): an unfinished seed's runs from another build are run again, and seeds from different
+builds are flagged in the table.
 """
 
 from __future__ import annotations

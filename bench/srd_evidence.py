@@ -458,9 +458,10 @@ def write_results(experiment: str, archive: dict[str, Any], seeds: list[int]) ->
     seeds = [s for s in seeds if finished_seed(archive, VARIANTS[experiment], s)]
     if not seeds:
         raise SystemExit(f"no training seed has every variant of {VARIANTS[experiment]} in {archive_path(experiment)}")
-    build = {s: seed_runs(archive, VARIANTS[experiment][:1], s)[VARIANTS[experiment][0]]["inputs"] for s in seeds}
-    evidence = {v: [archive["runs"][f"{v}-seed{s}"] for s in seeds] for v in all_variants()
-                if all(seed_runs(archive, [v], s).get(v, {}).get("inputs") == build[s] for s in seeds)}  # fmt: skip
+    done = archive["runs"]
+    build = {s: done[f"{VARIANTS[experiment][0]}-seed{s}"]["inputs"] for s in seeds}  # one per finished seed
+    evidence = {v: [done[f"{v}-seed{s}"] for s in seeds] for v in all_variants()
+                if all(done.get(f"{v}-seed{s}", {}).get("inputs") == build[s] for s in seeds)}  # fmt: skip
     comparisons = [(v, b) for v, b in COMPARISONS if v in evidence and b in evidence]
     runs = {variant: [run["record"] for run in runs] for variant, runs in evidence.items()}
     results = paired_summary(runs, seeds, archive["reference"], comparisons)

@@ -168,15 +168,12 @@ def _rank_strata(table: pa.Table, spec: RankSpec, codes: np.ndarray, seed: int) 
 def bucket_summary(ranked: pa.Table, spec: RankSpec) -> list[dict[str, Any]]:
     """Rows and signal ranges per bucket; includes the mean of a true ``difficulty`` label if present."""
     summary = []
-    measured = ["bucket", *(name for name in ("rouge_l", "student_ce", "teacher_ce", "rrf_score", "difficulty")
-                            if name in ranked.column_names)]  # fmt: skip
-    ranked = ranked.select(measured)
+    ranges = [name for name in ("rouge_l", "student_ce", "teacher_ce", "rrf_score") if name in ranked.column_names]
+    ranked = ranked.select(["bucket", *ranges, *(["difficulty"] if "difficulty" in ranked.column_names else [])])
     for b in range(spec.num_buckets):
         rows = ranked.filter(pc.equal(ranked["bucket"], b))
         entry: dict[str, Any] = {"bucket": b, "rows": rows.num_rows, "kept": b < spec.keep_buckets}
-        for name in ("rouge_l", "student_ce", "teacher_ce", "rrf_score"):
-            if name not in rows.column_names:
-                continue
+        for name in ranges:
             low, high = pc.min_max(rows[name]).values()
             entry[name] = {"min": low.as_py(), "mean": pc.mean(rows[name]).as_py(), "max": high.as_py()}
         if "difficulty" in rows.column_names and pa.types.is_integer(rows["difficulty"].type):

@@ -513,6 +513,7 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str]
     if prepared:
         preflight(run)
     check_run_resources(run)  # needs no models: before prepare makes them
+    refuse_stale_outputs(run, selected, redo)
     attach_run_log(spec.run_dir)  # the inputs passed their checks: from here on, noise goes to logs/
     if not redo and all(run.run_dir.is_complete(stage.name, run.fingerprints[stage.name]) for stage in selected):
         for stage in selected:  # a finished run: nothing needs Ray (starting one takes seconds)
@@ -533,6 +534,16 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str]
             if stage.name == "prepare":
                 preflight(run)
     return run.run_dir.manifest
+
+
+def refuse_stale_outputs(run: Run, selected: list[Stage], redo: list[str] | None) -> None:
+    """Outputs of a selected stage made with other settings are refused before Ray starts and before any
+    earlier stage runs: a fingerprint depends on the spec alone, so the refusal that would come when the
+    stage is reached comes now (seconds, not hours, after the command). Stages being redone are exempt."""
+    redone = {later for name in redo or [] for later in STAGE_NAMES[STAGE_NAMES.index(name) :]}
+    for stage in selected:
+        if stage.name not in redone:
+            run.run_dir.check_fingerprint(stage.name, run.fingerprints[stage.name], stage.sections_for(run.spec))
 
 
 def use_the_system_allocator_for_arrow() -> None:

@@ -143,9 +143,13 @@ def test_reduced_quickstart_end_to_end(tmp_path, ray_session, monkeypatch):
     assert rescored["rouge_l"] == pytest.approx(evaluation["student_after"]["demo_heldout"]["rouge_l"])
 
     # Changed rank settings: rank is stale and refuses to mix unless redone; redo reruns rank and after.
+    # Refused before Ray is asked for, and before an earlier selected stage would run.
     changed = load_spec(write(tmp_path, REDUCED_QUICKSTART), ["rank.k=10"])
-    with pytest.raises(RunDirError, match="--redo rank"):
-        run_pipeline(changed, stages=["rank"])
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda *a, **k: pytest.fail("a refused run asked for Ray"))
+    for stages in (["rank"], ["reflect", "rank", "distill"]):
+        with pytest.raises(RunDirError, match=r"rank.k: 60 -> 10.*--redo rank"):
+            run_pipeline(changed, stages=stages)
+    monkeypatch.undo()
     assert main(["rank", str(write(tmp_path, REDUCED_QUICKSTART)), "--set", "rank.k=10", "--redo"]) == 0
     redone = json.loads((run_dir / "run.json").read_text())
     assert redone["stages"]["rank"]["summary"]["k"] == 10

@@ -523,9 +523,8 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None, redo: list[str]
     _check_cluster(run)
     check_every_node_sees(run.run_dir.location)
     with run.run_dir.lease():
-        for name in redo or []:
-            for downstream in STAGE_NAMES[STAGE_NAMES.index(name) :]:
-                run.run_dir.redo(downstream)
+        for name in redone_stages(redo):
+            run.run_dir.redo(name)
         for stage in selected:
             check_inputs(run, stage, done)
             _run_stage(run, stage)
@@ -540,10 +539,16 @@ def refuse_stale_outputs(run: Run, selected: list[Stage], redo: list[str] | None
     """Outputs of a selected stage made with other settings are refused before Ray starts and before any
     earlier stage runs: a fingerprint depends on the spec alone, so the refusal that would come when the
     stage is reached comes now (seconds, not hours, after the command). Stages being redone are exempt."""
-    redone = {later for name in redo or [] for later in STAGE_NAMES[STAGE_NAMES.index(name) :]}
+    redone = redone_stages(redo)
     for stage in selected:
         if stage.name not in redone:
             run.run_dir.check_fingerprint(stage.name, run.fingerprints[stage.name], stage.sections_for(run.spec))
+
+
+def redone_stages(redo: list[str] | None) -> list[str]:
+    """``--redo`` stages and every stage after them, in pipeline order: their outputs are replaced."""
+    first = min((STAGE_NAMES.index(name) for name in redo or []), default=len(STAGE_NAMES))
+    return list(STAGE_NAMES[first:])
 
 
 def use_the_system_allocator_for_arrow() -> None:
@@ -591,7 +596,6 @@ def _run_stage(run: Run, stage: Stage) -> None:
     if run.run_dir.is_complete(stage.name, fingerprint):
         log.info("%s: already complete, skipping", stage.name)
         return
-    run.run_dir.check_fingerprint(stage.name, fingerprint, stage.sections_for(run.spec))
     check_stage(run.spec, stage.name, run.generation_engine, local=run.private_ray)
     log.info("%s: starting", stage.name)
     run.run_dir.start(stage.name, fingerprint)

@@ -24,6 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from srd_ray import storage
 from srd_ray.errors import RunDirError
 from srd_ray.spec import JobSpec
@@ -189,13 +191,24 @@ def _stale(path: Path) -> bool:
         return True
     if holder.get("host") != socket.gethostname():
         return age > LEASE_STALE_S
+    return not _holder_runs(int(holder["pid"]), holder.get("started", ""))
+
+
+def _holder_runs(pid: int, started: str) -> bool:
+    """The lease's driver still runs on this host: its pid is alive and belongs to a process that existed
+    when the lease was taken. After a restart (a container's, a machine's) a new process, even this
+    driver, can get the old driver's pid."""
     try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
+        created = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
         return False
-    return False
+    except psutil.AccessDenied:  # alive, another user's
+        return True
+    try:
+        taken = datetime.fromisoformat(started).timestamp()
+    except ValueError:  # not written by this version: trust the pid alone
+        return True
+    return created <= taken + 1.0  # ``started`` is written to the second
 
 
 def _refresh_lease(path: Path, stop: threading.Event) -> None:

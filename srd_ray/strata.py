@@ -30,6 +30,7 @@ from srd_ray.spec import STRATIFY_AUTO, TASK_COLUMNS, RankSpec
 
 # Warn when the dropped buckets hold more than this share of one task's rows.
 DROPPED_SHARE_WARNING = 0.5
+WARNED_TASKS = 3  # tasks a warning names one by one
 # Dimensions the TF-IDF vectors are reduced to (latent semantic analysis) before k-means.
 CLUSTER_DIMENSIONS = 100
 
@@ -136,14 +137,21 @@ def most_dropped(groups: list[dict[str, Any]], count: int = 3) -> list[dict[str,
 
 
 def drop_warnings(groups: list[dict[str, Any]], column: str) -> list[str]:
-    """One line per task whose dropped share exceeds ``DROPPED_SHARE_WARNING`` under a global ranking."""
+    """Under a global ranking, the tasks whose dropped share exceeds ``DROPPED_SHARE_WARNING``, worst first:
+    the first ``WARNED_TASKS`` by name, the rest counted in one line (data with hundreds of tasks, such as
+    S-NI, would otherwise fill the console), and what to do about it once, at the end."""
     deleted = [group for group in most_dropped(groups, len(groups)) if group["dropped_share"] > DROPPED_SHARE_WARNING]
-    return [
+    lines = [
         f"rank: the dropped bucket(s) hold {g['dropped']} of the {g['rows']} rows ({100 * g['dropped_share']:.0f}%) "
-        f"of {column} {g['value']!r}; the student will barely see it. Set rank.stratify_by: {column} to rank "
-        "within each task, so that none is dropped whole"
-        for g in deleted
+        f"of {column} {g['value']!r}; the student will barely see it"
+        for g in deleted[:WARNED_TASKS]
     ]
+    if len(deleted) > WARNED_TASKS:
+        lines.append(f"rank: and {len(deleted) - WARNED_TASKS} more {column} values lose over half their rows "
+                     f"(srd report draws every {column})")  # fmt: skip
+    if lines:
+        lines[-1] += f". Set rank.stratify_by: {column} to rank within each task, so that none is dropped whole"
+    return lines
 
 
 def table_with_clusters(table: pa.Table, column: str, num_clusters: int, seed: int) -> pa.Table:

@@ -205,6 +205,20 @@ def test_drop_warnings_list_the_worst_first():
     assert lines and "'hard'" in lines[0]
 
 
+def test_drop_warnings_name_three_tasks_count_the_rest_and_advise_once():
+    def group(value: str, dropped: int) -> dict:
+        return {"value": value, "rows": 10, "kept": 10 - dropped, "dropped": dropped, "dropped_share": dropped / 10}
+
+    groups = [group(f"t{i}", dropped) for i, dropped in enumerate([6, 10, 5, 9, 8, 7, 1])]  # 5 lose over half
+    lines = drop_warnings(groups, "topic")
+    assert len(lines) == 4
+    assert ["'t1'" in lines[0], "'t3'" in lines[1], "'t4'" in lines[2]] == [True, True, True]
+    assert lines[3].startswith("rank: and 2 more topic values lose over half their rows")
+    assert [line.count("rank.stratify_by: topic") for line in lines] == [0, 0, 0, 1]
+    assert drop_warnings(groups[:2], "topic")[-1].endswith("so that none is dropped whole")
+    assert drop_warnings([group("t", 5)], "topic") == []  # half is not over half
+
+
 def test_task_column_is_named_or_the_first_usual_one():
     assert task_column(None, ["prompt", "category", "topic"]) == "topic"
     assert task_column(None, ["prompt"]) is None

@@ -138,7 +138,8 @@ class RunDirectory:
         """Hold the run directory while stages run: a second driver on it (the same spec submitted twice, a
         retry overlapping a slow driver) is refused, naming the holder, instead of both rewriting run.json
         and running the same stages (review C2). A lease left by a driver that died is taken over: its
-        process is gone (same host) or it stopped refreshing the lease (another host). Local and shared
+        process is gone, or its pid went to a newer process and the lease is no longer refreshed (same
+        host), or it stopped refreshing the lease (another host). Local and shared
         disks only: object stores have no create-if-absent here, and runs on them take no lease."""
         if not self.location.is_local:
             yield
@@ -191,24 +192,23 @@ def _stale(path: Path) -> bool:
         return True
     if holder.get("host") != socket.gethostname():
         return age > LEASE_STALE_S
-    return not _holder_runs(int(holder["pid"]), holder.get("started", ""))
+    pid = int(holder["pid"])
+    if not psutil.pid_exists(pid):
+        return True
+    # After a restart (a container's, a machine's) a new process, even this driver, can get the old
+    # driver's pid: a pid born after the lease was taken is not its holder, once the lease has also gone
+    # unrefreshed (a clock stepped forward makes a live holder look born late, but it still refreshes).
+    return _born_after(pid, holder.get("started", "")) and age > LEASE_STALE_S
 
 
-def _holder_runs(pid: int, started: str) -> bool:
-    """The lease's driver still runs on this host: its pid is alive and belongs to a process that existed
-    when the lease was taken. After a restart (a container's, a machine's) a new process, even this
-    driver, can get the old driver's pid."""
+def _born_after(pid: int, started: str) -> bool:
+    """Process ``pid`` started after the time ``started`` (a lease's, written to the second)."""
     try:
         created = psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:  # alive, another user's
-        return True
-    try:
         taken = datetime.fromisoformat(started).timestamp()
-    except ValueError:  # not written by this version: trust the pid alone
-        return True
-    return created <= taken + 1.0  # ``started`` is written to the second
+    except (psutil.Error, ValueError):  # gone, not ours to read, or a lease not written by this version
+        return False
+    return created > taken + 1.0
 
 
 def _refresh_lease(path: Path, stop: threading.Event) -> None:

@@ -139,20 +139,25 @@ def test_a_lease_left_by_a_driver_that_died_is_taken_over(tmp_path):
 
 def test_a_lease_whose_pid_now_belongs_to_a_newer_process_is_taken_over(tmp_path):
     """After a restart a new process can get a dead driver's pid (in a container, even this driver's own):
-    a pid that was born after the lease was taken is not its holder."""
+    a pid that was born after the lease was taken, on a lease no longer refreshed, is not its holder."""
     import json
     import socket
 
     from srd_ray.errors import RunDirError
-    from srd_ray.run_dir import LEASE, RunDirectory
+    from srd_ray.run_dir import LEASE, LEASE_STALE_S, RunDirectory
 
     spec = minimal_spec(tmp_path)
     lease = Path(spec.run_dir) / LEASE
     lease.parent.mkdir(parents=True)
     here = {"host": socket.gethostname(), "pid": os.getpid()}
     lease.write_text(json.dumps(here | {"started": "2026-01-01T00:00:00+00:00"}))  # before this process began
-    with RunDirectory(spec).lease():
+    with pytest.raises(RunDirError, match=f"pid {os.getpid()} on"), RunDirectory(spec).lease():
+        pass  # refreshed lately: perhaps a live holder whose clock stepped forward
+    old = time.time() - LEASE_STALE_S - 10
+    os.utime(lease, (old, old))
+    with RunDirectory(spec).lease():  # and no longer refreshed: the pid is a newer process's
         assert json.loads(lease.read_text())["started"] != "2026-01-01T00:00:00+00:00"
     lease.write_text(json.dumps(here | {"started": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+    os.utime(lease, (old, old))
     with pytest.raises(RunDirError, match=f"pid {os.getpid()} on"), RunDirectory(spec).lease():
-        pass  # the same pid, alive since before the lease: its holder
+        pass  # the same pid, alive since before the lease: its holder, refreshed or not

@@ -8,6 +8,10 @@ and the stage's peak. The rank output is rewritten (identical: ranking is determ
 
     python bench/scale.py --sizes 10000,30000 --before-sizes ''   # makes the runs probed here
     python bench/rank_memory.py --before 9576c99                  # 10k and 30k, about 2 minutes
+    python bench/rank_memory.py --before a968341 --sizes 30000,100000 --one-row-group --name shard_row_groups
+
+``--one-row-group`` also probes this code on a copy of each run whose reflect shards are rewritten as one
+Parquet row group each, as this code writes them (``bench/results/shard_row_groups.md``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,22 +58,46 @@ print(json.dumps({"after_load_mb": mb(loaded - start), "peak_mb": mb(max(peak[0]
 """
 
 
-def probe(checkout: Path, rows: int) -> dict:
-    spec = RUNS / f"after-{rows}" / "spec.yaml"
+def probe(checkout: Path, rows: int, spec: Path | None = None) -> dict:
+    spec = spec or RUNS / f"after-{rows}" / "spec.yaml"
     env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", PROBE, str(spec)], capture_output=True, text=True, cwd=checkout,
                           env=env, check=True)  # fmt: skip
     return {"rows": rows, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
+def one_row_group_copy(rows: int) -> Path:
+    """A copy of the scale run's reflect stage whose shards are one Parquet row group each, as this code
+    writes them (runs made before it wrote 16-row groups); returns its spec."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    source, copy = RUNS / f"after-{rows}", RUNS / f"one-row-group-{rows}"
+    shutil.rmtree(copy, ignore_errors=True)
+    (copy / "scale" / "reflect" / "shards").mkdir(parents=True)
+    spec = yaml.safe_load((source / "spec.yaml").read_text())
+    spec["run"]["output_dir"] = str(copy)
+    (copy / "spec.yaml").write_text(yaml.safe_dump(spec))
+    shutil.copy(source / "scale" / "run.json", copy / "scale" / "run.json")
+    for shard in sorted((source / "scale" / "reflect" / "shards").glob("*.parquet")):
+        pq.write_table(pq.read_table(shard).combine_chunks(), copy / "scale" / "reflect" / "shards" / shard.name)
+    return copy / "spec.yaml"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", required=True, help="the earlier commit to probe beside this code")
     parser.add_argument("--sizes", default="10000,30000")
+    parser.add_argument(
+        "--one-row-group", action="store_true", help="also probe this code on reflect shards of one row group each"
+    )
+    parser.add_argument("--name", default="rank_memory", help="results file name: bench/results/<name>.{json,md}")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
     after = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     runs = [{"code": "after", **probe(ROOT, n)} for n in sizes]
+    if args.one_row_group:
+        runs += [{"code": "after, one row group", **probe(ROOT, n, one_row_group_copy(n))} for n in sizes]
     checkout = Path(tempfile.mkdtemp(prefix="rank-before-")) / "checkout"
     subprocess.run(["git", "worktree", "add", "--detach", str(checkout), args.before], cwd=ROOT, check=True)
     try:
@@ -81,7 +110,7 @@ def main() -> None:
              "| code | rows | after loading the data | rank stage peak |", "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['code']} | {r['rows']} | {r['after_load_mb']} | {r['peak_mb']} |" for r in runs]
     results = {"machine": MACHINE, "after": after.stdout.strip(), "before": args.before, "runs": runs}
-    save_results("rank_memory", results, "\n".join(lines) + "\n")
+    save_results(args.name, results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

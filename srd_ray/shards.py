@@ -28,8 +28,9 @@ from srd_ray.storage import Location
 log = logging.getLogger(__name__)
 
 REJECTED_KEY = b"srd_ray.rejected"  # rows an engine rejected, in their shard's metadata
-# Rows per Parquet row group of a shard: training reads the teacher signal of its micro-batches' rows a
-# row group at a time (srd_ray.distill.rows), never a whole shard.
+# Rows per Parquet row group of a teacher-signal shard: training reads the signal of its micro-batches'
+# rows a row group at a time (srd_ray.distill.rows), never a whole shard. Other shards are one row group:
+# read whole, 16-row groups held 4.5x the data in memory (bench/results/shard_row_groups.md).
 ROW_GROUP_ROWS = 16
 
 
@@ -53,6 +54,7 @@ class ShardedPass:
     shards_dir: Location
     settings_key: bytes  # the Parquet schema metadata key the settings are stored under
     settings: dict[str, Any]
+    row_group_rows: int | None = None  # rows per Parquet row group of a shard; None: one group
 
     def shard_path(self, index: int) -> Location:
         return self.shards_dir / f"shard-{index:05d}.parquet"
@@ -68,7 +70,7 @@ class ShardedPass:
         if rejected:
             schema = schema.with_metadata({**schema.metadata, REJECTED_KEY: json.dumps(rejected)})
         rows = pa.Table.from_pylist([], schema) if rows is None else rows.select(schema.names).cast(schema)
-        storage.write_parquet(self.shard_path(index), rows, row_group_size=ROW_GROUP_ROWS)
+        storage.write_parquet(self.shard_path(index), rows, row_group_size=self.row_group_rows)
 
     def pending(self, shards: list[pa.Table]) -> list[pa.Table]:
         """The shards still to do; finished ones are checked (readable, same settings) and kept."""
@@ -120,7 +122,8 @@ class ShardedPass:
                 table = path.read_parquet(columns=columns)
             except (pa.ArrowInvalid, OSError) as error:
                 raise DataError(f"{path}: unreadable {self.stage} shard ({error}); delete it and rerun") from None
-            yield table
+            # One chunk per column, not one per row group: small chunks cost far more memory than their rows.
+            yield table.combine_chunks()
 
     def rejected(self) -> list[dict[str, str]]:
         """Rows the engine rejected (set aside under ``data.on_bad_row: skip``), from every shard."""

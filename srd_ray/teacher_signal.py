@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from srd_ray.encoding import RowFormat, prompts_of, training_text
 from srd_ray.engines import Engine, build_engine, engine_version
 from srd_ray.errors import DataError
-from srd_ray.shards import ShardedPass, ShardEngine, ShardWriter, split_into_shards
+from srd_ray.shards import ROW_GROUP_ROWS, ShardedPass, ShardEngine, ShardWriter, split_into_shards
 from srd_ray.signals import (  # noqa: F401 (TopK, signals_by_id re-exported)
     ADAPTIVE_COLUMN,
     SIGNAL_COLUMNS,
@@ -125,7 +125,7 @@ def signal_settings(spec: JobSpec, teacher: ModelSpec, engine: str) -> dict[str,
 
 
 def signal_pass(stage_dir: Place, settings: dict[str, Any]) -> ShardedPass:
-    return ShardedPass("teacher_signal", Location.of(stage_dir) / "shards", SETTINGS_KEY, settings)
+    return ShardedPass("teacher_signal", Location.of(stage_dir) / "shards", SETTINGS_KEY, settings, ROW_GROUP_ROWS)
 
 
 class SignalEngine(ShardEngine):

@@ -221,6 +221,31 @@ def test_shard_schema_is_explicit_and_carries_settings(engine, rows, tmp_path):
         sharded.check_existing(path)
 
 
+def test_reflect_shards_are_one_row_group_and_read_back_as_one_chunk(rows, tmp_path):
+    """Whole-shard readers (rank, refresh, the teacher pass's counts) hold one chunk per column: a table of
+    16-row chunks held 4.5x its rows' bytes. Only teacher-signal shards keep small row groups (training
+    reads them a group at a time)."""
+    from srd_ray.shards import ROW_GROUP_ROWS
+    from srd_ray.teacher_signal import signal_pass
+
+    table = pa.concat_tables([rows.slice(i % rows.num_rows, 1) for i in range(40)])  # as batches arrive: many chunks
+    table = table.set_column(
+        table.schema.get_field_index("input_position"),
+        "input_position",
+        pa.chunked_array([[i] for i in range(40)], pa.int64()),
+    )
+    assert table.num_rows > ROW_GROUP_ROWS and table["prompt"].num_chunks == table.num_rows
+    sharded = ShardedPass("reflect", Location.of(tmp_path / "reflect"), SETTINGS_KEY, {})
+    sharded.write(0, table, table.schema)
+    assert pq.ParquetFile(sharded.shard_path(0).path).num_row_groups == 1
+    read = sharded.read()
+    assert read.to_pylist() == table.to_pylist() and {read[name].num_chunks for name in read.column_names} == {1}
+    signal = signal_pass(tmp_path / "teacher_signal", {})
+    signal.write(0, table, table.schema)
+    assert pq.ParquetFile(signal.shard_path(0).path).num_row_groups == -(-table.num_rows // ROW_GROUP_ROWS)
+    assert {signal.read()[name].num_chunks for name in read.column_names} == {1}
+
+
 def test_completeness_check_catches_lost_and_duplicated_rows(rows, tmp_path):
     sharded = ShardedPass("reflect", Location.of(tmp_path), SETTINGS_KEY, {})
     ids = rows["example_id"].to_pylist()

@@ -222,9 +222,9 @@ def test_shard_schema_is_explicit_and_carries_settings(engine, rows, tmp_path):
 
 
 def test_reflect_shards_are_one_row_group_and_read_back_as_one_chunk(rows, tmp_path):
-    """Whole-shard readers (rank, refresh, the teacher pass's counts) hold one chunk per column: a table of
-    16-row chunks held 4.5x its rows' bytes. Only teacher-signal shards keep small row groups (training
-    reads them a group at a time)."""
+    """Whole-shard readers (rank, refresh, the teacher pass's counts) hold one chunk per column, not one
+    per 16-row group (bench/results/shard_row_groups.md). Only teacher-signal shards keep small row groups
+    (training reads them a group at a time)."""
     from srd_ray.shards import ROW_GROUP_ROWS
     from srd_ray.teacher_signal import signal_pass
 

@@ -72,6 +72,8 @@ def one_row_group_copy(rows: int) -> Path:
     import pyarrow.parquet as pq
     import yaml
 
+    from srd_ray import storage
+
     source, copy = RUNS / f"after-{rows}", RUNS / f"one-row-group-{rows}"
     shutil.rmtree(copy, ignore_errors=True)
     (copy / "scale" / "reflect" / "shards").mkdir(parents=True)
@@ -80,7 +82,7 @@ def one_row_group_copy(rows: int) -> Path:
     (copy / "spec.yaml").write_text(yaml.safe_dump(spec))
     shutil.copy(source / "scale" / "run.json", copy / "scale" / "run.json")
     for shard in sorted((source / "scale" / "reflect" / "shards").glob("*.parquet")):
-        pq.write_table(pq.read_table(shard).combine_chunks(), copy / "scale" / "reflect" / "shards" / shard.name)
+        storage.write_parquet(copy / "scale" / "reflect" / "shards" / shard.name, pq.read_table(shard))
     return copy / "spec.yaml"
 
 

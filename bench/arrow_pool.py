@@ -25,7 +25,8 @@ POOLS = ("mimalloc", "system")
 READ = """
 import json, sys, psutil, pyarrow as pa
 from srd_ray.storage import Location
-from srd_ray.distill_stage import bucket_tables
+from srd_ray.distill_stage import read_training_text
+from srd_ray.rank import bucket_dir
 from srd_ray.teacher_signal import read_signal
 import srd_ray.models  # the driver's imports, so that they are not counted
 if sys.argv[2] == "system":
@@ -34,7 +35,8 @@ if sys.argv[2] == "system":
 process = psutil.Process()
 mb = lambda: process.memory_full_info().uss / 2**20
 base = mb()
-rows = pa.concat_tables(bucket_tables(Location.of(sys.argv[1] + "/scale/rank"), range(3)).values())
+rank_dir = Location.of(sys.argv[1] + "/scale/rank")  # the buckets' text, as the driver read them up to 3caa362
+rows = pa.concat_tables([read_training_text(bucket_dir(rank_dir, b)) for b in range(3)])
 counts = read_signal(sys.argv[1] + "/scale/teacher_signal", ["example_id", "num_tokens"])
 grown, live = mb() - base, pa.total_allocated_bytes() / 2**20
 pa.default_memory_pool().release_unused()

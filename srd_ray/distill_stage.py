@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from srd_ray import auto
@@ -63,11 +65,26 @@ def check_buckets(rank_dir: Location, used: range) -> None:
             )
 
 
-def bucket_tables(rank_dir: Location, buckets: range) -> dict[int, pa.Table]:
-    """The training columns of each rank bucket (only those are read: a bucket also holds every signal and
-    the student's answers)."""
+def bucket_tables(rank_dir: Location, buckets: range, train_rows: pa.Table) -> dict[int, pa.Table]:
+    """The training columns of each rank bucket's rows, in the bucket's (curriculum) order. Only the ids are
+    read from the buckets; the text is taken from ``train_rows``, which the driver holds anyway: one
+    exact-size copy, where reading a bucket's text from Parquet cost the driver twice its size."""
     check_buckets(rank_dir, buckets)
-    return {b: read_training_text(bucket_dir(rank_dir, b)) for b in buckets}
+    text = training_text(train_rows)
+    return {b: text.take(positions_in(text, bucket_ids(rank_dir, b), f"rank bucket {b}")) for b in buckets}
+
+
+def bucket_ids(rank_dir: Location, bucket: int) -> pa.ChunkedArray:
+    return bucket_dir(rank_dir, bucket).read_parquet(columns=["example_id"])["example_id"]
+
+
+def positions_in(rows: pa.Table, ids: pa.ChunkedArray, what: str) -> pa.Array:
+    """The row positions of ``ids`` in ``rows`` (in the order of ``ids``); every id must be there."""
+    positions = pc.index_in(ids, value_set=rows["example_id"])
+    if positions.null_count:
+        missing = ids.filter(pc.is_null(positions))[0].as_py()
+        raise DataError(f"{what} holds example_id {missing!r}, which the training data lacks; rerun with --redo rank")
+    return positions
 
 
 def read_training_text(folder: Location) -> pa.Table:
@@ -76,11 +93,18 @@ def read_training_text(folder: Location) -> pa.Table:
 
 
 def training_rows(spec: JobSpec, rank_dir: Place | None, train_rows: pa.Table) -> pa.Table:
-    """Every row distillation may train on: the kept buckets (SRD), or all rows (``curriculum: none``, and
-    ``rank.refresh: every_stage``, whose later buckets are chosen during training)."""
+    """Every row distillation may train on, in input order: the kept buckets' rows (SRD), or all rows
+    (``curriculum: none``, and ``rank.refresh: every_stage``, whose later buckets are chosen during
+    training)."""
+    text = training_text(train_rows)
     if rank_dir is None or spec.rank.refresh == "every_stage":
-        return training_text(train_rows)
-    return pa.concat_tables(bucket_tables(Location.of(rank_dir), range(spec.rank.keep_buckets)).values())
+        return text
+    rank_dir = Location.of(rank_dir)
+    check_buckets(rank_dir, range(spec.rank.keep_buckets))
+    kept = pa.chunked_array([chunk for b in range(spec.rank.keep_buckets) for chunk in bucket_ids(rank_dir, b).chunks])
+    kept_rows = np.zeros(text.num_rows, bool)
+    kept_rows[positions_in(text, kept, "the kept rank buckets").to_numpy()] = True
+    return text.filter(kept_rows)
 
 
 def generation_engine(spec: JobSpec) -> str:
@@ -120,7 +144,7 @@ def run_distill(
     elif refreshing:
         tables = {}  # the buckets come one stage at a time
     else:
-        buckets = bucket_tables(Location.of(rank_dir), range(len(distill.stages)))
+        buckets = bucket_tables(Location.of(rank_dir), range(len(distill.stages)), train_rows)
         tables = {bucket_name(b): table for b, table in buckets.items()}
     heldout = heldout_rows  # already the first distill.heldout_rows (pipeline.heldout_rows)
     if signal_dir is not None:

@@ -76,19 +76,29 @@ def rank_rows(table: pa.Table, spec: RankSpec, seed: int = 0) -> pa.Table:
     ``difficulty_rank`` is always the easy → hard position (within the row's stratum when stratified);
     ``bucket`` follows ``spec.order`` (``hard_to_easy`` and ``random``, seeded by ``seed``, are ablations).
     With ``spec.strata_column`` each stratum is ranked alone and cut by :func:`stratum_buckets`."""
+    return _with_rank_columns(table, *curriculum_order(table, spec, seed))
+
+
+def curriculum_order(table: pa.Table, spec: RankSpec, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """:func:`rank_rows` without the copy: the positions in ``table`` of its rows in curriculum order, and
+    the rank columns in that order. Ranked on the signal columns (and the rows' strata) alone, in input
+    order, so the driver copies the rows, text and all, only when it writes them."""
     _validate(table, spec)
     column = spec.strata_column
-    # Ranked on the signal columns (and the rows' strata) alone, in input order; the rows, text and all, are
-    # copied once, straight into curriculum order (the driver holds every scored row: one copy, not three).
     by_position = np.argsort(table["input_position"].to_numpy(), kind="stable")
     signals = table.select([signal.name for signal in spec.signals]).take(by_position)
     if column is None:
         columns, curriculum = _rank_all(signals, spec, np.random.default_rng(seed))
     else:
         columns, curriculum = _rank_strata(signals, spec, strata_codes(table, column)[by_position], seed)
-    ranked = table.take(by_position[curriculum])
+    return by_position[curriculum], {name: values[curriculum] for name, values in columns.items()}
+
+
+def _with_rank_columns(table: pa.Table, positions: np.ndarray, columns: dict[str, np.ndarray]) -> pa.Table:
+    """The rows of ``table`` at ``positions``, with the rank ``columns`` (given in that order) added."""
+    ranked = table.take(positions)
     for name, values in columns.items():
-        ranked = ranked.append_column(name, pa.array(values[curriculum]))
+        ranked = ranked.append_column(name, pa.array(values))
     return ranked
 
 
@@ -206,25 +216,26 @@ def run_rank(
     spec = resolved
     if spec.stratify_clusters is not None:
         scored = table_with_clusters(scored, CLUSTER_COLUMN, spec.stratify_clusters, seed)
-    ranked = rank_rows(scored, spec, seed)
-    summary = rank_summary(ranked, spec, task_column)
+    positions, columns = curriculum_order(scored, spec, seed)
+    summary = rank_summary(_with_rank_columns(summary_columns(scored, spec, task_column), positions, columns),
+                           spec, task_column)  # fmt: skip
     for line in summary.get("warnings", []):
         log.warning("%s", line)
     with storage.directory(stage_dir) as scratch:
-        for b, rows in enumerate(bucket_rows(ranked, spec.num_buckets)):
-            storage.write_parquet(bucket_dir(scratch, b) / "part-00000.parquet", rows)
+        for b in range(spec.num_buckets):
+            # One bucket's rows copied at a time: a whole ranked copy beside the scored rows cost the driver
+            # their size again.
+            rows = columns["bucket"] == b
+            bucket = _with_rank_columns(scored, positions[rows], {name: v[rows] for name, v in columns.items()})
+            storage.write_parquet(bucket_dir(scratch, b) / "part-00000.parquet", bucket)
         storage.write_json(scratch / MANIFEST, summary)
     return summary
 
 
-def bucket_rows(ranked: pa.Table, num_buckets: int) -> list[pa.Table]:
-    """Each bucket's rows of a ranked table, in curriculum order. Every order lays the buckets out one after
-    another, so they are slices of it (no copy); a table where they are not is filtered."""
-    buckets = ranked["bucket"].to_numpy()
-    if np.all(buckets[1:] >= buckets[:-1]):
-        edges = np.searchsorted(buckets, np.arange(num_buckets + 1), side="left")
-        return [ranked.slice(edges[b], edges[b + 1] - edges[b]) for b in range(num_buckets)]
-    return [ranked.filter(pc.equal(ranked["bucket"], b)) for b in range(num_buckets)]
+def summary_columns(scored: pa.Table, spec: RankSpec, task_column: str | None) -> pa.Table:
+    """The columns the manifest summarises (signals, true difficulty, strata, tasks): not the text."""
+    wanted = {"rouge_l", "student_ce", "teacher_ce", "difficulty", spec.strata_column, task_column}
+    return scored.select([name for name in scored.column_names if name in wanted])
 
 
 def read_manifest(stage_dir: Location | Path) -> dict[str, Any]:

@@ -137,16 +137,28 @@ def _partial_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
 
 
-def write_bytes(place: Place, data: bytes) -> None:
+@contextlib.contextmanager
+def _output_stream(place: Place) -> Iterator[Any]:
+    """A stream whose content appears at ``place`` only once it is whole: locally a partial file renamed
+    into place (removed if writing fails); an object store shows an object only when it is closed."""
     location = Location.of(place)
-    if location.is_local:
-        path = Path(location.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = _partial_name(path)
-        partial.write_bytes(data)
-        os.replace(partial, path)
+    if not location.is_local:
+        with location.filesystem.open_output_stream(location.path) as stream:
+            yield stream
         return
-    with location.filesystem.open_output_stream(location.path) as stream:
+    path = Path(location.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial_name(path)
+    try:
+        with open(partial, "wb") as stream:
+            yield stream
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_bytes(place: Place, data: bytes) -> None:
+    with _output_stream(place) as stream:
         stream.write(data)
 
 
@@ -161,9 +173,9 @@ def write_json(place: Place, payload: Any) -> None:
 def write_parquet(place: Place, table: pa.Table, row_group_size: int | None = None) -> None:
     """``table`` as one Parquet file, atomically; ``row_group_size`` rows a group where readers need
     row groups they can read alone (training rows, teacher signal shards)."""
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer, row_group_size=row_group_size)
-    write_bytes(place, buffer.getvalue().to_pybytes())
+    # Streamed to the file: building the file in memory first cost the driver the file's size twice.
+    with _output_stream(place) as stream:
+        pq.write_table(table, stream, row_group_size=row_group_size)
 
 
 def append_line(place: Place, line: str) -> None:

@@ -202,6 +202,9 @@ def run_teacher_signal(
     }
 
 
+TAIL_MASS_BATCH_ROWS = 256
+
+
 def tail_mass(shards: Iterable[pa.Table], temperatures: tuple[float, ...]) -> tuple[dict[str, float], float]:
     """Per temperature (1 and ``temperatures``), the teacher's mean mass outside its stored ids over all
     response tokens of ``shards``, of its tempered distribution p^(1/T) / Σ p^(1/T): what the sparse losses
@@ -210,7 +213,8 @@ def tail_mass(shards: Iterable[pa.Table], temperatures: tuple[float, ...]) -> tu
     never in memory at once."""
     all_temperatures = np.array((1.0, *temperatures))
     totals, tokens, ids = np.zeros(len(all_temperatures)), 0, 0
-    for batch in (batch for shard in shards for batch in shard.to_batches()):
+    # A few hundred rows at a time: a whole shard's ids at float64 were about 50 MB at k 64.
+    for batch in (batch for shard in shards for batch in shard.to_batches(max_chunksize=TAIL_MASS_BATCH_ROWS)):
         count = int(pc.sum(batch.column("num_tokens")).as_py() or 0)
         if count == 0:
             continue
@@ -251,13 +255,17 @@ def warn_about_tail_mass(mass: dict[str, float], k: str) -> None:
 
 
 def unique_rows(rows: pa.Table) -> pa.Table:
-    """One row per example_id (a training row can also be a held-out row), in example_id order."""
-    rows = rows.sort_by("example_id")
-    ids = rows["example_id"]
-    repeated = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))  # does row i + 1 repeat row i?
-    if not pc.any(repeated).as_py():
+    """One row per example_id (a training row can also be a held-out row), in example_id order: ``rows``
+    itself if it is already so, else one copy (taken in that order, not sorted and then filtered)."""
+    if rows.num_rows < 2:
         return rows
-    return rows.filter(pa.concat_arrays([pa.array([True]), pc.invert(repeated).combine_chunks()]))
+    order = pc.sort_indices(rows["example_id"])
+    ids = rows["example_id"].take(order)
+    repeated = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1)).combine_chunks()  # does row i + 1 repeat row i?
+    in_place = bool(np.all(order.to_numpy() == np.arange(len(order))))
+    if in_place and not pc.any(repeated).as_py():
+        return rows
+    return rows.take(order.filter(pa.concat_arrays([pa.array([True]), pc.invert(repeated)])))
 
 
 def read_signal(stage_dir: Place, columns: list[str] | None = None) -> pa.Table:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from srd_ray.errors import DataError
-from srd_ray.rank import rank_rows
+from srd_ray.rank import rank_rows, run_rank
 from srd_ray.spec import RankSpec
 
 
@@ -137,19 +138,43 @@ def test_ranking_is_independent_of_shards_and_their_arrival_order():
 
 @pytest.mark.parametrize("order", ["easy_to_hard", "hard_to_easy", "random"])
 @pytest.mark.parametrize("stratify_by", [None, "task"])
-def test_buckets_are_slices_of_the_ranked_rows_in_every_order(order, stratify_by):
-    """Every order lays the buckets out one after another, so the rank stage writes them as slices of the
-    ranked table (the driver copies no row to write a bucket); a table shuffled afterwards is filtered."""
-    from srd_ray.rank import bucket_rows
-
+def test_the_written_buckets_are_the_ranked_rows_in_every_order(tmp_path, order, stratify_by):
+    """The rank stage copies the rows one bucket at a time (never the whole ranked table): each written
+    bucket is exactly the ranked table's rows of that bucket, in curriculum order, text and all."""
     n = 37
     table = scored([(i * 7 % 5) / 4 for i in range(n)], [float(i * 3 % 11) for i in range(n)])
     table = table.append_column("task", pa.array([f"t{i % 3}" for i in range(n)]))
-    ranked = rank_rows(table, RankSpec(order=order, stratify_by=stratify_by), seed=1)
-    filtered = [ranked.filter(pa.compute.equal(ranked["bucket"], b)) for b in range(4)]
-    buckets = bucket_rows(ranked, 4)
-    assert [b.to_pylist() for b in buckets] == [f.to_pylist() for f in filtered]
-    ids = ranked["example_id"].chunks[0].buffers()[2].address
-    assert all(b["example_id"].chunks[0].buffers()[2].address == ids for b in buckets), "slices, not copies"
-    reversed_rows = ranked.take(list(range(n))[::-1])  # buckets no longer one after another: filtered
-    assert [b.to_pylist() for b in bucket_rows(reversed_rows, 4)] == [f.to_pylist()[::-1] for f in filtered]
+    table = table.append_column("prompt", pa.array([f"prompt {i}" for i in range(n)]))
+    spec = RankSpec(order=order, stratify_by=stratify_by)
+    ranked = rank_rows(table, spec, seed=1)
+    summary = run_rank(spec, table.take(list(range(n))[::-1]), tmp_path / "rank", seed=1, task_column="task")
+    for b in range(4):
+        written = pq.read_table(tmp_path / "rank" / f"bucket={b}" / "part-00000.parquet")
+        assert written.to_pylist() == ranked.filter(pa.compute.equal(ranked["bucket"], b)).to_pylist()
+        assert summary["buckets"][b]["rows"] == written.num_rows
+
+
+def test_distillation_takes_the_buckets_rows_from_the_training_data(tmp_path):
+    """The driver reads only the ids of each bucket and takes the text from the training rows it holds: the
+    same rows, in the same (curriculum) order, as the bucket's own text; a row the data lacks is named."""
+    from types import SimpleNamespace
+
+    from srd_ray.distill_stage import bucket_tables, read_training_text, training_rows
+    from srd_ray.rank import bucket_dir
+    from srd_ray.storage import Location
+
+    n = 23
+    table = scored([(i * 7 % 5) / 4 for i in range(n)], [float(i * 3 % 11) for i in range(n)])
+    table = table.append_column("prompt", pa.array([f"prompt {i}" for i in range(n)]))
+    table = table.append_column("response", pa.array([f"response {i}" for i in range(n)]))
+    run_rank(RankSpec(), table, tmp_path / "rank")
+    rank_dir = Location.of(tmp_path / "rank")
+    buckets = bucket_tables(rank_dir, range(4), table)
+    for b in range(4):
+        assert buckets[b].to_pylist() == read_training_text(bucket_dir(rank_dir, b)).to_pylist()
+    spec = SimpleNamespace(rank=RankSpec(keep_buckets=3))
+    kept = training_rows(spec, rank_dir, table)
+    assert kept["example_id"].to_pylist() == [i for i in table["example_id"].to_pylist() if i not in
+                                              buckets[3]["example_id"].to_pylist()], "the kept rows, in input order"  # fmt: skip
+    with pytest.raises(DataError, match=r"rank bucket \d holds example_id 'e\d+', which the training data lacks"):
+        bucket_tables(rank_dir, range(4), table.slice(1))

@@ -37,6 +37,31 @@ def test_a_folder_is_replaced_whole_and_kept_when_the_replacement_fails(tmp_path
     assert (target / "weights").read_text() == "new", "the old folder is back in place"
 
 
+def test_a_parquet_file_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Parquet is streamed to a partial file renamed into place: a writer that fails midway leaves neither
+    the file nor its partial, and the file that was there before stays."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target = tmp_path / "shards" / "shard-00000.parquet"
+    old = pa.table({"example_id": ["a"]})
+    storage.write_parquet(target, old)
+    real_write = pq.write_table
+
+    def dies_midway(table, where, **options):
+        where.write(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        storage.write_parquet(target, pa.table({"example_id": ["b", "c"]}))
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name], "no partial left"
+    assert pq.read_table(target).equals(old)
+    monkeypatch.setattr(pq, "write_table", real_write)
+    storage.write_parquet(target, new := pa.table({"example_id": ["b", "c"]}), row_group_size=1)
+    assert pq.read_table(target).equals(new) and pq.ParquetFile(target).num_row_groups == 2
+
+
 def _build_once(cache: str, log: str) -> None:
     os.environ["SRD_CACHE_DIR"] = cache
 

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+import srd_ray.teacher_signal as signal_module
 from srd_ray.data import load_source
 from srd_ray.distill.losses import (
     KD_LOSS_NAMES,
@@ -146,7 +147,7 @@ def test_score_signal_holds_the_teachers_top_k_at_each_response_token(rows, teac
         signals_by_id(signal, (2.0,))
 
 
-def test_tail_mass_is_the_tempered_mass_outside_the_top_k(rows, teacher_engine, caplog):
+def test_tail_mass_is_the_tempered_mass_outside_the_top_k(rows, teacher_engine, caplog, monkeypatch):
     """The pass's summary of its own approximation: per temperature, the mean share of the teacher's tempered
     distribution outside the stored top k, as the full softmax gives it; shares above 20% are warned about."""
     temperatures, k = (1.5, 2.0), 8
@@ -163,6 +164,9 @@ def test_tail_mass_is_the_tempered_mass_outside_the_top_k(rows, teacher_engine, 
     assert list(mass) == ["1", "1.5", "2"] and mass["1"] < mass["1.5"] < mass["2"]
     for temperature, values in shares.items():
         assert mass[f"{temperature:g}"] == pytest.approx(np.mean(values), abs=2e-4)
+    monkeypatch.setattr(signal_module, "TAIL_MASS_BATCH_ROWS", 1)  # summed a row at a time: the same
+    by_row, ids_by_row = tail_mass([signal], temperatures)
+    assert by_row == pytest.approx(mass, abs=1e-4) and ids_by_row == ids_per_token
     caplog.clear()
     warn_about_tail_mass({"1": 0.05, "2": 0.31}, str(k))
     (warning,) = caplog.records
@@ -361,3 +365,4 @@ def test_the_pass_scores_each_example_once_in_example_id_order():
     assert rows["example_id"].to_pylist() == ["a", "b", "c", "d"]
     assert rows["prompt"].to_pylist() == ["pa", "pb", "pc", "pd"]
     assert unique_rows(training.slice(0, 0)).num_rows == 0
+    assert unique_rows(rows) is rows, "rows already unique and in example_id order are not copied again"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from srd_ray.chat import message_problem
 from srd_ray.errors import DataError
@@ -408,3 +409,14 @@ def load_training_data(data: DataSpec) -> LoadedData:
 
 def load_eval_sets(data: DataSpec) -> dict[str, LoadedData]:
     return {name: load_source(source, data, label=f"data.eval_sets.{name}") for name, source in data.eval_sets.items()}
+
+
+def row_positions(rows: pa.Table, ids: pa.ChunkedArray | pa.Array, what: str, stage: str) -> pa.ChunkedArray | pa.Array:
+    """The positions in ``rows`` of the rows with ``ids`` (in the order of ``ids``): how a stage that holds
+    only ids and its own columns takes the data's columns from the training rows the driver holds. Every
+    id must be there: the error names ``what`` holds the ids and the ``stage`` that made them, to redo."""
+    positions = pc.index_in(ids, value_set=rows["example_id"])
+    if positions.null_count:
+        missing = ids.filter(pc.is_null(positions))[0].as_py()
+        raise DataError(f"{what}: example_id {missing!r} is not in the training data; rerun with --redo {stage}")
+    return positions

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from srd_ray import auto
+from srd_ray.data import row_positions
 from srd_ray.distill.curriculum import bucket_name, plan_curriculum
 from srd_ray.distill.driver import run_training
 from srd_ray.distill.losses import LossSettings
@@ -71,20 +71,11 @@ def bucket_tables(rank_dir: Location, buckets: range, train_rows: pa.Table) -> d
     exact-size copy, where reading a bucket's text from Parquet cost the driver twice its size."""
     check_buckets(rank_dir, buckets)
     text = training_text(train_rows)
-    return {b: text.take(positions_in(text, bucket_ids(rank_dir, b), f"rank bucket {b}")) for b in buckets}
+    return {b: text.take(row_positions(text, bucket_ids(rank_dir, b), f"rank bucket {b}", "rank")) for b in buckets}
 
 
 def bucket_ids(rank_dir: Location, bucket: int) -> pa.ChunkedArray:
     return bucket_dir(rank_dir, bucket).read_parquet(columns=["example_id"])["example_id"]
-
-
-def positions_in(rows: pa.Table, ids: pa.ChunkedArray, what: str) -> pa.Array:
-    """The row positions of ``ids`` in ``rows`` (in the order of ``ids``); every id must be there."""
-    positions = pc.index_in(ids, value_set=rows["example_id"])
-    if positions.null_count:
-        missing = ids.filter(pc.is_null(positions))[0].as_py()
-        raise DataError(f"{what} holds example_id {missing!r}, which the training data lacks; rerun with --redo rank")
-    return positions
 
 
 def read_training_text(folder: Location) -> pa.Table:
@@ -103,7 +94,7 @@ def training_rows(spec: JobSpec, rank_dir: Place | None, train_rows: pa.Table) -
     check_buckets(rank_dir, range(spec.rank.keep_buckets))
     kept = pa.chunked_array([chunk for b in range(spec.rank.keep_buckets) for chunk in bucket_ids(rank_dir, b).chunks])
     kept_rows = np.zeros(text.num_rows, bool)
-    kept_rows[positions_in(text, kept, "the kept rank buckets").to_numpy()] = True
+    kept_rows[row_positions(text, kept, "the kept rank buckets", "rank").to_numpy()] = True
     return text.filter(kept_rows)
 
 

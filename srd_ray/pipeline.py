@@ -266,7 +266,7 @@ def _rank(run: Run) -> dict[str, Any]:
     from srd_ray.reflect import read_scored
     from srd_ray.strata import task_column
 
-    scored = read_scored(run.run_dir.stage_dir("reflect"))
+    scored = read_scored(run.run_dir.stage_dir("reflect"), run.train.table)
     task = task_column(run.spec.data.train.fields.task, scored.column_names)
     return run_rank(run.spec.rank, scored, run.run_dir.stage_dir("rank"), seed=run.spec.run.seed, task_column=task)
 

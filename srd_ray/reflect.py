@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from srd_ray.data import row_positions
 from srd_ray.devices import uses_cuda
 from srd_ray.encoding import prompts_of
 from srd_ray.engines import Engine, build_engine, engine_version, row_seed
@@ -157,6 +158,20 @@ def run_reflect(
     }
 
 
-def read_scored(stage_dir: Place) -> pa.Table:
-    """All scored shards of a reflect stage as one table, in input order."""
-    return ShardedPass("reflect", Location.of(stage_dir) / "shards", SETTINGS_KEY, {}).read()
+def read_scored(stage_dir: Place, data: pa.Table | None = None) -> pa.Table:
+    """All scored shards of a reflect stage as one table, in input order. Given ``data``, the training rows
+    the shards were made from, only the columns reflect added (answers, scores) are read from the shards;
+    the data's own columns (prompt, references, response, ...) are ``data``'s arrays themselves when every
+    row was scored (as usual; otherwise taken from it), so the driver holds the text once, not twice."""
+    sharded = ShardedPass("reflect", Location.of(stage_dir) / "shards", SETTINGS_KEY, {})
+    if data is None:
+        return sharded.read()
+    schema = sharded.stored_schema()
+    added = sharded.read(
+        columns=[name for name in schema.names if name == "example_id" or name not in data.column_names]
+    )
+    same_rows = added.num_rows == data.num_rows and added["example_id"].equals(data["example_id"])
+    source = data if same_rows else data.take(row_positions(data, added["example_id"], "the reflect shards", "reflect"))
+    columns = [added[field.name] if field.name in added.column_names else source[field.name].cast(field.type)
+               for field in schema]  # fmt: skip
+    return pa.Table.from_arrays(columns, schema=schema)

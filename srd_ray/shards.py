@@ -112,13 +112,21 @@ class ShardedPass:
         positions = table["input_position"].to_numpy()
         return table if np.all(positions[1:] >= positions[:-1]) else table.sort_by("input_position")
 
-    def tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
-        """Each shard's table in turn, in shard index order (``children`` sorts by name): for summaries that
-        need not hold every shard in memory at once."""
+    def stored_schema(self) -> pa.Schema:
+        """The shards' columns and settings metadata, from the first shard's footer (every shard of a pass
+        has the same)."""
+        return self._shard_paths()[0].parquet_file().schema_arrow
+
+    def _shard_paths(self) -> list[Location]:
         shards = [shard for shard in self.shards_dir.children() if shard.name.endswith(".parquet")]
         if not shards:
             raise FileNotFoundError(f"no {self.stage} shards in {self.shards_dir}")
-        for path in shards:
+        return shards
+
+    def tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """Each shard's table in turn, in shard index order (``children`` sorts by name): for summaries that
+        need not hold every shard in memory at once."""
+        for path in self._shard_paths():
             try:
                 table = path.read_parquet(columns=columns)
             except (pa.ArrowInvalid, OSError) as error:

@@ -246,6 +246,34 @@ def test_reflect_shards_are_one_row_group_and_read_back_as_one_chunk(rows, tmp_p
     assert {signal.read()[name].num_chunks for name in read.column_names} == {1}
 
 
+def test_scored_rows_take_the_datas_columns_from_the_training_rows(rows, tmp_path):
+    """The rank stage reads only what reflect added from the shards; the data's columns are the training
+    rows' own arrays (no second copy of the text), and the table equals the shards read whole, metadata and
+    all, whatever the data's row order; a scored row the data lacks is named."""
+    from srd_ray.reflect import read_scored
+
+    data, n = rows.slice(0, 10), 10
+    answers = {"student_answer": [f"answer {i}" for i in range(n)], "rouge_l": [i / n for i in range(n)],
+               "student_ce": [float(i) for i in range(n)], "teacher_ce": [None] * n, "response_tokens": [3] * n,
+               "generated_tokens": [4] * n, "prompt_truncated": [False] * n}  # fmt: skip
+    scored = data
+    for name, values in answers.items():
+        scored = scored.append_column(name, pa.array(values, next(f.type for f in SIGNAL_FIELDS if f.name == name)))
+    sharded = ShardedPass("reflect", Location.of(tmp_path / "reflect" / "shards"), SETTINGS_KEY, {"engine": "x"})
+    sharded.write(0, scored.slice(0, 7), shard_columns(scored))
+    sharded.write(1, scored.slice(7), shard_columns(scored))
+    whole = read_scored(tmp_path / "reflect")
+    with_data = read_scored(tmp_path / "reflect", data)
+    assert with_data.equals(whole, check_metadata=True)
+    assert with_data["prompt"].chunks[0].buffers()[2].address == data["prompt"].chunks[0].buffers()[2].address
+    shuffled = data.take([5, 3, 9, 0, 1, 2, 4, 6, 7, 8])
+    assert read_scored(tmp_path / "reflect", shuffled).equals(whole, check_metadata=True)
+    with pytest.raises(
+        DataError, match=r"the reflect shards: example_id .* is not in the training data; rerun with --redo reflect"
+    ):
+        read_scored(tmp_path / "reflect", data.slice(1))
+
+
 def test_completeness_check_catches_lost_and_duplicated_rows(rows, tmp_path):
     sharded = ShardedPass("reflect", Location.of(tmp_path), SETTINGS_KEY, {})
     ids = rows["example_id"].to_pylist()

@@ -138,15 +138,9 @@ def _partial_name(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _output_stream(place: Place) -> Iterator[Any]:
-    """A stream whose content appears at ``place`` only once it is whole: locally a partial file renamed
-    into place (removed if writing fails); an object store shows an object only when it is closed."""
-    location = Location.of(place)
-    if not location.is_local:
-        with location.filesystem.open_output_stream(location.path) as stream:
-            yield stream
-        return
-    path = Path(location.path)
+def _partial_file(path: Path) -> Iterator[Any]:
+    """A local file that appears at ``path`` only once it is whole: written as a partial file, renamed into
+    place, and removed if writing fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = _partial_name(path)
     try:
@@ -158,7 +152,12 @@ def _output_stream(place: Place) -> Iterator[Any]:
 
 
 def write_bytes(place: Place, data: bytes) -> None:
-    with _output_stream(place) as stream:
+    location = Location.of(place)
+    if location.is_local:
+        with _partial_file(Path(location.path)) as stream:
+            stream.write(data)
+        return
+    with location.filesystem.open_output_stream(location.path) as stream:
         stream.write(data)
 
 
@@ -173,9 +172,15 @@ def write_json(place: Place, payload: Any) -> None:
 def write_parquet(place: Place, table: pa.Table, row_group_size: int | None = None) -> None:
     """``table`` as one Parquet file, atomically; ``row_group_size`` rows a group where readers need
     row groups they can read alone (training rows, teacher signal shards)."""
-    # Streamed to the file: building the file in memory first cost the driver the file's size twice.
-    with _output_stream(place) as stream:
-        pq.write_table(table, stream, row_group_size=row_group_size)
+    location = Location.of(place)
+    if location.is_local:  # streamed: building the file in memory first cost the driver its size twice
+        with _partial_file(Path(location.path)) as stream:
+            pq.write_table(table, stream, row_group_size=row_group_size)
+        return
+    # An object store shows an object when its stream closes, also after a failed write: write it whole.
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, row_group_size=row_group_size)
+    write_bytes(location, buffer.getvalue().to_pybytes())
 
 
 def append_line(place: Place, line: str) -> None:

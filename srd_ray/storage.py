@@ -151,7 +151,7 @@ def _partial_file(path: Path) -> Iterator[Any]:
         partial.unlink(missing_ok=True)
 
 
-def write_bytes(place: Place, data: bytes) -> None:
+def write_bytes(place: Place, data: bytes | pa.Buffer) -> None:
     location = Location.of(place)
     if location.is_local:
         with _partial_file(Path(location.path)) as stream:
@@ -177,10 +177,11 @@ def write_parquet(place: Place, table: pa.Table, row_group_size: int | None = No
         with _partial_file(Path(location.path)) as stream:
             pq.write_table(table, stream, row_group_size=row_group_size)
         return
-    # An object store shows an object when its stream closes, also after a failed write: write it whole.
+    # An object store shows an object when its stream closes, also after a failed write: write it whole
+    # (the Arrow buffer itself: a Python bytes copy would cost the file's size again).
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer, row_group_size=row_group_size)
-    write_bytes(location, buffer.getvalue().to_pybytes())
+    write_bytes(location, buffer.getvalue())
 
 
 def append_line(place: Place, line: str) -> None:

@@ -31,6 +31,11 @@ runs of #17, before stratification existed, are kept in srd_evidence_<experiment
     adjusted Rand index (ARI; 0 = chance, 1 = the labels), next to the same for a random permutation.
   - Also runnable (``--variants``), not in this protocol's tables unless run: ``srd_refresh`` and the
     top-k variants of #14/#17 (``srd_topk``, ``srd_topk_tail``, ``srd_topk1024``, healed only).
+  - ``kd_short`` (post-hoc control, added after the real split's first two seeds put SRD's S-NI loss in
+    tasks it trained on almost whole, not in deleted ones): KD on all rows at SRD's budget, 1 + 1 + 1
+    epochs (90 steps, 0.6x KD's), so that SRD's curation is compared with simply training less. Reported
+    as ``kd_short - kd``, ``srd - kd_short`` and ``srd_strat - kd_short`` once it has run for every
+    finished seed (``--variants kd_short``).
 
   The release's budget is KD 20 epochs vs SRD 8 x (1/4 + 1/2 + 3/4) = 12. It is scaled to 5 vs 3 to fit
   2 CPU cores; the ratio stays 0.6 (stratified SRD trains on as many rows, within a row or two).
@@ -97,12 +102,14 @@ from teacher_signal import run_spec as topk_spec  # noqa: E402
 SEEDS = [0, 1, 2, 3, 4]
 VARIANTS = {"healed": ["kd", "srd", "srd_strat", "srd_strat_refresh"],
             "real": ["kd", "srd", "srd_strat", "srd_strat_refresh", "srd_clusters"]}  # fmt: skip
-OTHER_VARIANTS = ["srd_refresh"]  # #17's, runnable with --variants
+OTHER_VARIANTS = ["srd_refresh", "kd_short"]  # #17's, and the post-hoc compute-matched KD: with --variants
+KD_SHORT_EPOCHS = [1, 1, 1]  # 90 steps of 240 rows at batch 8: SRD's 0.6x of KD's 2 + 2 + 1 epochs
 TOPK_VARIANTS = {"srd_topk": 64, "srd_topk_tail": 64, "srd_topk1024": 1024}  # SRD, stored top-k signal: k
 COMPARISONS = [("srd", "kd"), ("srd_strat", "kd"), ("srd_strat_refresh", "kd"), ("srd_clusters", "kd"),
                ("srd_strat", "srd"), ("srd_strat_refresh", "srd_strat"), ("srd_clusters", "srd_strat"),
                ("srd_refresh", "kd"), ("srd_refresh", "srd"), ("srd_topk", "srd"), ("srd_topk_tail", "srd"),
-               ("srd_topk_tail", "srd_topk"), ("srd_topk1024", "srd"), ("srd_topk1024", "srd_topk_tail")]  # fmt: skip
+               ("srd_topk_tail", "srd_topk"), ("srd_topk1024", "srd"), ("srd_topk1024", "srd_topk_tail"),
+               ("kd_short", "kd"), ("srd", "kd_short"), ("srd_strat", "kd_short")]  # fmt: skip
 TASK_COLUMN = {"healed": "task", "real": "topic"}  # the hidden task labels of the training rows
 CLUSTERS = round(math.sqrt(240 / 2))  # 11, fixed before running
 TRAIN_ROWS = 240
@@ -138,7 +145,10 @@ def variant_spec(base: dict, settings: dict, work: Path, experiment: str, varian
         spec = topk_spec(base, settings, work, "topk", seed)
         spec["teacher_signal"]["k"] = TOPK_VARIANTS[variant]
     else:
-        spec = compared_spec(base, settings, work, "fkl", seed, "none" if variant == "kd" else "srd")
+        spec = compared_spec(base, settings, work, "fkl", seed, "none" if variant.startswith("kd") else "srd")
+    if variant == "kd_short":
+        for stage, epochs in zip(spec["distill"]["stages"], KD_SHORT_EPOCHS, strict=True):
+            stage["epochs"] = epochs
     spec["run"]["name"] = f"{variant}-seed{seed}"
     rank: dict[str, Any] = {}
     if variant.startswith("srd_strat"):
@@ -162,7 +172,7 @@ def trained_ids(run: Path, variant: str) -> list[str] | None:
     from srd_ray.rank import bucket_dir
     from srd_ray.refresh import refresh_dir
 
-    if variant == "kd":
+    if variant.startswith("kd"):
         return None
     stages = range(len(STAGE_SETTINGS))
     if variant.endswith("refresh"):  # bucket 0 as ranked first; each later one as its refresh admitted it

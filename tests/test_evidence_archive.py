@@ -188,3 +188,18 @@ def test_finished_run_directories_are_archived_once_with_what_the_tables_need(tm
     for name in archive["runs"]:
         shutil.rmtree(work / name)
     assert srd_evidence.archive_finished_runs("real", work, settings, base, [0]) == archive
+
+
+def test_the_compute_matched_kd_trains_every_row_for_srds_budget(tmp_path):
+    """kd_short: KD's spec (every row, no curriculum, the same stage settings) with 1 + 1 + 1 epochs, the
+    0.6x of KD's steps that SRD trains for."""
+    base = {"run": {}, "models": {"teacher": {"path": "teacher"}, "student": {"path": "student"}},
+            "data": {"train": {"path": "train.jsonl"}}, "rank": {}, "evaluate": {}}  # fmt: skip
+    settings = {"teacher_sft": None, "models": {"teacher": "teacher"}, "distill": {"batch_size": 8, "lr": 1e-4},
+                "kd_epochs": [2, 2, 1], "srd_epochs": [2, 2, 2]}  # fmt: skip
+    kd, short = (srd_evidence.variant_spec(base, settings, tmp_path, "real", v, 3) for v in ("kd", "kd_short"))
+    assert short["run"]["name"] == "kd_short-seed3" and short["distill"]["curriculum"] == "none"
+    assert [stage.pop("epochs") for stage in short["distill"]["stages"]] == [1, 1, 1]
+    assert [stage.pop("epochs") for stage in kd["distill"]["stages"]] == [2, 2, 1]
+    assert short["distill"] == kd["distill"] and short["rank"] == kd["rank"]
+    assert srd_evidence.trained_ids(tmp_path / "kd_short-seed3", "kd_short") is None  # every row

@@ -61,7 +61,8 @@ record, its per-task scores and trained rows, its clusters' ARI, and a hash of t
 rerun skips archived runs, so the protocol can be finished over several sessions on fresh machines. A
 seed counts once all its variants come from one build of the inputs (a fresh machine's rebuild need not
 be bit-identical): an unfinished seed's runs from another build are run again, and seeds from different
-builds are flagged in the table.
+builds are flagged in the table. Where a seed ran ``kd``, ``srd`` and ``srd_strat`` but its other variants
+were lost with a machine, those three are also tabled over every seed that ran them, in a section of their own.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ COMPARISONS = [("srd", "kd"), ("srd_strat", "kd"), ("srd_strat_refresh", "kd"), 
                ("srd_refresh", "kd"), ("srd_refresh", "srd"), ("srd_topk", "srd"), ("srd_topk_tail", "srd"),
                ("srd_topk_tail", "srd_topk"), ("srd_topk1024", "srd"), ("srd_topk1024", "srd_topk_tail"),
                ("kd_short", "kd"), ("srd", "kd_short"), ("srd_strat", "kd_short")]  # fmt: skip
+CORE_VARIANTS = ["kd", "srd", "srd_strat"]  # #27's headline comparison, also tabled over every seed it has
 TASK_COLUMN = {"healed": "task", "real": "topic"}  # the hidden task labels of the training rows
 CLUSTERS = round(math.sqrt(240 / 2))  # 11, fixed before running
 TRAIN_ROWS = 240
@@ -339,6 +341,11 @@ def cluster_markdown(agreement: dict[str, Any]) -> str:
     )
 
 
+def core_markdown(core: dict[str, Any]) -> str:
+    title = f"KD vs SRD vs srd_strat over every training seed that ran all three ({len(core['seeds'])} seeds)"
+    return "\n#" + paired_markdown(core, title, "as above")  # a section of the page: "## title"
+
+
 def archive_path(experiment: str) -> Path:
     return RESULTS / f"srd_evidence_{experiment}_runs.json"
 
@@ -463,28 +470,51 @@ def run_protocol(experiment: str, work: Path, settings: dict, base: dict, seeds:
             archive_finished_runs(experiment, work, settings, base, [seed])
 
 
-def write_results(experiment: str, archive: dict[str, Any], seeds: list[int]) -> None:
-    # An interrupted protocol is summarised over the seeds whose every protocol variant finished.
-    seeds = [s for s in seeds if finished_seed(archive, VARIANTS[experiment], s)]
+def summarized(experiment: str, archive: dict[str, Any], seeds: list[int], variants: list[str]):
+    """The paired tables' numbers over the seeds whose every one of ``variants`` finished from one build of
+    the inputs, for every variant archived from those builds; and the runs' evidence, by variant."""
+    seeds = [s for s in seeds if finished_seed(archive, variants, s)]
     if not seeds:
-        raise SystemExit(f"no training seed has every variant of {VARIANTS[experiment]} in {archive_path(experiment)}")
+        raise SystemExit(f"no training seed has every variant of {variants} in {archive_path(experiment)}")
     done = archive["runs"]
-    build = {s: done[f"{VARIANTS[experiment][0]}-seed{s}"]["inputs"] for s in seeds}  # one per finished seed
+    build = {s: done[f"{variants[0]}-seed{s}"]["inputs"] for s in seeds}  # one per finished seed
     evidence = {v: [done[f"{v}-seed{s}"] for s in seeds] for v in all_variants()
                 if all(done.get(f"{v}-seed{s}", {}).get("inputs") == build[s] for s in seeds)}  # fmt: skip
     comparisons = [(v, b) for v, b in COMPARISONS if v in evidence and b in evidence]
     runs = {variant: [run["record"] for run in runs] for variant, runs in evidence.items()}
-    results = paired_summary(runs, seeds, archive["reference"], comparisons)
+    return paired_summary(runs, seeds, archive["reference"], comparisons), evidence
+
+
+def core_comparison(experiment: str, archive: dict[str, Any], seeds: list[int], whole: list[int]) -> dict | None:
+    """KD vs SRD vs stratified SRD over every seed that ran those three from one build, where that is more
+    seeds than the whole protocol has (a seed's other variants can be lost with a machine: a rebuild of the
+    inputs on a fresh one is not bit-identical, so they cannot be run again for it)."""
+    core = [s for s in seeds if finished_seed(archive, CORE_VARIANTS, s)]
+    if len(core) <= len(whole):
+        return None
+    results, _ = summarized(experiment, archive, core, CORE_VARIANTS)
+    results["runs"] = {v: results["runs"][v] for v in CORE_VARIANTS}
+    keep = set(CORE_VARIANTS)
+    results["differences"] = [d for d in results["differences"] if {d["variant"], d["baseline"]} <= keep]
+    return results
+
+
+def write_results(experiment: str, archive: dict[str, Any], seeds: list[int]) -> None:
+    # An interrupted protocol is summarised over the seeds whose every protocol variant finished.
+    results, evidence = summarized(experiment, archive, seeds, VARIANTS[experiment])
     results["experiment"] = experiment
     results["by_task"] = by_task(evidence, archive["training_rows_per_task"])
     results["cluster_agreement"] = cluster_agreement(evidence, len(archive["training_rows_per_task"]))
+    results["core"] = core_comparison(experiment, archive, seeds, results["seeds"])
     title = f"SRD evidence ({experiment}): KD vs SRD vs stratified SRD, healed 12-layer SmolLM2 student"
     table = paired_markdown(results, title, "the `bench/srd_evidence.py` docstring")
     if len(results["seeds"]) < len(SEEDS):  # say so where a reader looks first
+        core = results["core"]
+        core_seeds = f" ({len(core['seeds'])} ran kd, srd and srd_strat: their table is below)" if core else ""
         table = table.replace(
             "\n\n",
-            f"\n\n**{len(results['seeds'])} of the protocol's {len(SEEDS)} training seeds "
-            "finished; a ± 0.00 is one seed, not a measured spread.**\n\n",
+            f"\n\n**{len(results['seeds'])} of the protocol's {len(SEEDS)} training seeds finished{core_seeds}; "
+            "a ± 0.00 is one seed, not a measured spread.**\n\n",
             1,
         )
     inputs = sorted({run["inputs"] for runs in evidence.values() for run in runs})
@@ -498,6 +528,8 @@ def write_results(experiment: str, archive: dict[str, Any], seeds: list[int]) ->
         "\nCompute: compare the steps column. The train and end-to-end seconds are wall time on a 2-core machine "
         "that at times ran other work beside a run, or paused and resumed it.\n"
     )
+    if results["core"]:
+        table += core_markdown(results["core"])
     if results["cluster_agreement"]:
         table += cluster_markdown(results["cluster_agreement"])
     table += by_task_markdown(results["by_task"])

@@ -203,3 +203,27 @@ def test_the_compute_matched_kd_trains_every_row_for_srds_budget(tmp_path):
     assert [stage.pop("epochs") for stage in kd["distill"]["stages"]] == [2, 2, 1]
     assert short["distill"] == kd["distill"] and short["rank"] == kd["rank"]
     assert srd_evidence.trained_ids(tmp_path / "kd_short-seed3", "kd_short") is None  # every row
+
+
+def test_kd_srd_and_srd_strat_are_also_tabled_over_every_seed_that_ran_all_three(saved):
+    """A seed whose other variants were lost (a fresh machine cannot rebuild the same inputs) still counts
+    for the headline comparison, in a table of its own; the protocol's tables keep to whole seeds."""
+    data = archive({v: [10.0, 12.0, 14.0] for v in srd_evidence.VARIANTS["real"]})
+    data["runs"]["srd_strat-seed2"]["record"]["average"] = 15.0
+    for variant in ("srd_strat_refresh", "srd_clusters"):
+        del data["runs"][f"{variant}-seed2"]
+    srd_evidence.write_results("real", data, [0, 1, 2])
+    results, table = saved["results"], saved["table"]
+    assert results["seeds"] == [0, 1]
+    core = results["core"]
+    assert core["seeds"] == [0, 1, 2] and list(core["runs"]) == ["kd", "srd", "srd_strat"]
+    pairs = {(d["variant"], d["baseline"]): d["difference"]["average"] for d in core["differences"]}
+    assert pairs.keys() == {("srd", "kd"), ("srd_strat", "kd"), ("srd_strat", "srd")}
+    assert pairs["srd_strat", "kd"] == pytest.approx((1 / 3, (1 / 3) ** 0.5))
+    assert "2 of the protocol's 5 training seeds finished (3 ran kd, srd and srd_strat" in table
+    assert "\n## KD vs SRD vs srd_strat over every training seed that ran all three (3 seeds)" in table
+
+
+def test_no_extra_table_when_every_seed_is_whole(saved):
+    srd_evidence.write_results("real", archive({v: [10.0, 12.0] for v in srd_evidence.VARIANTS["real"]}), [0, 1])
+    assert saved["results"]["core"] is None and "ran all three" not in saved["table"]

@@ -36,6 +36,10 @@ runs of #17, before stratification existed, are kept in srd_evidence_<experiment
     epochs (90 steps, 0.6x KD's), so that SRD's curation is compared with simply training less. Reported
     as ``kd_short - kd``, ``srd - kd_short`` and ``srd_strat - kd_short`` once it has run for every
     finished seed (``--variants kd_short``).
+  - ``srd_strat_long`` (post-hoc, after the protocol, on seeds of its own: ``--seeds 5 --variants
+    kd,srd_strat,srd_strat_long``): ``srd_strat`` then a fourth stage of 1 epoch on every row (``keep_buckets:
+    4``; the third stage's kd_weight / T), 132 steps, 0.88x KD's: does spending part of SRD's saving on the
+    rows it held back reach full KD? Tabled in a section of its own against ``kd`` and ``srd_strat``.
 
   The release's budget is KD 20 epochs vs SRD 8 x (1/4 + 1/2 + 3/4) = 12. It is scaled to 5 vs 3 to fit
   2 CPU cores; the ratio stays 0.6 (stratified SRD trains on as many rows, within a row or two).
@@ -103,15 +107,20 @@ from teacher_signal import run_spec as topk_spec  # noqa: E402
 SEEDS = [0, 1, 2, 3, 4]
 VARIANTS = {"healed": ["kd", "srd", "srd_strat", "srd_strat_refresh"],
             "real": ["kd", "srd", "srd_strat", "srd_strat_refresh", "srd_clusters"]}  # fmt: skip
-OTHER_VARIANTS = ["srd_refresh", "kd_short"]  # #17's, and the post-hoc compute-matched KD: with --variants
+OTHER_VARIANTS = ["srd_refresh", "kd_short", "srd_strat_long"]  # #17's, and post-hoc ones: with --variants
 KD_SHORT_EPOCHS = [1, 1, 1]  # 90 steps of 240 rows at batch 8: SRD's 0.6x of KD's 2 + 2 + 1 epochs
 TOPK_VARIANTS = {"srd_topk": 64, "srd_topk_tail": 64, "srd_topk1024": 1024}  # SRD, stored top-k signal: k
 COMPARISONS = [("srd", "kd"), ("srd_strat", "kd"), ("srd_strat_refresh", "kd"), ("srd_clusters", "kd"),
                ("srd_strat", "srd"), ("srd_strat_refresh", "srd_strat"), ("srd_clusters", "srd_strat"),
                ("srd_refresh", "kd"), ("srd_refresh", "srd"), ("srd_topk", "srd"), ("srd_topk_tail", "srd"),
                ("srd_topk_tail", "srd_topk"), ("srd_topk1024", "srd"), ("srd_topk1024", "srd_topk_tail"),
-               ("kd_short", "kd"), ("srd", "kd_short"), ("srd_strat", "kd_short")]  # fmt: skip
+               ("kd_short", "kd"), ("srd", "kd_short"), ("srd_strat", "kd_short"), ("srd_strat_long", "kd"),
+               ("srd_strat_long", "srd_strat")]  # fmt: skip
 CORE_VARIANTS = ["kd", "srd", "srd_strat"]  # #27's headline comparison, also tabled over every seed it has
+# Tables of their own, over every archived seed that ran all of a group: #27's headline comparison, and the
+# post-hoc srd_strat_long (run on later seeds, after the protocol) against what it extends.
+SECTIONS = [CORE_VARIANTS, ["kd", "srd_strat", "srd_strat_long"]]
+TRAINED_STAGES = {"srd_strat_long": 4}  # the stages (stage s: buckets 0..s) a variant trains, where not 3
 TASK_COLUMN = {"healed": "task", "real": "topic"}  # the hidden task labels of the training rows
 CLUSTERS = round(math.sqrt(240 / 2))  # 11, fixed before running
 TRAIN_ROWS = 240
@@ -157,6 +166,9 @@ def variant_spec(base: dict, settings: dict, work: Path, experiment: str, varian
         rank["stratify_by"] = TASK_COLUMN[experiment]
     if variant == "srd_clusters":
         rank["stratify_clusters"] = CLUSTERS
+    if variant == "srd_strat_long":  # srd_strat, then a 4th stage, 1 epoch on every row: 132 steps, 0.88x KD's
+        rank["keep_buckets"] = TRAINED_STAGES[variant]
+        spec["distill"]["stages"].append({**spec["distill"]["stages"][-1], "epochs": 1})
     if variant.endswith("refresh"):
         rank["refresh"] = "every_stage"
     spec["rank"].update(rank)
@@ -176,7 +188,7 @@ def trained_ids(run: Path, variant: str) -> list[str] | None:
 
     if variant.startswith("kd"):
         return None
-    stages = range(len(STAGE_SETTINGS))
+    stages = range(TRAINED_STAGES.get(variant, len(STAGE_SETTINGS)))
     if variant.endswith("refresh"):  # bucket 0 as ranked first; each later one as its refresh admitted it
         buckets = [bucket_dir(run / "rank", 0)] + [
             bucket_dir(refresh_dir(run / "distill", s) / "rank", s) for s in stages[1:]
@@ -341,9 +353,9 @@ def cluster_markdown(agreement: dict[str, Any]) -> str:
     )
 
 
-def core_markdown(core: dict[str, Any]) -> str:
-    title = f"KD vs SRD vs srd_strat over every training seed that ran all three ({len(core['seeds'])} seeds)"
-    return "\n#" + paired_markdown(core, title, "as above")  # a section of the page: "## title"
+def section_markdown(found: dict[str, Any]) -> str:
+    title = f"{', '.join(found['runs'])} over every training seed that ran them all: {found['seeds']}"
+    return "\n#" + paired_markdown(found, title, "as above")  # a section of the page: "## title"
 
 
 def archive_path(experiment: str) -> Path:
@@ -485,17 +497,17 @@ def summarized(experiment: str, archive: dict[str, Any], seeds: list[int], varia
     return paired_summary(runs, seeds, archive["reference"], comparisons), evidence
 
 
-def core_comparison(experiment: str, archive: dict[str, Any], seeds: list[int], whole: list[int]) -> dict | None:
-    """KD vs SRD vs stratified SRD over every seed that ran those three from one build, where that is more
-    seeds than the whole protocol has (a seed's other variants can be lost with a machine: a rebuild of the
-    inputs on a fresh one is not bit-identical, so they cannot be run again for it)."""
-    core = [s for s in seeds if finished_seed(archive, CORE_VARIANTS, s)]
-    if len(core) <= len(whole):
+def section(experiment: str, archive: dict[str, Any], whole: list[int], variants: list[str]) -> dict | None:
+    """``variants`` over every archived seed that ran them all from one build, where that says more than
+    the protocol's tables: more seeds than the whole ones (a seed's other variants can be lost with a machine,
+    and a fresh one's rebuild of the inputs is not bit-identical), or a variant the protocol does not run."""
+    archived = sorted({int(name.rsplit("-seed", 1)[1]) for name in archive["runs"]})
+    seeds = [s for s in archived if finished_seed(archive, variants, s)]
+    if not seeds or (seeds == whole and set(variants) <= set(VARIANTS[experiment])):
         return None
-    results, _ = summarized(experiment, archive, core, CORE_VARIANTS)
-    results["runs"] = {v: results["runs"][v] for v in CORE_VARIANTS}
-    keep = set(CORE_VARIANTS)
-    results["differences"] = [d for d in results["differences"] if {d["variant"], d["baseline"]} <= keep]
+    results, _ = summarized(experiment, archive, seeds, variants)
+    results["runs"] = {v: results["runs"][v] for v in variants}
+    results["differences"] = [d for d in results["differences"] if {d["variant"], d["baseline"]} <= set(variants)]
     return results
 
 
@@ -505,12 +517,14 @@ def write_results(experiment: str, archive: dict[str, Any], seeds: list[int]) ->
     results["experiment"] = experiment
     results["by_task"] = by_task(evidence, archive["training_rows_per_task"])
     results["cluster_agreement"] = cluster_agreement(evidence, len(archive["training_rows_per_task"]))
-    results["core"] = core_comparison(experiment, archive, seeds, results["seeds"])
+    results["sections"] = [
+        found for group in SECTIONS if (found := section(experiment, archive, results["seeds"], group))
+    ]
     title = f"SRD evidence ({experiment}): KD vs SRD vs stratified SRD, healed 12-layer SmolLM2 student"
     table = paired_markdown(results, title, "the `bench/srd_evidence.py` docstring")
     if len(results["seeds"]) < len(SEEDS):  # say so where a reader looks first
-        core = results["core"]
-        core_seeds = f" ({len(core['seeds'])} ran kd, srd and srd_strat: their table is below)" if core else ""
+        core = [found for found in results["sections"] if list(found["runs"]) == CORE_VARIANTS]
+        core_seeds = f" ({len(core[0]['seeds'])} ran kd, srd and srd_strat: their table is below)" if core else ""
         table = table.replace(
             "\n\n",
             f"\n\n**{len(results['seeds'])} of the protocol's {len(SEEDS)} training seeds finished{core_seeds}; "
@@ -528,8 +542,8 @@ def write_results(experiment: str, archive: dict[str, Any], seeds: list[int]) ->
         "\nCompute: compare the steps column. The train and end-to-end seconds are wall time on a 2-core machine "
         "that at times ran other work beside a run, or paused and resumed it.\n"
     )
-    if results["core"]:
-        table += core_markdown(results["core"])
+    for found in results["sections"]:
+        table += section_markdown(found)
     if results["cluster_agreement"]:
         table += cluster_markdown(results["cluster_agreement"])
     table += by_task_markdown(results["by_task"])

@@ -215,15 +215,43 @@ def test_kd_srd_and_srd_strat_are_also_tabled_over_every_seed_that_ran_all_three
     srd_evidence.write_results("real", data, [0, 1, 2])
     results, table = saved["results"], saved["table"]
     assert results["seeds"] == [0, 1]
-    core = results["core"]
+    [core] = results["sections"]
     assert core["seeds"] == [0, 1, 2] and list(core["runs"]) == ["kd", "srd", "srd_strat"]
     pairs = {(d["variant"], d["baseline"]): d["difference"]["average"] for d in core["differences"]}
     assert pairs.keys() == {("srd", "kd"), ("srd_strat", "kd"), ("srd_strat", "srd")}
     assert pairs["srd_strat", "kd"] == pytest.approx((1 / 3, (1 / 3) ** 0.5))
     assert "2 of the protocol's 5 training seeds finished (3 ran kd, srd and srd_strat" in table
-    assert "\n## KD vs SRD vs srd_strat over every training seed that ran all three (3 seeds)" in table
+    assert "\n## kd, srd, srd_strat over every training seed that ran them all: [0, 1, 2]" in table
 
 
 def test_no_extra_table_when_every_seed_is_whole(saved):
     srd_evidence.write_results("real", archive({v: [10.0, 12.0] for v in srd_evidence.VARIANTS["real"]}), [0, 1])
-    assert saved["results"]["core"] is None and "ran all three" not in saved["table"]
+    assert saved["results"]["sections"] == [] and "ran them all" not in saved["table"]
+
+
+def test_a_post_hoc_variant_on_seeds_of_its_own_gets_a_table_of_its_own(saved):
+    data = archive({v: [10.0, 12.0] for v in srd_evidence.VARIANTS["real"]})
+    later = archive({"kd": [0, 0, 20.0], "srd_strat": [0, 0, 18.0], "srd_strat_long": [0, 0, 21.0]})
+    data["runs"].update({k: v for k, v in later["runs"].items() if k.endswith("seed2")})
+    for run in ("kd-seed2", "srd_strat-seed2", "srd_strat_long-seed2"):
+        data["runs"][run]["inputs"] = "build-b"  # a later machine's build
+    srd_evidence.write_results("real", data, [0, 1, 2])
+    results = saved["results"]
+    assert results["seeds"] == [0, 1] and "srd_strat_long" not in results["runs"]
+    [long] = results["sections"]
+    assert long["seeds"] == [2] and list(long["runs"]) == ["kd", "srd_strat", "srd_strat_long"]
+    pairs = {(d["variant"], d["baseline"]): d["difference"]["average"][0] for d in long["differences"]}
+    assert pairs == {("srd_strat", "kd"): -2.0, ("srd_strat_long", "kd"): 1.0, ("srd_strat_long", "srd_strat"): 3.0}
+
+
+def test_the_long_variant_adds_a_stage_on_every_row(tmp_path):
+    base = {"run": {}, "models": {"teacher": {"path": "teacher"}, "student": {"path": "student"}},
+            "data": {"train": {"path": "train.jsonl"}}, "rank": {}, "evaluate": {}}  # fmt: skip
+    settings = {"teacher_sft": None, "models": {"teacher": "teacher"}, "distill": {"batch_size": 8, "lr": 1e-4},
+                "kd_epochs": [2, 2, 1], "srd_epochs": [2, 2, 2]}  # fmt: skip
+    strat, long = (
+        srd_evidence.variant_spec(base, settings, tmp_path, "real", v, 5) for v in ("srd_strat", "srd_strat_long")
+    )
+    assert long["rank"] == {**strat["rank"], "keep_buckets": 4} and long["rank"]["stratify_by"] == "topic"
+    assert long["distill"]["stages"][:3] == strat["distill"]["stages"]
+    assert long["distill"]["stages"][3] == {**strat["distill"]["stages"][2], "epochs": 1}

@@ -542,10 +542,10 @@ def write_results(experiment: str, archive: dict[str, Any], seeds: list[int]) ->
         "\nCompute: compare the steps column. The train and end-to-end seconds are wall time on a 2-core machine "
         "that at times ran other work beside a run, or paused and resumed it.\n"
     )
-    for found in results["sections"]:
-        table += section_markdown(found)
     if results["cluster_agreement"]:
         table += cluster_markdown(results["cluster_agreement"])
+    for found in results["sections"]:
+        table += section_markdown(found)
     table += by_task_markdown(results["by_task"])
     save_results(f"srd_evidence_{experiment}", results, table)
 

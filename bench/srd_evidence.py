@@ -544,9 +544,9 @@ def write_results(experiment: str, archive: dict[str, Any], seeds: list[int]) ->
     )
     if results["cluster_agreement"]:
         table += cluster_markdown(results["cluster_agreement"])
-    for found in results["sections"]:
-        table += section_markdown(found)
     table += by_task_markdown(results["by_task"])
+    for found in results["sections"]:  # after everything over the protocol's whole seeds
+        table += section_markdown(found)
     save_results(f"srd_evidence_{experiment}", results, table)
 
 

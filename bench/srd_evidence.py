@@ -355,7 +355,8 @@ def cluster_markdown(agreement: dict[str, Any]) -> str:
 
 def section_markdown(found: dict[str, Any]) -> str:
     title = f"{', '.join(found['runs'])} over every training seed that ran them all: {found['seeds']}"
-    return "\n#" + paired_markdown(found, title, "as above")  # a section of the page: "## title"
+    builds = f"Builds of the training rows, teacher and student (per run, as archived): {found['inputs']}.\n"
+    return "\n#" + paired_markdown(found, title, "as above") + "\n" + builds  # a section of the page: "## title"
 
 
 def archive_path(experiment: str) -> Path:
@@ -505,8 +506,9 @@ def section(experiment: str, archive: dict[str, Any], whole: list[int], variants
     seeds = [s for s in archived if finished_seed(archive, variants, s)]
     if not seeds or (seeds == whole and set(variants) <= set(VARIANTS[experiment])):
         return None
-    results, _ = summarized(experiment, archive, seeds, variants)
+    results, evidence = summarized(experiment, archive, seeds, variants)
     results["runs"] = {v: results["runs"][v] for v in variants}
+    results["inputs"] = sorted({evidence[v][i]["inputs"] for v in variants for i in range(len(seeds))})
     results["differences"] = [d for d in results["differences"] if {d["variant"], d["baseline"]} <= set(variants)]
     return results
 

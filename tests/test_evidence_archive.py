@@ -242,6 +242,7 @@ def test_a_post_hoc_variant_on_seeds_of_its_own_gets_a_table_of_its_own(saved):
     assert long["seeds"] == [2] and list(long["runs"]) == ["kd", "srd_strat", "srd_strat_long"]
     pairs = {(d["variant"], d["baseline"]): d["difference"]["average"][0] for d in long["differences"]}
     assert pairs == {("srd_strat", "kd"): -2.0, ("srd_strat_long", "kd"): 1.0, ("srd_strat_long", "srd_strat"): 3.0}
+    assert long["inputs"] == ["build-b"] and "teacher and student (per run, as archived): ['build-b']" in saved["table"]
 
 
 def test_the_long_variant_adds_a_stage_on_every_row(tmp_path):

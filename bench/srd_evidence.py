@@ -355,7 +355,10 @@ def cluster_markdown(agreement: dict[str, Any]) -> str:
 
 def section_markdown(found: dict[str, Any]) -> str:
     title = f"{', '.join(found['runs'])} over every training seed that ran them all: {found['seeds']}"
-    builds = f"Builds of the training rows, teacher and student (per run, as archived): {found['inputs']}.\n"
+    builds = (
+        f"Builds of the training rows, teacher and student (per run, as archived): {found['inputs']}; the teacher "
+        "and student_before rows are the archive's reference, scored on the build of its first runs.\n"
+    )
     return "\n#" + paired_markdown(found, title, "as above") + "\n" + builds  # a section of the page: "## title"
 
 

@@ -190,14 +190,19 @@ def test_finished_run_directories_are_archived_once_with_what_the_tables_need(tm
     assert srd_evidence.archive_finished_runs("real", work, settings, base, [0]) == archive
 
 
-def test_the_compute_matched_kd_trains_every_row_for_srds_budget(tmp_path):
-    """kd_short: KD's spec (every row, no curriculum, the same stage settings) with 1 + 1 + 1 epochs, the
-    0.6x of KD's steps that SRD trains for."""
+def variant_specs(work: Path, seed: int, *variants: str) -> list[dict]:
+    """The specs the script writes for ``variants`` of the real split, on a minimal base spec."""
     base = {"run": {}, "models": {"teacher": {"path": "teacher"}, "student": {"path": "student"}},
             "data": {"train": {"path": "train.jsonl"}}, "rank": {}, "evaluate": {}}  # fmt: skip
     settings = {"teacher_sft": None, "models": {"teacher": "teacher"}, "distill": {"batch_size": 8, "lr": 1e-4},
                 "kd_epochs": [2, 2, 1], "srd_epochs": [2, 2, 2]}  # fmt: skip
-    kd, short = (srd_evidence.variant_spec(base, settings, tmp_path, "real", v, 3) for v in ("kd", "kd_short"))
+    return [srd_evidence.variant_spec(base, settings, work, "real", variant, seed) for variant in variants]
+
+
+def test_the_compute_matched_kd_trains_every_row_for_srds_budget(tmp_path):
+    """kd_short: KD's spec (every row, no curriculum, the same stage settings) with 1 + 1 + 1 epochs, the
+    0.6x of KD's steps that SRD trains for."""
+    kd, short = variant_specs(tmp_path, 3, "kd", "kd_short")
     assert short["run"]["name"] == "kd_short-seed3" and short["distill"]["curriculum"] == "none"
     assert [stage.pop("epochs") for stage in short["distill"]["stages"]] == [1, 1, 1]
     assert [stage.pop("epochs") for stage in kd["distill"]["stages"]] == [2, 2, 1]
@@ -246,13 +251,7 @@ def test_a_post_hoc_variant_on_seeds_of_its_own_gets_a_table_of_its_own(saved):
 
 
 def test_the_long_variant_adds_a_stage_on_every_row(tmp_path):
-    base = {"run": {}, "models": {"teacher": {"path": "teacher"}, "student": {"path": "student"}},
-            "data": {"train": {"path": "train.jsonl"}}, "rank": {}, "evaluate": {}}  # fmt: skip
-    settings = {"teacher_sft": None, "models": {"teacher": "teacher"}, "distill": {"batch_size": 8, "lr": 1e-4},
-                "kd_epochs": [2, 2, 1], "srd_epochs": [2, 2, 2]}  # fmt: skip
-    strat, long = (
-        srd_evidence.variant_spec(base, settings, tmp_path, "real", v, 5) for v in ("srd_strat", "srd_strat_long")
-    )
+    strat, long = variant_specs(tmp_path, 5, "srd_strat", "srd_strat_long")
     assert long["rank"] == {**strat["rank"], "keep_buckets": 4} and long["rank"]["stratify_by"] == "topic"
     assert long["distill"]["stages"][:3] == strat["distill"]["stages"]
     assert long["distill"]["stages"][3] == {**strat["distill"]["stages"][2], "epochs": 1}

@@ -486,19 +486,22 @@ def run_protocol(experiment: str, work: Path, settings: dict, base: dict, seeds:
             archive_finished_runs(experiment, work, settings, base, [seed])
 
 
-def summarized(experiment: str, archive: dict[str, Any], seeds: list[int], variants: list[str]):
+def summarized(experiment: str, archive: dict[str, Any], seeds: list[int], variants: list[str], tabled=None):
     """The paired tables' numbers over the seeds whose every one of ``variants`` finished from one build of
-    the inputs, for every variant archived from those builds; and the runs' evidence, by variant."""
+    the inputs, for each of ``tabled`` (default: every variant) archived from those builds, with the builds
+    they came from; and the runs' evidence, by variant."""
     seeds = [s for s in seeds if finished_seed(archive, variants, s)]
     if not seeds:
         raise SystemExit(f"no training seed has every variant of {variants} in {archive_path(experiment)}")
     done = archive["runs"]
     build = {s: done[f"{variants[0]}-seed{s}"]["inputs"] for s in seeds}  # one per finished seed
-    evidence = {v: [done[f"{v}-seed{s}"] for s in seeds] for v in all_variants()
+    evidence = {v: [done[f"{v}-seed{s}"] for s in seeds] for v in tabled or all_variants()
                 if all(done.get(f"{v}-seed{s}", {}).get("inputs") == build[s] for s in seeds)}  # fmt: skip
     comparisons = [(v, b) for v, b in COMPARISONS if v in evidence and b in evidence]
     runs = {variant: [run["record"] for run in runs] for variant, runs in evidence.items()}
-    return paired_summary(runs, seeds, archive["reference"], comparisons), evidence
+    results = paired_summary(runs, seeds, archive["reference"], comparisons)
+    results["inputs"] = sorted({run["inputs"] for runs in evidence.values() for run in runs})
+    return results, evidence
 
 
 def section(experiment: str, archive: dict[str, Any], whole: list[int], variants: list[str]) -> dict | None:
@@ -509,11 +512,7 @@ def section(experiment: str, archive: dict[str, Any], whole: list[int], variants
     seeds = [s for s in archived if finished_seed(archive, variants, s)]
     if not seeds or (seeds == whole and set(variants) <= set(VARIANTS[experiment])):
         return None
-    results, evidence = summarized(experiment, archive, seeds, variants)
-    results["runs"] = {v: results["runs"][v] for v in variants}
-    results["inputs"] = sorted({evidence[v][i]["inputs"] for v in variants for i in range(len(seeds))})
-    results["differences"] = [d for d in results["differences"] if {d["variant"], d["baseline"]} <= set(variants)]
-    return results
+    return summarized(experiment, archive, seeds, variants, tabled=variants)[0]
 
 
 def write_results(experiment: str, archive: dict[str, Any], seeds: list[int]) -> None:
@@ -536,7 +535,7 @@ def write_results(experiment: str, archive: dict[str, Any], seeds: list[int]) ->
             "a ± 0.00 is one seed, not a measured spread.**\n\n",
             1,
         )
-    inputs = sorted({run["inputs"] for runs in evidence.values() for run in runs})
+    inputs = results["inputs"]
     if len(inputs) > 1:  # sessions rebuilt the teacher and student differently: say so, do not hide it
         table += (
             f"\n**The runs come from {len(inputs)} builds of the training rows, teacher and student** ({inputs}).\n"
